@@ -1,0 +1,26 @@
+//! proxygate-core: the vocabulary every other proxygate crate speaks.
+//!
+//! No sockets and no disk live here, only types and pure functions:
+//!
+//! - [`target`]: where a client wants to go ([`Target`], [`Host`]), parsed from `host:port`.
+//! - [`upstream`]: an upstream proxy ([`Upstream`], [`Scheme`], [`UpstreamId`]), parsed from
+//!   `scheme://user:pass@host:port` URLs.
+//! - [`secret`]: [`Secret`], a credential that never prints and is zeroized on drop.
+//! - [`error`]: [`ErrorKind`] and [`Side`], the closed set of ways an attempt fails and whose
+//!   fault it was. Only [`Side::Upstream`] failures may cost an upstream its reputation.
+//! - [`outcome`]: [`Outcome`], the measurement of one attempt through one upstream.
+//! - [`shutdown`]: [`Shutdown`], the one signal every task selects on.
+
+pub mod error;
+pub mod outcome;
+pub mod secret;
+pub mod shutdown;
+pub mod target;
+pub mod upstream;
+
+pub use error::{ErrorKind, Side};
+pub use outcome::Outcome;
+pub use secret::Secret;
+pub use shutdown::{Shutdown, ShutdownTrigger};
+pub use target::{Host, Target, TargetParseError};
+pub use upstream::{Credentials, Scheme, Upstream, UpstreamId, UpstreamParseError};

@@ -1,0 +1,168 @@
+//! [`Target`]: the destination a client asked for, as `host:port`.
+//!
+//! Parsed from an HTTP `CONNECT` authority or built from a SOCKS address. IPv6 literals are
+//! written in brackets (`[::1]:443`); domains are kept as given (lower-cased) so a `socks5h` or
+//! HTTP upstream resolves them remotely.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+/// A host: an IP address or a domain name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Host {
+    Ip(IpAddr),
+    Domain(String),
+}
+
+/// A destination `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub host: Host,
+    pub port: u16,
+}
+
+/// Why a `host:port` string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetParseError {
+    #[error("missing port in {0:?}")]
+    MissingPort(String),
+    #[error("invalid port in {0:?}")]
+    InvalidPort(String),
+    #[error("invalid host in {0:?}")]
+    InvalidHost(String),
+}
+
+impl Host {
+    /// Parses a host as it appears in a URL or authority: `[v6]`, v4, or a domain name.
+    pub fn parse(s: &str) -> Option<Host> {
+        if let Some(inner) = s.strip_prefix('[') {
+            let inner = inner.strip_suffix(']')?;
+            return inner
+                .parse::<std::net::Ipv6Addr>()
+                .ok()
+                .map(|ip| Host::Ip(IpAddr::V6(ip)));
+        }
+        if let Ok(ip) = s.parse::<std::net::Ipv4Addr>() {
+            return Some(Host::Ip(IpAddr::V4(ip)));
+        }
+        Self::domain(s)
+    }
+
+    /// Accepts a domain name (letters, digits, `-`, `_`, `.`; at most 255 bytes).
+    pub fn domain(s: &str) -> Option<Host> {
+        let valid = !s.is_empty()
+            && s.len() <= 255
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        valid.then(|| Host::Domain(s.to_ascii_lowercase()))
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            Host::Ip(IpAddr::V4(ip)) => write!(f, "{ip}"),
+            Host::Domain(d) => f.write_str(d),
+        }
+    }
+}
+
+impl Target {
+    pub fn new(host: Host, port: u16) -> Self {
+        Self { host, port }
+    }
+
+    /// Parses an authority `host:port` (`[::1]:443` for IPv6). The port is required and must
+    /// not be 0.
+    pub fn parse_authority(s: &str) -> Result<Target, TargetParseError> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| TargetParseError::MissingPort(s.to_owned()))?;
+        if host.contains(':') && !host.starts_with('[') {
+            // A bare IPv6 address without brackets is ambiguous.
+            return Err(TargetParseError::InvalidHost(s.to_owned()));
+        }
+        let port = parse_port(port).ok_or_else(|| TargetParseError::InvalidPort(s.to_owned()))?;
+        let host = Host::parse(host).ok_or_else(|| TargetParseError::InvalidHost(s.to_owned()))?;
+        Ok(Target { host, port })
+    }
+
+    /// The socket address when the host is an IP literal.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        match self.host {
+            Host::Ip(ip) => Some(SocketAddr::new(ip, self.port)),
+            Host::Domain(_) => None,
+        }
+    }
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Self {
+        Target::new(Host::Ip(addr.ip()), addr.port())
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// A decimal port in 1..=65535.
+pub(crate) fn parse_port(s: &str) -> Option<u16> {
+    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse::<u16>().ok().filter(|p| *p != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_authorities() {
+        let t = Target::parse_authority("Example.COM:443").unwrap();
+        assert_eq!(t.host, Host::Domain("example.com".into()));
+        assert_eq!(t.port, 443);
+        let t = Target::parse_authority("[::1]:8443").unwrap();
+        assert_eq!(t.to_string(), "[::1]:8443");
+        assert_eq!(t.socket_addr().unwrap(), "[::1]:8443".parse().unwrap());
+        let t = Target::parse_authority("10.1.2.3:80").unwrap();
+        assert_eq!(t.to_string(), "10.1.2.3:80");
+    }
+
+    #[test]
+    fn refuses_bad_authorities() {
+        for bad in [
+            "example.com",
+            "example.com:",
+            "example.com:0",
+            "example.com:65536",
+            "example.com:+80",
+            "::1:443",
+            "[::1:443",
+            "[zz]:443",
+            ":80",
+            "exa mple.com:80",
+            "a/b:80",
+        ] {
+            assert!(Target::parse_authority(bad).is_err(), "{bad} should fail");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(s in ".{0,64}") {
+            let _ = Target::parse_authority(&s);
+        }
+
+        #[test]
+        fn display_round_trips(a in any::<[u8; 4]>(), port in 1u16..) {
+            let t = Target::from(SocketAddr::from((a, port)));
+            prop_assert_eq!(Target::parse_authority(&t.to_string()).unwrap(), t);
+        }
+    }
+}

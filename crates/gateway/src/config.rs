@@ -1,0 +1,242 @@
+//! The gateway's configuration: `[server]`, `[auth]` and `[dial]` of the root config file.
+//!
+//! Defaults are the `DEFAULT_*` constants below and match `config/default.toml`.
+//! [`Config::validate`] reports every problem at once, each with its key path, before any port
+//! is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Everything the data plane needs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub dial: DialConfig,
+}
+
+/// Listeners and client-facing limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Addresses to listen on; every one serves HTTP, SOCKS5 and SOCKS4 alike.
+    pub listen: Vec<SocketAddr>,
+    /// Client networks allowed to connect. Empty: everyone who reaches the port (only safe on
+    /// loopback, or with client auth).
+    pub allow: Vec<IpNet>,
+    /// Concurrent client connections; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Time for a client to send its request head or SOCKS handshake.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A tunnel with no byte either way for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Largest request head accepted (answered 431 beyond).
+    pub max_header_bytes: usize,
+    /// How long shutdown waits for open connections before it closes them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// Client authentication.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A file of `username:password` lines. When set, every client must authenticate
+    /// (HTTP `Proxy-Authorization: Basic`, SOCKS5 RFC 1929). SOCKS4 cannot carry a password
+    /// and is refused then.
+    pub users_file: Option<PathBuf>,
+}
+
+/// Dialing upstreams.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DialConfig {
+    /// TCP (and TLS) connect to an upstream.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The upstream's proxy handshake (CONNECT reply, SOCKS replies).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// From an absolute-form request sent to its response head.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Upstreams tried for one client request, the first included.
+    pub max_attempts: u32,
+    /// All attempts for one client request must end within this.
+    #[serde(with = "humantime_serde")]
+    pub retry_deadline: Duration,
+    /// Extra PEM certificates trusted for HTTPS upstreams, besides the Mozilla roots.
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![default_listen()],
+            allow: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+impl Default for DialConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            retry_deadline: DEFAULT_RETRY_DEADLINE,
+            tls_ca_file: None,
+        }
+    }
+}
+
+/// One configuration problem: the key's path and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub reason: String,
+}
+
+impl Problem {
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Every problem with this config, empty when it is valid. Files it names are checked
+    /// for existence here; their content is checked when loaded.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let s = &self.server;
+        if s.listen.is_empty() {
+            problems.push(Problem::new("server.listen", "needs at least one address"));
+        }
+        let open = self.auth.users_file.is_none() && s.allow.is_empty();
+        for addr in &s.listen {
+            if open && !addr.ip().is_loopback() {
+                problems.push(Problem::new(
+                    "server.listen",
+                    format!(
+                        "{addr} is not a loopback address: set auth.users_file (client \
+                         authentication) or server.allow (client networks), or proxygate \
+                         would be an open proxy"
+                    ),
+                ));
+            }
+        }
+        if s.max_connections == 0 {
+            problems.push(Problem::new("server.max_connections", "must be at least 1"));
+        }
+        if s.max_header_bytes < 1024 {
+            problems.push(Problem::new(
+                "server.max_header_bytes",
+                "must be at least 1024",
+            ));
+        }
+        for (key, d) in [
+            ("server.header_read_timeout", s.header_read_timeout),
+            ("server.idle_timeout", s.idle_timeout),
+            ("dial.connect_timeout", self.dial.connect_timeout),
+            ("dial.handshake_timeout", self.dial.handshake_timeout),
+            ("dial.response_timeout", self.dial.response_timeout),
+            ("dial.retry_deadline", self.dial.retry_deadline),
+        ] {
+            if d.is_zero() {
+                problems.push(Problem::new(key, "must be longer than 0"));
+            }
+        }
+        if self.dial.max_attempts == 0 {
+            problems.push(Problem::new("dial.max_attempts", "must be at least 1"));
+        }
+        for (key, path) in [
+            ("auth.users_file", &self.auth.users_file),
+            ("dial.tls_ca_file", &self.dial.tls_ca_file),
+        ] {
+            if let Some(p) = path
+                && !p.is_file()
+            {
+                problems.push(Problem::new(
+                    key,
+                    format!("{} does not exist or is not a file", p.display()),
+                ));
+            }
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_loopback() {
+        let c = Config::default();
+        assert!(c.validate().is_empty());
+        assert_eq!(c.server.listen, vec![DEFAULT_LISTEN.parse().unwrap()]);
+    }
+
+    #[test]
+    fn public_bind_needs_auth_or_allow_list() {
+        let mut c = Config::default();
+        c.server.listen = vec!["0.0.0.0:8080".parse().unwrap()];
+        let p = c.validate();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].key, "server.listen");
+        assert!(p[0].reason.contains("open proxy"));
+        c.server.allow = vec!["10.0.0.0/8".parse().unwrap()];
+        assert!(c.validate().is_empty());
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let mut c = Config::default();
+        c.server.max_connections = 0;
+        c.dial.max_attempts = 0;
+        c.dial.connect_timeout = Duration::ZERO;
+        c.dial.tls_ca_file = Some("/nonexistent/ca.pem".into());
+        let keys: Vec<_> = c.validate().into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.max_connections",
+                "dial.connect_timeout",
+                "dial.max_attempts",
+                "dial.tls_ca_file"
+            ]
+        );
+    }
+}

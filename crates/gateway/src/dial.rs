@@ -1,0 +1,443 @@
+//! Upstream dialing: [`Connector`] speaks every upstream scheme once; [`Dialer`] picks
+//! upstreams from the pool and retries on another while the failure is the upstream's fault,
+//! within `dial.max_attempts` and `dial.retry_deadline`.
+//!
+//! - `http` / `https`: TCP (and TLS to the proxy), then `CONNECT host:port` with Basic
+//!   credentials; or, for absolute-form requests, just the connection (the request is
+//!   forwarded in absolute form by [`crate::http`]).
+//! - `socks5` (names resolved here) / `socks5h` (names sent to the proxy), with RFC 1929
+//!   credentials; `socks4` (IPv4 resolved here) / `socks4a` (names sent), user id = username.
+//!
+//! A non-2xx answer to CONNECT is classified by status: 407 the upstream rejected our
+//! credentials, 502 the destination was unreachable, 504 it timed out; anything else is the
+//! upstream refusing service. (Implementations disagree on 500/503, so those count as the
+//! upstream's.)
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use proxygate_core::{ErrorKind, Host, Outcome, Scheme, Target, Upstream};
+use proxygate_pool::{Lease, PoolReader};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_socks::tcp::{Socks4Stream, Socks5Stream};
+
+use crate::GatewayError;
+use crate::auth::basic_value;
+use crate::config::DialConfig;
+use crate::io::{BoxedIo, Rewind};
+
+/// Largest CONNECT response head we read from an upstream.
+const MAX_UPSTREAM_HEAD: usize = 16 * 1024;
+
+/// Speaks every upstream scheme.
+#[derive(Clone)]
+pub struct Connector {
+    cfg: DialConfig,
+    tls: TlsConnector,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector").field("cfg", &self.cfg).finish()
+    }
+}
+
+/// What a connection through an upstream is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A byte tunnel to the target (CONNECT, SOCKS).
+    Tunnel,
+    /// An absolute-form HTTP request: HTTP upstreams get the request itself, others a tunnel.
+    Forward,
+}
+
+/// An established connection through an upstream.
+pub struct Established {
+    pub io: BoxedIo,
+    pub lease: Lease,
+    /// `true` when `io` is a connection to an HTTP proxy that expects absolute-form requests
+    /// (rather than a tunnel to the target).
+    pub to_http_proxy: bool,
+    /// Connect and handshake times, for the outcome.
+    pub outcome: Outcome,
+}
+
+impl std::fmt::Debug for Established {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Established")
+            .field("upstream", &self.lease.upstream().to_string())
+            .field("to_http_proxy", &self.to_http_proxy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    pub fn new(cfg: DialConfig, tls: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            cfg,
+            tls: TlsConnector::from(tls),
+        }
+    }
+
+    pub fn config(&self) -> &DialConfig {
+        &self.cfg
+    }
+
+    /// TCP to the upstream, and TLS for `https` upstreams, within `connect_timeout`.
+    pub async fn open(&self, up: &Upstream) -> Result<BoxedIo, GatewayError> {
+        let fut = async {
+            let tcp = tcp_connect(up).await?;
+            if up.scheme != Scheme::Https {
+                return Ok(Box::new(tcp) as BoxedIo);
+            }
+            let name = match &up.host {
+                Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
+                Host::Domain(d) => ServerName::try_from(d.clone()).map_err(|_| {
+                    GatewayError::new(ErrorKind::UpstreamTls, format!("{up}: invalid TLS name"))
+                })?,
+            };
+            let tls = self.tls.connect(name, tcp).await.map_err(|e| {
+                GatewayError::new(ErrorKind::UpstreamTls, format!("{up}: TLS: {e}"))
+            })?;
+            Ok(Box::new(tls) as BoxedIo)
+        };
+        tokio::time::timeout(self.cfg.connect_timeout, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(GatewayError::new(
+                    ErrorKind::UpstreamConnectTimeout,
+                    format!(
+                        "{up}: connect timed out after {:?}",
+                        self.cfg.connect_timeout
+                    ),
+                ))
+            })
+    }
+
+    /// A tunnel to `target` through `up`'s proxy protocol, within `handshake_timeout`.
+    pub async fn handshake(
+        &self,
+        up: &Upstream,
+        io: BoxedIo,
+        target: &Target,
+    ) -> Result<BoxedIo, GatewayError> {
+        let fut = async {
+            match up.scheme {
+                Scheme::Http | Scheme::Https => http_connect(up, io, target).await,
+                Scheme::Socks5 | Scheme::Socks5h | Scheme::Socks4 | Scheme::Socks4a => {
+                    socks_connect(up, io, target).await
+                }
+            }
+        };
+        tokio::time::timeout(self.cfg.handshake_timeout, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(GatewayError::new(
+                    ErrorKind::UpstreamHandshakeTimeout,
+                    format!(
+                        "{up}: no handshake reply within {:?}",
+                        self.cfg.handshake_timeout
+                    ),
+                ))
+            })
+    }
+}
+
+async fn tcp_connect(up: &Upstream) -> Result<TcpStream, GatewayError> {
+    let result = match &up.host {
+        Host::Ip(ip) => TcpStream::connect(SocketAddr::new(*ip, up.port)).await,
+        Host::Domain(d) => TcpStream::connect((d.as_str(), up.port)).await,
+    };
+    let tcp = result.map_err(|e| {
+        GatewayError::new(
+            ErrorKind::UpstreamConnectRefused,
+            format!("{up}: connect: {e}"),
+        )
+    })?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// `CONNECT target` through an HTTP(S) proxy.
+async fn http_connect(
+    up: &Upstream,
+    mut io: BoxedIo,
+    target: &Target,
+) -> Result<BoxedIo, GatewayError> {
+    let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(c) = &up.credentials {
+        req.push_str("Proxy-Authorization: ");
+        req.push_str(&basic_value(c.username.expose(), c.password.expose()));
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    let io_err =
+        |e: std::io::Error| GatewayError::new(ErrorKind::UpstreamIo, format!("{up}: CONNECT: {e}"));
+    io.write_all(req.as_bytes()).await.map_err(io_err)?;
+    drop(req);
+
+    let mut buf = BytesMut::with_capacity(1024);
+    let (status, head_len) = loop {
+        if io.read_buf(&mut buf).await.map_err(io_err)? == 0 {
+            return Err(GatewayError::new(
+                ErrorKind::UpstreamProtocol,
+                format!("{up}: closed before answering CONNECT"),
+            ));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(n)) => break (resp.code.unwrap_or(0), n),
+            Ok(httparse::Status::Partial) if buf.len() < MAX_UPSTREAM_HEAD => {}
+            Ok(httparse::Status::Partial) => {
+                return Err(GatewayError::new(
+                    ErrorKind::UpstreamProtocol,
+                    format!("{up}: CONNECT response head too large"),
+                ));
+            }
+            Err(e) => {
+                return Err(GatewayError::new(
+                    ErrorKind::UpstreamProtocol,
+                    format!("{up}: invalid CONNECT response: {e}"),
+                ));
+            }
+        }
+    };
+    let kind = match status {
+        200..=299 => {
+            let rest = buf.split_off(head_len).freeze();
+            return Ok(if rest.is_empty() {
+                io
+            } else {
+                Box::new(Rewind::new(rest, io))
+            });
+        }
+        407 => ErrorKind::UpstreamAuth,
+        502 => ErrorKind::TargetUnreachable,
+        504 => ErrorKind::TargetTimeout,
+        _ => ErrorKind::UpstreamRefused,
+    };
+    Err(GatewayError::new(
+        kind,
+        format!("{up}: CONNECT {target} answered {status}"),
+    ))
+}
+
+/// A SOCKS tunnel through `up`.
+async fn socks_connect(
+    up: &Upstream,
+    io: BoxedIo,
+    target: &Target,
+) -> Result<BoxedIo, GatewayError> {
+    let creds = up.credentials.as_ref();
+    let remote_dns = matches!(up.scheme, Scheme::Socks5h | Scheme::Socks4a);
+    let addr: TargetAddr = match (&target.host, remote_dns) {
+        (Host::Ip(ip), _) => TargetAddr::Ip(SocketAddr::new(*ip, target.port)),
+        (Host::Domain(d), true) => TargetAddr::Domain(d.clone(), target.port),
+        (Host::Domain(d), false) => {
+            let want_v4 = matches!(up.scheme, Scheme::Socks4);
+            TargetAddr::Ip(resolve(d, target.port, want_v4).await?)
+        }
+    };
+    let map = |e: tokio_socks::Error| socks_error(up, target, e);
+    let stream: BoxedIo = match up.scheme {
+        Scheme::Socks5 | Scheme::Socks5h => {
+            let s = match creds {
+                Some(c) => {
+                    Socks5Stream::connect_with_password_and_socket(
+                        io,
+                        addr.as_tokio(),
+                        c.username.expose(),
+                        c.password.expose(),
+                    )
+                    .await
+                }
+                None => Socks5Stream::connect_with_socket(io, addr.as_tokio()).await,
+            }
+            .map_err(map)?;
+            Box::new(s.into_inner())
+        }
+        _ => {
+            if let TargetAddr::Ip(a) = &addr
+                && a.is_ipv6()
+            {
+                return Err(GatewayError::new(
+                    ErrorKind::TargetUnreachable,
+                    format!("{up}: SOCKS4 cannot reach IPv6 target {target}"),
+                ));
+            }
+            let s = match creds {
+                Some(c) => {
+                    Socks4Stream::connect_with_userid_and_socket(
+                        io,
+                        addr.as_tokio(),
+                        c.username.expose(),
+                    )
+                    .await
+                }
+                None => Socks4Stream::connect_with_socket(io, addr.as_tokio()).await,
+            }
+            .map_err(map)?;
+            Box::new(s.into_inner())
+        }
+    };
+    Ok(stream)
+}
+
+enum TargetAddr {
+    Ip(SocketAddr),
+    Domain(String, u16),
+}
+
+impl TargetAddr {
+    fn as_tokio(&self) -> tokio_socks::TargetAddr<'_> {
+        match self {
+            TargetAddr::Ip(a) => tokio_socks::TargetAddr::Ip(*a),
+            TargetAddr::Domain(d, p) => tokio_socks::TargetAddr::Domain(d.as_str().into(), *p),
+        }
+    }
+}
+
+async fn resolve(host: &str, port: u16, v4_only: bool) -> Result<SocketAddr, GatewayError> {
+    let unreachable = |why: String| {
+        GatewayError::new(
+            ErrorKind::TargetUnreachable,
+            format!("resolve {host}: {why}"),
+        )
+    };
+    let addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut fallback = None;
+    for a in addrs {
+        if a.is_ipv4() {
+            return Ok(a);
+        }
+        fallback.get_or_insert(a);
+    }
+    match fallback {
+        Some(a) if !v4_only => Ok(a),
+        _ => Err(unreachable("no usable address".into())),
+    }
+}
+
+fn socks_error(up: &Upstream, target: &Target, e: tokio_socks::Error) -> GatewayError {
+    use tokio_socks::Error as E;
+    let kind = match &e {
+        E::Io(_) => ErrorKind::UpstreamIo,
+        E::NoAcceptableAuthMethods
+        | E::PasswordAuthFailure(_)
+        | E::AuthorizationRequired
+        | E::InvalidAuthValues(_)
+        | E::IdentdAuthFailure
+        | E::InvalidUserIdAuthFailure => ErrorKind::UpstreamAuth,
+        E::GeneralSocksServerFailure | E::ConnectionNotAllowedByRuleset => {
+            ErrorKind::UpstreamRefused
+        }
+        E::NetworkUnreachable | E::HostUnreachable => ErrorKind::TargetUnreachable,
+        E::ConnectionRefused => ErrorKind::TargetRefused,
+        E::TtlExpired => ErrorKind::TargetTimeout,
+        _ => ErrorKind::UpstreamProtocol,
+    };
+    GatewayError::new(kind, format!("{up}: SOCKS to {target}: {e}"))
+}
+
+/// Picks upstreams and retries.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    pool: PoolReader,
+    connector: Connector,
+}
+
+impl Dialer {
+    pub fn new(pool: PoolReader, connector: Connector) -> Self {
+        Self { pool, connector }
+    }
+
+    pub fn pool(&self) -> &PoolReader {
+        &self.pool
+    }
+
+    /// Connects to `target` through some upstream for `purpose`, trying another upstream
+    /// after each upstream-side failure, at most `max_attempts` upstreams, all within
+    /// `retry_deadline`. Every failed attempt is reported to the pool here; the returned lease
+    /// is the caller's to report.
+    pub async fn dial(
+        &self,
+        target: &Target,
+        purpose: Purpose,
+    ) -> Result<Established, GatewayError> {
+        let cfg = self.connector.config();
+        let deadline = tokio::time::Instant::now() + cfg.retry_deadline;
+        let mut tried = Vec::new();
+        let mut last: Option<GatewayError> = None;
+        for _ in 0..cfg.max_attempts {
+            let Some(lease) = self.pool.select(&tried) else {
+                break;
+            };
+            tried.push(lease.id());
+            let attempt = self.attempt(lease.upstream(), target, purpose);
+            let result = tokio::time::timeout_at(deadline, attempt).await;
+            let err = match result {
+                Ok(Ok((io, outcome, to_http_proxy))) => {
+                    return Ok(Established {
+                        io,
+                        lease,
+                        to_http_proxy,
+                        outcome,
+                    });
+                }
+                Ok(Err(e)) => e,
+                Err(_) => GatewayError::new(
+                    ErrorKind::UpstreamHandshakeTimeout,
+                    format!(
+                        "{}: retry deadline ({:?}) passed",
+                        lease.upstream(),
+                        cfg.retry_deadline
+                    ),
+                ),
+            };
+            tracing::debug!(upstream = %lease.upstream(), %target, error = %err, "attempt failed");
+            lease.report(&Outcome::failed(err.kind));
+            let stop = !err.kind.is_retryable() || tokio::time::Instant::now() >= deadline;
+            last = Some(err);
+            if stop {
+                break;
+            }
+        }
+        Err(match last {
+            Some(e) if tried.len() > 1 => GatewayError::new(
+                e.kind,
+                format!("{} upstreams failed; last: {}", tried.len(), e.detail),
+            ),
+            Some(e) => e,
+            None => GatewayError::new(ErrorKind::NoUpstream, "no upstream in the pool"),
+        })
+    }
+
+    async fn attempt(
+        &self,
+        up: &Upstream,
+        target: &Target,
+        purpose: Purpose,
+    ) -> Result<(BoxedIo, Outcome, bool), GatewayError> {
+        let t0 = Instant::now();
+        let io = self.connector.open(up).await?;
+        let connect = t0.elapsed();
+        let mut outcome = Outcome {
+            connect: Some(connect),
+            ..Outcome::default()
+        };
+        if purpose == Purpose::Forward && up.scheme.is_http() {
+            return Ok((io, outcome, true));
+        }
+        let io = self.connector.handshake(up, io, target).await?;
+        outcome.handshake = Some(t0.elapsed().saturating_sub(connect));
+        Ok((io, outcome, false))
+    }
+}

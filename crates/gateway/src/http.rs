@@ -1,0 +1,472 @@
+//! The HTTP/1.1 front end, on hyper: `CONNECT host:port` tunnels and absolute-form requests
+//! (`GET http://host/path`, any method, sized or chunked bodies, keep-alive).
+//!
+//! The first request head is read here before hyper sees the connection, so garbage, an
+//! oversized head or a slow client gets our typed answer with a `Proxy-Status` header (hyper's
+//! own error answers have none); later requests on a kept-alive connection are hyper's to
+//! parse.
+//!
+//! Forwarding: hop-by-hop headers and every header named in `Connection` are removed both ways,
+//! `Host` is rebuilt from the URI, and the client's `Proxy-Authorization` never leaves. Through
+//! an HTTP upstream the request stays in absolute form and carries the upstream's credentials;
+//! through a SOCKS upstream it goes down a tunnel in origin form. A client connection keeps its
+//! upstream connection for the next request while that upstream stays available.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use proxygate_core::{ErrorKind, Outcome, Target, UpstreamId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::GatewayError;
+use crate::auth::{ClientCredentials, basic_value, parse_basic};
+use crate::dial::Purpose;
+use crate::io::{BoxedIo, Io, Rewind};
+use crate::server::Gateway;
+
+/// The response body type of the front end.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// hyper's smallest accepted read buffer.
+const HYPER_MIN_BUF: usize = 8192;
+
+/// An upstream connection kept for the next request of the same client connection.
+struct Cached {
+    id: UpstreamId,
+    /// `None` for an HTTP proxy (any target goes over it); the tunnel's target otherwise.
+    target: Option<Target>,
+    sender: SendRequest<Incoming>,
+}
+
+type Cache = Arc<Mutex<Option<Cached>>>;
+
+/// Serves one HTTP client connection.
+pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S) {
+    let server = gw.config().server.clone();
+    let head = tokio::time::timeout(
+        server.header_read_timeout,
+        read_first_head(&mut stream, server.max_header_bytes),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(GatewayError::new(
+            ErrorKind::ClientTimeout,
+            "request head not received in time",
+        ))
+    });
+    let buffered = match head {
+        Ok(buf) => buf,
+        Err(e) => {
+            tracing::debug!(error = %e, "bad first request");
+            if e.kind != ErrorKind::ClientClosed {
+                let _ = stream.write_all(&raw_error_response(&e)).await;
+                let _ = stream.shutdown().await;
+            }
+            return;
+        }
+    };
+    let mut shutdown = gw.shutdown();
+    let io = TokioIo::new(Rewind::new(buffered, stream));
+    let cache: Cache = Arc::default();
+    let service = hyper::service::service_fn(move |req| {
+        let gw = gw.clone();
+        let cache = Arc::clone(&cache);
+        async move { Ok::<_, Infallible>(handle(gw, cache, req).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout)
+        .max_buf_size(server.max_header_bytes.max(HYPER_MIN_BUF));
+    let conn = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.wait() => {
+            // Finish the request in progress, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+/// Reads until the first request head is complete; returns everything read.
+async fn read_first_head<S: Io>(stream: &mut S, max: usize) -> Result<Bytes, GatewayError> {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        let n = stream.read_buf(&mut buf).await.map_err(|_| closed())?;
+        if n == 0 {
+            return Err(if buf.is_empty() {
+                closed()
+            } else {
+                GatewayError::new(ErrorKind::ClientMalformed, "truncated request head")
+            });
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => return Ok(buf.freeze()),
+            Ok(httparse::Status::Partial) if buf.len() <= max => {}
+            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+                return Err(GatewayError::new(
+                    ErrorKind::ClientHeaderTooLarge,
+                    format!("request head larger than {max} bytes"),
+                ));
+            }
+            Err(e) => {
+                return Err(GatewayError::new(
+                    ErrorKind::ClientMalformed,
+                    format!("invalid request head: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+fn closed() -> GatewayError {
+    GatewayError::new(ErrorKind::ClientClosed, "client went away")
+}
+
+async fn handle(gw: Gateway, cache: Cache, req: Request<Incoming>) -> Response<Body> {
+    let creds = req
+        .headers()
+        .get(header::PROXY_AUTHORIZATION)
+        .and_then(|v| parse_basic(v.as_bytes()));
+    if !gw.auth().check(creds.as_ref()) {
+        return error_response(&GatewayError::new(
+            ErrorKind::ClientAuth,
+            "proxy authentication required",
+        ));
+    }
+    let result = if req.method() == Method::CONNECT {
+        connect(&gw, req, creds).await
+    } else {
+        forward(&gw, &cache, req).await
+    };
+    result.unwrap_or_else(|e| {
+        log_failure(&e);
+        error_response(&e)
+    })
+}
+
+fn log_failure(e: &GatewayError) {
+    match e.side() {
+        proxygate_core::Side::Client => tracing::debug!(error = %e, "request refused"),
+        _ => tracing::info!(error = %e, "request failed"),
+    }
+}
+
+async fn connect(
+    gw: &Gateway,
+    mut req: Request<Incoming>,
+    _creds: Option<ClientCredentials>,
+) -> Result<Response<Body>, GatewayError> {
+    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    let target = Target::parse_authority(authority).map_err(|e| {
+        GatewayError::new(ErrorKind::ClientMalformed, format!("CONNECT target: {e}"))
+    })?;
+    let established = gw.dialer().dial(&target, Purpose::Tunnel).await?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let task_gw = gw.clone();
+    gw.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => task_gw.relay(TokioIo::new(upgraded), established).await,
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT upgrade failed");
+                crate::server::client_gone(established);
+            }
+        }
+    });
+    Ok(Response::new(empty()))
+}
+
+async fn forward(
+    gw: &Gateway,
+    cache: &Cache,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, GatewayError> {
+    let uri = req.uri();
+    if uri.scheme_str() != Some("http") {
+        let why = match uri.scheme_str() {
+            None => {
+                "origin-form request: this is a proxy; send absolute-form (http://host/path) or CONNECT"
+            }
+            Some("https") => "https:// in absolute form is not supported; use CONNECT",
+            Some(_) => "unsupported URI scheme",
+        };
+        return Err(GatewayError::new(ErrorKind::ClientMalformed, why));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| GatewayError::new(ErrorKind::ClientMalformed, "URI has no host"))?;
+    let port = uri.port_u16().unwrap_or(80);
+    let target = Target::parse_authority(&format!("{host}:{port}")).map_err(|e| {
+        GatewayError::new(ErrorKind::ClientMalformed, format!("URI authority: {e}"))
+    })?;
+    let host_value = match uri.port_u16() {
+        Some(p) if p != 80 => format!("{host}:{p}"),
+        _ => host.to_owned(),
+    };
+
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(
+        header::HOST,
+        HeaderValue::from_str(&host_value)
+            .map_err(|_| GatewayError::new(ErrorKind::ClientMalformed, "invalid host"))?,
+    );
+    parts.version = http::Version::HTTP_11;
+
+    let (mut sender, lease, to_http_proxy) = upstream_sender(gw, cache, &target).await?;
+    if to_http_proxy {
+        if let Some(c) = &lease.upstream().credentials {
+            let v = basic_value(c.username.expose(), c.password.expose());
+            let v = HeaderValue::from_str(&v).map_err(|_| {
+                GatewayError::new(
+                    ErrorKind::UpstreamAuth,
+                    "upstream credentials not encodable",
+                )
+            })?;
+            parts.headers.insert(header::PROXY_AUTHORIZATION, v);
+        }
+    } else {
+        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.uri = Uri::try_from(pq)
+            .map_err(|_| GatewayError::new(ErrorKind::ClientMalformed, "invalid path"))?;
+    }
+    let upstream_req = Request::from_parts(parts, body);
+
+    let t0 = Instant::now();
+    let timeout = gw.connector_config().response_timeout;
+    let sent = tokio::time::timeout(timeout, sender.send_request(upstream_req)).await;
+    let mut response = match sent {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            let err =
+                GatewayError::new(ErrorKind::UpstreamIo, format!("{}: {e}", lease.upstream()));
+            lease.report(&Outcome::failed(err.kind));
+            return Err(err);
+        }
+        Err(_) => {
+            let err = GatewayError::new(
+                ErrorKind::TargetTimeout,
+                format!("no response within {timeout:?}"),
+            );
+            lease.report(&Outcome::failed(err.kind));
+            return Err(err);
+        }
+    };
+    let upstream_status = response.status();
+    let outcome = if to_http_proxy && upstream_status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        Outcome::failed(ErrorKind::UpstreamAuth)
+    } else {
+        Outcome {
+            first_byte: Some(t0.elapsed()),
+            ..Outcome::default()
+        }
+    };
+    let id = lease.id();
+    lease.report(&outcome);
+    if outcome.is_success() {
+        let cached_target = (!to_http_proxy).then_some(target);
+        if let Ok(mut slot) = cache.lock() {
+            *slot = Some(Cached {
+                id,
+                target: cached_target,
+                sender,
+            });
+        }
+    } else {
+        return Err(GatewayError::new(
+            ErrorKind::UpstreamAuth,
+            "upstream rejected our credentials (407)",
+        ));
+    }
+    strip_hop_by_hop(response.headers_mut());
+    Ok(response.map(|b| b.boxed()))
+}
+
+/// The kept upstream connection if it fits this request, or a new one.
+async fn upstream_sender(
+    gw: &Gateway,
+    cache: &Cache,
+    target: &Target,
+) -> Result<(SendRequest<Incoming>, proxygate_pool::Lease, bool), GatewayError> {
+    let cached = cache.lock().ok().and_then(|mut slot| slot.take());
+    if let Some(mut c) = cached
+        && c.target.as_ref().is_none_or(|t| t == target)
+        && !c.sender.is_closed()
+        && c.sender.ready().await.is_ok()
+        && let Some(lease) = gw.dialer().pool().lease(c.id)
+    {
+        let to_http_proxy = c.target.is_none();
+        return Ok((c.sender, lease, to_http_proxy));
+    }
+    let est = gw.dialer().dial(target, Purpose::Forward).await?;
+    let sender = client_handshake(est.io).await.inspect_err(|e| {
+        tracing::debug!(error = %e, "upstream http handshake failed");
+    });
+    match sender {
+        Ok(s) => Ok((s, est.lease, est.to_http_proxy)),
+        Err(e) => {
+            est.lease.report(&Outcome::failed(e.kind));
+            Err(e)
+        }
+    }
+}
+
+async fn client_handshake(io: BoxedIo) -> Result<SendRequest<Incoming>, GatewayError> {
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| GatewayError::new(ErrorKind::UpstreamIo, format!("http handshake: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream http connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1) and the proxy-specific ones.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, every header named in `Connection`, and `Transfer-Encoding`
+/// (hyper frames the body again on the next hop).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .chain(headers.get_all("proxy-connection").iter())
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// The typed error answer: status, `Proxy-Status`, a one-line text body.
+pub fn error_response(e: &GatewayError) -> Response<Body> {
+    let body = format!("proxygate: {e}\n");
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+    *resp.status_mut() = e.http_status();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&e.proxy_status()) {
+        h.insert("proxy-status", v);
+    }
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if e.kind == ErrorKind::ClientAuth {
+        h.insert(
+            header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"proxygate\""),
+        );
+    }
+    resp
+}
+
+/// The same answer as raw bytes, for errors found before hyper has the connection.
+pub(crate) fn raw_error_response(e: &GatewayError) -> Vec<u8> {
+    let status = e.http_status();
+    let body = format!("proxygate: {e}\n");
+    format!(
+        "HTTP/1.1 {} {}\r\nProxy-Status: {}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        e.proxy_status(),
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_test::io::Builder;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic abc"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[tokio::test]
+    async fn first_head_is_read_whole() {
+        let mut mock = Builder::new()
+            .read(b"GET http://a/ HTTP/1.1\r\nHo")
+            .read(b"st: a\r\n\r\nBODY")
+            .build();
+        let buf = read_first_head(&mut mock, 1024).await.unwrap();
+        assert!(buf.ends_with(b"\r\n\r\nBODY"));
+    }
+
+    #[tokio::test]
+    async fn garbage_and_oversized_heads_are_typed() {
+        let mut mock = Builder::new().read(b"\x16\x03\x01garbage\r\n\r\n").build();
+        let e = read_first_head(&mut mock, 1024).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ClientMalformed);
+
+        let big = format!("GET http://a/ HTTP/1.1\r\nX: {}\r\n", "a".repeat(2000));
+        let mut mock = Builder::new().read(big.as_bytes()).build();
+        let e = read_first_head(&mut mock, 1024).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ClientHeaderTooLarge);
+
+        let mut mock = Builder::new().read(b"GET http://a/ HTT").build();
+        let e = read_first_head(&mut mock, 1024).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ClientMalformed);
+    }
+
+    #[test]
+    fn raw_error_has_proxy_status() {
+        let e = GatewayError::new(ErrorKind::ClientMalformed, "bad");
+        let raw = String::from_utf8(raw_error_response(&e)).unwrap();
+        assert!(raw.starts_with("HTTP/1.1 400 Bad Request\r\n"));
+        assert!(raw.contains("Proxy-Status: proxygate; error=http_request_error;"));
+    }
+}

@@ -1,0 +1,33 @@
+//! proxygate-gateway: the data plane.
+//!
+//! One port serves every client protocol; the first byte picks the codec. Each connection
+//! selects an upstream from the pool, dials it (retrying on another upstream while nothing has
+//! gone back to the client), answers the client and relays bytes with idle timeouts. Every
+//! attempt's [`Outcome`](proxygate_core::Outcome) goes back to the pool through its lease.
+//!
+//! - [`config`]: [`Config`] for listeners, client limits, client auth and dialing.
+//! - [`error`]: [`GatewayError`], a kind plus a secret-free detail, and how each kind is told
+//!   to clients (HTTP status + `Proxy-Status`, SOCKS reply code).
+//! - [`auth`]: client authentication (Basic / RFC 1929) and the client allow-list.
+//! - [`io`]: [`io::Rewind`] (replays bytes already read) and the boxed stream type.
+//! - [`dial`]: upstream connectors for every scheme, and the retrying [`dial::Dialer`].
+//! - [`tls`]: rustls client config for HTTPS upstreams.
+//! - [`relay`]: bidirectional copy with an idle timeout and byte counts.
+//! - [`http`]: the HTTP/1.1 front end (CONNECT and absolute-form), on hyper.
+//! - [`socks`]: the SOCKS5 and SOCKS4/4a front end.
+//! - [`server`]: listeners, first-byte detection, connection limits, graceful drain.
+
+pub mod auth;
+pub mod config;
+pub mod dial;
+pub mod error;
+pub mod http;
+pub mod io;
+pub mod relay;
+pub mod server;
+pub mod socks;
+pub mod tls;
+
+pub use config::Config;
+pub use error::GatewayError;
+pub use server::{Gateway, Server};

@@ -1,0 +1,233 @@
+//! Listeners and connections: [`Server`] binds every `server.listen` address and accepts;
+//! [`Gateway`] is the shared state each connection gets (config, client auth, dialer).
+//!
+//! Each accepted connection takes a permit (`server.max_connections`), gets `TCP_NODELAY`, is
+//! checked against the allow-list, and has its first byte peeked: `0x05` SOCKS5, `0x04` SOCKS4,
+//! an ASCII letter HTTP; anything else is answered 400 and closed. On shutdown the listeners
+//! close, kept-alive HTTP connections finish their current request, and open tunnels get
+//! `server.shutdown_grace` to end.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use proxygate_core::{ErrorKind, Outcome, Shutdown};
+use proxygate_pool::PoolReader;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::ClientAuth;
+use crate::config::DialConfig;
+use crate::dial::{Connector, Dialer, Established};
+use crate::io::Io;
+use crate::relay::{RelayEnd, relay};
+use crate::tls::TlsConfigError;
+use crate::{Config, GatewayError, http, socks};
+
+/// The state every connection shares.
+#[derive(Debug, Clone)]
+pub struct Gateway(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    auth: ClientAuth,
+    dialer: Dialer,
+    tasks: TaskTracker,
+    shutdown: Shutdown,
+}
+
+impl Gateway {
+    /// Builds the gateway over `pool`. Fails only if TLS cannot be set up.
+    pub fn new(
+        config: Config,
+        auth: ClientAuth,
+        pool: PoolReader,
+        shutdown: Shutdown,
+    ) -> Result<Self, TlsConfigError> {
+        let tls = crate::tls::client_config(config.dial.tls_ca_file.as_deref())?;
+        let connector = Connector::new(config.dial.clone(), tls);
+        Ok(Self(Arc::new(Inner {
+            dialer: Dialer::new(pool, connector),
+            config,
+            auth,
+            tasks: TaskTracker::new(),
+            shutdown,
+        })))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    pub fn auth(&self) -> &ClientAuth {
+        &self.0.auth
+    }
+
+    pub fn dialer(&self) -> &Dialer {
+        &self.0.dialer
+    }
+
+    pub fn connector_config(&self) -> &DialConfig {
+        &self.0.config.dial
+    }
+
+    pub(crate) fn shutdown(&self) -> Shutdown {
+        self.0.shutdown.clone()
+    }
+
+    /// Runs a task that shutdown waits for (within the grace period).
+    pub(crate) fn spawn<F>(&self, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.0.tasks.spawn(fut);
+    }
+
+    /// Relays an established tunnel and reports its outcome.
+    pub(crate) async fn relay<C: Io>(&self, client: C, est: Established) {
+        let idle = self.0.config.server.idle_timeout;
+        let stats = relay(client, est.io, idle).await;
+        let mut outcome = est.outcome;
+        outcome.bytes_up = stats.bytes_up;
+        outcome.bytes_down = stats.bytes_down;
+        outcome.first_byte = stats.first_byte;
+        // An upstream that breaks before a single byte came back failed us; after that, a
+        // reset may as well be the destination's doing.
+        if stats.end == RelayEnd::UpstreamError && stats.first_byte.is_none() {
+            outcome.error = Some(ErrorKind::UpstreamIo);
+        }
+        tracing::debug!(
+            upstream = %est.lease.upstream(),
+            up = stats.bytes_up,
+            down = stats.bytes_down,
+            end = ?stats.end,
+            "tunnel closed"
+        );
+        est.lease.report(&outcome);
+    }
+
+    /// Serves one accepted client connection.
+    pub async fn serve_connection(self, stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        if !self.0.auth.is_allowed(peer.ip()) {
+            tracing::info!(%peer, "client not in server.allow; closed");
+            return;
+        }
+        let mut first = [0u8; 1];
+        let timeout = self.0.config.server.header_read_timeout;
+        let peeked = tokio::time::timeout(timeout, stream.peek(&mut first)).await;
+        match peeked {
+            Ok(Ok(1)) => {}
+            _ => return,
+        }
+        match first[0] {
+            0x05 => socks::serve_socks5(self, stream).await,
+            0x04 => socks::serve_socks4(self, stream).await,
+            b if b.is_ascii_alphabetic() => http::serve_http(self, stream).await,
+            _ => {
+                let e = GatewayError::new(
+                    ErrorKind::ClientMalformed,
+                    "unrecognized protocol (expected HTTP, SOCKS5 or SOCKS4)",
+                );
+                tracing::debug!(%peer, "unrecognized first byte {:#04x}", first[0]);
+                let mut stream = stream;
+                let _ = stream.write_all(&http::raw_error_response(&e)).await;
+                let _ = stream.shutdown().await;
+            }
+        }
+    }
+}
+
+/// The bound listeners.
+#[derive(Debug)]
+pub struct Server {
+    gateway: Gateway,
+    listeners: Vec<TcpListener>,
+}
+
+impl Server {
+    /// Binds every `server.listen` address.
+    pub async fn bind(gateway: Gateway) -> io::Result<Server> {
+        let mut listeners = Vec::new();
+        for addr in &gateway.config().server.listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            listeners.push(l);
+        }
+        Ok(Server { gateway, listeners })
+    }
+
+    /// The addresses actually bound (port 0 resolved).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Accepts until shutdown, then drains within `server.shutdown_grace`.
+    pub async fn run(self) {
+        let gw = self.gateway;
+        let permits = Arc::new(Semaphore::new(gw.config().server.max_connections));
+        let mut loops = tokio::task::JoinSet::new();
+        for listener in self.listeners {
+            loops.spawn(accept_loop(gw.clone(), listener, Arc::clone(&permits)));
+        }
+        while loops.join_next().await.is_some() {}
+        let grace = gw.config().server.shutdown_grace;
+        gw.0.tasks.close();
+        let open = gw.0.tasks.len();
+        if open > 0 {
+            tracing::info!(open, ?grace, "draining connections");
+        }
+        if tokio::time::timeout(grace, gw.0.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = gw.0.tasks.len(),
+                "grace period over; closing the rest"
+            );
+        }
+    }
+}
+
+async fn accept_loop(gw: Gateway, listener: TcpListener, permits: Arc<Semaphore>) {
+    let mut shutdown = gw.shutdown();
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = shutdown.wait() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.wait() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let conn = gw.clone();
+                gw.spawn(async move {
+                    conn.serve_connection(stream, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Reports an attempt abandoned because the client went away.
+pub(crate) fn client_gone(est: Established) {
+    est.lease.report(&Outcome::failed(ErrorKind::ClientClosed));
+}

@@ -1,0 +1,428 @@
+//! The SOCKS front end: SOCKS5 (RFC 1928) CONNECT with IPv4, IPv6 and domain targets, no-auth
+//! and RFC 1929 username/password; SOCKS4 and SOCKS4a CONNECT.
+//!
+//! Authentication: with client auth on, SOCKS5 clients must choose username/password and SOCKS4
+//! clients (no password in the protocol) are rejected. With it off, a SOCKS5 client may still
+//! choose username/password (to send routing hints); any password is accepted.
+//! Every failure is answered with its reply code before the connection closes: 0x07 for BIND
+//! and UDP ASSOCIATE, 0x08 for an unknown address type, the dial error's code otherwise.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use bytes::Bytes;
+use proxygate_core::{ErrorKind, Host, Secret, Target};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::GatewayError;
+use crate::auth::ClientCredentials;
+use crate::dial::Purpose;
+use crate::error::socks5_rep;
+use crate::io::{Io, Rewind};
+use crate::server::Gateway;
+
+const NO_AUTH: u8 = 0x00;
+const USER_PASS: u8 = 0x02;
+const NO_ACCEPTABLE: u8 = 0xff;
+const CMD_CONNECT: u8 = 0x01;
+const SOCKS4_GRANTED: u8 = 90;
+const SOCKS4_REJECTED: u8 = 91;
+/// Longest SOCKS4 user id or SOCKS4a domain we read.
+const MAX_SOCKS4_FIELD: usize = 255;
+
+/// A parsed SOCKS request, ready to dial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocksRequest {
+    pub target: Target,
+    pub credentials: Option<ClientCredentials>,
+}
+
+/// Why a SOCKS handshake stopped, and what to answer (if anything can be).
+#[derive(Debug)]
+enum HandshakeError {
+    /// Answer with this reply code, then close.
+    Reply(u8, GatewayError),
+    /// Nothing sensible can be answered (truncated, wrong version, auth failed and answered).
+    Close(GatewayError),
+}
+
+/// Serves one SOCKS5 client.
+pub async fn serve_socks5<S: Io>(gw: Gateway, stream: S) {
+    let mut reader = BufReader::new(stream);
+    let timeout = gw.config().server.header_read_timeout;
+    let handshake = tokio::time::timeout(timeout, socks5_handshake(&gw, &mut reader)).await;
+    let request = match handshake {
+        Ok(Ok(r)) => r,
+        Ok(Err(HandshakeError::Reply(rep, e))) => {
+            tracing::debug!(error = %e, "socks5 request refused");
+            let _ = reader.get_mut().write_all(&socks5_reply(rep)).await;
+            return;
+        }
+        Ok(Err(HandshakeError::Close(e))) => {
+            tracing::debug!(error = %e, "socks5 handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("socks5 handshake timed out");
+            return;
+        }
+    };
+    let established = match gw.dialer().dial(&request.target, Purpose::Tunnel).await {
+        Ok(est) => est,
+        Err(e) => {
+            tracing::info!(target = %request.target, error = %e, "socks5 connect failed");
+            let _ = reader
+                .get_mut()
+                .write_all(&socks5_reply(e.socks5_reply()))
+                .await;
+            return;
+        }
+    };
+    let leftover = Bytes::copy_from_slice(reader.buffer());
+    let mut client = Rewind::new(leftover, reader.into_inner());
+    if client
+        .write_all(&socks5_reply(socks5_rep::SUCCEEDED))
+        .await
+        .is_err()
+    {
+        crate::server::client_gone(established);
+        return;
+    }
+    gw.relay(client, established).await;
+}
+
+/// Serves one SOCKS4/4a client.
+pub async fn serve_socks4<S: Io>(gw: Gateway, stream: S) {
+    let mut reader = BufReader::new(stream);
+    let timeout = gw.config().server.header_read_timeout;
+    let request = match tokio::time::timeout(timeout, socks4_request(&mut reader)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(HandshakeError::Reply(_, e))) => {
+            tracing::debug!(error = %e, "socks4 request refused");
+            let _ = reader
+                .get_mut()
+                .write_all(&socks4_reply(SOCKS4_REJECTED))
+                .await;
+            return;
+        }
+        Ok(Err(HandshakeError::Close(e))) => {
+            tracing::debug!(error = %e, "socks4 handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    if gw.auth().is_required() {
+        tracing::info!(
+            "socks4 client refused: client authentication is on and SOCKS4 has no password"
+        );
+        let _ = reader
+            .get_mut()
+            .write_all(&socks4_reply(SOCKS4_REJECTED))
+            .await;
+        return;
+    }
+    let established = match gw.dialer().dial(&request.target, Purpose::Tunnel).await {
+        Ok(est) => est,
+        Err(e) => {
+            tracing::info!(target = %request.target, error = %e, "socks4 connect failed");
+            let _ = reader
+                .get_mut()
+                .write_all(&socks4_reply(SOCKS4_REJECTED))
+                .await;
+            return;
+        }
+    };
+    let leftover = Bytes::copy_from_slice(reader.buffer());
+    let mut client = Rewind::new(leftover, reader.into_inner());
+    if client
+        .write_all(&socks4_reply(SOCKS4_GRANTED))
+        .await
+        .is_err()
+    {
+        crate::server::client_gone(established);
+        return;
+    }
+    gw.relay(client, established).await;
+}
+
+fn malformed(what: &'static str) -> HandshakeError {
+    HandshakeError::Close(GatewayError::new(ErrorKind::ClientMalformed, what))
+}
+
+async fn socks5_handshake<S: Io>(
+    gw: &Gateway,
+    r: &mut BufReader<S>,
+) -> Result<SocksRequest, HandshakeError> {
+    let truncated = |_| malformed("truncated SOCKS5 greeting");
+    // Greeting: VER NMETHODS METHODS...
+    let mut head = [0u8; 2];
+    r.read_exact(&mut head).await.map_err(truncated)?;
+    if head[0] != 5 {
+        return Err(malformed("not SOCKS5"));
+    }
+    let mut methods = vec![0u8; usize::from(head[1])];
+    r.read_exact(&mut methods).await.map_err(truncated)?;
+    let required = gw.auth().is_required();
+    let method = if methods.contains(&USER_PASS) {
+        USER_PASS
+    } else if !required && methods.contains(&NO_AUTH) {
+        NO_AUTH
+    } else {
+        NO_ACCEPTABLE
+    };
+    r.get_mut()
+        .write_all(&[5, method])
+        .await
+        .map_err(|_| client_closed())?;
+    if method == NO_ACCEPTABLE {
+        return Err(HandshakeError::Close(GatewayError::new(
+            ErrorKind::ClientAuth,
+            "no acceptable SOCKS5 method",
+        )));
+    }
+    let credentials = if method == USER_PASS {
+        let creds = read_rfc1929(r).await?;
+        let ok = gw.auth().check(Some(&creds));
+        r.get_mut()
+            .write_all(&[1, if ok { 0 } else { 1 }])
+            .await
+            .map_err(|_| client_closed())?;
+        if !ok {
+            return Err(HandshakeError::Close(GatewayError::new(
+                ErrorKind::ClientAuth,
+                "SOCKS5 username/password rejected",
+            )));
+        }
+        Some(creds)
+    } else {
+        None
+    };
+    // Request: VER CMD RSV ATYP DST.ADDR DST.PORT
+    let mut req = [0u8; 4];
+    r.read_exact(&mut req)
+        .await
+        .map_err(|_| malformed("truncated SOCKS5 request"))?;
+    if req[0] != 5 {
+        return Err(HandshakeError::Reply(
+            socks5_rep::GENERAL_FAILURE,
+            GatewayError::new(ErrorKind::ClientMalformed, "bad SOCKS5 request version"),
+        ));
+    }
+    let host = match req[3] {
+        1 => {
+            let mut a = [0u8; 4];
+            r.read_exact(&mut a).await.map_err(truncated)?;
+            Host::Ip(IpAddr::V4(Ipv4Addr::from(a)))
+        }
+        4 => {
+            let mut a = [0u8; 16];
+            r.read_exact(&mut a).await.map_err(truncated)?;
+            Host::Ip(IpAddr::V6(Ipv6Addr::from(a)))
+        }
+        3 => {
+            let len = r.read_u8().await.map_err(truncated)?;
+            let mut name = vec![0u8; usize::from(len)];
+            r.read_exact(&mut name).await.map_err(truncated)?;
+            std::str::from_utf8(&name)
+                .ok()
+                .and_then(Host::domain)
+                .ok_or_else(|| {
+                    HandshakeError::Reply(
+                        socks5_rep::GENERAL_FAILURE,
+                        GatewayError::new(ErrorKind::ClientMalformed, "invalid domain name"),
+                    )
+                })?
+        }
+        _ => {
+            return Err(HandshakeError::Reply(
+                socks5_rep::ADDRESS_TYPE_NOT_SUPPORTED,
+                GatewayError::new(ErrorKind::ClientUnsupported, "unknown address type"),
+            ));
+        }
+    };
+    let port = r.read_u16().await.map_err(truncated)?;
+    if req[1] != CMD_CONNECT {
+        return Err(HandshakeError::Reply(
+            socks5_rep::COMMAND_NOT_SUPPORTED,
+            GatewayError::new(ErrorKind::ClientUnsupported, "only CONNECT is supported"),
+        ));
+    }
+    if port == 0 {
+        return Err(HandshakeError::Reply(
+            socks5_rep::GENERAL_FAILURE,
+            GatewayError::new(ErrorKind::ClientMalformed, "port 0"),
+        ));
+    }
+    Ok(SocksRequest {
+        target: Target::new(host, port),
+        credentials,
+    })
+}
+
+async fn read_rfc1929<S: Io>(r: &mut BufReader<S>) -> Result<ClientCredentials, HandshakeError> {
+    let truncated = |_| malformed("truncated SOCKS5 username/password");
+    let ver = r.read_u8().await.map_err(truncated)?;
+    if ver != 1 {
+        return Err(malformed("bad RFC 1929 version"));
+    }
+    let ulen = r.read_u8().await.map_err(truncated)?;
+    let mut user = vec![0u8; usize::from(ulen)];
+    r.read_exact(&mut user).await.map_err(truncated)?;
+    let plen = r.read_u8().await.map_err(truncated)?;
+    let mut pass = vec![0u8; usize::from(plen)];
+    r.read_exact(&mut pass).await.map_err(truncated)?;
+    let username = String::from_utf8(user).map_err(|_| malformed("username is not UTF-8"))?;
+    let password = String::from_utf8(pass).map_err(|_| malformed("password is not UTF-8"))?;
+    Ok(ClientCredentials {
+        username,
+        password: Secret::new(password),
+    })
+}
+
+async fn socks4_request<S: Io>(r: &mut BufReader<S>) -> Result<SocksRequest, HandshakeError> {
+    let truncated = |_| malformed("truncated SOCKS4 request");
+    // VN CD DSTPORT DSTIP USERID NUL [DOMAIN NUL]
+    let mut head = [0u8; 8];
+    r.read_exact(&mut head).await.map_err(truncated)?;
+    if head[0] != 4 {
+        return Err(malformed("not SOCKS4"));
+    }
+    let port = u16::from_be_bytes([head[2], head[3]]);
+    let ip = Ipv4Addr::new(head[4], head[5], head[6], head[7]);
+    let userid = read_nul_terminated(r).await?;
+    let username = String::from_utf8(userid).map_err(|_| malformed("user id is not UTF-8"))?;
+    let octets = ip.octets();
+    let host = if octets[..3] == [0, 0, 0] && octets[3] != 0 {
+        // SOCKS4a: the domain follows the user id.
+        let name = read_nul_terminated(r).await?;
+        std::str::from_utf8(&name)
+            .ok()
+            .and_then(Host::domain)
+            .ok_or_else(|| {
+                HandshakeError::Reply(
+                    SOCKS4_REJECTED,
+                    GatewayError::new(ErrorKind::ClientMalformed, "invalid SOCKS4a domain"),
+                )
+            })?
+    } else {
+        Host::Ip(IpAddr::V4(ip))
+    };
+    if head[1] != CMD_CONNECT {
+        return Err(HandshakeError::Reply(
+            SOCKS4_REJECTED,
+            GatewayError::new(ErrorKind::ClientUnsupported, "only CONNECT is supported"),
+        ));
+    }
+    if port == 0 {
+        return Err(HandshakeError::Reply(
+            SOCKS4_REJECTED,
+            GatewayError::new(ErrorKind::ClientMalformed, "port 0"),
+        ));
+    }
+    Ok(SocksRequest {
+        target: Target::new(host, port),
+        credentials: (!username.is_empty()).then(|| ClientCredentials {
+            username,
+            password: Secret::new(""),
+        }),
+    })
+}
+
+async fn read_nul_terminated<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+) -> Result<Vec<u8>, HandshakeError> {
+    let mut out = Vec::new();
+    loop {
+        let byte = r
+            .read_u8()
+            .await
+            .map_err(|_| malformed("truncated SOCKS4 request"))?;
+        if byte == 0 {
+            return Ok(out);
+        }
+        if out.len() == MAX_SOCKS4_FIELD {
+            return Err(malformed("SOCKS4 field too long"));
+        }
+        out.push(byte);
+    }
+}
+
+fn client_closed() -> HandshakeError {
+    HandshakeError::Close(GatewayError::new(
+        ErrorKind::ClientClosed,
+        "client went away",
+    ))
+}
+
+/// A SOCKS5 reply with an unspecified bound address (0.0.0.0:0).
+fn socks5_reply(rep: u8) -> [u8; 10] {
+    [5, rep, 0, 1, 0, 0, 0, 0, 0, 0]
+}
+
+fn socks4_reply(cd: u8) -> [u8; 8] {
+    [0, cd, 0, 0, 0, 0, 0, 0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_test::io::Builder;
+
+    #[tokio::test]
+    async fn socks4a_request_parses() {
+        let mock = Builder::new()
+            .read(&[4, 1, 0x01, 0xbb, 0, 0, 0, 1])
+            .read(b"alice\0example.com\0")
+            .build();
+        let mut r = BufReader::new(mock);
+        let req = socks4_request(&mut r).await.unwrap();
+        assert_eq!(req.target.to_string(), "example.com:443");
+        assert_eq!(req.credentials.unwrap().username, "alice");
+    }
+
+    #[tokio::test]
+    async fn socks4_ip_request_parses() {
+        let mock = Builder::new().read(&[4, 1, 0, 80, 10, 0, 0, 7, 0]).build();
+        let mut r = BufReader::new(mock);
+        let req = socks4_request(&mut r).await.unwrap();
+        assert_eq!(req.target.to_string(), "10.0.0.7:80");
+        assert!(req.credentials.is_none());
+    }
+
+    #[tokio::test]
+    async fn socks4_bind_is_rejected_with_reply() {
+        let mock = Builder::new().read(&[4, 2, 0, 80, 10, 0, 0, 7, 0]).build();
+        let mut r = BufReader::new(mock);
+        match socks4_request(&mut r).await {
+            Err(HandshakeError::Reply(SOCKS4_REJECTED, e)) => {
+                assert_eq!(e.kind, ErrorKind::ClientUnsupported);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn socks4_overlong_userid_is_refused() {
+        let mut bytes = vec![4, 1, 0, 80, 10, 0, 0, 7];
+        bytes.extend(std::iter::repeat_n(b'a', 300));
+        let mock = Builder::new().read(&bytes).build();
+        let mut r = BufReader::new(mock);
+        assert!(matches!(
+            socks4_request(&mut r).await,
+            Err(HandshakeError::Close(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn rfc1929_parses() {
+        let mock = Builder::new()
+            .read(&[1, 3])
+            .read(b"bob")
+            .read(&[2])
+            .read(b"pw")
+            .build();
+        let mut r = BufReader::new(mock);
+        let c = read_rfc1929(&mut r).await.unwrap();
+        assert_eq!(c.username, "bob");
+        assert_eq!(c.password.expose(), "pw");
+    }
+}

@@ -1,0 +1,22 @@
+//! proxygate-pool: the upstream pool in memory. Pure: no network, no disk.
+//!
+//! - [`snapshot`]: [`Snapshot`], an immutable list of [`Entry`]s (upstream + live [`Health`]),
+//!   published through an `ArcSwap` so the hot path only `load()`s it.
+//! - [`health`]: per-upstream live stats in atomics, and the pure backoff policy.
+//! - [`strategy`]: [`Strategy`], the closed set of selection strategies (round robin today; the
+//!   reputation-driven ones plug in here).
+//! - [`pool`]: [`Pool`] with its [`PoolReader`] (select, hot path) and [`PoolWriter`] (replace
+//!   the set of upstreams, switch strategy), and the [`Lease`] that reports an attempt's
+//!   [`Outcome`](proxygate_core::Outcome).
+//!
+//! Time is an argument (`now: Instant`) everywhere policy is decided, so tests drive it.
+
+pub mod health;
+pub mod pool;
+pub mod snapshot;
+pub mod strategy;
+
+pub use health::{Health, HealthConfig};
+pub use pool::{Lease, Pool, PoolReader, PoolWriter};
+pub use snapshot::{Entry, Snapshot};
+pub use strategy::{Strategy, UnknownStrategy};

@@ -1,0 +1,99 @@
+//! [`Snapshot`]: the immutable set of upstreams that selection reads.
+//!
+//! Writers build a new snapshot aside and swap it in. An upstream that stays across a swap
+//! keeps its [`Health`] (the `Arc<Entry>` is carried over), so replacing the list never
+//! forgets what was learned about a proxy.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use proxygate_core::{Upstream, UpstreamId};
+
+use crate::Health;
+
+/// One upstream and its live health.
+#[derive(Debug)]
+pub struct Entry {
+    pub id: UpstreamId,
+    pub upstream: Upstream,
+    pub health: Health,
+}
+
+/// An immutable view of the pool.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    entries: Vec<Arc<Entry>>,
+    by_id: HashMap<UpstreamId, usize>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from `upstreams`, deduplicated by id (the first occurrence wins),
+    /// reusing entries of `previous` so their health survives.
+    pub fn build(upstreams: impl IntoIterator<Item = Upstream>, previous: &Snapshot) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for upstream in upstreams {
+            let id = upstream.id();
+            if snap.by_id.contains_key(&id) {
+                continue;
+            }
+            let entry = match previous.get(id) {
+                // Same proxy, same account: keep its health, but take the new password.
+                Some(old) if old.upstream == upstream => Arc::clone(old),
+                _ => Arc::new(Entry {
+                    id,
+                    upstream,
+                    health: Health::default(),
+                }),
+            };
+            snap.by_id.insert(id, snap.entries.len());
+            snap.entries.push(entry);
+        }
+        snap
+    }
+
+    pub fn entries(&self) -> &[Arc<Entry>] {
+        &self.entries
+    }
+
+    pub fn get(&self, id: UpstreamId) -> Option<&Arc<Entry>> {
+        self.by_id.get(&id).map(|i| &self.entries[*i])
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(url: &str) -> Upstream {
+        Upstream::parse(url).unwrap()
+    }
+
+    #[test]
+    fn dedupes_and_keeps_health() {
+        let first = Snapshot::build(
+            [up("http://a:1"), up("http://a:1"), up("socks5://b:2")],
+            &Snapshot::default(),
+        );
+        assert_eq!(first.len(), 2);
+        let a = Arc::clone(first.get(up("http://a:1").id()).unwrap());
+        let second = Snapshot::build([up("socks5://b:2"), up("http://a:1")], &first);
+        assert!(Arc::ptr_eq(&a, second.get(a.id).unwrap()));
+        assert_eq!(second.entries()[0].upstream, up("socks5://b:2"));
+    }
+
+    #[test]
+    fn new_password_makes_new_entry() {
+        let first = Snapshot::build([up("http://u:old@a:1")], &Snapshot::default());
+        let second = Snapshot::build([up("http://u:new@a:1")], &first);
+        let creds = second.entries()[0].upstream.credentials.as_ref().unwrap();
+        assert_eq!(creds.password.expose(), "new");
+    }
+}
