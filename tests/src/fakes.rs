@@ -1,0 +1,430 @@
+//! Fake upstream proxies, written independently of proxygate's own codecs, that record what
+//! they were asked and dial out from their own loopback address (`egress`), so an [`Origin`]'s
+//! `x-peer` tells which upstream carried a request.
+//!
+//! [`Origin`]: crate::origin::Origin
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Which protocol a fake speaks.
+#[derive(Clone)]
+pub enum Kind {
+    Http,
+    Https(tokio_rustls::TlsAcceptor),
+    Socks5,
+    Socks4,
+}
+
+/// What a fake saw.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    /// Credentials presented, one entry per handshake (None: none presented).
+    pub auth: Vec<Option<(String, String)>>,
+    /// Per request: `CONNECT host:port`, `GET http://...` (absolute form), `socks5 domain
+    /// host:port`, `socks5 ip addr`, `socks4a host:port`, `socks4 addr`.
+    pub requests: Vec<String>,
+}
+
+/// A running fake upstream.
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    pub egress: IpAddr,
+    creds: Option<(String, String)>,
+    seen: Arc<Mutex<Seen>>,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+static NEXT_EGRESS: AtomicU8 = AtomicU8::new(2);
+
+fn next_egress() -> IpAddr {
+    let n = NEXT_EGRESS.fetch_add(1, Ordering::SeqCst);
+    assert!(n < 250, "out of loopback egress addresses");
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
+}
+
+impl FakeUpstream {
+    /// Starts a fake; with `creds`, clients must present them.
+    pub async fn start(kind: Kind, creds: Option<(&str, &str)>) -> FakeUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let egress = next_egress();
+        let creds: Option<(String, String)> = creds.map(|(u, p)| (u.to_owned(), p.to_owned()));
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let ctx = Ctx {
+            egress,
+            creds: creds.clone(),
+            seen: Arc::clone(&seen),
+        };
+        let count = Arc::clone(&connections);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let ctx = ctx.clone();
+                let kind = kind.clone();
+                tokio::spawn(async move {
+                    match kind {
+                        Kind::Http => http_proxy(ctx, stream).await,
+                        Kind::Https(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                http_proxy(ctx, tls).await;
+                            }
+                        }
+                        Kind::Socks5 => socks5(ctx, stream).await,
+                        Kind::Socks4 => socks4(ctx, stream).await,
+                    }
+                });
+            }
+        });
+        FakeUpstream {
+            addr,
+            egress,
+            creds,
+            seen,
+            connections,
+            task,
+        }
+    }
+
+    /// `scheme://user:pass@addr`, credentials percent-encoded.
+    pub fn url(&self, scheme: &str) -> String {
+        match &self.creds {
+            Some((u, p)) => format!(
+                "{scheme}://{}:{}@{}",
+                utf8_percent_encode(u, NON_ALPHANUMERIC),
+                utf8_percent_encode(p, NON_ALPHANUMERIC),
+                self.addr
+            ),
+            None => format!("{scheme}://{}", self.addr),
+        }
+    }
+
+    pub fn seen(&self) -> Seen {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    egress: IpAddr,
+    creds: Option<(String, String)>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Ctx {
+    fn record_auth(&self, auth: Option<(String, String)>) -> bool {
+        let ok = self.creds.is_none() || self.creds == auth;
+        self.seen.lock().unwrap().auth.push(auth);
+        ok
+    }
+
+    fn record(&self, request: String) {
+        self.seen.lock().unwrap().requests.push(request);
+    }
+
+    /// Connects to `host:port` from this fake's egress address.
+    async fn dial(&self, host: &str, port: u16) -> Option<TcpStream> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let addr = tokio::net::lookup_host((host, port)).await.ok()?.next()?;
+        if addr.is_ipv6() {
+            return TcpStream::connect(addr).await.ok();
+        }
+        let socket = TcpSocket::new_v4().ok()?;
+        socket.bind(SocketAddr::new(self.egress, 0)).ok()?;
+        socket.connect(addr).await.ok()
+    }
+}
+
+async fn pipe<A, B>(mut a: A, mut b: B)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+}
+
+async fn http_proxy<S: AsyncRead + AsyncWrite + Unpin>(ctx: Ctx, mut s: S) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_len = loop {
+        let Ok(n) = s.read(&mut chunk).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
+    let rest = buf[head_len..].to_vec();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default().to_owned();
+    let mut parts = request_line.split(' ');
+    let method = parts.next().unwrap_or_default().to_owned();
+    let target = parts.next().unwrap_or_default().to_owned();
+    let auth = head
+        .split("\r\n")
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("proxy-authorization")
+                .then(|| v.trim().to_owned())
+        })
+        .and_then(|v| {
+            let token = v.strip_prefix("Basic ")?;
+            let raw = base64::engine::general_purpose::STANDARD.decode(token).ok()?;
+            let raw = String::from_utf8(raw).ok()?;
+            let (u, p) = raw.split_once(':')?;
+            Some((u.to_owned(), p.to_owned()))
+        });
+    if !ctx.record_auth(auth) {
+        let _ = s
+            .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+            .await;
+        return;
+    }
+    ctx.record(format!("{method} {target}"));
+    let authority = if method == "CONNECT" {
+        target.clone()
+    } else {
+        let Some(rest) = target.strip_prefix("http://") else {
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            return;
+        };
+        let auth = rest.split('/').next().unwrap_or_default();
+        if auth.contains(':') && !auth.ends_with(']') {
+            auth.to_owned()
+        } else {
+            format!("{auth}:80")
+        }
+    };
+    let Some((host, port)) = authority.rsplit_once(':') else {
+        return;
+    };
+    let Some(mut out) = ctx.dial(host, port.parse().unwrap_or(0)).await else {
+        let _ = s.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n").await;
+        return;
+    };
+    if method == "CONNECT" {
+        if s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.is_err() {
+            return;
+        }
+    } else {
+        // Forward the head as received, minus our own credentials.
+        let forwarded: String = head
+            .split_inclusive("\r\n")
+            .filter(|l| !l.to_ascii_lowercase().starts_with("proxy-authorization:"))
+            .collect();
+        if out.write_all(forwarded.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+    if !rest.is_empty() && out.write_all(&rest).await.is_err() {
+        return;
+    }
+    pipe(s, out).await;
+}
+
+async fn socks5(ctx: Ctx, mut s: TcpStream) {
+    let mut head = [0u8; 2];
+    if s.read_exact(&mut head).await.is_err() || head[0] != 5 {
+        return;
+    }
+    let mut methods = vec![0u8; usize::from(head[1])];
+    if s.read_exact(&mut methods).await.is_err() {
+        return;
+    }
+    let want = if ctx.creds.is_some() { 2 } else { 0 };
+    if !methods.contains(&want) {
+        let _ = s.write_all(&[5, 0xff]).await;
+        return;
+    }
+    if s.write_all(&[5, want]).await.is_err() {
+        return;
+    }
+    if want == 2 {
+        let mut v = [0u8; 2];
+        if s.read_exact(&mut v).await.is_err() {
+            return;
+        }
+        let mut user = vec![0u8; usize::from(v[1])];
+        let _ = s.read_exact(&mut user).await;
+        let plen = s.read_u8().await.unwrap_or(0);
+        let mut pass = vec![0u8; usize::from(plen)];
+        let _ = s.read_exact(&mut pass).await;
+        let creds = (
+            String::from_utf8_lossy(&user).into_owned(),
+            String::from_utf8_lossy(&pass).into_owned(),
+        );
+        let ok = ctx.record_auth(Some(creds));
+        let _ = s.write_all(&[1, if ok { 0 } else { 1 }]).await;
+        if !ok {
+            return;
+        }
+    } else {
+        ctx.record_auth(None);
+    }
+    let mut req = [0u8; 4];
+    if s.read_exact(&mut req).await.is_err() {
+        return;
+    }
+    let (host, desc) = match req[3] {
+        1 => {
+            let mut a = [0u8; 4];
+            let _ = s.read_exact(&mut a).await;
+            let ip = Ipv4Addr::from(a).to_string();
+            (ip.clone(), format!("socks5 ip {ip}"))
+        }
+        4 => {
+            let mut a = [0u8; 16];
+            let _ = s.read_exact(&mut a).await;
+            let ip = std::net::Ipv6Addr::from(a).to_string();
+            (ip.clone(), format!("socks5 ip {ip}"))
+        }
+        3 => {
+            let len = s.read_u8().await.unwrap_or(0);
+            let mut name = vec![0u8; usize::from(len)];
+            let _ = s.read_exact(&mut name).await;
+            let name = String::from_utf8_lossy(&name).into_owned();
+            (name.clone(), format!("socks5 domain {name}"))
+        }
+        _ => return,
+    };
+    let port = s.read_u16().await.unwrap_or(0);
+    ctx.record(format!("{desc}:{port}"));
+    match ctx.dial(&host, port).await {
+        Some(out) => {
+            if s.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await.is_ok() {
+                pipe(s, out).await;
+            }
+        }
+        None => {
+            let _ = s.write_all(&[5, 5, 0, 1, 0, 0, 0, 0, 0, 0]).await;
+        }
+    }
+}
+
+async fn read_cstr(s: &mut TcpStream) -> Option<String> {
+    let mut out = Vec::new();
+    loop {
+        let b = s.read_u8().await.ok()?;
+        if b == 0 {
+            return String::from_utf8(out).ok();
+        }
+        out.push(b);
+        if out.len() > 255 {
+            return None;
+        }
+    }
+}
+
+async fn socks4(ctx: Ctx, mut s: TcpStream) {
+    let mut head = [0u8; 8];
+    if s.read_exact(&mut head).await.is_err() || head[0] != 4 || head[1] != 1 {
+        return;
+    }
+    let port = u16::from_be_bytes([head[2], head[3]]);
+    let ip = Ipv4Addr::new(head[4], head[5], head[6], head[7]);
+    let Some(user) = read_cstr(&mut s).await else {
+        return;
+    };
+    let auth = (!user.is_empty()).then(|| (user, String::new()));
+    let ok = match (&ctx.creds, &auth) {
+        (Some((u, _)), Some((got, _))) => u == got,
+        (Some(_), None) => false,
+        (None, _) => true,
+    };
+    ctx.seen.lock().unwrap().auth.push(auth);
+    if !ok {
+        let _ = s.write_all(&[0, 91, 0, 0, 0, 0, 0, 0]).await;
+        return;
+    }
+    let octets = ip.octets();
+    let host = if octets[..3] == [0, 0, 0] && octets[3] != 0 {
+        let Some(name) = read_cstr(&mut s).await else {
+            return;
+        };
+        ctx.record(format!("socks4a {name}:{port}"));
+        name
+    } else {
+        ctx.record(format!("socks4 {ip}:{port}"));
+        ip.to_string()
+    };
+    match ctx.dial(&host, port).await {
+        Some(out) => {
+            if s.write_all(&[0, 90, 0, 0, 0, 0, 0, 0]).await.is_ok() {
+                pipe(s, out).await;
+            }
+        }
+        None => {
+            let _ = s.write_all(&[0, 91, 0, 0, 0, 0, 0, 0]).await;
+        }
+    }
+}
+
+/// An address where nothing listens: connecting is refused.
+pub async fn refusing_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Accepts connections and never says a word.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Blackhole {
+    pub async fn start() -> Blackhole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        Blackhole {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,111 @@
+//! An origin server that tells what it saw, in response headers:
+//! `x-peer` (the connecting address: which upstream dialed it), `x-method`, `x-target` (the
+//! request target as received), `x-host`, `x-header-names` (every header name, comma
+//! separated), `x-body-len`; the body echoes the request body.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// A running origin.
+pub struct Origin {
+    pub addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Origin {
+    /// Plain HTTP on 127.0.0.1.
+    pub async fn start() -> Origin {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), None).await
+    }
+
+    /// On any address, with TLS when an acceptor is given.
+    pub async fn start_on(bind: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> Origin {
+        let listener = TcpListener::bind(bind).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&connections);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| echo(req, peer));
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(s), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        Origin {
+            addr,
+            connections,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn echo(req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().to_string();
+    let target = req.uri().to_string();
+    let host = req
+        .headers()
+        .get("host")
+        .map(|v| v.to_str().unwrap_or("?").to_owned())
+        .unwrap_or_else(|| "absent".into());
+    let names: Vec<String> = req.headers().keys().map(|k| k.as_str().to_owned()).collect();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let resp = Response::builder()
+        .header("x-peer", peer.ip().to_string())
+        .header("x-method", method)
+        .header("x-target", target)
+        .header("x-host", host)
+        .header("x-header-names", names.join(","))
+        .header("x-body-len", body.len().to_string())
+        .body(Full::new(body))
+        .unwrap();
+    Ok(resp)
+}

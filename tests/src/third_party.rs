@@ -1,0 +1,99 @@
+//! Real third-party upstreams from Debian packages: tinyproxy (HTTP, Basic auth) and
+//! microsocks (SOCKS5, username/password). `tests/run.sh` installs them; a test that needs one
+//! fails with a clear message when it is missing.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// A third-party proxy process, killed on drop.
+pub struct ThirdParty {
+    pub addr: SocketAddr,
+    _child: Child,
+    _dir: tempfile::TempDir,
+}
+
+fn require(bin: &str) -> String {
+    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
+        let p = format!("{dir}/{bin}");
+        if std::path::Path::new(&p).exists() {
+            return p;
+        }
+    }
+    panic!("{bin} is not installed: run tests/run.sh (it installs tinyproxy and microsocks)");
+}
+
+/// A free loopback port (these programs cannot bind port 0 and report it).
+async fn free_port() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().port()
+}
+
+async fn wait_listening(addr: SocketAddr) {
+    for _ in 0..250 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{addr} never started listening");
+}
+
+impl ThirdParty {
+    /// tinyproxy requiring Basic credentials `user:pass`.
+    pub async fn tinyproxy(user: &str, pass: &str) -> ThirdParty {
+        let bin = require("tinyproxy");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port().await;
+        let conf = dir.path().join("tinyproxy.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 200\n\
+                 BasicAuth {user} {pass}\nAllow 127.0.0.1\nLogLevel Warning\n\
+                 ConnectPort 0\nDisableViaHeader Yes\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_listening(addr).await;
+        ThirdParty {
+            addr,
+            _child: child,
+            _dir: dir,
+        }
+    }
+
+    /// microsocks requiring `user:pass`.
+    pub async fn microsocks(user: &str, pass: &str) -> ThirdParty {
+        let bin = require("microsocks");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port().await;
+        let child = Command::new(bin)
+            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-u", user, "-P", pass])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_listening(addr).await;
+        ThirdParty {
+            addr,
+            _child: child,
+            _dir: dir,
+        }
+    }
+}
