@@ -31,7 +31,7 @@ pub async fn curl(args: &[&str]) -> CurlResponse {
         .arg(&head)
         .arg("-o")
         .arg(&body)
-        .args(["-w", "%{http_code}"])
+        .args(["-w", "%{http_code} %{http_connect}"])
         .args(args)
         .env_remove("http_proxy")
         .env_remove("https_proxy")
@@ -55,8 +55,13 @@ pub async fn curl(args: &[&str]) -> CurlResponse {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
+    // A refused CONNECT leaves http_code at 0; the proxy's answer is in http_connect.
+    let codes = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut codes = codes.split_whitespace().map(|c| c.parse::<u16>().unwrap_or(0));
+    let (code, connect) = (codes.next().unwrap_or(0), codes.next().unwrap_or(0));
+    let status = if code == 0 { connect } else { code };
     CurlResponse {
-        status: String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0),
+        status,
         headers,
         body: std::fs::read_to_string(&body).unwrap_or_default(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),

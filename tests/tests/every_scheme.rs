@@ -2,6 +2,13 @@
 //! protocol: the origin must see the request arrive from that upstream, and the upstream must
 //! have been handed its credentials.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failed step must fail the test loudly"
+)]
+
 use proxygate_tests::curl::curl;
 use proxygate_tests::fakes::{FakeUpstream, Kind};
 use proxygate_tests::gateway::Gateway;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use proxygate_core::{ErrorKind, Host, Outcome, Scheme, Target, Upstream};
+use proxygate_core::{ErrorKind, Host, Outcome, Scheme, Target, Upstream, UpstreamId};
 use proxygate_pool::{Lease, PoolReader};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -347,6 +347,52 @@ fn socks_error(up: &Upstream, target: &Target, e: tokio_socks::Error) -> Gateway
     GatewayError::new(kind, format!("{up}: SOCKS to {target}: {e}"))
 }
 
+/// The attempts left for one client request.
+#[derive(Debug)]
+pub struct Budget {
+    tried: Vec<UpstreamId>,
+    max_attempts: usize,
+    deadline: tokio::time::Instant,
+    last: Option<GatewayError>,
+}
+
+impl Budget {
+    /// Records a failed attempt on `lease` (reporting it to the pool); returns whether another
+    /// upstream may be tried.
+    pub fn fail(&mut self, lease: Lease, err: GatewayError) -> bool {
+        tracing::debug!(upstream = %lease.upstream(), error = %err, "attempt failed");
+        if !self.tried.contains(&lease.id()) {
+            self.tried.push(lease.id());
+        }
+        lease.report(&Outcome::failed(err.kind));
+        let retry = err.kind.is_retryable() && self.has_time() && self.has_attempts();
+        self.last = Some(err);
+        retry
+    }
+
+    fn has_time(&self) -> bool {
+        tokio::time::Instant::now() < self.deadline
+    }
+
+    fn has_attempts(&self) -> bool {
+        self.tried.len() < self.max_attempts
+    }
+
+    /// The error to answer with once no attempt is left.
+    pub fn exhausted(&mut self) -> GatewayError {
+        let tried = self.tried.len();
+        match self.last.take() {
+            Some(e) if tried > 1 => GatewayError::new(
+                e.kind,
+                format!("{tried} upstreams failed; last: {}", e.detail),
+            ),
+            Some(e) => e,
+            None if tried == 0 => GatewayError::new(ErrorKind::NoUpstream, "no upstream in the pool"),
+            None => GatewayError::new(ErrorKind::NoUpstream, "no untried upstream left"),
+        }
+    }
+}
+
 /// Picks upstreams and retries.
 #[derive(Debug, Clone)]
 pub struct Dialer {
@@ -363,27 +409,43 @@ impl Dialer {
         &self.pool
     }
 
-    /// Connects to `target` through some upstream for `purpose`, trying another upstream
-    /// after each upstream-side failure, at most `max_attempts` upstreams, all within
-    /// `retry_deadline`. Every failed attempt is reported to the pool here; the returned lease
-    /// is the caller's to report.
+    /// A fresh retry budget for one client request: `dial.max_attempts` upstreams within
+    /// `dial.retry_deadline` from now.
+    pub fn budget(&self) -> Budget {
+        let cfg = self.connector.config();
+        Budget {
+            tried: Vec::new(),
+            max_attempts: cfg.max_attempts as usize,
+            deadline: tokio::time::Instant::now() + cfg.retry_deadline,
+            last: None,
+        }
+    }
+
+    /// Connects to `target` through some upstream for `purpose` with a fresh [`Budget`].
     pub async fn dial(
         &self,
         target: &Target,
         purpose: Purpose,
     ) -> Result<Established, GatewayError> {
-        let cfg = self.connector.config();
-        let deadline = tokio::time::Instant::now() + cfg.retry_deadline;
-        let mut tried = Vec::new();
-        let mut last: Option<GatewayError> = None;
-        for _ in 0..cfg.max_attempts {
-            let Some(lease) = self.pool.select(&tried) else {
+        self.dial_within(target, purpose, &mut self.budget()).await
+    }
+
+    /// Connects to `target` through some upstream not yet tried in `budget`, trying another
+    /// after each upstream-side failure while the budget lasts. Every failed attempt is
+    /// reported to the pool here; the returned lease is the caller's to report.
+    pub async fn dial_within(
+        &self,
+        target: &Target,
+        purpose: Purpose,
+        budget: &mut Budget,
+    ) -> Result<Established, GatewayError> {
+        while budget.tried.len() < budget.max_attempts {
+            let Some(lease) = self.pool.select(&budget.tried) else {
                 break;
             };
-            tried.push(lease.id());
+            budget.tried.push(lease.id());
             let attempt = self.attempt(lease.upstream(), target, purpose);
-            let result = tokio::time::timeout_at(deadline, attempt).await;
-            let err = match result {
+            let err = match tokio::time::timeout_at(budget.deadline, attempt).await {
                 Ok(Ok((io, outcome, to_http_proxy))) => {
                     return Ok(Established {
                         io,
@@ -398,26 +460,16 @@ impl Dialer {
                     format!(
                         "{}: retry deadline ({:?}) passed",
                         lease.upstream(),
-                        cfg.retry_deadline
+                        self.connector.config().retry_deadline
                     ),
                 ),
             };
-            tracing::debug!(upstream = %lease.upstream(), %target, error = %err, "attempt failed");
-            lease.report(&Outcome::failed(err.kind));
-            let stop = !err.kind.is_retryable() || tokio::time::Instant::now() >= deadline;
-            last = Some(err);
-            if stop {
+            let retry = budget.fail(lease, err);
+            if !retry {
                 break;
             }
         }
-        Err(match last {
-            Some(e) if tried.len() > 1 => GatewayError::new(
-                e.kind,
-                format!("{} upstreams failed; last: {}", tried.len(), e.detail),
-            ),
-            Some(e) => e,
-            None => GatewayError::new(ErrorKind::NoUpstream, "no upstream in the pool"),
-        })
+        Err(budget.exhausted())
     }
 
     async fn attempt(

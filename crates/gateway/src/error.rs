@@ -87,11 +87,14 @@ impl GatewayError {
     /// The SOCKS5 reply code (RFC 1928 section 6).
     pub fn socks5_reply(&self) -> u8 {
         use ErrorKind as K;
+        // Refused and unreachable are said only of the destination, as an upstream reported
+        // it; an upstream's own failure is a general failure (or a timeout), so the client is
+        // not told its destination refused when it was never tried.
         match self.kind {
-            K::ClientAuth | K::UpstreamRefused => 0x02,
+            K::ClientAuth => 0x02,
             K::TargetUnreachable => 0x04,
-            K::TargetRefused | K::UpstreamConnectRefused => 0x05,
-            K::TargetTimeout | K::UpstreamConnectTimeout | K::UpstreamHandshakeTimeout => 0x06,
+            K::TargetRefused => 0x05,
+            k if k.is_timeout() => 0x06,
             K::ClientUnsupported => 0x07,
             _ => 0x01,
         }
@@ -130,6 +133,8 @@ mod tests {
         assert_eq!(e(ErrorKind::ClientAuth).http_status(), 407);
         assert_eq!(e(ErrorKind::TargetRefused).socks5_reply(), 5);
         assert_eq!(e(ErrorKind::NoUpstream).socks5_reply(), 1);
+        assert_eq!(e(ErrorKind::UpstreamConnectRefused).socks5_reply(), 1);
+        assert_eq!(e(ErrorKind::UpstreamHandshakeTimeout).socks5_reply(), 6);
     }
 
     #[test]

@@ -21,15 +21,17 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use proxygate_core::{ErrorKind, Outcome, Target, UpstreamId};
+use proxygate_pool::Lease;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::GatewayError;
 use crate::auth::{ClientCredentials, basic_value, parse_basic};
-use crate::dial::Purpose;
+use crate::dial::{Budget, Purpose};
 use crate::io::{BoxedIo, Io, Rewind};
 use crate::server::Gateway;
 
@@ -44,7 +46,7 @@ struct Cached {
     id: UpstreamId,
     /// `None` for an HTTP proxy (any target goes over it); the tunnel's target otherwise.
     target: Option<Target>,
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<Body>,
 }
 
 type Cache = Arc<Mutex<Option<Cached>>>;
@@ -219,6 +221,8 @@ async fn forward(
         Some(p) if p != 80 => format!("{host}:{p}"),
         _ => host.to_owned(),
     };
+    let origin_form = Uri::try_from(uri.path_and_query().map_or("/", |pq| pq.as_str()))
+        .map_err(|_| GatewayError::new(ErrorKind::ClientMalformed, "invalid path"))?;
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -227,83 +231,105 @@ async fn forward(
         HeaderValue::from_str(&host_value)
             .map_err(|_| GatewayError::new(ErrorKind::ClientMalformed, "invalid host"))?,
     );
-    parts.version = http::Version::HTTP_11;
+    // A request without a body can be sent again through another upstream.
+    let replayable = body.is_end_stream();
+    let mut body = Some(body);
+    let mut budget = gw.dialer().budget();
+    let dial_cfg = gw.connector_config();
 
-    let (mut sender, lease, to_http_proxy) = upstream_sender(gw, cache, &target).await?;
-    if to_http_proxy {
-        if let Some(c) = &lease.upstream().credentials {
-            let v = basic_value(c.username.expose(), c.password.expose());
-            let v = HeaderValue::from_str(&v).map_err(|_| {
+    loop {
+        let (mut sender, lease, to_http_proxy, fresh) =
+            upstream_sender(gw, cache, &target, &mut budget).await?;
+        let mut headers = parts.headers.clone();
+        let uri = if to_http_proxy {
+            if let Some(c) = &lease.upstream().credentials {
+                let v = basic_value(c.username.expose(), c.password.expose());
+                let v = HeaderValue::from_str(&v).map_err(|_| {
+                    GatewayError::new(ErrorKind::UpstreamAuth, "upstream credentials not encodable")
+                })?;
+                headers.insert(header::PROXY_AUTHORIZATION, v);
+            }
+            parts.uri.clone()
+        } else {
+            origin_form.clone()
+        };
+        let req_body = match body.take() {
+            Some(b) if !replayable => b.boxed(),
+            _ => empty(),
+        };
+        let mut upstream_req = Request::new(req_body);
+        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.headers_mut() = headers;
+
+        // On a fresh connection to an HTTP proxy nothing has proven the proxy alive yet: a
+        // replayable request gets the handshake timeout, so a black-holed proxy is left for
+        // another rather than holding the client for the whole response timeout.
+        let probing = replayable && fresh && to_http_proxy;
+        let per_try = if probing {
+            dial_cfg.handshake_timeout
+        } else {
+            dial_cfg.response_timeout
+        };
+        let t0 = Instant::now();
+        let err = match tokio::time::timeout(per_try, sender.send_request(upstream_req)).await {
+            Ok(Ok(response))
+                if to_http_proxy
+                    && response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED =>
+            {
                 GatewayError::new(
                     ErrorKind::UpstreamAuth,
-                    "upstream credentials not encodable",
+                    format!("{}: rejected our credentials (407)", lease.upstream()),
                 )
-            })?;
-            parts.headers.insert(header::PROXY_AUTHORIZATION, v);
-        }
-    } else {
-        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        parts.uri = Uri::try_from(pq)
-            .map_err(|_| GatewayError::new(ErrorKind::ClientMalformed, "invalid path"))?;
-    }
-    let upstream_req = Request::from_parts(parts, body);
-
-    let t0 = Instant::now();
-    let timeout = gw.connector_config().response_timeout;
-    let sent = tokio::time::timeout(timeout, sender.send_request(upstream_req)).await;
-    let mut response = match sent {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            let err =
-                GatewayError::new(ErrorKind::UpstreamIo, format!("{}: {e}", lease.upstream()));
-            lease.report(&Outcome::failed(err.kind));
-            return Err(err);
-        }
-        Err(_) => {
-            let err = GatewayError::new(
+            }
+            Ok(Ok(mut response)) => {
+                let id = lease.id();
+                lease.report(&Outcome {
+                    first_byte: Some(t0.elapsed()),
+                    ..Outcome::default()
+                });
+                if let Ok(mut slot) = cache.lock() {
+                    *slot = Some(Cached {
+                        id,
+                        target: (!to_http_proxy).then_some(target),
+                        sender,
+                    });
+                }
+                strip_hop_by_hop(response.headers_mut());
+                return Ok(response.map(|b| b.boxed()));
+            }
+            Ok(Err(_)) if !fresh && replayable => {
+                // A kept-alive connection the upstream had closed meanwhile: not its fault;
+                // send again on a fresh connection.
+                drop(lease);
+                continue;
+            }
+            Ok(Err(e)) => {
+                GatewayError::new(ErrorKind::UpstreamIo, format!("{}: {e}", lease.upstream()))
+            }
+            Err(_) if probing => GatewayError::new(
+                ErrorKind::UpstreamHandshakeTimeout,
+                format!("{}: no response within {per_try:?}", lease.upstream()),
+            ),
+            Err(_) => GatewayError::new(
                 ErrorKind::TargetTimeout,
-                format!("no response within {timeout:?}"),
-            );
-            lease.report(&Outcome::failed(err.kind));
-            return Err(err);
+                format!("no response within {per_try:?}"),
+            ),
+        };
+        if !(replayable && budget.fail(lease, err)) {
+            return Err(budget.exhausted());
         }
-    };
-    let upstream_status = response.status();
-    let outcome = if to_http_proxy && upstream_status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
-        Outcome::failed(ErrorKind::UpstreamAuth)
-    } else {
-        Outcome {
-            first_byte: Some(t0.elapsed()),
-            ..Outcome::default()
-        }
-    };
-    let id = lease.id();
-    lease.report(&outcome);
-    if outcome.is_success() {
-        let cached_target = (!to_http_proxy).then_some(target);
-        if let Ok(mut slot) = cache.lock() {
-            *slot = Some(Cached {
-                id,
-                target: cached_target,
-                sender,
-            });
-        }
-    } else {
-        return Err(GatewayError::new(
-            ErrorKind::UpstreamAuth,
-            "upstream rejected our credentials (407)",
-        ));
     }
-    strip_hop_by_hop(response.headers_mut());
-    Ok(response.map(|b| b.boxed()))
 }
 
-/// The kept upstream connection if it fits this request, or a new one.
+/// The kept upstream connection if it fits this request, or a new one from the budget.
+/// Returns the sender, its lease, whether it goes to an HTTP proxy, and whether it is fresh.
 async fn upstream_sender(
     gw: &Gateway,
     cache: &Cache,
     target: &Target,
-) -> Result<(SendRequest<Incoming>, proxygate_pool::Lease, bool), GatewayError> {
+    budget: &mut Budget,
+) -> Result<(SendRequest<Body>, Lease, bool, bool), GatewayError> {
     let cached = cache.lock().ok().and_then(|mut slot| slot.take());
     if let Some(mut c) = cached
         && c.target.as_ref().is_none_or(|t| t == target)
@@ -312,22 +338,22 @@ async fn upstream_sender(
         && let Some(lease) = gw.dialer().pool().lease(c.id)
     {
         let to_http_proxy = c.target.is_none();
-        return Ok((c.sender, lease, to_http_proxy));
+        return Ok((c.sender, lease, to_http_proxy, false));
     }
-    let est = gw.dialer().dial(target, Purpose::Forward).await?;
-    let sender = client_handshake(est.io).await.inspect_err(|e| {
-        tracing::debug!(error = %e, "upstream http handshake failed");
-    });
-    match sender {
-        Ok(s) => Ok((s, est.lease, est.to_http_proxy)),
-        Err(e) => {
-            est.lease.report(&Outcome::failed(e.kind));
-            Err(e)
+    loop {
+        let est = gw.dialer().dial_within(target, Purpose::Forward, budget).await?;
+        match client_handshake(est.io).await {
+            Ok(sender) => return Ok((sender, est.lease, est.to_http_proxy, true)),
+            Err(e) => {
+                if !budget.fail(est.lease, e) {
+                    return Err(budget.exhausted());
+                }
+            }
         }
     }
 }
 
-async fn client_handshake(io: BoxedIo) -> Result<SendRequest<Incoming>, GatewayError> {
+async fn client_handshake(io: BoxedIo) -> Result<SendRequest<Body>, GatewayError> {
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(io))
         .await

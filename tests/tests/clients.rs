@@ -1,0 +1,184 @@
+//! A Rust client (reqwest) through the gateway: absolute-form with sized and chunked bodies
+//! and keep-alive, CONNECT to an HTTPS origin, SOCKS5; header hygiene; IPv6 CONNECT targets.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failed step must fail the test loudly"
+)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use proxygate_tests::curl::curl;
+use proxygate_tests::fakes::{FakeUpstream, Kind};
+use proxygate_tests::gateway::Gateway;
+use proxygate_tests::origin::Origin;
+use proxygate_tests::tls::TestPki;
+
+fn client(proxy: &str, pki: Option<&TestPki>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(proxy).unwrap())
+        .timeout(Duration::from_secs(20));
+    if let Some(pki) = pki {
+        b = b.add_root_certificate(reqwest::Certificate::from_der(&pki.ca_der).unwrap());
+    }
+    b.build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reqwest_bodies_and_keep_alive_through_http_upstream() {
+    let origin = Origin::start().await;
+    let fake = FakeUpstream::start(Kind::Http, Some(("u", "p"))).await;
+    let gw = Gateway::builder().upstream(fake.url("http")).start().await;
+    let c = client(&gw.http_proxy(), None);
+
+    // A sized body.
+    let sized = vec![b'x'; 200_000];
+    let r = c
+        .post(format!("{}/sized", origin.url()))
+        .body(sized.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-peer"], fake.egress.to_string());
+    assert_eq!(r.headers()["x-body-len"], "200000");
+    assert_eq!(r.bytes().await.unwrap().len(), 200_000);
+
+    // A chunked body (unknown length).
+    let chunks: Vec<Result<Bytes, std::io::Error>> =
+        (0..50).map(|i| Ok(Bytes::from(vec![b'a' + (i % 26) as u8; 1000]))).collect();
+    let r = c
+        .put(format!("{}/chunked", origin.url()))
+        .body(reqwest::Body::wrap_stream(futures_stream(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-method"], "PUT");
+    assert_eq!(r.headers()["x-body-len"], "50000");
+
+    // Keep-alive: more requests on the same client connection reuse the gateway's upstream
+    // connection.
+    for i in 0..5 {
+        let r = c
+            .get(format!("{}/ka/{i}", origin.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-target"], format!("{}/ka/{i}", origin.url()));
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(fake.connections(), 1, "upstream connection not reused");
+    assert_eq!(fake.seen().auth, vec![Some(("u".into(), "p".into()))]);
+}
+
+fn futures_stream(
+    items: Vec<Result<Bytes, std::io::Error>>,
+) -> impl futures_core::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    struct Iter(std::vec::IntoIter<Result<Bytes, std::io::Error>>);
+    impl futures_core::Stream for Iter {
+        type Item = Result<Bytes, std::io::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready(self.0.next())
+        }
+    }
+    Iter(items.into_iter())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reqwest_connect_to_https_origin_and_socks5() {
+    let pki = TestPki::new();
+    let origin = Origin::start_on("127.0.0.1:0".parse().unwrap(), Some(pki.acceptor())).await;
+    let fake = FakeUpstream::start(Kind::Socks5, Some(("s5", "pw"))).await;
+    let gw = Gateway::builder().upstream(fake.url("socks5h")).start().await;
+    let url = format!("https://localhost:{}/secure", origin.addr.port());
+
+    // https:// through an HTTP proxy: reqwest sends CONNECT.
+    let r = client(&gw.http_proxy(), Some(&pki))
+        .get(&url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-peer"], fake.egress.to_string());
+
+    // The same through the SOCKS5 front end, names resolved by the upstream.
+    let r = client(&format!("socks5h://{}", gw.addr), Some(&pki))
+        .get(&url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-peer"], fake.egress.to_string());
+    let seen = fake.seen();
+    let want = format!("socks5 domain localhost:{}", origin.addr.port());
+    assert_eq!(seen.requests, vec![want.clone(), want]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_removed_and_host_rebuilt() {
+    let origin = Origin::start().await;
+    let fake = FakeUpstream::start(Kind::Socks5, None).await;
+    let gw = Gateway::builder().upstream(fake.url("socks5")).start().await;
+    let url = format!("{}/h", origin.url());
+    let r = curl(&[
+        "-x",
+        &gw.http_proxy(),
+        "-U",
+        "alice:secret",
+        "-H",
+        "Connection: keep-alive, X-Hop",
+        "-H",
+        "X-Hop: 1",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "TE: trailers",
+        "-H",
+        "X-Keep: 1",
+        "-H",
+        "Host: evil.example",
+        &url,
+    ])
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let names = r.header("x-header-names");
+    for gone in ["proxy-authorization", "proxy-connection", "x-hop", "keep-alive", "te"] {
+        assert!(
+            !names.split(',').any(|n| n == gone),
+            "{gone} reached the origin: {names}"
+        );
+    }
+    assert!(names.split(',').any(|n| n == "x-keep"), "{names}");
+    assert_eq!(r.header("x-host"), origin.addr.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_ipv6_literal() {
+    let Ok(probe) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("skipped: this machine has no IPv6 loopback");
+        return;
+    };
+    drop(probe);
+    let origin = Origin::start_on("[::1]:0".parse().unwrap(), None).await;
+    let fake = FakeUpstream::start(Kind::Http, None).await;
+    let gw = Gateway::builder().upstream(fake.url("http")).start().await;
+    let url = format!("http://[::1]:{}/v6", origin.addr.port());
+    let r = curl(&["-p", "-x", &gw.http_proxy(), &url]).await;
+    assert_eq!(r.status, 200, "{r:?}\n{}", gw.logs());
+    assert_eq!(r.header("x-peer"), "::1");
+    assert_eq!(
+        fake.seen().requests,
+        vec![format!("CONNECT [::1]:{}", origin.addr.port())]
+    );
+    // And through the SOCKS5 front end with an IPv6 address type.
+    let r = curl(&["--socks5", &gw.addr.to_string(), &url]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+}
