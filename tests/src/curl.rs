@@ -57,7 +57,9 @@ pub async fn curl(args: &[&str]) -> CurlResponse {
         .collect();
     // A refused CONNECT leaves http_code at 0; the proxy's answer is in http_connect.
     let codes = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut codes = codes.split_whitespace().map(|c| c.parse::<u16>().unwrap_or(0));
+    let mut codes = codes
+        .split_whitespace()
+        .map(|c| c.parse::<u16>().unwrap_or(0));
     let (code, connect) = (codes.next().unwrap_or(0), codes.next().unwrap_or(0));
     let status = if code == 0 { connect } else { code };
     CurlResponse {

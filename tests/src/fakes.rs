@@ -195,7 +195,9 @@ async fn http_proxy<S: AsyncRead + AsyncWrite + Unpin>(ctx: Ctx, mut s: S) {
         })
         .and_then(|v| {
             let token = v.strip_prefix("Basic ")?;
-            let raw = base64::engine::general_purpose::STANDARD.decode(token).ok()?;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(token)
+                .ok()?;
             let raw = String::from_utf8(raw).ok()?;
             let (u, p) = raw.split_once(':')?;
             Some((u.to_owned(), p.to_owned()))
@@ -225,11 +227,16 @@ async fn http_proxy<S: AsyncRead + AsyncWrite + Unpin>(ctx: Ctx, mut s: S) {
         return;
     };
     let Some(mut out) = ctx.dial(host, port.parse().unwrap_or(0)).await else {
-        let _ = s.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n").await;
+        let _ = s
+            .write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            .await;
         return;
     };
     if method == "CONNECT" {
-        if s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.is_err() {
+        if s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await
+            .is_err()
+        {
             return;
         }
     } else {

@@ -83,7 +83,10 @@ impl Drop for Origin {
     }
 }
 
-async fn echo(req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn echo(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().to_string();
     let target = req.uri().to_string();
     let host = req
@@ -91,7 +94,11 @@ async fn echo(req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Full<
         .get("host")
         .map(|v| v.to_str().unwrap_or("?").to_owned())
         .unwrap_or_else(|| "absent".into());
-    let names: Vec<String> = req.headers().keys().map(|k| k.as_str().to_owned()).collect();
+    let names: Vec<String> = req
+        .headers()
+        .keys()
+        .map(|k| k.as_str().to_owned())
+        .collect();
     let body = req
         .into_body()
         .collect()

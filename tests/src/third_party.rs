@@ -54,7 +54,7 @@ impl ThirdParty {
             format!(
                 "Port {port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 200\n\
                  BasicAuth {user} {pass}\nAllow 127.0.0.1\nLogLevel Warning\n\
-                 ConnectPort 0\nDisableViaHeader Yes\n"
+                 DisableViaHeader Yes\n"
             ),
         )
         .unwrap();
@@ -82,7 +82,16 @@ impl ThirdParty {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port().await;
         let child = Command::new(bin)
-            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-u", user, "-P", pass])
+            .args([
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-u",
+                user,
+                "-P",
+                pass,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)

@@ -48,8 +48,9 @@ async fn reqwest_bodies_and_keep_alive_through_http_upstream() {
     assert_eq!(r.bytes().await.unwrap().len(), 200_000);
 
     // A chunked body (unknown length).
-    let chunks: Vec<Result<Bytes, std::io::Error>> =
-        (0..50).map(|i| Ok(Bytes::from(vec![b'a' + (i % 26) as u8; 1000]))).collect();
+    let chunks: Vec<Result<Bytes, std::io::Error>> = (0..50)
+        .map(|i| Ok(Bytes::from(vec![b'a' + (i % 26) as u8; 1000])))
+        .collect();
     let r = c
         .put(format!("{}/chunked", origin.url()))
         .body(reqwest::Body::wrap_stream(futures_stream(chunks)))
@@ -97,7 +98,10 @@ async fn reqwest_connect_to_https_origin_and_socks5() {
     let pki = TestPki::new();
     let origin = Origin::start_on("127.0.0.1:0".parse().unwrap(), Some(pki.acceptor())).await;
     let fake = FakeUpstream::start(Kind::Socks5, Some(("s5", "pw"))).await;
-    let gw = Gateway::builder().upstream(fake.url("socks5h")).start().await;
+    let gw = Gateway::builder()
+        .upstream(fake.url("socks5h"))
+        .start()
+        .await;
     let url = format!("https://localhost:{}/secure", origin.addr.port());
 
     // https:// through an HTTP proxy: reqwest sends CONNECT.
@@ -126,7 +130,10 @@ async fn reqwest_connect_to_https_origin_and_socks5() {
 async fn hop_by_hop_headers_are_removed_and_host_rebuilt() {
     let origin = Origin::start().await;
     let fake = FakeUpstream::start(Kind::Socks5, None).await;
-    let gw = Gateway::builder().upstream(fake.url("socks5")).start().await;
+    let gw = Gateway::builder()
+        .upstream(fake.url("socks5"))
+        .start()
+        .await;
     let url = format!("{}/h", origin.url());
     let r = curl(&[
         "-x",
@@ -150,7 +157,13 @@ async fn hop_by_hop_headers_are_removed_and_host_rebuilt() {
     .await;
     assert_eq!(r.status, 200, "{r:?}");
     let names = r.header("x-header-names");
-    for gone in ["proxy-authorization", "proxy-connection", "x-hop", "keep-alive", "te"] {
+    for gone in [
+        "proxy-authorization",
+        "proxy-connection",
+        "x-hop",
+        "keep-alive",
+        "te",
+    ] {
         assert!(
             !names.split(',').any(|n| n == gone),
             "{gone} reached the origin: {names}"

@@ -71,7 +71,12 @@ async fn check_scheme(scheme: &str) {
     // Absolute-form through the HTTP front end.
     let url = format!("http://127.0.0.1:{port}/abs?q=1");
     let r = curl(&["-x", &proxy, &url]).await;
-    assert_eq!(r.status, 200, "{scheme} absolute-form: {r:?}\n{}", s.gateway.logs());
+    assert_eq!(
+        r.status,
+        200,
+        "{scheme} absolute-form: {r:?}\n{}",
+        s.gateway.logs()
+    );
     assert_eq!(r.header("x-peer"), egress, "{scheme}: not via the upstream");
     assert_eq!(r.header("x-host"), format!("127.0.0.1:{port}"));
     if scheme.starts_with("http") {
@@ -85,14 +90,24 @@ async fn check_scheme(scheme: &str) {
     // CONNECT through the HTTP front end.
     let url = format!("http://127.0.0.1:{port}/tunnel");
     let r = curl(&["-p", "-x", &proxy, &url]).await;
-    assert_eq!(r.status, 200, "{scheme} CONNECT: {r:?}\n{}", s.gateway.logs());
+    assert_eq!(
+        r.status,
+        200,
+        "{scheme} CONNECT: {r:?}\n{}",
+        s.gateway.logs()
+    );
     assert_eq!(r.header("x-peer"), egress);
     assert_eq!(r.header("x-target"), "/tunnel");
 
     // SOCKS5 with a domain (the gateway's client resolves nothing).
     let url = format!("http://localhost:{port}/s5h");
     let r = curl(&["--socks5-hostname", &gw, &url]).await;
-    assert_eq!(r.status, 200, "{scheme} socks5h: {r:?}\n{}", s.gateway.logs());
+    assert_eq!(
+        r.status,
+        200,
+        "{scheme} socks5h: {r:?}\n{}",
+        s.gateway.logs()
+    );
     assert_eq!(r.header("x-peer"), egress);
 
     // SOCKS5 with an IPv4 address.
@@ -125,11 +140,17 @@ async fn check_scheme(scheme: &str) {
     let named = |r: &str| seen.requests.iter().any(|x| x == r);
     match scheme {
         "http" | "https" => {
-            assert!(named(&format!("GET http://127.0.0.1:{port}/abs?q=1")), "{seen:?}");
+            assert!(
+                named(&format!("GET http://127.0.0.1:{port}/abs?q=1")),
+                "{seen:?}"
+            );
             assert!(named(&format!("CONNECT 127.0.0.1:{port}")), "{seen:?}");
             assert!(named(&format!("CONNECT localhost:{port}")), "{seen:?}");
         }
-        "socks5h" => assert!(named(&format!("socks5 domain localhost:{port}")), "{seen:?}"),
+        "socks5h" => assert!(
+            named(&format!("socks5 domain localhost:{port}")),
+            "{seen:?}"
+        ),
         // socks5: the gateway resolves names itself and sends an address.
         "socks5" => {
             assert!(
@@ -147,8 +168,18 @@ async fn check_scheme(scheme: &str) {
     }
     // The client's own Proxy-Authorization (none here) and the upstream's never reach the
     // origin.
-    let r = curl(&["-x", &proxy, "-U", "client:secret", &format!("http://127.0.0.1:{port}/")]).await;
-    assert!(!r.header("x-header-names").contains("proxy-authorization"), "{r:?}");
+    let r = curl(&[
+        "-x",
+        &proxy,
+        "-U",
+        "client:secret",
+        &format!("http://127.0.0.1:{port}/"),
+    ])
+    .await;
+    assert!(
+        !r.header("x-header-names").contains("proxy-authorization"),
+        "{r:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,8 +63,16 @@ async fn hundred_requests_all_succeed_through_dead_upstreams() {
         "slowest request took {slowest:?}, over the retry deadline"
     );
     // The dead upstreams really were tried (and are retried once their backoff ends).
-    assert!(hole.accepted() >= 2, "black hole tried {} times", hole.accepted());
-    assert!(gw.logs().contains("upstream_connect_refused"), "{}", gw.logs());
+    assert!(
+        hole.accepted() >= 2,
+        "black hole tried {} times",
+        hole.accepted()
+    );
+    assert!(
+        gw.logs().contains("upstream_connect_refused"),
+        "{}",
+        gw.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

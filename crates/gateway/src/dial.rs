@@ -8,7 +8,7 @@
 //! - `socks5` (names resolved here) / `socks5h` (names sent to the proxy), with RFC 1929
 //!   credentials; `socks4` (IPv4 resolved here) / `socks4a` (names sent), user id = username.
 //!
-//! A non-2xx answer to CONNECT is classified by status: 407 the upstream rejected our
+//! A non-2xx answer to CONNECT is classified by status: 401/407 the upstream rejected our
 //! credentials, 502 the destination was unreachable, 504 it timed out; anything else is the
 //! upstream refusing service. (Implementations disagree on 500/503, so those count as the
 //! upstream's.)
@@ -217,7 +217,9 @@ async fn http_connect(
                 Box::new(Rewind::new(rest, io))
             });
         }
-        407 => ErrorKind::UpstreamAuth,
+        // Some proxies (tinyproxy among them) answer 401 rather than 407; before the tunnel
+        // exists no origin can have said it.
+        401 | 407 => ErrorKind::UpstreamAuth,
         502 => ErrorKind::TargetUnreachable,
         504 => ErrorKind::TargetTimeout,
         _ => ErrorKind::UpstreamRefused,
@@ -387,7 +389,9 @@ impl Budget {
                 format!("{tried} upstreams failed; last: {}", e.detail),
             ),
             Some(e) => e,
-            None if tried == 0 => GatewayError::new(ErrorKind::NoUpstream, "no upstream in the pool"),
+            None if tried == 0 => {
+                GatewayError::new(ErrorKind::NoUpstream, "no upstream in the pool")
+            }
             None => GatewayError::new(ErrorKind::NoUpstream, "no untried upstream left"),
         }
     }

@@ -245,7 +245,10 @@ async fn forward(
             if let Some(c) = &lease.upstream().credentials {
                 let v = basic_value(c.username.expose(), c.password.expose());
                 let v = HeaderValue::from_str(&v).map_err(|_| {
-                    GatewayError::new(ErrorKind::UpstreamAuth, "upstream credentials not encodable")
+                    GatewayError::new(
+                        ErrorKind::UpstreamAuth,
+                        "upstream credentials not encodable",
+                    )
                 })?;
                 headers.insert(header::PROXY_AUTHORIZATION, v);
             }
@@ -341,7 +344,10 @@ async fn upstream_sender(
         return Ok((c.sender, lease, to_http_proxy, false));
     }
     loop {
-        let est = gw.dialer().dial_within(target, Purpose::Forward, budget).await?;
+        let est = gw
+            .dialer()
+            .dial_within(target, Purpose::Forward, budget)
+            .await?;
         match client_handshake(est.io).await {
             Ok(sender) => return Ok((sender, est.lease, est.to_http_proxy, true)),
             Err(e) => {

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what the end-to-end tests need and is
+# missing (curl as a client; tinyproxy and microsocks as real upstreams, from Debian), builds
+# the gateway binary the tests run, then runs every test of the workspace.
+# Extra arguments go to `cargo test` (e.g. tests/run.sh -p proxygate-tests --test failover).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v curl >/dev/null 2>&1 || need+=(curl)
+[ -x /usr/bin/tinyproxy ] || [ -x /usr/sbin/tinyproxy ] || need+=(tinyproxy)
+[ -x /usr/bin/microsocks ] || need+=(microsocks)
+if [ "${#need[@]}" -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "tests/run.sh: installing ${need[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+cargo build --locked -p proxygate --bin proxygate
+exec cargo test --locked --workspace "$@"
