@@ -334,14 +334,19 @@ async fn upstream_sender(
     budget: &mut Budget,
 ) -> Result<(SendRequest<Body>, Lease, bool, bool), GatewayError> {
     let cached = cache.lock().ok().and_then(|mut slot| slot.take());
-    if let Some(mut c) = cached
-        && c.target.as_ref().is_none_or(|t| t == target)
-        && !c.sender.is_closed()
-        && c.sender.ready().await.is_ok()
-        && let Some(lease) = gw.dialer().pool().lease(c.id)
-    {
-        let to_http_proxy = c.target.is_none();
-        return Ok((c.sender, lease, to_http_proxy, false));
+    if let Some(mut c) = cached {
+        let fits = c.target.as_ref().is_none_or(|t| t == target);
+        if fits && c.sender.ready().await.is_ok() {
+            if let Some(lease) = gw.dialer().pool().lease(c.id) {
+                let to_http_proxy = c.target.is_none();
+                return Ok((c.sender, lease, to_http_proxy, false));
+            }
+        }
+        tracing::debug!(
+            fits,
+            closed = c.sender.is_closed(),
+            "kept upstream connection not reused"
+        );
     }
     loop {
         let est = gw

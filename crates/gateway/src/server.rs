@@ -112,6 +112,7 @@ impl Gateway {
     /// Serves one accepted client connection.
     pub async fn serve_connection(self, stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
+        tracing::trace!(%peer, "accepted");
         if !self.0.auth.is_allowed(peer.ip()) {
             tracing::info!(%peer, "client not in server.allow; closed");
             return;
