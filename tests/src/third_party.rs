@@ -45,6 +45,10 @@ async fn wait_listening(addr: SocketAddr) {
 impl ThirdParty {
     /// tinyproxy requiring Basic credentials `user:pass`.
     pub async fn tinyproxy(user: &str, pass: &str) -> ThirdParty {
+        Self::tinyproxy_conf(&format!("BasicAuth {user} {pass}\n")).await
+    }
+
+    async fn tinyproxy_conf(extra: &str) -> ThirdParty {
         let bin = require("tinyproxy");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port().await;
@@ -53,8 +57,7 @@ impl ThirdParty {
             &conf,
             format!(
                 "Port {port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 200\n\
-                 BasicAuth {user} {pass}\nAllow 127.0.0.1\nLogLevel Warning\n\
-                 DisableViaHeader Yes\n"
+                 {extra}Allow 127.0.0.1\nLogLevel Warning\nDisableViaHeader Yes\n"
             ),
         )
         .unwrap();
@@ -74,6 +77,11 @@ impl ThirdParty {
             _child: child,
             _dir: dir,
         }
+    }
+
+    /// tinyproxy without authentication (for the load harness).
+    pub async fn tinyproxy_open() -> ThirdParty {
+        Self::tinyproxy_conf("").await
     }
 
     /// microsocks requiring `user:pass`.

@@ -336,11 +336,12 @@ async fn upstream_sender(
     let cached = cache.lock().ok().and_then(|mut slot| slot.take());
     if let Some(mut c) = cached {
         let fits = c.target.as_ref().is_none_or(|t| t == target);
-        if fits && c.sender.ready().await.is_ok() {
-            if let Some(lease) = gw.dialer().pool().lease(c.id) {
-                let to_http_proxy = c.target.is_none();
-                return Ok((c.sender, lease, to_http_proxy, false));
-            }
+        if fits
+            && c.sender.ready().await.is_ok()
+            && let Some(lease) = gw.dialer().pool().lease(c.id)
+        {
+            let to_http_proxy = c.target.is_none();
+            return Ok((c.sender, lease, to_http_proxy, false));
         }
         tracing::debug!(
             fits,
