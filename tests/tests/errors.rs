@@ -201,6 +201,23 @@ async fn failures_are_typed_for_every_protocol() {
         "{r:?}"
     );
 
+    // A black-holed upstream: 504 / SOCKS5 0x06 (TTL expired, the conventional timeout).
+    let hole = proxygate_tests::fakes::Blackhole::start().await;
+    let gw = Gateway::builder()
+        .config("[dial]\nhandshake_timeout = \"300ms\"")
+        .upstream(format!("socks5://{}", hole.addr))
+        .start()
+        .await;
+    let r = curl(&["-p", "-x", &gw.http_proxy(), "http://127.0.0.1:9/"]).await;
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        r.header("proxy-status")
+            .contains("error=connection_read_timeout"),
+        "{r:?}"
+    );
+    let out = exchange(gw.addr, &[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 80], true).await;
+    assert_eq!(out[..4], [5, 0, 5, 6]);
+
     // A working upstream whose destination refuses: 502, SOCKS5 0x05, and not retried.
     let fake = FakeUpstream::start(Kind::Socks5, None).await;
     let gw = Gateway::builder()
