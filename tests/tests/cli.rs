@@ -81,6 +81,7 @@ async fn run_refuses_an_open_proxy_and_bad_upstreams() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scheme"));
 
     let out = cli(&["run", "--listen", "127.0.0.1:0", "--strategy", "psychic"]).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("weighted_random"));
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--strategy"));
 
@@ -119,9 +120,16 @@ async fn upstreams_file_and_embedded_defaults() {
         ),
     )
     .unwrap();
-    // No --config: the embedded defaults.
+    // No --config: the embedded defaults (but round robin, to see both upstreams for sure).
     let mut child = tokio::process::Command::new(binary())
-        .args(["run", "--listen", "127.0.0.1:0", "--upstreams-file"])
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--strategy",
+            "round_robin",
+        ])
+        .arg("--upstreams-file")
         .arg(&list)
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -1,38 +1,65 @@
-//! Live health of one upstream, and the passive backoff policy.
+//! Live stats of one upstream and the health policy around them.
 //!
-//! Every attempt reports its outcome. A failure that is the upstream's fault raises the
-//! consecutive-failure count and puts the upstream in backoff for `base * 2^(n-1)`, capped at
-//! `max`; a success clears both. Selection skips upstreams in backoff while any other is
-//! available. The numbers live in atomics: the hot path never takes a lock.
+//! Every attempt reports its outcome. Successes and failures that are the upstream's fault
+//! move exponential moving averages of success (0.0-1.0) and response time (connect plus
+//! upstream handshake, in ms), the consecutive-failure count and the use count; the reputation
+//! is recomputed from them at once ([`crate::reputation`]). Failures that are not the
+//! upstream's fault (the client went away, the destination refused) change nothing.
+//!
+//! An upstream is *healthy* while its reputation is at least `healthy_reputation` and its
+//! consecutive failures are under `max_consecutive_failures`. One that stops being healthy is
+//! deactivated for a full-jitter exponential backoff (`backoff_base` doubling per further
+//! failure up to `backoff_max`), then comes back on *probation*: at most one request in flight
+//! until one succeeds. New upstreams start on probation too, so a burst cannot pile onto a dead
+//! proxy. All numbers are atomics: reporting and selection never take a lock.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use proxygate_core::{Outcome, Side};
 
-pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(2);
-pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(300);
+use crate::reputation::{Inputs, ReputationConfig, reputation};
 
-/// Passive health policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(30);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(600);
+pub const DEFAULT_HEALTHY_REPUTATION: u8 = 30;
+pub const DEFAULT_MAX_CONSECUTIVE_FAILURES: u32 = 3;
+pub const DEFAULT_EMA_ALPHA: f64 = 0.2;
+
+/// Health policy.
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
-    /// Backoff after the first consecutive failure; doubles with each further one.
+    pub reputation: ReputationConfig,
+    /// Healthy needs at least this reputation...
+    pub healthy_reputation: u8,
+    /// ...and fewer consecutive failures than this.
+    pub max_consecutive_failures: u32,
+    /// Backoff ceiling after the upstream first turns unhealthy; doubles per further failure.
     pub backoff_base: Duration,
-    /// Longest backoff.
+    /// Largest backoff ceiling.
     pub backoff_max: Duration,
+    /// Weight of the newest sample in the moving averages (0 < alpha <= 1).
+    pub ema_alpha: f64,
 }
 
 impl Default for HealthConfig {
     fn default() -> Self {
         Self {
+            reputation: ReputationConfig::default(),
+            healthy_reputation: DEFAULT_HEALTHY_REPUTATION,
+            max_consecutive_failures: DEFAULT_MAX_CONSECUTIVE_FAILURES,
             backoff_base: DEFAULT_BACKOFF_BASE,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            ema_alpha: DEFAULT_EMA_ALPHA,
         }
     }
 }
 
+/// "No value yet" for the f32 moving averages.
+const NONE: u32 = u32::MAX;
+
 /// Live stats of one upstream. Times are milliseconds since the pool's epoch.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     consecutive_failures: AtomicU32,
     backoff_until_ms: AtomicU64,
@@ -40,20 +67,84 @@ pub struct Health {
     failures: AtomicU64,
     in_flight: AtomicU32,
     last_used_ms: AtomicU64,
+    /// f32 bits, or `NONE`.
+    success_ema: AtomicU32,
+    /// f32 bits (ms), or `NONE`.
+    response_ema: AtomicU32,
+    reputation: AtomicU8,
+    probation: AtomicBool,
 }
 
-/// The backoff after `consecutive` failures in a row (`consecutive >= 1`).
-pub fn backoff(consecutive: u32, cfg: &HealthConfig) -> Duration {
-    let exp = consecutive.saturating_sub(1).min(30);
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: AtomicU32::new(0),
+            backoff_until_ms: AtomicU64::new(0),
+            successes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            last_used_ms: AtomicU64::new(0),
+            success_ema: AtomicU32::new(NONE),
+            response_ema: AtomicU32::new(NONE),
+            reputation: AtomicU8::new(50),
+            probation: AtomicBool::new(true),
+        }
+    }
+}
+
+/// The backoff ceiling after `n` failures past the health limit (`n >= 1`).
+pub fn backoff_ceiling(n: u32, cfg: &HealthConfig) -> Duration {
+    let exp = n.saturating_sub(1).min(30);
     cfg.backoff_base
         .saturating_mul(1u32 << exp)
         .min(cfg.backoff_max)
 }
 
+/// Full jitter: uniform in `0..=ceiling`, with `unit` a uniform sample of `0.0..1.0`.
+pub fn full_jitter(ceiling: Duration, unit: f64) -> Duration {
+    ceiling.mul_f64(unit.clamp(0.0, 1.0))
+}
+
+fn load_f32(a: &AtomicU32) -> Option<f64> {
+    let bits = a.load(Ordering::Relaxed);
+    (bits != NONE).then(|| f64::from(f32::from_bits(bits)))
+}
+
+/// Moves a moving average toward `sample`. A lost race between two reports drops one sample,
+/// which an average can afford; no lock is taken.
+fn update_ema(a: &AtomicU32, sample: f64, alpha: f64) {
+    let next = match load_f32(a) {
+        None => sample,
+        Some(prev) => prev + alpha * (sample - prev),
+    };
+    a.store((next as f32).to_bits(), Ordering::Relaxed);
+}
+
 impl Health {
-    /// Whether the upstream may be picked at `now_ms` without falling back to panic mode.
-    pub fn is_available(&self, now_ms: u64) -> bool {
+    /// Whether selection may hand this upstream out at `now_ms`: not in backoff, and not on
+    /// probation with a request already in flight.
+    pub fn is_selectable(&self, now_ms: u64) -> bool {
         self.backoff_until_ms.load(Ordering::Relaxed) <= now_ms
+            && (!self.probation.load(Ordering::Relaxed)
+                || self.in_flight.load(Ordering::Relaxed) == 0)
+    }
+
+    /// Healthy: reputation at least the threshold, consecutive failures under the limit.
+    pub fn is_healthy(&self, cfg: &HealthConfig) -> bool {
+        self.reputation() >= cfg.healthy_reputation
+            && self.consecutive_failures() < cfg.max_consecutive_failures
+    }
+
+    pub fn reputation(&self) -> u8 {
+        self.reputation.load(Ordering::Relaxed)
+    }
+
+    pub fn success_rate(&self) -> Option<f64> {
+        load_f32(&self.success_ema)
+    }
+
+    pub fn response_time_ms(&self) -> Option<f64> {
+        load_f32(&self.response_ema)
     }
 
     pub fn backoff_until_ms(&self) -> u64 {
@@ -72,12 +163,21 @@ impl Health {
         self.failures.load(Ordering::Relaxed)
     }
 
+    /// Attempts that said something about the upstream (successes plus its failures).
+    pub fn total_uses(&self) -> u64 {
+        self.successes() + self.failures()
+    }
+
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
 
     pub fn last_used_ms(&self) -> u64 {
         self.last_used_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn is_on_probation(&self) -> bool {
+        self.probation.load(Ordering::Relaxed)
     }
 
     pub(crate) fn acquire(&self, now_ms: u64) {
@@ -89,23 +189,53 @@ impl Health {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Applies one attempt's outcome. Failures that are not the upstream's fault (client went
-    /// away, destination refused) change nothing: they say nothing about this upstream.
-    pub(crate) fn record(&self, outcome: &Outcome, now_ms: u64, cfg: &HealthConfig) {
+    fn inputs(&self) -> Inputs {
+        Inputs {
+            success_rate: self.success_rate(),
+            response_time_ms: self.response_time_ms(),
+            consecutive_failures: self.consecutive_failures(),
+            total_uses: self.total_uses(),
+        }
+    }
+
+    /// Applies one attempt's outcome at `now_ms`; `jitter` is a uniform sample of `0.0..1.0`.
+    pub(crate) fn record(&self, outcome: &Outcome, now_ms: u64, cfg: &HealthConfig, jitter: f64) {
         match outcome.error {
             None => {
                 self.successes.fetch_add(1, Ordering::Relaxed);
                 self.consecutive_failures.store(0, Ordering::Relaxed);
                 self.backoff_until_ms.store(0, Ordering::Relaxed);
+                self.probation.store(false, Ordering::Relaxed);
+                update_ema(&self.success_ema, 1.0, cfg.ema_alpha);
+                let rt = outcome
+                    .connect
+                    .unwrap_or_default()
+                    .saturating_add(outcome.handshake.or(outcome.first_byte).unwrap_or_default());
+                if outcome.connect.is_some() || outcome.first_byte.is_some() {
+                    update_ema(&self.response_ema, rt.as_secs_f64() * 1000.0, cfg.ema_alpha);
+                }
             }
             Some(kind) if kind.side() == Side::Upstream => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
-                let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                let wait = u64::try_from(backoff(n, cfg).as_millis()).unwrap_or(u64::MAX);
-                self.backoff_until_ms
-                    .store(now_ms.saturating_add(wait), Ordering::Relaxed);
+                self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+                update_ema(&self.success_ema, 0.0, cfg.ema_alpha);
             }
-            Some(_) => {}
+            Some(_) => return,
+        }
+        let rep = reputation(&self.inputs(), &cfg.reputation);
+        self.reputation.store(rep, Ordering::Relaxed);
+        if outcome.error.is_some() && !self.is_healthy(cfg) {
+            // Deactivate; the first failure past the limit waits up to backoff_base, each
+            // further one twice as long.
+            let past = self
+                .consecutive_failures()
+                .saturating_sub(cfg.max_consecutive_failures)
+                + 1;
+            let wait = full_jitter(backoff_ceiling(past, cfg), jitter);
+            let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+            self.backoff_until_ms
+                .store(now_ms.saturating_add(wait_ms), Ordering::Relaxed);
+            self.probation.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -116,39 +246,73 @@ mod tests {
     use proptest::prelude::*;
     use proxygate_core::ErrorKind;
 
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let cfg = HealthConfig::default();
-        assert_eq!(backoff(1, &cfg), Duration::from_secs(2));
-        assert_eq!(backoff(2, &cfg), Duration::from_secs(4));
-        assert_eq!(backoff(3, &cfg), Duration::from_secs(8));
-        assert_eq!(backoff(9, &cfg), Duration::from_secs(300));
-        assert_eq!(backoff(u32::MAX, &cfg), Duration::from_secs(300));
+    fn fail() -> Outcome {
+        Outcome::failed(ErrorKind::UpstreamConnectRefused)
+    }
+
+    fn ok(ms: u64) -> Outcome {
+        Outcome {
+            connect: Some(Duration::from_millis(ms)),
+            handshake: Some(Duration::ZERO),
+            ..Outcome::default()
+        }
     }
 
     #[test]
-    fn upstream_failure_backs_off_and_success_clears() {
+    fn backoff_doubles_and_caps() {
+        let cfg = HealthConfig::default();
+        assert_eq!(backoff_ceiling(1, &cfg), Duration::from_secs(30));
+        assert_eq!(backoff_ceiling(2, &cfg), Duration::from_secs(60));
+        assert_eq!(backoff_ceiling(5, &cfg), Duration::from_secs(480));
+        assert_eq!(backoff_ceiling(6, &cfg), Duration::from_secs(600));
+        assert_eq!(backoff_ceiling(u32::MAX, &cfg), Duration::from_secs(600));
+        assert_eq!(
+            full_jitter(Duration::from_secs(10), 0.5),
+            Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn new_upstream_is_on_probation_until_a_success() {
         let cfg = HealthConfig::default();
         let h = Health::default();
-        assert!(h.is_available(0));
-        h.record(
-            &Outcome::failed(ErrorKind::UpstreamConnectRefused),
-            1000,
-            &cfg,
+        assert_eq!(h.reputation(), 50);
+        assert!(h.is_selectable(0));
+        h.acquire(0);
+        assert!(
+            !h.is_selectable(0),
+            "probation allows one request in flight"
         );
-        assert!(!h.is_available(2999));
-        assert!(h.is_available(3000));
-        h.record(
-            &Outcome::failed(ErrorKind::UpstreamConnectRefused),
-            3000,
-            &cfg,
+        h.record(&ok(100), 1, &cfg, 0.5);
+        assert!(h.is_selectable(1), "a success ends probation");
+        assert!(h.is_healthy(&cfg));
+        // 50 + 30 (success) + 15 (fast) + 0 (uses)
+        assert_eq!(h.reputation(), 95);
+    }
+
+    #[test]
+    fn dead_upstream_backs_off_then_recovers() {
+        let cfg = HealthConfig::default();
+        let h = Health::default();
+        h.record(&ok(100), 0, &cfg, 1.0);
+        h.record(&fail(), 10, &cfg, 1.0);
+        h.record(&fail(), 20, &cfg, 1.0);
+        assert!(h.is_selectable(20), "two failures: still healthy");
+        h.record(&fail(), 30, &cfg, 1.0);
+        assert!(!h.is_healthy(&cfg));
+        assert!(!h.is_selectable(30));
+        assert!(!h.is_selectable(30 + 29_999));
+        assert!(
+            h.is_selectable(30 + 30_000),
+            "the jittered wait is at most backoff_base"
         );
-        assert_eq!(h.consecutive_failures(), 2);
-        assert!(!h.is_available(6999));
-        h.record(&Outcome::default(), 7000, &cfg);
-        assert!(h.is_available(7000));
+        assert!(h.is_on_probation());
+        h.record(&fail(), 40_000, &cfg, 1.0);
+        assert_eq!(h.backoff_until_ms(), 40_000 + 60_000, "doubled");
+        h.record(&ok(100), 100_000, &cfg, 1.0);
+        assert!(h.is_selectable(100_000));
+        assert!(!h.is_on_probation());
         assert_eq!(h.consecutive_failures(), 0);
-        assert_eq!((h.successes(), h.failures()), (1, 2));
     }
 
     #[test]
@@ -160,18 +324,42 @@ mod tests {
             ErrorKind::TargetRefused,
             ErrorKind::NoUpstream,
         ] {
-            h.record(&Outcome::failed(kind), 10, &cfg);
+            h.record(&Outcome::failed(kind), 10, &cfg, 0.5);
         }
-        assert!(h.is_available(10));
         assert_eq!(h.failures(), 0);
+        assert_eq!(h.reputation(), 50);
+        assert!(h.success_rate().is_none());
+    }
+
+    #[test]
+    fn moving_averages() {
+        let cfg = HealthConfig::default();
+        let h = Health::default();
+        h.record(&ok(1000), 0, &cfg, 0.5);
+        assert_eq!(h.response_time_ms(), Some(1000.0));
+        h.record(&ok(0), 0, &cfg, 0.5);
+        assert!((h.response_time_ms().unwrap() - 800.0).abs() < 0.01);
+        h.record(&fail(), 0, &cfg, 0.5);
+        assert!((h.success_rate().unwrap() - 0.8).abs() < 0.001);
     }
 
     proptest! {
         #[test]
-        fn backoff_is_monotonic_and_bounded(n in 1u32..200) {
+        fn reputation_stays_in_range_and_failures_never_raise_it(
+            script in proptest::collection::vec(any::<bool>(), 0..60)
+        ) {
             let cfg = HealthConfig::default();
-            prop_assert!(backoff(n, &cfg) <= backoff(n + 1, &cfg));
-            prop_assert!(backoff(n, &cfg) <= cfg.backoff_max);
+            let h = Health::default();
+            for (i, success) in script.iter().enumerate() {
+                let before = h.reputation();
+                if *success {
+                    h.record(&ok(300), i as u64, &cfg, 0.5);
+                } else {
+                    h.record(&fail(), i as u64, &cfg, 0.5);
+                    prop_assert!(h.reputation() <= before);
+                }
+                prop_assert!(h.reputation() <= 100);
+            }
         }
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! - [`snapshot`]: [`Snapshot`], an immutable list of [`Entry`]s (upstream + live [`Health`]),
 //!   published through an `ArcSwap` so the hot path only `load()`s it.
-//! - [`health`]: per-upstream live stats in atomics, and the pure backoff policy.
-//! - [`strategy`]: [`Strategy`], the closed set of selection strategies (round robin today; the
-//!   reputation-driven ones plug in here).
+//! - [`reputation`]: the 0-100 reputation formula, pure, every constant configurable.
+//! - [`health`]: per-upstream live stats in atomics (moving averages, failures, uses), the
+//!   healthy/probation/backoff policy.
+//! - [`strategy`]: [`Strategy`], the six selection strategies and their pick algorithms.
 //! - [`pool`]: [`Pool`] with its [`PoolReader`] (select, hot path) and [`PoolWriter`] (replace
 //!   the set of upstreams, switch strategy), and the [`Lease`] that reports an attempt's
 //!   [`Outcome`](proxygate_core::Outcome).
@@ -13,10 +14,12 @@
 
 pub mod health;
 pub mod pool;
+pub mod reputation;
 pub mod snapshot;
 pub mod strategy;
 
 pub use health::{Health, HealthConfig};
 pub use pool::{Lease, Pool, PoolReader, PoolWriter};
+pub use reputation::ReputationConfig;
 pub use snapshot::{Entry, Snapshot};
 pub use strategy::{Strategy, UnknownStrategy};

@@ -24,6 +24,10 @@ pub struct Entry {
 pub struct Snapshot {
     entries: Vec<Arc<Entry>>,
     by_id: HashMap<UpstreamId, usize>,
+    /// Indexes into `entries`, best reputation first (as of the last reindex).
+    by_reputation: Vec<u32>,
+    /// Indexes into `entries`, fastest response first, unmeasured last.
+    by_latency: Vec<u32>,
 }
 
 impl Snapshot {
@@ -48,7 +52,45 @@ impl Snapshot {
             snap.by_id.insert(id, snap.entries.len());
             snap.entries.push(entry);
         }
+        snap.reindex();
         snap
+    }
+
+    /// The same entries (and so the same live health), with the orders recomputed from the
+    /// live stats.
+    pub fn reindexed(&self) -> Snapshot {
+        let mut snap = Snapshot {
+            entries: self.entries.clone(),
+            by_id: self.by_id.clone(),
+            by_reputation: Vec::new(),
+            by_latency: Vec::new(),
+        };
+        snap.reindex();
+        snap
+    }
+
+    fn reindex(&mut self) {
+        let n = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
+        let reps: Vec<u8> = self.entries.iter().map(|e| e.health.reputation()).collect();
+        let mut by_rep: Vec<u32> = (0..n).collect();
+        by_rep.sort_by_key(|i| std::cmp::Reverse(reps[*i as usize]));
+        let lat: Vec<f64> = self
+            .entries
+            .iter()
+            .map(|e| crate::strategy::latency_key(e))
+            .collect();
+        let mut by_lat: Vec<u32> = (0..n).collect();
+        by_lat.sort_by(|a, b| lat[*a as usize].total_cmp(&lat[*b as usize]));
+        self.by_reputation = by_rep;
+        self.by_latency = by_lat;
+    }
+
+    pub(crate) fn by_reputation(&self) -> &[u32] {
+        &self.by_reputation
+    }
+
+    pub(crate) fn by_latency(&self) -> &[u32] {
+        &self.by_latency
     }
 
     pub fn entries(&self) -> &[Arc<Entry>] {

@@ -1,35 +1,99 @@
-//! [`Strategy`]: how an upstream is picked. A closed set, chosen by name in config.
+//! [`Strategy`]: how an upstream is picked, a closed set chosen by name, and the pick
+//! algorithms. Every pick skips upstreams that are not selectable (in backoff, or on
+//! probation with a request in flight) and upstreams already tried for this request.
 //!
-//! Only `round_robin` exists today; the reputation-driven strategies (weighted random, best
-//! reputation, fastest response, least recently used, random) join this enum and
-//! [`crate::pool`]'s `pick` with the reputation work.
+//! Cost per pick stays flat as the pool grows:
+//! - `round_robin`: one atomic increment, then a forward scan past unavailable upstreams.
+//! - `random`: uniform probes.
+//! - `weighted_random` (the default): rejection sampling, a uniform probe accepted with
+//!   probability reputation/100, which picks exactly in proportion to reputation in O(1)
+//!   expected probes (100 / mean reputation); small pools are drawn exactly over a prefix sum.
+//! - `least_recently_used`: exact for pools of up to [`EXACT_MAX`] upstreams; beyond, the least
+//!   recently used of [`LRU_SAMPLE`] uniform probes (an approximation that needs no lock or
+//!   global order).
+//! - `best_reputation`, `fastest_response`: exact scans for small pools; beyond, a walk of the
+//!   snapshot's order by reputation / by response time, which the pool's reindexer refreshes
+//!   (every `pool.reindex_interval`) from live stats.
+//!
+//! When every probe misses, a bounded fallback scan from a random start finds any selectable
+//! upstream, so a sparse pool is never mistaken for an empty one.
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use proxygate_core::UpstreamId;
 use serde::Deserialize;
+
+use crate::{Entry, Snapshot};
+
+/// Pools up to this size are picked from exactly, by a full scan.
+pub const EXACT_MAX: usize = 64;
+/// Probes of the approximate least-recently-used pick.
+pub const LRU_SAMPLE: usize = 8;
+/// Uniform probes before the fallback scan.
+const MAX_PROBES: usize = 256;
 
 /// A selection strategy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
-    /// Each upstream in turn.
-    #[default]
     RoundRobin,
+    LeastRecentlyUsed,
+    /// Weight = reputation.
+    #[default]
+    WeightedRandom,
+    BestReputation,
+    FastestResponse,
+    Random,
 }
 
 /// A strategy name that is not one of ours.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown strategy {0:?} (expected one of: round_robin)")]
+#[error(
+    "unknown strategy {0:?} (expected one of: round_robin, least_recently_used, \
+     weighted_random, best_reputation, fastest_response, random)"
+)]
 pub struct UnknownStrategy(pub String);
 
 impl Strategy {
-    pub const ALL: [Strategy; 1] = [Strategy::RoundRobin];
+    pub const ALL: [Strategy; 6] = [
+        Strategy::RoundRobin,
+        Strategy::LeastRecentlyUsed,
+        Strategy::WeightedRandom,
+        Strategy::BestReputation,
+        Strategy::FastestResponse,
+        Strategy::Random,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::RoundRobin => "round_robin",
+            Strategy::LeastRecentlyUsed => "least_recently_used",
+            Strategy::WeightedRandom => "weighted_random",
+            Strategy::BestReputation => "best_reputation",
+            Strategy::FastestResponse => "fastest_response",
+            Strategy::Random => "random",
         }
+    }
+
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Strategy::RoundRobin => 0,
+            Strategy::LeastRecentlyUsed => 1,
+            Strategy::WeightedRandom => 2,
+            Strategy::BestReputation => 3,
+            Strategy::FastestResponse => 4,
+            Strategy::Random => 5,
+        }
+    }
+
+    pub(crate) fn from_code(code: u8) -> Strategy {
+        Strategy::ALL
+            .get(usize::from(code))
+            .copied()
+            .unwrap_or_default()
     }
 }
 
@@ -48,4 +112,133 @@ impl fmt::Display for Strategy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// What a pick needs besides the snapshot.
+pub(crate) struct PickCtx<'a> {
+    pub(crate) exclude: &'a [UpstreamId],
+    pub(crate) now_ms: u64,
+    pub(crate) cursor: &'a AtomicUsize,
+}
+
+impl PickCtx<'_> {
+    fn ok(&self, e: &Entry) -> bool {
+        e.health.is_selectable(self.now_ms) && !self.exclude.contains(&e.id)
+    }
+}
+
+/// The strategy's pick, or `None` when no upstream is selectable.
+pub(crate) fn pick<'a>(
+    strategy: Strategy,
+    snap: &'a Snapshot,
+    ctx: &PickCtx<'_>,
+) -> Option<&'a Arc<Entry>> {
+    let entries = snap.entries();
+    let n = entries.len();
+    if n == 0 {
+        return None;
+    }
+    let found = match strategy {
+        Strategy::RoundRobin => {
+            let start = ctx.cursor.fetch_add(1, Ordering::Relaxed);
+            return (0..n)
+                .map(|i| &entries[start.wrapping_add(i) % n])
+                .find(|e| ctx.ok(e));
+        }
+        Strategy::Random => probe(entries, ctx, |_| true),
+        Strategy::WeightedRandom if n <= EXACT_MAX => weighted_exact(entries, ctx),
+        Strategy::WeightedRandom => probe(entries, ctx, |e| {
+            fastrand::u8(0..100) < e.health.reputation()
+        }),
+        Strategy::LeastRecentlyUsed if n <= EXACT_MAX => entries
+            .iter()
+            .filter(|e| ctx.ok(e))
+            .min_by_key(|e| e.health.last_used_ms()),
+        Strategy::LeastRecentlyUsed => {
+            let mut best: Option<&Arc<Entry>> = None;
+            let mut seen = 0;
+            for _ in 0..MAX_PROBES {
+                let e = &entries[fastrand::usize(0..n)];
+                if !ctx.ok(e) {
+                    continue;
+                }
+                if best.is_none_or(|b| e.health.last_used_ms() < b.health.last_used_ms()) {
+                    best = Some(e);
+                }
+                seen += 1;
+                if seen == LRU_SAMPLE {
+                    break;
+                }
+            }
+            best
+        }
+        Strategy::BestReputation if n <= EXACT_MAX => entries
+            .iter()
+            .filter(|e| ctx.ok(e))
+            .max_by_key(|e| e.health.reputation()),
+        Strategy::BestReputation => walk(snap.by_reputation(), entries, ctx),
+        Strategy::FastestResponse if n <= EXACT_MAX => entries
+            .iter()
+            .filter(|e| ctx.ok(e))
+            .min_by(|a, b| latency_key(a).total_cmp(&latency_key(b))),
+        Strategy::FastestResponse => walk(snap.by_latency(), entries, ctx),
+    };
+    found.or_else(|| fallback(entries, ctx))
+}
+
+/// Response time for ordering; unmeasured upstreams sort last.
+pub(crate) fn latency_key(e: &Entry) -> f64 {
+    e.health.response_time_ms().unwrap_or(f64::INFINITY)
+}
+
+/// Uniform probes; the first selectable one that `accept` takes.
+fn probe<'a>(
+    entries: &'a [Arc<Entry>],
+    ctx: &PickCtx<'_>,
+    mut accept: impl FnMut(&Entry) -> bool,
+) -> Option<&'a Arc<Entry>> {
+    let n = entries.len();
+    (0..MAX_PROBES)
+        .map(|_| &entries[fastrand::usize(0..n)])
+        .find(|e| ctx.ok(e) && accept(e))
+}
+
+/// Exact weighted draw over a small pool. Reputation 0 still gets weight 1 among the
+/// selectable, so a pool of all-zero upstreams is not treated as empty.
+fn weighted_exact<'a>(entries: &'a [Arc<Entry>], ctx: &PickCtx<'_>) -> Option<&'a Arc<Entry>> {
+    let weight = |e: &Entry| u32::from(e.health.reputation()).max(1);
+    let total: u32 = entries
+        .iter()
+        .filter(|e| ctx.ok(e))
+        .map(|e| weight(e))
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut x = fastrand::u32(0..total);
+    for e in entries.iter().filter(|e| ctx.ok(e)) {
+        let w = weight(e);
+        if x < w {
+            return Some(e);
+        }
+        x -= w;
+    }
+    None
+}
+
+/// The first selectable entry in a precomputed order.
+fn walk<'a>(order: &[u32], entries: &'a [Arc<Entry>], ctx: &PickCtx<'_>) -> Option<&'a Arc<Entry>> {
+    order
+        .iter()
+        .filter_map(|i| entries.get(*i as usize))
+        .find(|e| ctx.ok(e))
+}
+
+/// Any selectable entry, scanning from a random start.
+fn fallback<'a>(entries: &'a [Arc<Entry>], ctx: &PickCtx<'_>) -> Option<&'a Arc<Entry>> {
+    let n = entries.len();
+    let start = fastrand::usize(0..n);
+    (0..n)
+        .map(|i| &entries[(start + i) % n])
+        .find(|e| ctx.ok(e))
 }

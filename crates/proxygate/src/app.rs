@@ -7,7 +7,7 @@ use anyhow::Context;
 use proxygate_core::Shutdown;
 use proxygate_gateway::auth::ClientAuth;
 use proxygate_gateway::{Gateway, Server};
-use proxygate_pool::{Pool, Strategy};
+use proxygate_pool::{Pool, PoolWriter, Strategy};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{ConfigErrors, LogFormat, RootConfig};
@@ -110,6 +110,11 @@ async fn serve(cfg: RootConfig, upstreams: Vec<proxygate_core::Upstream>) -> any
     }
 
     let (trigger, shutdown) = Shutdown::new();
+    tokio::spawn(reindexer(
+        writer.clone(),
+        cfg.pool.reindex_interval,
+        shutdown.clone(),
+    ));
     let gateway =
         Gateway::new(cfg.gateway.clone(), auth, reader, shutdown).context("dial.tls_ca_file")?;
     let server = Server::bind(gateway).await?;
@@ -125,6 +130,18 @@ async fn serve(cfg: RootConfig, upstreams: Vec<proxygate_core::Upstream>) -> any
     signals.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Refreshes the pool's orders (by reputation, by response time) from live stats.
+async fn reindexer(writer: PoolWriter, every: std::time::Duration, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => writer.reindex(),
+            () = shutdown.wait() => return,
+        }
+    }
 }
 
 async fn wait_for_signal() {

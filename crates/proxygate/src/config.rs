@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use proxygate_core::Upstream;
 use proxygate_gateway::config::{AuthConfig, DialConfig, Problem, ServerConfig};
-use proxygate_pool::{HealthConfig, Strategy};
+use proxygate_pool::{HealthConfig, ReputationConfig, Strategy};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -37,36 +37,97 @@ pub(crate) struct RootConfig {
     pub(crate) log: LogConfig,
 }
 
-/// `[pool]`: selection and passive health.
+/// `[pool]`: selection, health and reputation.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct PoolConfig {
     pub(crate) strategy: Strategy,
-    /// Backoff of an upstream after its first consecutive failure; doubles with each further
-    /// one.
+    /// Healthy needs at least this reputation (0-100)...
+    pub(crate) healthy_reputation: u8,
+    /// ...and fewer consecutive failures than this.
+    pub(crate) max_consecutive_failures: u32,
+    /// Backoff ceiling of an upstream that turned unhealthy; doubles per further failure
+    /// (full jitter: the wait is uniform below the ceiling).
     #[serde(with = "humantime_serde")]
     pub(crate) backoff_base: Duration,
-    /// Longest backoff.
+    /// Largest backoff ceiling.
     #[serde(with = "humantime_serde")]
     pub(crate) backoff_max: Duration,
+    /// Weight of the newest sample in the success and response-time moving averages.
+    pub(crate) ema_alpha: f64,
+    /// How often the orders used by best_reputation and fastest_response are refreshed.
+    #[serde(with = "humantime_serde")]
+    pub(crate) reindex_interval: Duration,
+    pub(crate) reputation: ReputationSection,
 }
+
+/// `[pool.reputation]`: the formula's constants.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct ReputationSection {
+    pub(crate) base: f64,
+    pub(crate) success_weight: f64,
+    pub(crate) fast_ms: f64,
+    pub(crate) slow_ms: f64,
+    pub(crate) latency_bonus: f64,
+    pub(crate) failure_penalty: f64,
+    pub(crate) uses_per_point: u64,
+    pub(crate) max_uses_bonus: u64,
+}
+
+impl Default for ReputationSection {
+    fn default() -> Self {
+        let r = ReputationConfig::default();
+        Self {
+            base: r.base,
+            success_weight: r.success_weight,
+            fast_ms: r.fast_ms,
+            slow_ms: r.slow_ms,
+            latency_bonus: r.latency_bonus,
+            failure_penalty: r.failure_penalty,
+            uses_per_point: r.uses_per_point,
+            max_uses_bonus: r.max_uses_bonus,
+        }
+    }
+}
+
+pub(crate) const DEFAULT_REINDEX_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Default for PoolConfig {
     fn default() -> Self {
         let h = HealthConfig::default();
         Self {
             strategy: Strategy::default(),
+            healthy_reputation: h.healthy_reputation,
+            max_consecutive_failures: h.max_consecutive_failures,
             backoff_base: h.backoff_base,
             backoff_max: h.backoff_max,
+            ema_alpha: h.ema_alpha,
+            reindex_interval: DEFAULT_REINDEX_INTERVAL,
+            reputation: ReputationSection::default(),
         }
     }
 }
 
 impl PoolConfig {
     pub(crate) fn health(&self) -> HealthConfig {
+        let r = &self.reputation;
         HealthConfig {
+            reputation: ReputationConfig {
+                base: r.base,
+                success_weight: r.success_weight,
+                fast_ms: r.fast_ms,
+                slow_ms: r.slow_ms,
+                latency_bonus: r.latency_bonus,
+                failure_penalty: r.failure_penalty,
+                uses_per_point: r.uses_per_point,
+                max_uses_bonus: r.max_uses_bonus,
+            },
+            healthy_reputation: self.healthy_reputation,
+            max_consecutive_failures: self.max_consecutive_failures,
             backoff_base: self.backoff_base,
             backoff_max: self.backoff_max,
+            ema_alpha: self.ema_alpha,
         }
     }
 }
@@ -206,6 +267,38 @@ impl RootConfig {
             problems.push(Problem::new(
                 "pool.backoff_max",
                 "must be at least pool.backoff_base",
+            ));
+        }
+        let pool = &self.pool;
+        if pool.healthy_reputation > 100 {
+            problems.push(Problem::new("pool.healthy_reputation", "must be 0-100"));
+        }
+        if pool.max_consecutive_failures == 0 {
+            problems.push(Problem::new(
+                "pool.max_consecutive_failures",
+                "must be at least 1",
+            ));
+        }
+        if !(0.0..=1.0).contains(&pool.ema_alpha) || pool.ema_alpha == 0.0 {
+            problems.push(Problem::new("pool.ema_alpha", "must be in (0, 1]"));
+        }
+        if pool.reindex_interval.is_zero() {
+            problems.push(Problem::new(
+                "pool.reindex_interval",
+                "must be longer than 0",
+            ));
+        }
+        let rep = &pool.reputation;
+        if rep.fast_ms.partial_cmp(&rep.slow_ms) != Some(std::cmp::Ordering::Less) {
+            problems.push(Problem::new(
+                "pool.reputation.slow_ms",
+                "must be greater than pool.reputation.fast_ms",
+            ));
+        }
+        if rep.uses_per_point == 0 {
+            problems.push(Problem::new(
+                "pool.reputation.uses_per_point",
+                "must be at least 1",
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
