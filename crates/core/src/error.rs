@@ -33,6 +33,8 @@ pub enum ErrorKind {
     ClientAuth,
     /// The client closed the connection.
     ClientClosed,
+    /// The client's routing hints are invalid (unknown hint, bad value).
+    RouteInvalid,
     /// TCP connect to the upstream was refused or reset.
     UpstreamConnectRefused,
     /// TCP connect to the upstream timed out.
@@ -73,6 +75,7 @@ impl ErrorKind {
             Self::ClientUnsupported => "client_unsupported",
             Self::ClientAuth => "client_auth",
             Self::ClientClosed => "client_closed",
+            Self::RouteInvalid => "route_invalid",
             Self::UpstreamConnectRefused => "upstream_connect_refused",
             Self::UpstreamConnectTimeout => "upstream_connect_timeout",
             Self::UpstreamHandshakeTimeout => "upstream_handshake_timeout",
@@ -98,7 +101,8 @@ impl ErrorKind {
             | Self::ClientTimeout
             | Self::ClientUnsupported
             | Self::ClientAuth
-            | Self::ClientClosed => Side::Client,
+            | Self::ClientClosed
+            | Self::RouteInvalid => Side::Client,
             Self::UpstreamConnectRefused
             | Self::UpstreamConnectTimeout
             | Self::UpstreamHandshakeTimeout

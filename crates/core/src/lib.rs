@@ -9,10 +9,12 @@
 //! - [`error`]: [`ErrorKind`] and [`Side`], the closed set of ways an attempt fails and whose
 //!   fault it was. Only [`Side::Upstream`] failures may cost an upstream its reputation.
 //! - [`outcome`]: [`Outcome`], the measurement of one attempt through one upstream.
+//! - [`route`]: [`Route`], the routing hints a client's username carries.
 //! - [`shutdown`]: [`Shutdown`], the one signal every task selects on.
 
 pub mod error;
 pub mod outcome;
+pub mod route;
 pub mod secret;
 pub mod shutdown;
 pub mod target;
@@ -20,6 +22,7 @@ pub mod upstream;
 
 pub use error::{ErrorKind, Side};
 pub use outcome::Outcome;
+pub use route::{Route, RouteError};
 pub use secret::Secret;
 pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use target::{Host, Target, TargetParseError};

@@ -90,6 +90,9 @@ pub struct Upstream {
     pub host: Host,
     pub port: u16,
     pub credentials: Option<Credentials>,
+    /// Where the proxy exits (ISO 3166-1 alpha-2, upper case), when known: `?country=us` in
+    /// the URL, or from a list source.
+    pub country: Option<String>,
 }
 
 /// A stable identifier of an upstream: derived from scheme, host, port and username (never the
@@ -110,30 +113,36 @@ pub enum UpstreamParseError {
     InvalidHost(String),
     #[error("invalid port {0:?}")]
     InvalidPort(String),
-    #[error("a path, query or fragment is not allowed in an upstream URL")]
+    #[error("a path or fragment is not allowed in an upstream URL")]
     UnexpectedPath,
+    #[error("invalid query {0:?} (only country=<ISO 3166-1 alpha-2 code> is known)")]
+    InvalidQuery(String),
     #[error("userinfo is not valid percent-encoded UTF-8")]
     InvalidUserinfo,
 }
 
 impl Upstream {
-    /// Parses `scheme://[user[:pass]@]host[:port][/]`.
+    /// Parses `scheme://[user[:pass]@]host[:port][/][?country=cc]`.
     pub fn parse(url: &str) -> Result<Upstream, UpstreamParseError> {
         let url = url.trim();
+        let (url, country) = match url.rsplit_once('?') {
+            Some((u, q)) if !q.contains(['@', '/']) => (u, Some(parse_query(q)?)),
+            _ => (url, None),
+        };
         let (scheme, rest) = url
             .split_once("://")
             .ok_or(UpstreamParseError::MissingScheme)?;
         let scheme = Scheme::from_str(scheme)
             .map_err(|()| UpstreamParseError::UnknownScheme(scheme.to_owned()))?;
         let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains(['/', '?', '#']) {
-            return Err(UpstreamParseError::UnexpectedPath);
-        }
         // The password may itself contain '@' when written unencoded: the last '@' ends it.
         let (userinfo, hostport) = match rest.rsplit_once('@') {
             Some((u, h)) => (Some(u), h),
             None => (None, rest),
         };
+        if hostport.contains(['/', '?', '#']) {
+            return Err(UpstreamParseError::UnexpectedPath);
+        }
         let credentials = userinfo.map(parse_userinfo).transpose()?;
         let (host, port) = split_host_port(hostport)?;
         let host = if host.is_empty() {
@@ -152,6 +161,7 @@ impl Upstream {
             host,
             port,
             credentials,
+            country,
         })
     }
 
@@ -206,6 +216,15 @@ impl fmt::Display for UpstreamId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}", self.0)
     }
+}
+
+fn parse_query(q: &str) -> Result<String, UpstreamParseError> {
+    let bad = || UpstreamParseError::InvalidQuery(q.to_owned());
+    let cc = q.strip_prefix("country=").ok_or_else(bad)?;
+    if cc.len() != 2 || !cc.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(bad());
+    }
+    Ok(cc.to_ascii_uppercase())
 }
 
 fn parse_userinfo(userinfo: &str) -> Result<Credentials, UpstreamParseError> {
@@ -289,6 +308,14 @@ mod tests {
                 UpstreamParseError::InvalidPort("99999".into()),
             ),
             ("http://h:80/path", UpstreamParseError::UnexpectedPath),
+            (
+                "http://h:80?colour=red",
+                UpstreamParseError::InvalidQuery("colour=red".into()),
+            ),
+            (
+                "http://h:80?country=usa",
+                UpstreamParseError::InvalidQuery("country=usa".into()),
+            ),
             ("http://u:%ff@h:80", UpstreamParseError::InvalidUserinfo),
         ];
         for (url, want) in cases {
@@ -296,6 +323,21 @@ mod tests {
             assert_eq!(err, want, "{url}");
             assert!(!err.to_string().contains("secret"));
         }
+    }
+
+    #[test]
+    fn country_from_query() {
+        let u = Upstream::parse("socks5://u:p?w@h:1080?country=de").unwrap();
+        assert_eq!(u.country.as_deref(), Some("DE"));
+        assert_eq!(u.credentials.unwrap().password.expose(), "p?w");
+        assert_eq!(
+            Upstream::parse("http://h:1/?country=us")
+                .unwrap()
+                .country
+                .as_deref(),
+            Some("US")
+        );
+        assert_eq!(Upstream::parse("http://h:1").unwrap().country, None);
     }
 
     #[test]

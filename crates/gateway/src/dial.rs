@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use proxygate_core::{ErrorKind, Host, Outcome, Scheme, Target, Upstream, UpstreamId};
-use proxygate_pool::{Lease, PoolReader};
+use proxygate_core::{ErrorKind, Host, Outcome, Route, Scheme, Target, Upstream, UpstreamId};
+use proxygate_pool::{Lease, PoolReader, Strategy};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -349,9 +349,45 @@ fn socks_error(up: &Upstream, target: &Target, e: tokio_socks::Error) -> Gateway
     GatewayError::new(kind, format!("{up}: SOCKS to {target}: {e}"))
 }
 
+/// How a client asked to be routed: its hints, resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routing {
+    pub route: Route,
+    /// `account NUL session`, so two accounts never share a session.
+    pub session_key: Option<String>,
+    pub strategy: Option<Strategy>,
+}
+
+impl Routing {
+    /// Splits a client username into its account and routing; `None` means no hints.
+    pub fn from_username(username: Option<&str>) -> Result<(String, Routing), GatewayError> {
+        let Some(username) = username else {
+            return Ok((String::new(), Routing::default()));
+        };
+        let invalid = |e: String| GatewayError::new(ErrorKind::RouteInvalid, e);
+        let (account, route) = Route::parse(username).map_err(|e| invalid(e.to_string()))?;
+        let strategy = route
+            .strategy
+            .as_deref()
+            .map(str::parse::<Strategy>)
+            .transpose()
+            .map_err(|e| invalid(e.to_string()))?;
+        let session_key = route.session.as_ref().map(|s| format!("{account}\0{s}"));
+        Ok((
+            account.to_owned(),
+            Routing {
+                route,
+                session_key,
+                strategy,
+            },
+        ))
+    }
+}
+
 /// The attempts left for one client request.
 #[derive(Debug)]
 pub struct Budget {
+    routing: Routing,
     tried: Vec<UpstreamId>,
     max_attempts: usize,
     deadline: tokio::time::Instant,
@@ -372,6 +408,10 @@ impl Budget {
         retry
     }
 
+    pub fn routing(&self) -> &Routing {
+        &self.routing
+    }
+
     fn has_time(&self) -> bool {
         tokio::time::Instant::now() < self.deadline
     }
@@ -389,6 +429,10 @@ impl Budget {
                 format!("{tried} upstreams failed; last: {}", e.detail),
             ),
             Some(e) => e,
+            None if tried == 0 && self.routing.route.has_filters() => GatewayError::new(
+                ErrorKind::NoUpstream,
+                format!("no upstream matches {}", self.routing.route),
+            ),
             None if tried == 0 => {
                 GatewayError::new(ErrorKind::NoUpstream, "no upstream in the pool")
             }
@@ -415,9 +459,10 @@ impl Dialer {
 
     /// A fresh retry budget for one client request: `dial.max_attempts` upstreams within
     /// `dial.retry_deadline` from now.
-    pub fn budget(&self) -> Budget {
+    pub fn budget(&self, routing: Routing) -> Budget {
         let cfg = self.connector.config();
         Budget {
+            routing,
             tried: Vec::new(),
             max_attempts: cfg.max_attempts as usize,
             deadline: tokio::time::Instant::now() + cfg.retry_deadline,
@@ -430,8 +475,10 @@ impl Dialer {
         &self,
         target: &Target,
         purpose: Purpose,
+        routing: Routing,
     ) -> Result<Established, GatewayError> {
-        self.dial_within(target, purpose, &mut self.budget()).await
+        self.dial_within(target, purpose, &mut self.budget(routing))
+            .await
     }
 
     /// Connects to `target` through some upstream not yet tried in `budget`, trying another
@@ -444,7 +491,13 @@ impl Dialer {
         budget: &mut Budget,
     ) -> Result<Established, GatewayError> {
         while budget.tried.len() < budget.max_attempts {
-            let Some(lease) = self.pool.select(&budget.tried) else {
+            let r = &budget.routing;
+            let Some(lease) = self.pool.select_route(
+                &r.route,
+                r.session_key.as_deref(),
+                r.strategy,
+                &budget.tried,
+            ) else {
                 break;
             };
             budget.tried.push(lease.id());

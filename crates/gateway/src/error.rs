@@ -37,7 +37,7 @@ impl GatewayError {
             K::ClientHeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             K::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             K::ClientAuth => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            K::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
+            K::NoUpstream | K::RouteInvalid => StatusCode::SERVICE_UNAVAILABLE,
             K::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             k if k.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
@@ -51,7 +51,7 @@ impl GatewayError {
             K::ClientMalformed | K::ClientHeaderTooLarge | K::ClientUnsupported => {
                 "http_request_error"
             }
-            K::ClientTimeout => "http_request_error",
+            K::ClientTimeout | K::RouteInvalid => "http_request_error",
             K::ClientAuth => "http_request_denied",
             K::ClientClosed => "connection_terminated",
             K::UpstreamConnectRefused | K::TargetRefused => "connection_refused",

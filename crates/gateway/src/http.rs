@@ -31,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::GatewayError;
 use crate::auth::{ClientCredentials, basic_value, parse_basic};
-use crate::dial::{Budget, Purpose};
+use crate::dial::{Budget, Purpose, Routing};
 use crate::io::{BoxedIo, Io, Rewind};
 use crate::server::Gateway;
 
@@ -44,6 +44,8 @@ const HYPER_MIN_BUF: usize = 8192;
 /// An upstream connection kept for the next request of the same client connection.
 struct Cached {
     id: UpstreamId,
+    /// The routing it was chosen for; another routing chooses afresh.
+    routing: Routing,
     /// `None` for an HTTP proxy (any target goes over it); the tunnel's target otherwise.
     target: Option<Target>,
     sender: SendRequest<Body>,
@@ -146,16 +148,28 @@ async fn handle(gw: Gateway, cache: Cache, req: Request<Incoming>) -> Response<B
         .headers()
         .get(header::PROXY_AUTHORIZATION)
         .and_then(|v| parse_basic(v.as_bytes()));
-    if !gw.auth().check(creds.as_ref()) {
+    let routing = Routing::from_username(creds.as_ref().map(|c| c.username.as_str()));
+    let (account, routing) = match routing {
+        Ok(r) => r,
+        Err(e) => {
+            log_failure(&e);
+            return error_response(&e);
+        }
+    };
+    let account_creds = creds.map(|c| ClientCredentials {
+        username: account,
+        password: c.password,
+    });
+    if !gw.auth().check(account_creds.as_ref()) {
         return error_response(&GatewayError::new(
             ErrorKind::ClientAuth,
             "proxy authentication required",
         ));
     }
     let result = if req.method() == Method::CONNECT {
-        connect(&gw, req, creds).await
+        connect(&gw, req, routing).await
     } else {
-        forward(&gw, &cache, req).await
+        forward(&gw, &cache, req, routing).await
     };
     result.unwrap_or_else(|e| {
         log_failure(&e);
@@ -173,13 +187,13 @@ fn log_failure(e: &GatewayError) {
 async fn connect(
     gw: &Gateway,
     mut req: Request<Incoming>,
-    _creds: Option<ClientCredentials>,
+    routing: Routing,
 ) -> Result<Response<Body>, GatewayError> {
     let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
     let target = Target::parse_authority(authority).map_err(|e| {
         GatewayError::new(ErrorKind::ClientMalformed, format!("CONNECT target: {e}"))
     })?;
-    let established = gw.dialer().dial(&target, Purpose::Tunnel).await?;
+    let established = gw.dialer().dial(&target, Purpose::Tunnel, routing).await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_gw = gw.clone();
     gw.spawn(async move {
@@ -198,6 +212,7 @@ async fn forward(
     gw: &Gateway,
     cache: &Cache,
     req: Request<Incoming>,
+    routing: Routing,
 ) -> Result<Response<Body>, GatewayError> {
     let uri = req.uri();
     if uri.scheme_str() != Some("http") {
@@ -234,7 +249,7 @@ async fn forward(
     // A request without a body can be sent again through another upstream.
     let replayable = body.is_end_stream();
     let mut body = Some(body);
-    let mut budget = gw.dialer().budget();
+    let mut budget = gw.dialer().budget(routing);
     let dial_cfg = gw.connector_config();
 
     loop {
@@ -294,6 +309,7 @@ async fn forward(
                 if let Ok(mut slot) = cache.lock() {
                     *slot = Some(Cached {
                         id,
+                        routing: budget.routing().clone(),
                         target: (!to_http_proxy).then_some(target),
                         sender,
                     });
@@ -335,7 +351,7 @@ async fn upstream_sender(
 ) -> Result<(SendRequest<Body>, Lease, bool, bool), GatewayError> {
     let cached = cache.lock().ok().and_then(|mut slot| slot.take());
     if let Some(mut c) = cached {
-        let fits = c.target.as_ref().is_none_or(|t| t == target);
+        let fits = c.target.as_ref().is_none_or(|t| t == target) && &c.routing == budget.routing();
         if fits
             && c.sender.ready().await.is_ok()
             && let Some(lease) = gw.dialer().pool().lease(c.id)

@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::GatewayError;
 use crate::auth::ClientCredentials;
-use crate::dial::Purpose;
+use crate::dial::{Purpose, Routing};
 use crate::error::socks5_rep;
 use crate::io::{Io, Rewind};
 use crate::server::Gateway;
@@ -66,7 +66,23 @@ pub async fn serve_socks5<S: Io>(gw: Gateway, stream: S) {
             return;
         }
     };
-    let established = match gw.dialer().dial(&request.target, Purpose::Tunnel).await {
+    let routing =
+        match Routing::from_username(request.credentials.as_ref().map(|c| c.username.as_str())) {
+            Ok((_, r)) => r,
+            Err(e) => {
+                tracing::info!(error = %e, "socks5 request refused");
+                let _ = reader
+                    .get_mut()
+                    .write_all(&socks5_reply(e.socks5_reply()))
+                    .await;
+                return;
+            }
+        };
+    let established = match gw
+        .dialer()
+        .dial(&request.target, Purpose::Tunnel, routing)
+        .await
+    {
         Ok(est) => est,
         Err(e) => {
             tracing::info!(target = %request.target, error = %e, "socks5 connect failed");
@@ -120,7 +136,23 @@ pub async fn serve_socks4<S: Io>(gw: Gateway, stream: S) {
             .await;
         return;
     }
-    let established = match gw.dialer().dial(&request.target, Purpose::Tunnel).await {
+    let routing =
+        match Routing::from_username(request.credentials.as_ref().map(|c| c.username.as_str())) {
+            Ok((_, r)) => r,
+            Err(e) => {
+                tracing::info!(error = %e, "socks4 request refused");
+                let _ = reader
+                    .get_mut()
+                    .write_all(&socks4_reply(SOCKS4_REJECTED))
+                    .await;
+                return;
+            }
+        };
+    let established = match gw
+        .dialer()
+        .dial(&request.target, Purpose::Tunnel, routing)
+        .await
+    {
         Ok(est) => est,
         Err(e) => {
             tracing::info!(target = %request.target, error = %e, "socks4 connect failed");
@@ -181,7 +213,17 @@ async fn socks5_handshake<S: Io>(
     }
     let credentials = if method == USER_PASS {
         let creds = read_rfc1929(r).await?;
-        let ok = gw.auth().check(Some(&creds));
+        // The account is the username up to its routing hints.
+        let account = ClientCredentials {
+            username: creds
+                .username
+                .split('-')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            password: creds.password.clone(),
+        };
+        let ok = gw.auth().check(Some(&account));
         r.get_mut()
             .write_all(&[1, if ok { 0 } else { 1 }])
             .await

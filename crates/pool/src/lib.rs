@@ -5,6 +5,7 @@
 //! - [`reputation`]: the 0-100 reputation formula, pure, every constant configurable.
 //! - [`health`]: per-upstream live stats in atomics (moving averages, failures, uses), the
 //!   healthy/probation/backoff policy.
+//! - [`sessions`]: the sticky-session table (session key -> pinned upstream, with a TTL).
 //! - [`strategy`]: [`Strategy`], the six selection strategies and their pick algorithms.
 //! - [`pool`]: [`Pool`] with its [`PoolReader`] (select, hot path) and [`PoolWriter`] (replace
 //!   the set of upstreams, switch strategy), and the [`Lease`] that reports an attempt's
@@ -15,6 +16,7 @@
 pub mod health;
 pub mod pool;
 pub mod reputation;
+pub mod sessions;
 pub mod snapshot;
 pub mod strategy;
 

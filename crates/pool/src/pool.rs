@@ -8,13 +8,18 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use proxygate_core::{Outcome, Upstream, UpstreamId};
+use proxygate_core::{Outcome, Route, Upstream, UpstreamId};
 
+use crate::sessions::Sessions;
+use crate::snapshot::Shared;
 use crate::strategy::{PickCtx, pick};
 use crate::{Entry, HealthConfig, Snapshot, Strategy};
+
+/// The default sticky-session TTL: 10 minutes.
+pub const DEFAULT_SESSION_TTL_MS: u64 = 600_000;
 
 /// The pool, shared by its reader and writer handles.
 #[derive(Debug)]
@@ -23,8 +28,9 @@ pub struct Pool {
     strategy: AtomicU8,
     cursor: AtomicUsize,
     panic_selections: AtomicU64,
-    epoch: Instant,
-    health: HealthConfig,
+    sessions: Sessions,
+    session_ttl_ms: AtomicU64,
+    shared: Arc<Shared>,
 }
 
 /// The hot-path handle: select upstreams, read the snapshot.
@@ -40,7 +46,6 @@ pub struct PoolWriter(Arc<Pool>);
 #[derive(Debug)]
 pub struct Lease {
     entry: Arc<Entry>,
-    pool: Arc<Pool>,
     panic_mode: bool,
 }
 
@@ -52,14 +57,15 @@ impl Pool {
             strategy: AtomicU8::new(strategy.code()),
             cursor: AtomicUsize::new(0),
             panic_selections: AtomicU64::new(0),
-            epoch: Instant::now(),
-            health,
+            sessions: Sessions::default(),
+            session_ttl_ms: AtomicU64::new(DEFAULT_SESSION_TTL_MS),
+            shared: Arc::new(Shared::new(health)),
         });
         (PoolReader(Arc::clone(&pool)), PoolWriter(pool))
     }
 
     fn millis(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+        self.shared.millis(now)
     }
 }
 
@@ -88,7 +94,6 @@ impl PoolReader {
         entry.health.acquire(now_ms);
         Some(Lease {
             entry: Arc::clone(entry),
-            pool: Arc::clone(pool),
             panic_mode: false,
         })
     }
@@ -101,6 +106,64 @@ impl PoolReader {
 
     /// [`PoolReader::select`] at a given time.
     pub fn select_at(&self, exclude: &[UpstreamId], now: Instant) -> Option<Lease> {
+        self.select_with(&Route::default(), None, exclude, now)
+    }
+
+    /// Picks an upstream that satisfies the route's filters (country, type, minimum
+    /// reputation) and is not in `exclude`, with `strategy` or else the pool's. With a
+    /// session key, the session's pinned upstream is kept while it is selectable and fits;
+    /// otherwise the pick is pinned for the route's TTL or the pool's session TTL. `None` when
+    /// no upstream fits at all.
+    pub fn select_route(
+        &self,
+        route: &Route,
+        session_key: Option<&str>,
+        strategy: Option<Strategy>,
+        exclude: &[UpstreamId],
+    ) -> Option<Lease> {
+        let now = Instant::now();
+        let Some(key) = session_key else {
+            return self.select_with(route, strategy, exclude, now);
+        };
+        let pool = &self.0;
+        let now_ms = pool.millis(now);
+        if let Some(id) = pool.sessions.get(key, now_ms)
+            && !exclude.contains(&id)
+        {
+            let snap = pool.snapshot.load();
+            if let Some(entry) = snap
+                .get(id)
+                .filter(|e| e.health.is_selectable(now_ms) && fits(route, e))
+            {
+                entry.health.acquire(now_ms);
+                return Some(Lease {
+                    entry: Arc::clone(entry),
+                    panic_mode: false,
+                });
+            }
+        }
+        let lease = self.select_with(route, strategy, exclude, now)?;
+        let ttl = route.ttl.map_or_else(
+            || pool.session_ttl_ms.load(Ordering::Relaxed),
+            |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX),
+        );
+        pool.sessions
+            .pin(key, lease.id(), now_ms.saturating_add(ttl), now_ms);
+        Some(lease)
+    }
+
+    /// Live sticky sessions.
+    pub fn sessions(&self) -> usize {
+        self.0.sessions.len()
+    }
+
+    fn select_with(
+        &self,
+        route: &Route,
+        strategy: Option<Strategy>,
+        exclude: &[UpstreamId],
+        now: Instant,
+    ) -> Option<Lease> {
         let pool = &self.0;
         let snap = pool.snapshot.load();
         let entries = snap.entries();
@@ -109,11 +172,13 @@ impl PoolReader {
             exclude,
             now_ms,
             cursor: &pool.cursor,
+            route,
         };
-        let (entry, panic_mode) = match pick(self.strategy(), &snap, &ctx) {
+        let strategy = strategy.unwrap_or_else(|| self.strategy());
+        let (entry, panic_mode) = match pick(strategy, &snap, &ctx) {
             Some(e) => (e, false),
             None => {
-                let e = least_bad(entries, exclude)?;
+                let e = least_bad(entries, exclude, route)?;
                 pool.panic_selections.fetch_add(1, Ordering::Relaxed);
                 (e, true)
             }
@@ -121,18 +186,33 @@ impl PoolReader {
         entry.health.acquire(now_ms);
         Some(Lease {
             entry: Arc::clone(entry),
-            pool: Arc::clone(pool),
             panic_mode,
         })
     }
 }
 
+/// Whether an upstream satisfies a route's filters.
+pub(crate) fn fits(route: &Route, e: &Entry) -> bool {
+    route.scheme.is_none_or(|s| s == e.upstream.scheme)
+        && route
+            .country
+            .as_deref()
+            .is_none_or(|c| e.upstream.country.as_deref() == Some(c))
+        && route
+            .min_reputation
+            .is_none_or(|m| e.health.reputation() >= m)
+}
+
 /// Panic mode: the non-excluded entry whose backoff ends first (the better reputation among
 /// equals).
-fn least_bad<'a>(entries: &'a [Arc<Entry>], exclude: &[UpstreamId]) -> Option<&'a Arc<Entry>> {
+fn least_bad<'a>(
+    entries: &'a [Arc<Entry>],
+    exclude: &[UpstreamId],
+    route: &Route,
+) -> Option<&'a Arc<Entry>> {
     entries
         .iter()
-        .filter(|e| !exclude.contains(&e.id))
+        .filter(|e| !exclude.contains(&e.id) && fits(route, e))
         .min_by_key(|e| {
             (
                 e.health.backoff_until_ms(),
@@ -145,7 +225,7 @@ impl PoolWriter {
     /// Replaces the set of upstreams; upstreams that stay keep their health.
     pub fn replace(&self, upstreams: impl IntoIterator<Item = Upstream>) {
         let previous = self.0.snapshot.load();
-        let next = Snapshot::build(upstreams, &previous);
+        let next = Snapshot::build(upstreams, &previous, &self.0.shared);
         self.0.snapshot.store(Arc::new(next));
     }
 
@@ -157,7 +237,13 @@ impl PoolWriter {
     }
 
     pub fn health_config(&self) -> &HealthConfig {
-        &self.0.health
+        &self.0.shared.health
+    }
+
+    /// How long a sticky session keeps its upstream unless the client's `ttl` hint says.
+    pub fn set_session_ttl(&self, ttl: Duration) {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        self.0.session_ttl_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Switches the strategy; selections already made are unaffected.
@@ -191,10 +277,11 @@ impl Lease {
 
     /// [`Lease::report`] at a given time.
     pub fn report_at(self, outcome: &Outcome, now: Instant) {
-        let now_ms = self.pool.millis(now);
+        let shared = &self.entry.shared;
+        let now_ms = shared.millis(now);
         self.entry
             .health
-            .record(outcome, now_ms, &self.pool.health, fastrand::f64());
+            .record(outcome, now_ms, &shared.health, fastrand::f64());
     }
 }
 
@@ -491,6 +578,96 @@ mod tests {
         assert!(r.lease(id).is_none());
         w.replace([Upstream::parse("http://10.9.9.9:1").unwrap()]);
         assert!(r.lease(id).is_none());
+    }
+
+    fn with_meta(urls: &[&str]) -> (PoolReader, PoolWriter) {
+        let (r, w) = Pool::create(Strategy::WeightedRandom, strict());
+        w.replace(urls.iter().map(|u| Upstream::parse(u).unwrap()));
+        (r, w)
+    }
+
+    #[test]
+    fn route_filters_restrict_every_strategy() {
+        let (r, w) = with_meta(&[
+            "http://10.0.0.1:1?country=us",
+            "socks5://10.0.0.2:1?country=us",
+            "socks5://10.0.0.3:1?country=de",
+            "http://10.0.0.4:1",
+        ]);
+        for s in Strategy::ALL {
+            w.set_strategy(s);
+            let route = Route::parse("a-country-us-type-socks5").unwrap().1;
+            for _ in 0..20 {
+                let l = r.select_route(&route, None, None, &[]).unwrap();
+                assert_eq!(l.upstream().host.to_string(), "10.0.0.2", "{s}");
+            }
+            let none = Route::parse("a-country-fr").unwrap().1;
+            assert!(r.select_route(&none, None, None, &[]).is_none(), "{s}");
+            let strict = Route::parse("a-minrep-51").unwrap().1;
+            assert!(
+                r.select_route(&strict, None, None, &[]).is_none(),
+                "{s}: all score 50"
+            );
+        }
+    }
+
+    #[test]
+    fn sessions_stick_and_move_when_their_upstream_dies() {
+        let (r, _w) = with_meta(&[
+            "http://10.0.0.1:1",
+            "http://10.0.0.2:1",
+            "http://10.0.0.3:1",
+        ]);
+        let route = Route::default();
+        let first = r.select_route(&route, Some("alice/s1"), None, &[]).unwrap();
+        let pinned = first.id();
+        first.report(&ok(50));
+        for _ in 0..50 {
+            let l = r.select_route(&route, Some("alice/s1"), None, &[]).unwrap();
+            assert_eq!(l.id(), pinned);
+            l.report(&ok(50));
+        }
+        // Another session spreads independently; the same id under another key is another
+        // session.
+        let others: std::collections::HashSet<_> = (0..30)
+            .map(|i| {
+                r.select_route(&route, Some(&format!("s{i}")), None, &[])
+                    .unwrap()
+                    .id()
+            })
+            .collect();
+        assert!(others.len() > 1);
+        // The pinned upstream fails: the session moves, and stays moved.
+        r.lease(pinned)
+            .unwrap()
+            .report(&Outcome::failed(ErrorKind::UpstreamIo));
+        let moved = r.select_route(&route, Some("alice/s1"), None, &[]).unwrap();
+        assert_ne!(moved.id(), pinned);
+        let moved_id = moved.id();
+        moved.report(&ok(50));
+        for _ in 0..10 {
+            assert_eq!(
+                r.select_route(&route, Some("alice/s1"), None, &[])
+                    .unwrap()
+                    .id(),
+                moved_id
+            );
+        }
+    }
+
+    #[test]
+    fn session_ttl_expires() {
+        let (r, w) = with_meta(&["http://10.0.0.1:1", "http://10.0.0.2:1"]);
+        w.set_session_ttl(Duration::from_millis(1));
+        let route = Route::default();
+        r.select_route(&route, Some("k"), None, &[])
+            .unwrap()
+            .report(&ok(5));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(r.sessions(), 1);
+        r.select_route(&route, Some("k"), None, &[]).unwrap();
+        // The expired pin was dropped and replaced by a fresh one.
+        assert_eq!(r.sessions(), 1);
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use proxygate_core::{Upstream, UpstreamId};
 
-use crate::Health;
+use std::time::Instant;
+
+use crate::{Health, HealthConfig};
 
 /// One upstream and its live health.
 #[derive(Debug)]
@@ -17,6 +19,30 @@ pub struct Entry {
     pub id: UpstreamId,
     pub upstream: Upstream,
     pub health: Health,
+    /// The pool's clock and policy, so a lease needs nothing but its entry (no shared
+    /// reference count touched per pick).
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// What every entry of a pool shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub(crate) epoch: Instant,
+    pub(crate) health: HealthConfig,
+}
+
+impl Shared {
+    pub fn new(health: HealthConfig) -> Self {
+        Self {
+            epoch: Instant::now(),
+            health,
+        }
+    }
+
+    /// Milliseconds since the pool's epoch.
+    pub(crate) fn millis(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 /// An immutable view of the pool.
@@ -33,7 +59,11 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds a snapshot from `upstreams`, deduplicated by id (the first occurrence wins),
     /// reusing entries of `previous` so their health survives.
-    pub fn build(upstreams: impl IntoIterator<Item = Upstream>, previous: &Snapshot) -> Snapshot {
+    pub fn build(
+        upstreams: impl IntoIterator<Item = Upstream>,
+        previous: &Snapshot,
+        shared: &Arc<Shared>,
+    ) -> Snapshot {
         let mut snap = Snapshot::default();
         for upstream in upstreams {
             let id = upstream.id();
@@ -47,6 +77,7 @@ impl Snapshot {
                     id,
                     upstream,
                     health: Health::default(),
+                    shared: Arc::clone(shared),
                 }),
             };
             snap.by_id.insert(id, snap.entries.len());
@@ -114,6 +145,10 @@ impl Snapshot {
 mod tests {
     use super::*;
 
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared::new(HealthConfig::default()))
+    }
+
     fn up(url: &str) -> Upstream {
         Upstream::parse(url).unwrap()
     }
@@ -123,18 +158,19 @@ mod tests {
         let first = Snapshot::build(
             [up("http://a:1"), up("http://a:1"), up("socks5://b:2")],
             &Snapshot::default(),
+            &shared(),
         );
         assert_eq!(first.len(), 2);
         let a = Arc::clone(first.get(up("http://a:1").id()).unwrap());
-        let second = Snapshot::build([up("socks5://b:2"), up("http://a:1")], &first);
+        let second = Snapshot::build([up("socks5://b:2"), up("http://a:1")], &first, &shared());
         assert!(Arc::ptr_eq(&a, second.get(a.id).unwrap()));
         assert_eq!(second.entries()[0].upstream, up("socks5://b:2"));
     }
 
     #[test]
     fn new_password_makes_new_entry() {
-        let first = Snapshot::build([up("http://u:old@a:1")], &Snapshot::default());
-        let second = Snapshot::build([up("http://u:new@a:1")], &first);
+        let first = Snapshot::build([up("http://u:old@a:1")], &Snapshot::default(), &shared());
+        let second = Snapshot::build([up("http://u:new@a:1")], &first, &shared());
         let creds = second.entries()[0].upstream.credentials.as_ref().unwrap();
         assert_eq!(creds.password.expose(), "new");
     }

@@ -23,7 +23,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use proxygate_core::UpstreamId;
+use proxygate_core::{Route, UpstreamId};
 use serde::Deserialize;
 
 use crate::{Entry, Snapshot};
@@ -117,13 +117,16 @@ impl fmt::Display for Strategy {
 /// What a pick needs besides the snapshot.
 pub(crate) struct PickCtx<'a> {
     pub(crate) exclude: &'a [UpstreamId],
+    pub(crate) route: &'a Route,
     pub(crate) now_ms: u64,
     pub(crate) cursor: &'a AtomicUsize,
 }
 
 impl PickCtx<'_> {
     fn ok(&self, e: &Entry) -> bool {
-        e.health.is_selectable(self.now_ms) && !self.exclude.contains(&e.id)
+        e.health.is_selectable(self.now_ms)
+            && !self.exclude.contains(&e.id)
+            && crate::pool::fits(self.route, e)
     }
 }
 

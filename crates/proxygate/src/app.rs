@@ -102,6 +102,7 @@ async fn serve(cfg: RootConfig, upstreams: Vec<proxygate_core::Upstream>) -> any
     }
     let (reader, writer) = Pool::create(cfg.pool.strategy, cfg.pool.health());
     writer.replace(upstreams);
+    writer.set_session_ttl(cfg.pool.session_ttl);
     let pool_size = reader.snapshot().len();
     if pool_size == 0 {
         tracing::warn!(

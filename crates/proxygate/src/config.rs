@@ -58,6 +58,9 @@ pub(crate) struct PoolConfig {
     /// How often the orders used by best_reputation and fastest_response are refreshed.
     #[serde(with = "humantime_serde")]
     pub(crate) reindex_interval: Duration,
+    /// How long a sticky session (`session-<id>` hint) keeps its upstream; `ttl-<s>` overrides.
+    #[serde(with = "humantime_serde")]
+    pub(crate) session_ttl: Duration,
     pub(crate) reputation: ReputationSection,
 }
 
@@ -92,6 +95,7 @@ impl Default for ReputationSection {
 }
 
 pub(crate) const DEFAULT_REINDEX_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(600);
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -104,6 +108,7 @@ impl Default for PoolConfig {
             backoff_max: h.backoff_max,
             ema_alpha: h.ema_alpha,
             reindex_interval: DEFAULT_REINDEX_INTERVAL,
+            session_ttl: DEFAULT_SESSION_TTL,
             reputation: ReputationSection::default(),
         }
     }
@@ -281,6 +286,9 @@ impl RootConfig {
         }
         if !(0.0..=1.0).contains(&pool.ema_alpha) || pool.ema_alpha == 0.0 {
             problems.push(Problem::new("pool.ema_alpha", "must be in (0, 1]"));
+        }
+        if pool.session_ttl.is_zero() {
+            problems.push(Problem::new("pool.session_ttl", "must be longer than 0"));
         }
         if pool.reindex_interval.is_zero() {
             problems.push(Problem::new(
