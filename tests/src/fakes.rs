@@ -50,9 +50,27 @@ fn next_egress() -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
 }
 
+/// How a fake misbehaves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Behavior {
+    /// Wait this long before answering each connection.
+    pub delay: std::time::Duration,
+    /// Close every second connection at once, without a word.
+    pub fail_every_other: bool,
+}
+
 impl FakeUpstream {
     /// Starts a fake; with `creds`, clients must present them.
     pub async fn start(kind: Kind, creds: Option<(&str, &str)>) -> FakeUpstream {
+        Self::start_with(kind, creds, Behavior::default()).await
+    }
+
+    /// Starts a fake that misbehaves as `behavior` says.
+    pub async fn start_with(
+        kind: Kind,
+        creds: Option<(&str, &str)>,
+        behavior: Behavior,
+    ) -> FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let egress = next_egress();
@@ -70,10 +88,17 @@ impl FakeUpstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                count.fetch_add(1, Ordering::SeqCst);
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                if behavior.fail_every_other && n % 2 == 1 {
+                    drop(stream);
+                    continue;
+                }
                 let ctx = ctx.clone();
                 let kind = kind.clone();
                 tokio::spawn(async move {
+                    if !behavior.delay.is_zero() {
+                        tokio::time::sleep(behavior.delay).await;
+                    }
                     match kind {
                         Kind::Http => http_proxy(ctx, stream).await,
                         Kind::Https(acceptor) => {

@@ -1,0 +1,182 @@
+//! A farm of 30 upstreams, a third of them dead: 10 refusing, 5 black-holed, 5 failing every
+//! other connection, 10 good with latencies from 0 to 90 ms. After a warm-up, 2,000 requests
+//! per strategy; the client must see near-perfect success (the default strategy at least
+//! 99.5 %), and the attempts that landed on dead upstreams are counted from the gateway's log.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failed step must fail the test loudly"
+)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use proxygate_tests::fakes::{Behavior, Blackhole, FakeUpstream, Kind, refusing_addr};
+use proxygate_tests::gateway::Gateway;
+use proxygate_tests::origin::Origin;
+
+const REQUESTS: usize = 2000;
+const CONCURRENCY: usize = 16;
+
+struct Farm {
+    origin: Origin,
+    _good: Vec<FakeUpstream>,
+    _flaky: Vec<FakeUpstream>,
+    _holes: Vec<Blackhole>,
+    urls: Vec<String>,
+}
+
+async fn farm() -> Farm {
+    let origin = Origin::start().await;
+    let mut urls = Vec::new();
+    for _ in 0..10 {
+        urls.push(format!("http://{}", refusing_addr().await));
+    }
+    let mut holes = Vec::new();
+    for _ in 0..5 {
+        let h = Blackhole::start().await;
+        urls.push(format!("socks5://{}", h.addr));
+        holes.push(h);
+    }
+    let mut flaky = Vec::new();
+    for i in 0..5 {
+        let kind = if i % 2 == 0 { Kind::Http } else { Kind::Socks5 };
+        let scheme = if i % 2 == 0 { "http" } else { "socks5" };
+        let f = FakeUpstream::start_with(
+            kind,
+            None,
+            Behavior {
+                fail_every_other: true,
+                ..Behavior::default()
+            },
+        )
+        .await;
+        urls.push(f.url(scheme));
+        flaky.push(f);
+    }
+    let mut good = Vec::new();
+    for i in 0..10u64 {
+        let kind = if i % 2 == 0 { Kind::Http } else { Kind::Socks5 };
+        let scheme = if i % 2 == 0 { "http" } else { "socks5" };
+        let f = FakeUpstream::start_with(
+            kind,
+            None,
+            Behavior {
+                delay: Duration::from_millis(i * 10),
+                ..Behavior::default()
+            },
+        )
+        .await;
+        urls.push(f.url(scheme));
+        good.push(f);
+    }
+    Farm {
+        origin,
+        _good: good,
+        _flaky: flaky,
+        _holes: holes,
+        urls,
+    }
+}
+
+struct Figures {
+    ok: usize,
+    failed_attempts: usize,
+    elapsed: Duration,
+}
+
+async fn run(farm: &Farm, strategy: &str) -> Figures {
+    let mut b = Gateway::builder()
+        .config(
+            "[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"300ms\"\n\
+             retry_deadline = \"5s\"\nmax_attempts = 3",
+        )
+        .arg("--strategy")
+        .arg(strategy);
+    for u in &farm.urls {
+        b = b.upstream(u.clone());
+    }
+    let gw = b.start().await;
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(gw.http_proxy()).unwrap())
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let url = farm.origin.url();
+    let send = |n: usize| {
+        let client = client.clone();
+        let url = url.clone();
+        let ok = Arc::new(AtomicUsize::new(0));
+        let next = Arc::new(AtomicUsize::new(0));
+        async move {
+            let mut tasks = Vec::new();
+            for _ in 0..CONCURRENCY {
+                let (client, url, ok, next) = (
+                    client.clone(),
+                    url.clone(),
+                    Arc::clone(&ok),
+                    Arc::clone(&next),
+                );
+                tasks.push(tokio::spawn(async move {
+                    while next.fetch_add(1, Ordering::SeqCst) < n {
+                        if let Ok(r) = client.get(&url).send().await
+                            && r.status() == 200
+                        {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            ok.load(Ordering::SeqCst)
+        }
+    };
+    // Warm-up: the gateway learns which upstreams are dead.
+    send(300).await;
+    let failed_before = gw.logs().matches("attempt failed").count();
+    let start = Instant::now();
+    let ok = send(REQUESTS).await;
+    let elapsed = start.elapsed();
+    let failed_attempts = gw.logs().matches("attempt failed").count() - failed_before;
+    Figures {
+        ok,
+        failed_attempts,
+        elapsed,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_dead_still_near_perfect() {
+    let farm = farm().await;
+    let mut report = String::new();
+    for strategy in [
+        "weighted_random",
+        "round_robin",
+        "least_recently_used",
+        "best_reputation",
+        "fastest_response",
+        "random",
+    ] {
+        let f = run(&farm, strategy).await;
+        let rate = f.ok as f64 / REQUESTS as f64 * 100.0;
+        let line = format!(
+            "{strategy:<20} success {rate:6.2} %  attempts on dead upstreams {:4}  {:5.1} s\n",
+            f.failed_attempts,
+            f.elapsed.as_secs_f64()
+        );
+        eprint!("{line}");
+        report.push_str(&line);
+        let floor = if strategy == "weighted_random" {
+            99.5
+        } else {
+            97.0
+        };
+        assert!(rate >= floor, "{strategy} under {floor} %:\n{report}");
+    }
+}
