@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what the end-to-end tests need and is
-# missing (curl as a client; tinyproxy and microsocks as real upstreams, from Debian), builds
+# missing (curl and Python requests as clients; tinyproxy and microsocks as real upstreams, from
+# Debian and PyPI), builds
 # the gateway binary the tests run, then runs every test of the workspace.
 # Extra arguments go to `cargo test` (e.g. tests/run.sh -p proxygate-tests --test failover).
 set -euo pipefail
@@ -17,6 +18,10 @@ if [ "${#need[@]}" -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# Python requests is one of the real clients the end-to-end tests drive.
+python3 -c 'import requests' 2>/dev/null \
+  || python3 -m pip install --quiet --disable-pip-version-check requests
 
 cargo build --locked -p proxygate --bin proxygate
 exec cargo test --locked --workspace "$@"
