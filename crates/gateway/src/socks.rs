@@ -66,44 +66,7 @@ pub async fn serve_socks5<S: Io>(gw: Gateway, stream: S) {
             return;
         }
     };
-    let routing =
-        match Routing::from_username(request.credentials.as_ref().map(|c| c.username.as_str())) {
-            Ok((_, r)) => r,
-            Err(e) => {
-                tracing::info!(error = %e, "socks5 request refused");
-                let _ = reader
-                    .get_mut()
-                    .write_all(&socks5_reply(e.socks5_reply()))
-                    .await;
-                return;
-            }
-        };
-    let established = match gw
-        .dialer()
-        .dial(&request.target, Purpose::Tunnel, routing)
-        .await
-    {
-        Ok(est) => est,
-        Err(e) => {
-            tracing::info!(target = %request.target, error = %e, "socks5 connect failed");
-            let _ = reader
-                .get_mut()
-                .write_all(&socks5_reply(e.socks5_reply()))
-                .await;
-            return;
-        }
-    };
-    let leftover = Bytes::copy_from_slice(reader.buffer());
-    let mut client = Rewind::new(leftover, reader.into_inner());
-    if client
-        .write_all(&socks5_reply(socks5_rep::SUCCEEDED))
-        .await
-        .is_err()
-    {
-        crate::server::client_gone(established);
-        return;
-    }
-    gw.relay(client, established).await;
+    connect_and_relay(gw, reader, request, Version::Socks5).await;
 }
 
 /// Serves one SOCKS4/4a client.
@@ -136,40 +99,59 @@ pub async fn serve_socks4<S: Io>(gw: Gateway, stream: S) {
             .await;
         return;
     }
-    let routing =
-        match Routing::from_username(request.credentials.as_ref().map(|c| c.username.as_str())) {
-            Ok((_, r)) => r,
-            Err(e) => {
-                tracing::info!(error = %e, "socks4 request refused");
-                let _ = reader
-                    .get_mut()
-                    .write_all(&socks4_reply(SOCKS4_REJECTED))
-                    .await;
-                return;
-            }
-        };
-    let established = match gw
-        .dialer()
-        .dial(&request.target, Purpose::Tunnel, routing)
-        .await
-    {
+    connect_and_relay(gw, reader, request, Version::Socks4).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    Socks4,
+    Socks5,
+}
+
+impl Version {
+    fn success(self) -> Vec<u8> {
+        match self {
+            Version::Socks5 => socks5_reply(socks5_rep::SUCCEEDED).to_vec(),
+            Version::Socks4 => socks4_reply(SOCKS4_GRANTED).to_vec(),
+        }
+    }
+
+    fn failure(self, e: &GatewayError) -> Vec<u8> {
+        match self {
+            Version::Socks5 => socks5_reply(e.socks5_reply()).to_vec(),
+            Version::Socks4 => socks4_reply(SOCKS4_REJECTED).to_vec(),
+        }
+    }
+}
+
+/// Routes, dials and answers a parsed request, then relays. Every failure is answered with
+/// the version's reply code before the connection closes.
+async fn connect_and_relay<S: Io>(
+    gw: Gateway,
+    mut reader: BufReader<S>,
+    request: SocksRequest,
+    version: Version,
+) {
+    let username = request.credentials.as_ref().map(|c| c.username.as_str());
+    let dialed = match Routing::from_username(username) {
+        Ok((_, routing)) => {
+            gw.dialer()
+                .dial(&request.target, Purpose::Tunnel, routing)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    let established = match dialed {
         Ok(est) => est,
         Err(e) => {
-            tracing::info!(target = %request.target, error = %e, "socks4 connect failed");
-            let _ = reader
-                .get_mut()
-                .write_all(&socks4_reply(SOCKS4_REJECTED))
-                .await;
+            tracing::info!(?version, target = %request.target, error = %e, "socks request failed");
+            let _ = reader.get_mut().write_all(&version.failure(&e)).await;
             return;
         }
     };
     let leftover = Bytes::copy_from_slice(reader.buffer());
     let mut client = Rewind::new(leftover, reader.into_inner());
-    if client
-        .write_all(&socks4_reply(SOCKS4_GRANTED))
-        .await
-        .is_err()
-    {
+    if client.write_all(&version.success()).await.is_err() {
         crate::server::client_gone(established);
         return;
     }

@@ -67,6 +67,9 @@ pub struct Health {
     failures: AtomicU64,
     in_flight: AtomicU32,
     last_used_ms: AtomicU64,
+    /// The least-recently-used strategy's key: the last use, or the end of a backoff, so an
+    /// upstream coming back from one does not count as the least recently used of all.
+    lru_ms: AtomicU64,
     /// f32 bits, or `NONE`.
     success_ema: AtomicU32,
     /// f32 bits (ms), or `NONE`.
@@ -84,6 +87,7 @@ impl Default for Health {
             failures: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             last_used_ms: AtomicU64::new(0),
+            lru_ms: AtomicU64::new(0),
             success_ema: AtomicU32::new(NONE),
             response_ema: AtomicU32::new(NONE),
             reputation: AtomicU8::new(50),
@@ -176,6 +180,10 @@ impl Health {
         self.last_used_ms.load(Ordering::Relaxed)
     }
 
+    pub(crate) fn lru_ms(&self) -> u64 {
+        self.lru_ms.load(Ordering::Relaxed)
+    }
+
     pub fn is_on_probation(&self) -> bool {
         self.probation.load(Ordering::Relaxed)
     }
@@ -183,6 +191,7 @@ impl Health {
     pub(crate) fn acquire(&self, now_ms: u64) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.last_used_ms.store(now_ms, Ordering::Relaxed);
+        self.lru_ms.store(now_ms, Ordering::Relaxed);
     }
 
     pub(crate) fn release(&self) {
@@ -233,8 +242,9 @@ impl Health {
                 + 1;
             let wait = full_jitter(backoff_ceiling(past, cfg), jitter);
             let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-            self.backoff_until_ms
-                .store(now_ms.saturating_add(wait_ms), Ordering::Relaxed);
+            let until = now_ms.saturating_add(wait_ms);
+            self.backoff_until_ms.store(until, Ordering::Relaxed);
+            self.lru_ms.store(until, Ordering::Relaxed);
             self.probation.store(true, Ordering::Relaxed);
         }
     }

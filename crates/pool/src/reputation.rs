@@ -10,8 +10,9 @@
 //! reputation = clamp(round(score), 0, 100)           # a new upstream scores 50
 //! ```
 
-/// The formula's constants.
-#[derive(Debug, Clone, PartialEq)]
+/// The formula's constants (`[pool.reputation]` in the config file).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ReputationConfig {
     /// Score of an upstream with no history.
     pub base: f64,

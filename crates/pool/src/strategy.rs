@@ -3,7 +3,9 @@
 //! probation with a request in flight) and upstreams already tried for this request.
 //!
 //! Cost per pick stays flat as the pool grows:
-//! - `round_robin`: one atomic increment, then a forward scan past unavailable upstreams.
+//! - `round_robin`: one atomic increment, then a forward scan past unavailable upstreams; a
+//!   retry (some upstreams already tried) picks at random instead, so it does not walk into
+//!   the failed upstream's neighbours.
 //! - `random`: uniform probes.
 //! - `weighted_random` (the default): rejection sampling, a uniform probe accepted with
 //!   probability reputation/100, which picks exactly in proportion to reputation in O(1)
@@ -142,6 +144,10 @@ pub(crate) fn pick<'a>(
         return None;
     }
     let found = match strategy {
+        // A retry goes to a random upstream rather than the next in turn: neighbours in a list
+        // tend to fail together (same provider, same subnet), and a run of them would eat
+        // the whole attempt budget.
+        Strategy::RoundRobin if !ctx.exclude.is_empty() => probe(entries, ctx, |_| true),
         Strategy::RoundRobin => {
             let start = ctx.cursor.fetch_add(1, Ordering::Relaxed);
             return (0..n)
@@ -156,7 +162,7 @@ pub(crate) fn pick<'a>(
         Strategy::LeastRecentlyUsed if n <= EXACT_MAX => entries
             .iter()
             .filter(|e| ctx.ok(e))
-            .min_by_key(|e| e.health.last_used_ms()),
+            .min_by_key(|e| e.health.lru_ms()),
         Strategy::LeastRecentlyUsed => {
             let mut best: Option<&Arc<Entry>> = None;
             let mut seen = 0;
@@ -165,7 +171,7 @@ pub(crate) fn pick<'a>(
                 if !ctx.ok(e) {
                     continue;
                 }
-                if best.is_none_or(|b| e.health.last_used_ms() < b.health.last_used_ms()) {
+                if best.is_none_or(|b| e.health.lru_ms() < b.health.lru_ms()) {
                     best = Some(e);
                 }
                 seen += 1;

@@ -61,37 +61,7 @@ pub(crate) struct PoolConfig {
     /// How long a sticky session (`session-<id>` hint) keeps its upstream; `ttl-<s>` overrides.
     #[serde(with = "humantime_serde")]
     pub(crate) session_ttl: Duration,
-    pub(crate) reputation: ReputationSection,
-}
-
-/// `[pool.reputation]`: the formula's constants.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct ReputationSection {
-    pub(crate) base: f64,
-    pub(crate) success_weight: f64,
-    pub(crate) fast_ms: f64,
-    pub(crate) slow_ms: f64,
-    pub(crate) latency_bonus: f64,
-    pub(crate) failure_penalty: f64,
-    pub(crate) uses_per_point: u64,
-    pub(crate) max_uses_bonus: u64,
-}
-
-impl Default for ReputationSection {
-    fn default() -> Self {
-        let r = ReputationConfig::default();
-        Self {
-            base: r.base,
-            success_weight: r.success_weight,
-            fast_ms: r.fast_ms,
-            slow_ms: r.slow_ms,
-            latency_bonus: r.latency_bonus,
-            failure_penalty: r.failure_penalty,
-            uses_per_point: r.uses_per_point,
-            max_uses_bonus: r.max_uses_bonus,
-        }
-    }
+    pub(crate) reputation: ReputationConfig,
 }
 
 pub(crate) const DEFAULT_REINDEX_INTERVAL: Duration = Duration::from_secs(1);
@@ -109,25 +79,15 @@ impl Default for PoolConfig {
             ema_alpha: h.ema_alpha,
             reindex_interval: DEFAULT_REINDEX_INTERVAL,
             session_ttl: DEFAULT_SESSION_TTL,
-            reputation: ReputationSection::default(),
+            reputation: ReputationConfig::default(),
         }
     }
 }
 
 impl PoolConfig {
     pub(crate) fn health(&self) -> HealthConfig {
-        let r = &self.reputation;
         HealthConfig {
-            reputation: ReputationConfig {
-                base: r.base,
-                success_weight: r.success_weight,
-                fast_ms: r.fast_ms,
-                slow_ms: r.slow_ms,
-                latency_bonus: r.latency_bonus,
-                failure_penalty: r.failure_penalty,
-                uses_per_point: r.uses_per_point,
-                max_uses_bonus: r.max_uses_bonus,
-            },
+            reputation: self.reputation.clone(),
             healthy_reputation: self.healthy_reputation,
             max_consecutive_failures: self.max_consecutive_failures,
             backoff_base: self.backoff_base,
@@ -380,13 +340,33 @@ fn section_error(e: &toml::de::Error, text: &str) -> (Option<String>, String) {
         .strip_prefix("unknown field `")
         .and_then(|rest| rest.split_once('`'))
         .map(|(k, _)| k.to_owned());
+    let span = e.span();
+    // A nested table (`[reputation]` inside `[pool]`) prefixes the key.
+    let header = span
+        .as_ref()
+        .and_then(|sp| text.get(..sp.end))
+        .and_then(|upto| {
+            upto.lines()
+                .rev()
+                .find(|l| l.trim_start().starts_with('['))
+                .map(|l| l.trim().trim_matches(['[', ']']).to_owned())
+        });
     let spanned = || {
-        let before = text.get(..e.span()?.start)?;
+        let before = text.get(..span.as_ref()?.start)?;
         let line = before.lines().last()?.trim();
+        if line.starts_with('[') {
+            return None;
+        }
         let key = line.split_once('=').map_or(line, |(k, _)| k).trim();
         (!key.is_empty()).then(|| key.trim_matches('"').to_owned())
     };
-    (unknown.or_else(spanned), msg)
+    let key = unknown.or_else(spanned);
+    let key = match (header, key) {
+        (Some(h), Some(k)) => Some(format!("{h}.{k}")),
+        (Some(h), None) => Some(h),
+        (None, k) => k,
+    };
+    (key, msg)
 }
 
 fn one_line(e: &toml::de::Error) -> String {
@@ -485,6 +465,17 @@ mod tests {
             "{}",
             rendered[3]
         );
+    }
+
+    #[test]
+    fn nested_keys_are_named_in_full() {
+        let (_, p) = RootConfig::parse("[pool.reputation]\nbase = 40.0\nfoo = 1\n");
+        assert_eq!(p[0].key, "pool.reputation.foo", "{p:?}");
+        let (_, p) = RootConfig::parse("[pool.reputation]\nbase = \"x\"\n");
+        assert_eq!(p[0].key, "pool.reputation.base", "{p:?}");
+        let (c, p) = RootConfig::parse("[pool.reputation]\nbase = 40.0\n");
+        assert!(p.is_empty());
+        assert_eq!(c.pool.reputation.base, 40.0);
     }
 
     #[test]
