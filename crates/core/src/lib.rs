@@ -26,4 +26,4 @@ pub use route::{Route, RouteError};
 pub use secret::Secret;
 pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use target::{Host, Target, TargetParseError};
-pub use upstream::{Credentials, Scheme, Upstream, UpstreamId, UpstreamParseError};
+pub use upstream::{Credentials, ProxyType, Scheme, Upstream, UpstreamId, UpstreamParseError};

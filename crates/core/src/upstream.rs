@@ -93,6 +93,48 @@ pub struct Upstream {
     /// Where the proxy exits (ISO 3166-1 alpha-2, upper case), when known: `?country=us` in
     /// the URL, or from a list source.
     pub country: Option<String>,
+    /// What kind of address the proxy exits from: `?proxy_type=residential` in the URL.
+    pub proxy_type: ProxyType,
+}
+
+/// The kind of network an upstream exits from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ProxyType {
+    #[default]
+    Datacenter,
+    Residential,
+    Mobile,
+}
+
+impl ProxyType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyType::Datacenter => "datacenter",
+            ProxyType::Residential => "residential",
+            ProxyType::Mobile => "mobile",
+        }
+    }
+}
+
+impl FromStr for ProxyType {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            ProxyType::Datacenter,
+            ProxyType::Residential,
+            ProxyType::Mobile,
+        ]
+        .into_iter()
+        .find(|t| t.as_str().eq_ignore_ascii_case(s))
+        .ok_or(())
+    }
+}
+
+impl fmt::Display for ProxyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A stable identifier of an upstream: derived from scheme, host, port and username (never the
@@ -115,19 +157,22 @@ pub enum UpstreamParseError {
     InvalidPort(String),
     #[error("a path or fragment is not allowed in an upstream URL")]
     UnexpectedPath,
-    #[error("invalid query {0:?} (only country=<ISO 3166-1 alpha-2 code> is known)")]
+    #[error(
+        "invalid query {0:?} (known: country=<ISO 3166-1 alpha-2 code>, \
+         proxy_type=datacenter|residential|mobile)"
+    )]
     InvalidQuery(String),
     #[error("userinfo is not valid percent-encoded UTF-8")]
     InvalidUserinfo,
 }
 
 impl Upstream {
-    /// Parses `scheme://[user[:pass]@]host[:port][/][?country=cc]`.
+    /// Parses `scheme://[user[:pass]@]host[:port][/][?country=cc&proxy_type=t]`.
     pub fn parse(url: &str) -> Result<Upstream, UpstreamParseError> {
         let url = url.trim();
-        let (url, country) = match url.rsplit_once('?') {
-            Some((u, q)) if !q.contains(['@', '/']) => (u, Some(parse_query(q)?)),
-            _ => (url, None),
+        let (url, (country, proxy_type)) = match url.rsplit_once('?') {
+            Some((u, q)) if !q.contains(['@', '/']) => (u, parse_query(q)?),
+            _ => (url, (None, ProxyType::default())),
         };
         let (scheme, rest) = url
             .split_once("://")
@@ -162,6 +207,7 @@ impl Upstream {
             port,
             credentials,
             country,
+            proxy_type,
         })
     }
 
@@ -218,13 +264,24 @@ impl fmt::Display for UpstreamId {
     }
 }
 
-fn parse_query(q: &str) -> Result<String, UpstreamParseError> {
+fn parse_query(q: &str) -> Result<(Option<String>, ProxyType), UpstreamParseError> {
     let bad = || UpstreamParseError::InvalidQuery(q.to_owned());
-    let cc = q.strip_prefix("country=").ok_or_else(bad)?;
-    if cc.len() != 2 || !cc.bytes().all(|b| b.is_ascii_alphabetic()) {
-        return Err(bad());
+    let (mut country, mut proxy_type) = (None, None);
+    for pair in q.split('&') {
+        match pair.split_once('=').ok_or_else(bad)? {
+            ("country", cc) if country.is_none() => {
+                if cc.len() != 2 || !cc.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    return Err(bad());
+                }
+                country = Some(cc.to_ascii_uppercase());
+            }
+            ("proxy_type", t) if proxy_type.is_none() => {
+                proxy_type = Some(t.parse::<ProxyType>().map_err(|()| bad())?);
+            }
+            _ => return Err(bad()),
+        }
     }
-    Ok(cc.to_ascii_uppercase())
+    Ok((country, proxy_type.unwrap_or_default()))
 }
 
 fn parse_userinfo(userinfo: &str) -> Result<Credentials, UpstreamParseError> {
@@ -338,6 +395,28 @@ mod tests {
             Some("US")
         );
         assert_eq!(Upstream::parse("http://h:1").unwrap().country, None);
+        let u = Upstream::parse("http://h:1?proxy_type=Residential&country=br").unwrap();
+        assert_eq!(
+            (u.country.as_deref(), u.proxy_type),
+            (Some("BR"), ProxyType::Residential)
+        );
+        assert_eq!(
+            Upstream::parse("http://h:1").unwrap().proxy_type,
+            ProxyType::Datacenter
+        );
+        for bad in [
+            "http://h:1?proxy_type=cave",
+            "http://h:1?country=us&country=de",
+            "http://h:1?x",
+        ] {
+            assert!(
+                matches!(
+                    Upstream::parse(bad),
+                    Err(UpstreamParseError::InvalidQuery(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
