@@ -310,3 +310,35 @@ async fn allow_list_closes_other_clients() {
     let r = curl(&["-x", &open.http_proxy(), &origin.url()]).await;
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_counts_open_tunnels() {
+    let origin = Origin::start().await;
+    let fake = FakeUpstream::start(Kind::Http, None).await;
+    let gw = Gateway::builder()
+        .config("[server]\nmax_connections = 1")
+        .upstream(fake.url("http"))
+        .start()
+        .await;
+    // One CONNECT tunnel, open and idle, holds the only slot...
+    let mut tunnel = TcpStream::connect(gw.addr).await.unwrap();
+    tunnel
+        .write_all(format!("CONNECT {} HTTP/1.1\r\nHost: x\r\n\r\n", origin.addr).as_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tunnel.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // ...so the next client waits in the accept queue...
+    let waiting = tokio::spawn({
+        let proxy = gw.http_proxy();
+        let url = origin.url();
+        async move { curl(&["-x", &proxy, &url]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!waiting.is_finished(), "served past max_connections");
+    // ...until the tunnel closes.
+    drop(tunnel);
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+}

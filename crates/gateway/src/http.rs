@@ -35,6 +35,9 @@ use crate::dial::{Budget, Purpose, Routing};
 use crate::io::{BoxedIo, Io, Rewind};
 use crate::server::Gateway;
 
+/// A share of a connection's `server.max_connections` slot.
+pub type Permit = Arc<tokio::sync::OwnedSemaphorePermit>;
+
 /// The response body type of the front end.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -54,7 +57,10 @@ struct Cached {
 type Cache = Arc<Mutex<Option<Cached>>>;
 
 /// Serves one HTTP client connection.
-pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S) {
+///
+/// `permit` is the connection's slot of `server.max_connections`; a CONNECT tunnel, which
+/// outlives hyper's handling of the connection, keeps a share of it until the tunnel closes.
+pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S, permit: Permit) {
     let server = gw.config().server.clone();
     let head = tokio::time::timeout(
         server.header_read_timeout,
@@ -84,7 +90,8 @@ pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S) {
     let service = hyper::service::service_fn(move |req| {
         let gw = gw.clone();
         let cache = Arc::clone(&cache);
-        async move { Ok::<_, Infallible>(handle(gw, cache, req).await) }
+        let permit = permit.clone();
+        async move { Ok::<_, Infallible>(handle(gw, cache, req, permit).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -143,7 +150,12 @@ fn closed() -> GatewayError {
     GatewayError::new(ErrorKind::ClientClosed, "client went away")
 }
 
-async fn handle(gw: Gateway, cache: Cache, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    gw: Gateway,
+    cache: Cache,
+    req: Request<Incoming>,
+    permit: Permit,
+) -> Response<Body> {
     let creds = req
         .headers()
         .get(header::PROXY_AUTHORIZATION)
@@ -167,7 +179,7 @@ async fn handle(gw: Gateway, cache: Cache, req: Request<Incoming>) -> Response<B
         ));
     }
     let result = if req.method() == Method::CONNECT {
-        connect(&gw, req, routing).await
+        connect(&gw, req, routing, permit).await
     } else {
         forward(&gw, &cache, req, routing).await
     };
@@ -188,6 +200,7 @@ async fn connect(
     gw: &Gateway,
     mut req: Request<Incoming>,
     routing: Routing,
+    permit: Permit,
 ) -> Result<Response<Body>, GatewayError> {
     let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
     let target = Target::parse_authority(authority).map_err(|e| {
@@ -197,6 +210,7 @@ async fn connect(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_gw = gw.clone();
     gw.spawn(async move {
+        let _permit = permit;
         match on_upgrade.await {
             Ok(upgraded) => task_gw.relay(TokioIo::new(upgraded), established).await,
             Err(e) => {

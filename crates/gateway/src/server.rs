@@ -109,8 +109,14 @@ impl Gateway {
         est.lease.report(&outcome);
     }
 
-    /// Serves one accepted client connection.
-    pub async fn serve_connection(self, stream: TcpStream, peer: SocketAddr) {
+    /// Serves one accepted client connection, holding its connection `permit` until every
+    /// part of it (a CONNECT tunnel included) has ended.
+    pub async fn serve_connection(
+        self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let _ = stream.set_nodelay(true);
         tracing::trace!(%peer, "accepted");
         if !self.0.auth.is_allowed(peer.ip()) {
@@ -127,7 +133,9 @@ impl Gateway {
         match first[0] {
             0x05 => socks::serve_socks5(self, stream).await,
             0x04 => socks::serve_socks4(self, stream).await,
-            b if b.is_ascii_alphabetic() => http::serve_http(self, stream).await,
+            b if b.is_ascii_alphabetic() => {
+                http::serve_http(self, stream, Arc::new(permit)).await;
+            }
             _ => {
                 let e = GatewayError::new(
                     ErrorKind::ClientMalformed,
@@ -214,10 +222,7 @@ async fn accept_loop(gw: Gateway, listener: TcpListener, permits: Arc<Semaphore>
         match accepted {
             Ok((stream, peer)) => {
                 let conn = gw.clone();
-                gw.spawn(async move {
-                    conn.serve_connection(stream, peer).await;
-                    drop(permit);
-                });
+                gw.spawn(conn.serve_connection(stream, peer, permit));
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly rather than spin.
