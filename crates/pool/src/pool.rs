@@ -232,7 +232,12 @@ impl PoolWriter {
     /// Recomputes the snapshot's orders (by reputation, by response time) from live stats.
     /// The app calls this every `pool.reindex_interval`.
     pub fn reindex(&self) {
-        let next = self.0.snapshot.load().reindexed();
+        let current = self.0.snapshot.load();
+        if current.len() <= crate::strategy::EXACT_MAX {
+            // Small pools are picked from by exact scans; their orders are never read.
+            return;
+        }
+        let next = current.reindexed();
         self.0.snapshot.store(Arc::new(next));
     }
 
