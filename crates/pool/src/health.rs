@@ -59,23 +59,28 @@ impl Default for HealthConfig {
 const NONE: u32 = u32::MAX;
 
 /// Live stats of one upstream. Times are milliseconds since the pool's epoch.
+///
+/// `repr(C)`, the fields a pick reads and writes first (backoff, in flight, reputation,
+/// probation, LRU key, last use: 34 bytes), so that with [`crate::Entry`] putting its health
+/// first a probe into a large pool touches as few cache lines as possible.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Health {
-    consecutive_failures: AtomicU32,
     backoff_until_ms: AtomicU64,
-    successes: AtomicU64,
-    failures: AtomicU64,
-    in_flight: AtomicU32,
-    last_used_ms: AtomicU64,
     /// The least-recently-used strategy's key: the last use, or the end of a backoff, so an
     /// upstream coming back from one does not count as the least recently used of all.
     lru_ms: AtomicU64,
+    last_used_ms: AtomicU64,
+    in_flight: AtomicU32,
+    reputation: AtomicU8,
+    probation: AtomicBool,
+    consecutive_failures: AtomicU32,
     /// f32 bits, or `NONE`.
     success_ema: AtomicU32,
     /// f32 bits (ms), or `NONE`.
     response_ema: AtomicU32,
-    reputation: AtomicU8,
-    probation: AtomicBool,
+    successes: AtomicU64,
+    failures: AtomicU64,
 }
 
 impl Default for Health {

@@ -13,12 +13,14 @@ use std::time::Instant;
 
 use crate::{Health, HealthConfig};
 
-/// One upstream and its live health.
+/// One upstream and its live health. `repr(C)` with the health first: right after the `Arc`'s
+/// reference counts, where a pick touches memory anyway.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Entry {
+    pub health: Health,
     pub id: UpstreamId,
     pub upstream: Upstream,
-    pub health: Health,
     /// The pool's clock and policy, so a lease needs nothing but its entry (no shared
     /// reference count touched per pick).
     pub(crate) shared: Arc<Shared>,
