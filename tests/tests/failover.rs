@@ -24,7 +24,7 @@ async fn farm(good_kind: Kind, good_scheme: &str) -> (Origin, FakeUpstream, Blac
     let refusing = refusing_addr().await;
     let gw = Gateway::builder()
         .config(
-            "[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"300ms\"\n\
+            "[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"500ms\"\n\
              retry_deadline = \"3s\"\nmax_attempts = 3\n\
              [pool]\nbackoff_base = \"50ms\"\nbackoff_max = \"200ms\"",
         )
@@ -96,7 +96,7 @@ async fn all_dead_is_a_typed_error_within_the_deadline() {
     let hole = Blackhole::start().await;
     let refusing = refusing_addr().await;
     let gw = Gateway::builder()
-        .config("[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"300ms\"\nretry_deadline = \"3s\"")
+        .config("[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"500ms\"\nretry_deadline = \"3s\"")
         .upstream(format!("http://{refusing}"))
         .upstream(format!("socks5://{}", hole.addr))
         .start()
