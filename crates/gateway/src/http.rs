@@ -30,6 +30,8 @@ use proxygate_pool::Lease;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::GatewayError;
+mod body;
+
 use crate::auth::{ClientCredentials, basic_value, parse_basic};
 use crate::dial::{Budget, Purpose, Routing};
 use crate::io::{BoxedIo, Io, Rewind};
@@ -265,9 +267,10 @@ async fn forward(
     let mut body = Some(body);
     let mut budget = gw.dialer().budget(routing);
     let dial_cfg = gw.connector_config();
+    let bytes_up = Arc::new(std::sync::atomic::AtomicU64::new(0));
 
     loop {
-        let (mut sender, lease, to_http_proxy, fresh) =
+        let (mut sender, lease, to_http_proxy, fresh, mut outcome) =
             upstream_sender(gw, cache, &target, &mut budget).await?;
         let mut headers = parts.headers.clone();
         let uri = if to_http_proxy {
@@ -286,7 +289,7 @@ async fn forward(
             origin_form.clone()
         };
         let req_body = match body.take() {
-            Some(b) if !replayable => b.boxed(),
+            Some(b) if !replayable => body::Counted::new(b, Arc::clone(&bytes_up)).boxed(),
             _ => empty(),
         };
         let mut upstream_req = Request::new(req_body);
@@ -316,10 +319,7 @@ async fn forward(
             }
             Ok(Ok(mut response)) => {
                 let id = lease.id();
-                lease.report(&Outcome {
-                    first_byte: Some(t0.elapsed()),
-                    ..Outcome::default()
-                });
+                outcome.first_byte = Some(t0.elapsed());
                 if let Ok(mut slot) = cache.lock() {
                     *slot = Some(Cached {
                         id,
@@ -329,7 +329,10 @@ async fn forward(
                     });
                 }
                 strip_hop_by_hop(response.headers_mut());
-                return Ok(response.map(|b| b.boxed()));
+                // The outcome (with bytes each way) is reported when the body ends.
+                return Ok(
+                    response.map(|b| body::Reported::new(b, lease, outcome, bytes_up).boxed())
+                );
             }
             Ok(Err(_)) if !fresh && replayable => {
                 // A kept-alive connection the upstream had closed meanwhile: not its fault;
@@ -356,13 +359,14 @@ async fn forward(
 }
 
 /// The kept upstream connection if it fits this request, or a new one from the budget.
-/// Returns the sender, its lease, whether it goes to an HTTP proxy, and whether it is fresh.
+/// Returns the sender, its lease, whether it goes to an HTTP proxy, whether it is fresh, and
+/// the connect measurements of a fresh one.
 async fn upstream_sender(
     gw: &Gateway,
     cache: &Cache,
     target: &Target,
     budget: &mut Budget,
-) -> Result<(SendRequest<Body>, Lease, bool, bool), GatewayError> {
+) -> Result<(SendRequest<Body>, Lease, bool, bool, Outcome), GatewayError> {
     let cached = cache.lock().ok().and_then(|mut slot| slot.take());
     if let Some(mut c) = cached {
         let fits = c.target.as_ref().is_none_or(|t| t == target) && &c.routing == budget.routing();
@@ -371,7 +375,7 @@ async fn upstream_sender(
             && let Some(lease) = gw.dialer().pool().lease(c.id)
         {
             let to_http_proxy = c.target.is_none();
-            return Ok((c.sender, lease, to_http_proxy, false));
+            return Ok((c.sender, lease, to_http_proxy, false, Outcome::default()));
         }
         tracing::debug!(
             fits,
@@ -385,7 +389,9 @@ async fn upstream_sender(
             .dial_within(target, Purpose::Forward, budget)
             .await?;
         match client_handshake(est.io).await {
-            Ok(sender) => return Ok((sender, est.lease, est.to_http_proxy, true)),
+            Ok(sender) => {
+                return Ok((sender, est.lease, est.to_http_proxy, true, est.outcome));
+            }
             Err(e) => {
                 if !budget.fail(est.lease, e) {
                     return Err(budget.exhausted());

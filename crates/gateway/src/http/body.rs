@@ -1,0 +1,121 @@
+//! Body wrappers that measure a forwarded request: [`Counted`] counts the request body's
+//! bytes on its way up; [`Reported`] counts the response body's bytes on its way down and
+//! reports the attempt's [`Outcome`] to the pool once the body ends (or the client stops
+//! reading it).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use proxygate_core::{ErrorKind, Outcome};
+use proxygate_pool::Lease;
+
+/// Counts the data bytes that pass through `inner` into `count`.
+#[derive(Debug)]
+pub(crate) struct Counted {
+    inner: Incoming,
+    count: Arc<AtomicU64>,
+}
+
+impl Counted {
+    pub(crate) fn new(inner: Incoming, count: Arc<AtomicU64>) -> Self {
+        Self { inner, count }
+    }
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The upstream's response body; reports the outcome when it ends, fails, or is dropped.
+#[derive(Debug)]
+pub(crate) struct Reported {
+    inner: Incoming,
+    lease: Option<Lease>,
+    outcome: Outcome,
+    up: Arc<AtomicU64>,
+}
+
+impl Reported {
+    pub(crate) fn new(inner: Incoming, lease: Lease, outcome: Outcome, up: Arc<AtomicU64>) -> Self {
+        Self {
+            inner,
+            lease: Some(lease),
+            outcome,
+            up,
+        }
+    }
+
+    fn report(&mut self, error: Option<ErrorKind>) {
+        if let Some(lease) = self.lease.take() {
+            self.outcome.bytes_up = self.up.load(Ordering::Relaxed);
+            self.outcome.error = error;
+            lease.report(&self.outcome);
+        }
+    }
+}
+
+impl Body for Reported {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.outcome.bytes_down += data.len() as u64;
+                }
+            }
+            // The upstream broke off the body it had started: its fault.
+            Poll::Ready(Some(Err(_))) => self.report(Some(ErrorKind::UpstreamIo)),
+            Poll::Ready(None) => self.report(None),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Reported {
+    fn drop(&mut self) {
+        // The client stopped reading (or the body was empty and never polled): the upstream
+        // answered, which is all it owed us.
+        self.report(None);
+    }
+}
