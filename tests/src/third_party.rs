@@ -61,10 +61,14 @@ impl ThirdParty {
             ),
         )
         .unwrap();
+        let conf = conf.display().to_string();
+        Self::spawn(&bin, &["-d", "-c", &conf], port, dir).await
+    }
+
+    /// Runs `bin args`, which must listen on 127.0.0.1:`port`, and waits until it does.
+    async fn spawn(bin: &str, args: &[&str], port: u16, dir: tempfile::TempDir) -> ThirdParty {
         let child = Command::new(bin)
-            .arg("-d")
-            .arg("-c")
-            .arg(&conf)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -89,28 +93,8 @@ impl ThirdParty {
         let bin = require("microsocks");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port().await;
-        let child = Command::new(bin)
-            .args([
-                "-i",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-u",
-                user,
-                "-P",
-                pass,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        wait_listening(addr).await;
-        ThirdParty {
-            addr,
-            _child: child,
-            _dir: dir,
-        }
+        let port_s = port.to_string();
+        let args = ["-i", "127.0.0.1", "-p", &port_s, "-u", user, "-P", pass];
+        Self::spawn(&bin, &args, port, dir).await
     }
 }
