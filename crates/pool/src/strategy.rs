@@ -13,7 +13,8 @@
 //! - `least_recently_used`: exact for pools of up to [`EXACT_MAX`] upstreams; beyond, the least
 //!   recently used of [`LRU_SAMPLE`] uniform probes (an approximation that needs no lock or
 //!   global order).
-//! - `best_reputation`, `fastest_response`: exact scans for small pools; beyond, a walk of the
+//! - `best_reputation`, `fastest_response` (response time / success rate): exact scans for
+//!   small pools; beyond, a walk of the
 //!   snapshot's order by reputation / by response time, which the pool's reindexer refreshes
 //!   (every `pool.reindex_interval`) from live stats.
 //!
@@ -195,9 +196,13 @@ pub(crate) fn pick<'a>(
     found.or_else(|| fallback(entries, ctx))
 }
 
-/// Response time for ordering; unmeasured upstreams sort last.
+/// The fastest_response order: response time divided by success rate, the expected time to
+/// a successful connection, so a fast upstream that fails half the time does not outrank a
+/// slightly slower one that always works. Unmeasured upstreams sort last.
 pub(crate) fn latency_key(e: &Entry) -> f64 {
-    e.health.response_time_ms().unwrap_or(f64::INFINITY)
+    let rt = e.health.response_time_ms().unwrap_or(f64::INFINITY);
+    let success = e.health.success_rate().unwrap_or(1.0).max(0.05);
+    rt / success
 }
 
 /// Uniform probes; the first selectable one that `accept` takes.
