@@ -299,7 +299,7 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proxygate_core::ErrorKind;
+    use proxygate_core::{ErrorKind, Scheme};
     use std::collections::HashMap;
     use std::time::Duration;
 
@@ -613,6 +613,39 @@ mod tests {
                 r.select_route(&strict, None, None, &[]).is_none(),
                 "{s}: all score 50"
             );
+        }
+    }
+
+    #[test]
+    fn sparse_filters_in_a_large_pool() {
+        let (r, w) = Pool::create(Strategy::WeightedRandom, strict());
+        w.replace((0..20_000).map(|i| {
+            let (scheme, cc) = match i % 4000 {
+                0 => ("socks5", "fr"),
+                1 => ("http", "fr"),
+                _ => ("http", "us"),
+            };
+            Upstream::parse(&format!(
+                "{scheme}://10.{}.{}.{}:1?country={cc}",
+                i >> 16,
+                (i >> 8) & 255,
+                i & 255
+            ))
+            .unwrap()
+        }));
+        w.reindex();
+        let fr_socks = Route::parse("a-country-fr-type-socks5").unwrap().1;
+        let fr = Route::parse("a-country-fr").unwrap().1;
+        for s in Strategy::ALL {
+            w.set_strategy(s);
+            for _ in 0..50 {
+                let l = r.select_route(&fr_socks, None, None, &[]).unwrap();
+                assert_eq!(l.upstream().scheme, Scheme::Socks5, "{s}");
+                assert_eq!(l.upstream().country.as_deref(), Some("FR"), "{s}");
+                let l = r.select_route(&fr, None, None, &[]).unwrap();
+                assert_eq!(l.upstream().country.as_deref(), Some("FR"), "{s}");
+                assert!(!l.is_panic_mode());
+            }
         }
     }
 

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use proxygate_core::{Upstream, UpstreamId};
+use proxygate_core::{Route, Scheme, Upstream, UpstreamId};
 
 use std::time::Instant;
 
@@ -56,6 +56,30 @@ pub struct Snapshot {
     by_reputation: Vec<u32>,
     /// Indexes into `entries`, fastest response first, unmeasured last.
     by_latency: Vec<u32>,
+    /// Indexes into `entries` by country and by scheme, for filtered picks. They depend only
+    /// on the upstreams, so reindexed snapshots share them.
+    meta: Arc<MetaIndex>,
+}
+
+/// Upstreams by metadata.
+#[derive(Debug, Default)]
+pub(crate) struct MetaIndex {
+    by_country: HashMap<String, Vec<u32>>,
+    by_scheme: HashMap<Scheme, Vec<u32>>,
+}
+
+impl MetaIndex {
+    fn build(entries: &[Arc<Entry>]) -> MetaIndex {
+        let mut m = MetaIndex::default();
+        for (i, e) in entries.iter().enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            if let Some(c) = &e.upstream.country {
+                m.by_country.entry(c.clone()).or_default().push(i);
+            }
+            m.by_scheme.entry(e.upstream.scheme).or_default().push(i);
+        }
+        m
+    }
 }
 
 impl Snapshot {
@@ -85,6 +109,7 @@ impl Snapshot {
             snap.by_id.insert(id, snap.entries.len());
             snap.entries.push(entry);
         }
+        snap.meta = Arc::new(MetaIndex::build(&snap.entries));
         snap.reindex();
         snap
     }
@@ -97,6 +122,7 @@ impl Snapshot {
             by_id: self.by_id.clone(),
             by_reputation: Vec::new(),
             by_latency: Vec::new(),
+            meta: Arc::clone(&self.meta),
         };
         snap.reindex();
         snap
@@ -124,6 +150,22 @@ impl Snapshot {
 
     pub(crate) fn by_latency(&self) -> &[u32] {
         &self.by_latency
+    }
+
+    /// The smallest precomputed candidate list for a route's country and scheme filters, or
+    /// `None` when the route filters on neither. An empty list means nothing can match.
+    pub(crate) fn candidates(&self, route: &Route) -> Option<&[u32]> {
+        let by_country = route
+            .country
+            .as_ref()
+            .map(|c| self.meta.by_country.get(c).map_or(&[][..], Vec::as_slice));
+        let by_scheme = route
+            .scheme
+            .map(|s| self.meta.by_scheme.get(&s).map_or(&[][..], Vec::as_slice));
+        match (by_country, by_scheme) {
+            (Some(a), Some(b)) => Some(if a.len() <= b.len() { a } else { b }),
+            (a, b) => a.or(b),
+        }
     }
 
     pub fn entries(&self) -> &[Arc<Entry>] {

@@ -19,7 +19,9 @@
 //!   (every `pool.reindex_interval`) from live stats.
 //!
 //! When every probe misses, a bounded fallback scan from a random start finds any selectable
-//! upstream, so a sparse pool is never mistaken for an empty one.
+//! upstream, so a sparse pool is never mistaken for an empty one. A route that filters on
+//! country or scheme picks from the snapshot's precomputed list for it (the smaller one when
+//! both), so a filter that matches few upstreams of a large pool stays cheap.
 
 use std::fmt;
 use std::str::FromStr;
@@ -133,14 +135,42 @@ impl PickCtx<'_> {
     }
 }
 
+/// The entries a pick chooses from: all of them, or a precomputed subset (by country or
+/// scheme) when the route filters on one.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    entries: &'a [Arc<Entry>],
+    subset: Option<&'a [u32]>,
+}
+
+impl<'a> View<'a> {
+    fn len(&self) -> usize {
+        self.subset.map_or(self.entries.len(), <[u32]>::len)
+    }
+
+    fn get(&self, i: usize) -> &'a Arc<Entry> {
+        match self.subset {
+            Some(s) => &self.entries[s[i] as usize],
+            None => &self.entries[i],
+        }
+    }
+
+    fn iter(self) -> impl Iterator<Item = &'a Arc<Entry>> {
+        (0..self.len()).map(move |i| self.get(i))
+    }
+}
+
 /// The strategy's pick, or `None` when no upstream is selectable.
 pub(crate) fn pick<'a>(
     strategy: Strategy,
     snap: &'a Snapshot,
     ctx: &PickCtx<'_>,
 ) -> Option<&'a Arc<Entry>> {
-    let entries = snap.entries();
-    let n = entries.len();
+    let view = View {
+        entries: snap.entries(),
+        subset: snap.candidates(ctx.route),
+    };
+    let n = view.len();
     if n == 0 {
         return None;
     }
@@ -148,19 +178,19 @@ pub(crate) fn pick<'a>(
         // A retry goes to a random upstream rather than the next in turn: neighbours in a list
         // tend to fail together (same provider, same subnet), and a run of them would eat
         // the whole attempt budget.
-        Strategy::RoundRobin if !ctx.exclude.is_empty() => probe(entries, ctx, |_| true),
+        Strategy::RoundRobin if !ctx.exclude.is_empty() => probe(view, ctx, |_| true),
         Strategy::RoundRobin => {
             let start = ctx.cursor.fetch_add(1, Ordering::Relaxed);
             return (0..n)
-                .map(|i| &entries[start.wrapping_add(i) % n])
+                .map(|i| view.get(start.wrapping_add(i) % n))
                 .find(|e| ctx.ok(e));
         }
-        Strategy::Random => probe(entries, ctx, |_| true),
-        Strategy::WeightedRandom if n <= EXACT_MAX => weighted_exact(entries, ctx),
-        Strategy::WeightedRandom => probe(entries, ctx, |e| {
-            fastrand::u8(0..100) < e.health.reputation()
-        }),
-        Strategy::LeastRecentlyUsed if n <= EXACT_MAX => entries
+        Strategy::Random => probe(view, ctx, |_| true),
+        Strategy::WeightedRandom if n <= EXACT_MAX => weighted_exact(view, ctx),
+        Strategy::WeightedRandom => {
+            probe(view, ctx, |e| fastrand::u8(0..100) < e.health.reputation())
+        }
+        Strategy::LeastRecentlyUsed if n <= EXACT_MAX => view
             .iter()
             .filter(|e| ctx.ok(e))
             .min_by_key(|e| e.health.lru_ms()),
@@ -168,7 +198,7 @@ pub(crate) fn pick<'a>(
             let mut best: Option<&Arc<Entry>> = None;
             let mut seen = 0;
             for _ in 0..MAX_PROBES {
-                let e = &entries[fastrand::usize(0..n)];
+                let e = view.get(fastrand::usize(0..n));
                 if !ctx.ok(e) {
                     continue;
                 }
@@ -182,18 +212,18 @@ pub(crate) fn pick<'a>(
             }
             best
         }
-        Strategy::BestReputation if n <= EXACT_MAX => entries
+        Strategy::BestReputation if n <= EXACT_MAX => view
             .iter()
             .filter(|e| ctx.ok(e))
             .max_by_key(|e| e.health.reputation()),
-        Strategy::BestReputation => walk(snap.by_reputation(), entries, ctx),
-        Strategy::FastestResponse if n <= EXACT_MAX => entries
+        Strategy::BestReputation => walk(snap.by_reputation(), snap.entries(), ctx),
+        Strategy::FastestResponse if n <= EXACT_MAX => view
             .iter()
             .filter(|e| ctx.ok(e))
             .min_by(|a, b| latency_key(a).total_cmp(&latency_key(b))),
-        Strategy::FastestResponse => walk(snap.by_latency(), entries, ctx),
+        Strategy::FastestResponse => walk(snap.by_latency(), snap.entries(), ctx),
     };
-    found.or_else(|| fallback(entries, ctx))
+    found.or_else(|| fallback(view, ctx))
 }
 
 /// The fastest_response order: response time divided by success rate, the expected time to
@@ -207,30 +237,26 @@ pub(crate) fn latency_key(e: &Entry) -> f64 {
 
 /// Uniform probes; the first selectable one that `accept` takes.
 fn probe<'a>(
-    entries: &'a [Arc<Entry>],
+    view: View<'a>,
     ctx: &PickCtx<'_>,
     mut accept: impl FnMut(&Entry) -> bool,
 ) -> Option<&'a Arc<Entry>> {
-    let n = entries.len();
+    let n = view.len();
     (0..MAX_PROBES)
-        .map(|_| &entries[fastrand::usize(0..n)])
+        .map(|_| view.get(fastrand::usize(0..n)))
         .find(|e| ctx.ok(e) && accept(e))
 }
 
 /// Exact weighted draw over a small pool. Reputation 0 still gets weight 1 among the
 /// selectable, so a pool of all-zero upstreams is not treated as empty.
-fn weighted_exact<'a>(entries: &'a [Arc<Entry>], ctx: &PickCtx<'_>) -> Option<&'a Arc<Entry>> {
+fn weighted_exact<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<&'a Arc<Entry>> {
     let weight = |e: &Entry| u32::from(e.health.reputation()).max(1);
-    let total: u32 = entries
-        .iter()
-        .filter(|e| ctx.ok(e))
-        .map(|e| weight(e))
-        .sum();
+    let total: u32 = view.iter().filter(|e| ctx.ok(e)).map(|e| weight(e)).sum();
     if total == 0 {
         return None;
     }
     let mut x = fastrand::u32(0..total);
-    for e in entries.iter().filter(|e| ctx.ok(e)) {
+    for e in view.iter().filter(|e| ctx.ok(e)) {
         let w = weight(e);
         if x < w {
             return Some(e);
@@ -249,10 +275,10 @@ fn walk<'a>(order: &[u32], entries: &'a [Arc<Entry>], ctx: &PickCtx<'_>) -> Opti
 }
 
 /// Any selectable entry, scanning from a random start.
-fn fallback<'a>(entries: &'a [Arc<Entry>], ctx: &PickCtx<'_>) -> Option<&'a Arc<Entry>> {
-    let n = entries.len();
+fn fallback<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<&'a Arc<Entry>> {
+    let n = view.len();
     let start = fastrand::usize(0..n);
     (0..n)
-        .map(|i| &entries[(start + i) % n])
+        .map(|i| view.get((start + i) % n))
         .find(|e| ctx.ok(e))
 }
