@@ -342,3 +342,26 @@ async fn connection_limit_counts_open_tunnels() {
     let r = waiting.await.unwrap();
     assert_eq!(r.status, 200, "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_dropping_a_request_with_a_body_is_a_502() {
+    let origin = Origin::start().await;
+    // Accepts the first connection, drops the second at once.
+    let flaky = FakeUpstream::start_with(
+        Kind::Http,
+        None,
+        proxygate_tests::fakes::Behavior {
+            fail_every_other: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let gw = Gateway::builder().upstream(flaky.url("http")).start().await;
+    let url = format!("{}/post", origin.url());
+    let r = curl(&["-x", &gw.http_proxy(), &url]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // A body cannot be sent twice: the upstream's failure is the answer, named as such.
+    let r = curl(&["-x", &gw.http_proxy(), "--data-binary", "payload", &url]).await;
+    assert_eq!(r.status, 502, "{r:?}\n{}", gw.logs());
+    assert!(r.header("proxy-status").contains("upstream_io"), "{r:?}");
+}

@@ -352,7 +352,10 @@ async fn forward(
                 format!("no response within {per_try:?}"),
             ),
         };
-        if !(replayable && budget.fail(lease, err)) {
+        // Report (and remember) the failure whether or not it can be retried: a request whose
+        // body is gone is answered with this very error.
+        let retry = budget.fail(lease, err);
+        if !(replayable && retry) {
             return Err(budget.exhausted());
         }
     }
