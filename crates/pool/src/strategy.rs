@@ -4,8 +4,8 @@
 //!
 //! Cost per pick stays flat as the pool grows:
 //! - `round_robin`: one atomic increment, then a forward scan past unavailable upstreams; a
-//!   retry (some upstreams already tried) picks at random instead, so it does not walk into
-//!   the failed upstream's neighbours.
+//!   retry (some upstreams already tried) is drawn by reputation instead, so it does not walk
+//!   into the failed upstream's neighbours (`least_recently_used` retries the same way).
 //! - `random`: uniform probes.
 //! - `weighted_random` (the default): rejection sampling, a uniform probe accepted with
 //!   probability reputation/100, which picks exactly in proportion to reputation in O(1)
@@ -175,10 +175,12 @@ pub(crate) fn pick<'a>(
         return None;
     }
     let found = match strategy {
-        // A retry goes to a random upstream rather than the next in turn: neighbours in a list
-        // tend to fail together (same provider, same subnet), and a run of them would eat
-        // the whole attempt budget.
-        Strategy::RoundRobin if !ctx.exclude.is_empty() => probe(view, ctx, |_| true),
+        // A retry of the cyclic strategies is drawn by reputation rather than taken in turn:
+        // neighbours in the cycle tend to fail together (same provider, same subnet; or all
+        // just back from backoff), and a run of them would eat the whole attempt budget.
+        Strategy::RoundRobin | Strategy::LeastRecentlyUsed if !ctx.exclude.is_empty() => {
+            weighted(view, ctx)
+        }
         Strategy::RoundRobin => {
             let start = ctx.cursor.fetch_add(1, Ordering::Relaxed);
             return (0..n)
@@ -186,10 +188,7 @@ pub(crate) fn pick<'a>(
                 .find(|e| ctx.ok(e));
         }
         Strategy::Random => probe(view, ctx, |_| true),
-        Strategy::WeightedRandom if n <= EXACT_MAX => weighted_exact(view, ctx),
-        Strategy::WeightedRandom => {
-            probe(view, ctx, |e| fastrand::u8(0..100) < e.health.reputation())
-        }
+        Strategy::WeightedRandom => weighted(view, ctx),
         Strategy::LeastRecentlyUsed if n <= EXACT_MAX => view
             .iter()
             .filter(|e| ctx.ok(e))
@@ -233,6 +232,15 @@ pub(crate) fn latency_key(e: &Entry) -> f64 {
     let rt = e.health.response_time_ms().unwrap_or(f64::INFINITY);
     let success = e.health.success_rate().unwrap_or(1.0).max(0.05);
     rt / success
+}
+
+/// A draw in proportion to reputation: exact over small views, rejection sampling beyond.
+fn weighted<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<&'a Arc<Entry>> {
+    if view.len() <= EXACT_MAX {
+        weighted_exact(view, ctx)
+    } else {
+        probe(view, ctx, |e| fastrand::u8(0..100) < e.health.reputation())
+    }
 }
 
 /// Uniform probes; the first selectable one that `accept` takes.
