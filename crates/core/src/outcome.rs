@@ -29,8 +29,4 @@ impl Outcome {
             ..Self::default()
         }
     }
-
-    pub fn is_success(&self) -> bool {
-        self.error.is_none()
-    }
 }

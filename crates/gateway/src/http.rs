@@ -266,7 +266,7 @@ async fn forward(
     let replayable = body.is_end_stream();
     let mut body = Some(body);
     let mut budget = gw.dialer().budget(routing);
-    let dial_cfg = gw.connector_config();
+    let dial_cfg = &gw.config().dial;
     let bytes_up = Arc::new(std::sync::atomic::AtomicU64::new(0));
 
     loop {

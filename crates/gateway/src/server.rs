@@ -19,7 +19,6 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::ClientAuth;
-use crate::config::DialConfig;
 use crate::dial::{Connector, Dialer, Established};
 use crate::io::Io;
 use crate::relay::{RelayEnd, relay};
@@ -68,10 +67,6 @@ impl Gateway {
 
     pub fn dialer(&self) -> &Dialer {
         &self.0.dialer
-    }
-
-    pub fn connector_config(&self) -> &DialConfig {
-        &self.0.config.dial
     }
 
     pub(crate) fn shutdown(&self) -> Shutdown {

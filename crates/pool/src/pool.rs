@@ -241,10 +241,6 @@ impl PoolWriter {
         self.0.snapshot.store(Arc::new(next));
     }
 
-    pub fn health_config(&self) -> &HealthConfig {
-        &self.0.shared.health
-    }
-
     /// How long a sticky session keeps its upstream unless the client's `ttl` hint says.
     pub fn set_session_ttl(&self, ttl: Duration) {
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
