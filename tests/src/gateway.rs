@@ -152,6 +152,17 @@ impl Gateway {
         format!("http://{}", self.addr)
     }
 
+    /// A reqwest client through this gateway that opens a new connection per request, so
+    /// every request selects and dials an upstream anew.
+    pub fn fresh_client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::all(self.http_proxy()).unwrap())
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap()
+    }
+
     /// Everything the gateway logged so far.
     pub fn logs(&self) -> String {
         self.log.lock().unwrap().join("\n")

@@ -39,13 +39,7 @@ async fn farm(good_kind: Kind, good_scheme: &str) -> (Origin, FakeUpstream, Blac
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_requests_all_succeed_through_dead_upstreams() {
     let (origin, good, hole, gw) = farm(Kind::Http, "http").await;
-    // A fresh connection per request, so every request selects and dials anew.
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::all(gw.http_proxy()).unwrap())
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let client = gw.fresh_client();
     let mut slowest = Duration::ZERO;
     for i in 0..100 {
         let start = Instant::now();

@@ -44,35 +44,19 @@ async fn farm() -> Farm {
     }
     let mut flaky = Vec::new();
     for i in 0..5 {
-        let kind = if i % 2 == 0 { Kind::Http } else { Kind::Socks5 };
-        let scheme = if i % 2 == 0 { "http" } else { "socks5" };
-        let f = FakeUpstream::start_with(
-            kind,
-            None,
-            Behavior {
-                fail_every_other: true,
-                ..Behavior::default()
-            },
-        )
-        .await;
-        urls.push(f.url(scheme));
-        flaky.push(f);
+        let behavior = Behavior {
+            fail_every_other: true,
+            ..Behavior::default()
+        };
+        flaky.push(mixed(i, behavior, &mut urls).await);
     }
     let mut good = Vec::new();
-    for i in 0..10u64 {
-        let kind = if i % 2 == 0 { Kind::Http } else { Kind::Socks5 };
-        let scheme = if i % 2 == 0 { "http" } else { "socks5" };
-        let f = FakeUpstream::start_with(
-            kind,
-            None,
-            Behavior {
-                delay: Duration::from_millis(i * 10),
-                ..Behavior::default()
-            },
-        )
-        .await;
-        urls.push(f.url(scheme));
-        good.push(f);
+    for i in 0..10 {
+        let behavior = Behavior {
+            delay: Duration::from_millis(i * 10),
+            ..Behavior::default()
+        };
+        good.push(mixed(i, behavior, &mut urls).await);
     }
     Farm {
         origin,
@@ -81,6 +65,18 @@ async fn farm() -> Farm {
         _holes: holes,
         urls,
     }
+}
+
+/// The `i`th fake of a group: HTTP and SOCKS5 in turn. Its URL goes into `urls`.
+async fn mixed(i: u64, behavior: Behavior, urls: &mut Vec<String>) -> FakeUpstream {
+    let (kind, scheme) = if i.is_multiple_of(2) {
+        (Kind::Http, "http")
+    } else {
+        (Kind::Socks5, "socks5")
+    };
+    let f = FakeUpstream::start_with(kind, None, behavior).await;
+    urls.push(f.url(scheme));
+    f
 }
 
 struct Figures {
@@ -101,12 +97,7 @@ async fn run(farm: &Farm, strategy: &str) -> Figures {
         b = b.upstream(u.clone());
     }
     let gw = b.start().await;
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::all(gw.http_proxy()).unwrap())
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let client = gw.fresh_client();
     let url = farm.origin.url();
     let send = |n: usize| {
         let client = client.clone();
