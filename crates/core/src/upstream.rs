@@ -236,6 +236,46 @@ impl Upstream {
     pub fn authority(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
+
+    /// The full URL, credentials included (percent-encoded) and `?country=`/`proxy_type=`
+    /// when set: what [`Upstream::parse`] reads back to an equal upstream. It exposes the
+    /// password: only for an operator's explicit export, never for a log.
+    pub fn expose_url(&self) -> String {
+        use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+        let mut url = format!("{}://", self.scheme);
+        if let Some(c) = &self.credentials {
+            url.push_str(&format!(
+                "{}:{}@",
+                utf8_percent_encode(c.username.expose(), NON_ALPHANUMERIC),
+                utf8_percent_encode(c.password.expose(), NON_ALPHANUMERIC)
+            ));
+        }
+        url.push_str(&self.authority());
+        let mut query = Vec::new();
+        if let Some(cc) = &self.country {
+            query.push(format!("country={}", cc.to_ascii_lowercase()));
+        }
+        if self.proxy_type != ProxyType::default() {
+            query.push(format!("proxy_type={}", self.proxy_type));
+        }
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(&query.join("&"));
+        }
+        url
+    }
+}
+
+impl FromStr for UpstreamId {
+    type Err = ();
+
+    /// The 16 hex digits [`UpstreamId`]'s `Display` writes.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 16 {
+            return Err(());
+        }
+        u64::from_str_radix(s, 16).map(UpstreamId).map_err(|_| ())
+    }
 }
 
 impl FromStr for Upstream {
@@ -428,6 +468,20 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_ne!(a, d);
+        assert_eq!(a.to_string().parse::<UpstreamId>(), Ok(a));
+        assert!("xyz".parse::<UpstreamId>().is_err());
+    }
+
+    #[test]
+    fn expose_url_round_trips() {
+        for url in [
+            "http://h.example:3128",
+            "socks5h://a%40b:p%3Ass@[::1]:1080?country=us&proxy_type=mobile",
+            "https://u:@10.0.0.1:443?country=de",
+        ] {
+            let u = Upstream::parse(url).unwrap();
+            assert_eq!(Upstream::parse(&u.expose_url()).unwrap(), u, "{url}");
+        }
     }
 
     proptest! {
@@ -445,6 +499,7 @@ mod tests {
                 utf8_percent_encode(&pass, NON_ALPHANUMERIC),
             );
             let u = Upstream::parse(&url).unwrap();
+            prop_assert_eq!(&Upstream::parse(&u.expose_url()).unwrap(), &u);
             let c = u.credentials.unwrap();
             prop_assert_eq!(c.username.expose(), user.as_str());
             prop_assert_eq!(c.password.expose(), pass.as_str());

@@ -1,0 +1,24 @@
+//! proxygate-store: the durable state in the data dir. sled (0.34) behind an API of our own
+//! types: no sled type leaves this crate.
+//!
+//! - [`store`]: [`Store`]: open (lock, schema check, key, migrations), records, stats,
+//!   settings, key rotation.
+//! - [`record`]: [`Record`], [`Stats`], [`Origin`] and their on-disk JSON shapes.
+//! - [`crypto`]: AES-256-GCM credential envelopes with key ids; key files and `ENCRYPTION_KEY`.
+//! - [`migrate`]: the ordered, idempotent schema migrations.
+//! - [`error`]: [`StoreError`], one variant per thing an operator must act on.
+//!
+//! Blocking: every call does disk I/O (a flush is an fsync). Async callers use
+//! `spawn_blocking`.
+
+pub mod crypto;
+pub mod error;
+pub mod migrate;
+pub mod record;
+pub mod store;
+
+pub use crypto::{KEY_ENV, KEY_FILE, Key, KeyId, KeyOrigin, Keyring, NEXT_KEY_FILE};
+pub use error::StoreError;
+pub use migrate::CURRENT_VERSION;
+pub use record::{Origin, Record, Stats};
+pub use store::{OpenReport, RotationProgress, Store};

@@ -1,0 +1,123 @@
+//! Schema migrations: an ordered list, each run once, idempotent and safe to interrupt.
+//!
+//! The schema version lives in the `meta` tree. A migration rewrites records one at a time
+//! (each write whole), skips records already in the new shape, and the version is raised only
+//! after its last record is flushed: killed halfway, the next open runs it again and it
+//! finishes.
+//!
+//! | version | shape |
+//! |---|---|
+//! | 1 | `{scheme, host, port, country?, username?, password?}` in plaintext, no stats |
+//! | 2 | + `proxy_type`, `origin`, `disabled`, `added_unix_ms`; a `stats` row per upstream |
+//! | 3 | credentials sealed in an AES-256-GCM envelope; no plaintext left |
+
+use crate::record::{PlainCredentials, RawRecord, key_id};
+use crate::store::Store;
+use crate::{Stats, StoreError};
+
+/// The schema this build reads and writes.
+pub const CURRENT_VERSION: u32 = 3;
+
+type Step = fn(&Store) -> Result<(), StoreError>;
+
+/// `(version it produces, name, step)`, in order.
+const MIGRATIONS: [(u32, &str, Step); 2] = [
+    (2, "add_reputation_fields", add_reputation_fields),
+    (3, "encrypt_credentials", encrypt_credentials),
+];
+
+/// Applies every migration past `from`; returns their names.
+pub(crate) fn run(store: &mut Store, from: u32) -> Result<Vec<&'static str>, StoreError> {
+    let mut applied = Vec::new();
+    for (to, name, step) in MIGRATIONS {
+        if to <= from {
+            continue;
+        }
+        step(store)?;
+        store.flush()?;
+        set_version(store, to)?;
+        tracing::info!(
+            migration = name,
+            schema_version = to,
+            "migrated the data dir"
+        );
+        applied.push(name);
+    }
+    if store
+        .meta
+        .get("schema_version")
+        .map_err(store.err())?
+        .is_none()
+    {
+        set_version(store, CURRENT_VERSION.max(from))?;
+    }
+    Ok(applied)
+}
+
+fn set_version(store: &Store, v: u32) -> Result<(), StoreError> {
+    store
+        .meta
+        .insert("schema_version", &v.to_be_bytes())
+        .map_err(store.err())?;
+    store.flush()
+}
+
+/// Calls `f` on every record; writes back the ones it changed (compare-and-swap, so a
+/// concurrent writer's version is never overwritten with a stale one).
+fn for_each_record(
+    store: &Store,
+    mut f: impl FnMut(&Store, proxygate_core::UpstreamId, &mut RawRecord) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    for item in &store.upstreams {
+        let (k, v) = item.map_err(store.err())?;
+        let Some(id) = key_id(&k) else { continue };
+        let mut raw = RawRecord::decode(&v).map_err(|reason| StoreError::Corrupt {
+            what: id.to_string(),
+            reason,
+        })?;
+        if f(store, id, &mut raw)? {
+            let _ = store
+                .upstreams
+                .compare_and_swap(&k, Some(v), Some(raw.encode()))
+                .map_err(store.err())?;
+        }
+    }
+    Ok(())
+}
+
+/// Version 2: every upstream gets its reputation fields at their defaults (reputation 50,
+/// nothing measured, proxy type `datacenter`).
+fn add_reputation_fields(store: &Store) -> Result<(), StoreError> {
+    let default = serde_json::to_vec(&Stats::default()).unwrap_or_default();
+    for_each_record(store, |store, id, raw| {
+        let _ = store
+            .stats
+            .compare_and_swap(
+                id.0.to_be_bytes(),
+                None as Option<&[u8]>,
+                Some(default.clone()),
+            )
+            .map_err(store.err())?;
+        if raw.proxy_type.is_some() {
+            return Ok(false);
+        }
+        raw.proxy_type = Some("datacenter".into());
+        raw.origin.get_or_insert_with(|| "operator".into());
+        Ok(true)
+    })
+}
+
+/// Version 3: plaintext credentials are sealed with the primary key.
+fn encrypt_credentials(store: &Store) -> Result<(), StoreError> {
+    for_each_record(store, |store, id, raw| {
+        if raw.username.is_none() && raw.password.is_none() {
+            return Ok(false);
+        }
+        let creds = PlainCredentials {
+            username: raw.username.take().unwrap_or_default(),
+            password: raw.password.take().unwrap_or_default(),
+        };
+        store.encode(id, raw, Some(&creds));
+        Ok(true)
+    })
+}

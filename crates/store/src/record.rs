@@ -1,0 +1,201 @@
+//! The store's domain types ([`Record`], [`Stats`], [`Origin`]) and their on-disk shapes.
+//!
+//! Records are JSON in sled, keyed by the upstream id (8 bytes, big endian). Credentials sit in
+//! the record as one AES-256-GCM envelope (base64) of `{"username":..,"password":..}`; the
+//! plaintext `username`/`password` fields exist only in records of schema version 2 and older,
+//! which the migrations re-encrypt.
+
+use std::str::FromStr;
+
+use proxygate_core::{Credentials, Host, ProxyType, Scheme, Secret, Upstream, UpstreamId};
+use serde::{Deserialize, Serialize};
+
+/// What the store keeps of one upstream (its live stats are kept apart, in [`Stats`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub upstream: Upstream,
+    /// Disabled upstreams stay in the store but never serve.
+    pub disabled: bool,
+    pub origin: Origin,
+    pub added_unix_ms: u64,
+}
+
+/// Who put an upstream in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    /// An operator (`proxygate pool add`/`import`): stays until removed.
+    #[default]
+    Operator,
+    /// The config file or `--upstream`/`--upstreams-file`: follows the config at each start.
+    Config,
+}
+
+/// An upstream's persisted reputation stats, written behind from the live pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Stats {
+    pub reputation: u8,
+    pub success_rate: Option<f64>,
+    pub response_time_avg_ms: Option<f64>,
+    pub consecutive_failures: u32,
+    pub total_uses: u64,
+    /// Of `total_uses`, how many failed.
+    pub failures: u64,
+    pub last_used_unix_ms: Option<u64>,
+    pub last_health_check_unix_ms: Option<u64>,
+}
+
+impl Default for Stats {
+    /// A new upstream's: reputation 50, nothing measured.
+    fn default() -> Self {
+        Stats {
+            reputation: 50,
+            success_rate: None,
+            response_time_avg_ms: None,
+            consecutive_failures: 0,
+            total_uses: 0,
+            failures: 0,
+            last_used_unix_ms: None,
+            last_health_check_unix_ms: None,
+        }
+    }
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Operator => "operator",
+            Origin::Config => "config",
+        }
+    }
+}
+
+/// A record as stored. Every field past the address is optional so that records of every
+/// schema version parse; the migrations bring them to the current shape.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct RawRecord {
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    /// Absent before schema version 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_type: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    #[serde(default)]
+    pub added_unix_ms: u64,
+    /// Base64 of the credentials envelope (schema version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<String>,
+    /// Plaintext credentials of schema versions 1 and 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+/// The plaintext inside a credentials envelope.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct PlainCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for PlainCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PlainCredentials(***)")
+    }
+}
+
+impl Drop for PlainCredentials {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.username.zeroize();
+        self.password.zeroize();
+    }
+}
+
+impl RawRecord {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<RawRecord, String> {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        // Serializing plain strings and numbers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The address part of a record (everything but credentials).
+    pub(crate) fn from_record(r: &Record) -> RawRecord {
+        RawRecord {
+            scheme: r.upstream.scheme.as_str().to_owned(),
+            host: r.upstream.host.to_string(),
+            port: r.upstream.port,
+            country: r.upstream.country.clone(),
+            proxy_type: Some(r.upstream.proxy_type.as_str().to_owned()),
+            disabled: r.disabled,
+            origin: Some(r.origin.as_str().to_owned()),
+            added_unix_ms: r.added_unix_ms,
+            credentials: None,
+            username: None,
+            password: None,
+        }
+    }
+
+    /// Builds the domain record, given the decrypted credentials.
+    pub(crate) fn to_record(
+        &self,
+        credentials: Option<PlainCredentials>,
+    ) -> Result<Record, String> {
+        let scheme = Scheme::from_str(&self.scheme)
+            .map_err(|()| format!("unknown scheme {:?}", self.scheme))?;
+        let host = Host::parse(self.host.trim_start_matches('[').trim_end_matches(']'))
+            .ok_or_else(|| format!("invalid host {:?}", self.host))?;
+        let proxy_type = match &self.proxy_type {
+            Some(t) => ProxyType::from_str(t).map_err(|()| format!("unknown proxy_type {t:?}"))?,
+            None => ProxyType::default(),
+        };
+        let origin = match self.origin.as_deref() {
+            Some("config") => Origin::Config,
+            _ => Origin::Operator,
+        };
+        Ok(Record {
+            upstream: Upstream {
+                scheme,
+                host,
+                port: self.port,
+                credentials: credentials.map(|c| Credentials {
+                    username: Secret::new(c.username.as_str()),
+                    password: Secret::new(c.password.as_str()),
+                }),
+                country: self.country.clone(),
+                proxy_type,
+            },
+            disabled: self.disabled,
+            origin,
+            added_unix_ms: self.added_unix_ms,
+        })
+    }
+}
+
+/// The sled key of an upstream's record and stats.
+pub(crate) fn id_key(id: UpstreamId) -> [u8; 8] {
+    id.0.to_be_bytes()
+}
+
+pub(crate) fn key_id(key: &[u8]) -> Option<UpstreamId> {
+    <[u8; 8]>::try_from(key)
+        .ok()
+        .map(|b| UpstreamId(u64::from_be_bytes(b)))
+}
+
+/// The associated data binding a credentials envelope to its record.
+pub(crate) fn context(id: UpstreamId) -> Vec<u8> {
+    let mut c = b"upstreams/".to_vec();
+    c.extend_from_slice(&id_key(id));
+    c
+}
