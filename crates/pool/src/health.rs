@@ -81,6 +81,19 @@ pub struct Health {
     response_ema: AtomicU32,
     successes: AtomicU64,
     failures: AtomicU64,
+    /// Set by every recorded outcome, cleared by whoever persists the stats.
+    dirty: AtomicBool,
+}
+
+/// The part of an upstream's stats worth keeping across restarts (what it learned, not what
+/// it is doing: in flight, backoff and LRU keys start afresh).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Saved {
+    pub success_rate: Option<f64>,
+    pub response_time_ms: Option<f64>,
+    pub consecutive_failures: u32,
+    pub successes: u64,
+    pub failures: u64,
 }
 
 impl Default for Health {
@@ -97,6 +110,7 @@ impl Default for Health {
             response_ema: AtomicU32::new(NONE),
             reputation: AtomicU8::new(50),
             probation: AtomicBool::new(true),
+            dirty: AtomicBool::new(false),
         }
     }
 }
@@ -129,7 +143,44 @@ fn update_ema(a: &AtomicU32, sample: f64, alpha: f64) {
     a.store((next as f32).to_bits(), Ordering::Relaxed);
 }
 
+fn store_f32(v: Option<f64>) -> u32 {
+    v.map_or(NONE, |v| (v as f32).to_bits())
+}
+
 impl Health {
+    /// Health restored from saved stats; the reputation is recomputed from them. It is off
+    /// probation only if its last attempt succeeded.
+    pub fn restore(saved: &Saved, cfg: &HealthConfig) -> Health {
+        let h = Health {
+            consecutive_failures: AtomicU32::new(saved.consecutive_failures),
+            successes: AtomicU64::new(saved.successes),
+            failures: AtomicU64::new(saved.failures),
+            success_ema: AtomicU32::new(store_f32(saved.success_rate)),
+            response_ema: AtomicU32::new(store_f32(saved.response_time_ms)),
+            probation: AtomicBool::new(saved.consecutive_failures > 0 || saved.successes == 0),
+            ..Health::default()
+        };
+        let rep = reputation(&h.inputs(), &cfg.reputation);
+        h.reputation.store(rep, Ordering::Relaxed);
+        h
+    }
+
+    /// What [`Health::restore`] takes back.
+    pub fn saved(&self) -> Saved {
+        Saved {
+            success_rate: self.success_rate(),
+            response_time_ms: self.response_time_ms(),
+            consecutive_failures: self.consecutive_failures(),
+            successes: self.successes(),
+            failures: self.failures(),
+        }
+    }
+
+    /// Whether an outcome was recorded since the last call (and clears the flag).
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::Relaxed)
+    }
+
     /// Whether selection may hand this upstream out at `now_ms`: not in backoff, and not on
     /// probation with a request already in flight.
     pub fn is_selectable(&self, now_ms: u64) -> bool {
@@ -238,6 +289,7 @@ impl Health {
         }
         let rep = reputation(&self.inputs(), &cfg.reputation);
         self.reputation.store(rep, Ordering::Relaxed);
+        self.dirty.store(true, Ordering::Relaxed);
         if outcome.error.is_some() && !self.is_healthy(cfg) {
             // Deactivate; the first failure past the limit waits up to backoff_base, each
             // further one twice as long.
@@ -271,6 +323,26 @@ mod tests {
             handshake: Some(Duration::ZERO),
             ..Outcome::default()
         }
+    }
+
+    #[test]
+    fn saved_stats_restore_the_same_reputation() {
+        let cfg = HealthConfig::default();
+        let h = Health::default();
+        assert!(!h.take_dirty());
+        for i in 0..30 {
+            h.record(&ok(100 + i), i, &cfg, 0.5);
+        }
+        h.record(&fail(), 40, &cfg, 0.5);
+        assert!(h.take_dirty() && !h.take_dirty());
+        let back = Health::restore(&h.saved(), &cfg);
+        assert_eq!(back.saved(), h.saved());
+        assert_eq!(back.reputation(), h.reputation());
+        assert!(back.is_on_probation(), "its last attempt failed");
+        h.record(&ok(100), 50, &cfg, 0.5);
+        assert!(!Health::restore(&h.saved(), &cfg).is_on_probation());
+        assert!(Health::restore(&Saved::default(), &cfg).is_on_probation());
+        assert_eq!(Health::restore(&Saved::default(), &cfg).reputation(), 50);
     }
 
     #[test]

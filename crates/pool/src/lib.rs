@@ -20,7 +20,7 @@ pub mod sessions;
 pub mod snapshot;
 pub mod strategy;
 
-pub use health::{Health, HealthConfig};
+pub use health::{Health, HealthConfig, Saved};
 pub use pool::{Lease, Pool, PoolReader, PoolWriter};
 pub use reputation::ReputationConfig;
 pub use snapshot::{Entry, Snapshot};

@@ -229,6 +229,16 @@ impl PoolWriter {
         self.0.snapshot.store(Arc::new(next));
     }
 
+    /// [`PoolWriter::replace`], where upstreams new to the pool start from saved stats.
+    pub fn replace_saved(
+        &self,
+        upstreams: impl IntoIterator<Item = (Upstream, Option<crate::health::Saved>)>,
+    ) {
+        let previous = self.0.snapshot.load();
+        let next = Snapshot::build_saved(upstreams, &previous, &self.0.shared);
+        self.0.snapshot.store(Arc::new(next));
+    }
+
     /// Recomputes the snapshot's orders (by reputation, by response time) from live stats.
     /// The app calls this every `pool.reindex_interval`.
     pub fn reindex(&self) {
@@ -324,6 +334,32 @@ mod tests {
 
     fn pool_of(n: usize) -> (PoolReader, PoolWriter) {
         pool_with(n, Strategy::RoundRobin)
+    }
+
+    #[test]
+    fn saved_stats_seed_only_new_upstreams() {
+        let (r, w) = pool_of(2);
+        let live = r.snapshot().entries()[0].upstream.clone();
+        let lease = r.lease(live.id()).unwrap();
+        lease.report(&ok(10));
+        let saved = crate::Saved {
+            success_rate: Some(0.0),
+            consecutive_failures: 5,
+            failures: 40,
+            ..crate::Saved::default()
+        };
+        let new = Upstream::parse("socks5://10.9.9.9:1080").unwrap();
+        w.replace_saved([(live.clone(), Some(saved)), (new.clone(), Some(saved))]);
+        let snap = r.snapshot();
+        let h = &snap.get(live.id()).unwrap().health;
+        assert_eq!(
+            (h.successes(), h.consecutive_failures()),
+            (1, 0),
+            "live stats kept"
+        );
+        let h = &snap.get(new.id()).unwrap().health;
+        assert_eq!((h.failures(), h.consecutive_failures()), (40, 5));
+        assert!(h.reputation() < 30 && !h.is_healthy(&strict()));
     }
 
     fn ids(r: &PoolReader) -> Vec<UpstreamId> {

@@ -11,6 +11,7 @@ use proxygate_core::{Route, Scheme, Upstream, UpstreamId};
 
 use std::time::Instant;
 
+use crate::health::Saved;
 use crate::{Health, HealthConfig};
 
 /// One upstream and its live health. `repr(C)` with the health first: right after the `Arc`'s
@@ -24,6 +25,15 @@ pub struct Entry {
     /// The pool's clock and policy, so a lease needs nothing but its entry (no shared
     /// reference count touched per pick).
     pub(crate) shared: Arc<Shared>,
+}
+
+impl Entry {
+    /// How long ago this upstream was last handed out, if ever (in this process).
+    pub fn since_last_use(&self, now: Instant) -> Option<std::time::Duration> {
+        let last = self.health.last_used_ms();
+        (last > 0 || self.health.in_flight() > 0)
+            .then(|| std::time::Duration::from_millis(self.shared.millis(now).saturating_sub(last)))
+    }
 }
 
 /// What every entry of a pool shares.
@@ -90,8 +100,18 @@ impl Snapshot {
         previous: &Snapshot,
         shared: &Arc<Shared>,
     ) -> Snapshot {
+        Snapshot::build_saved(upstreams.into_iter().map(|u| (u, None)), previous, shared)
+    }
+
+    /// [`Snapshot::build`], where an upstream not in `previous` starts from its saved stats
+    /// when it has some.
+    pub fn build_saved(
+        upstreams: impl IntoIterator<Item = (Upstream, Option<Saved>)>,
+        previous: &Snapshot,
+        shared: &Arc<Shared>,
+    ) -> Snapshot {
         let mut snap = Snapshot::default();
-        for upstream in upstreams {
+        for (upstream, saved) in upstreams {
             let id = upstream.id();
             if snap.by_id.contains_key(&id) {
                 continue;
@@ -102,7 +122,9 @@ impl Snapshot {
                 _ => Arc::new(Entry {
                     id,
                     upstream,
-                    health: Health::default(),
+                    health: saved
+                        .map(|s| Health::restore(&s, &shared.health))
+                        .unwrap_or_default(),
                     shared: Arc::clone(shared),
                 }),
             };
