@@ -131,6 +131,8 @@ async fn upstreams_file_and_embedded_defaults() {
         ])
         .arg("--upstreams-file")
         .arg(&list)
+        // The default data dir is ./data: keep it in the temp dir.
+        .current_dir(dir.path())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -156,6 +158,10 @@ async fn upstreams_file_and_embedded_defaults() {
     // Round robin over both upstreams of the file.
     assert!(peers.contains(&a.egress.to_string()), "{peers:?}");
     assert!(peers.contains(&b.egress.to_string()), "{peers:?}");
+    // The embedded default data dir, with its generated key, owner-only.
+    let key = dir.path().join("data").join("encryption.key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

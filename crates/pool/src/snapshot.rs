@@ -36,6 +36,20 @@ impl Entry {
     }
 }
 
+impl Entry {
+    /// How much of its backoff this upstream has left at `now`, if it is in one.
+    pub fn backoff_left(&self, now: Instant) -> Option<std::time::Duration> {
+        let until = self.health.backoff_until_ms();
+        let now_ms = self.shared.millis(now);
+        (until > now_ms).then(|| std::time::Duration::from_millis(until - now_ms))
+    }
+
+    /// Whether this upstream counts as healthy under the pool's policy.
+    pub fn is_healthy(&self) -> bool {
+        self.health.is_healthy(&self.shared.health)
+    }
+}
+
 /// What every entry of a pool shares.
 #[derive(Debug)]
 pub struct Shared {

@@ -2,19 +2,25 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use proxygate_core::Shutdown;
 use proxygate_gateway::auth::ClientAuth;
 use proxygate_gateway::{Gateway, Server};
-use proxygate_pool::{Pool, PoolWriter, Strategy};
+use proxygate_pool::{Pool, PoolReader, PoolWriter, Strategy};
+use proxygate_store::Store;
 use tracing_subscriber::EnvFilter;
 
+use crate::catalog::{Catalog, persist};
 use crate::config::{ConfigErrors, LogFormat, RootConfig};
+use crate::control;
 use crate::{EXIT_CONFIG, RunArgs};
 
 /// Builds the final config from file and flags; every problem is reported at once.
-fn resolve(args: &RunArgs) -> Result<(RootConfig, Vec<proxygate_core::Upstream>), ConfigErrors> {
+pub(crate) fn resolve(
+    args: &RunArgs,
+) -> Result<(RootConfig, Vec<proxygate_core::Upstream>), ConfigErrors> {
     let source = args
         .config
         .as_ref()
@@ -75,6 +81,35 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         }
     };
     init_logging(&cfg);
+    let mut catalog = match open_catalog(&cfg, &upstreams) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("proxygate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut cfg = cfg;
+    if args.strategy.is_none() {
+        match catalog.store().setting("strategy") {
+            Ok(Some(name)) => match name.parse::<Strategy>() {
+                Ok(s) => {
+                    if s != cfg.pool.strategy {
+                        tracing::info!(
+                            "strategy {s}: set by an operator (`proxygate pool strategy --reset` \
+                             returns to the config's {})",
+                            cfg.pool.strategy
+                        );
+                    }
+                    cfg.pool.strategy = s;
+                }
+                Err(e) => tracing::warn!("stored strategy ignored: {e}"),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::warn!("stored strategy unreadable: {e}"),
+        }
+    }
+    let configured = cfg.pool.strategy;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -85,7 +120,9 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(cfg, upstreams)) {
+    let pool = Pool::create(cfg.pool.strategy, cfg.pool.health());
+    catalog.attach(pool.1.clone(), configured);
+    match runtime.block_on(serve(cfg, catalog, pool)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -95,13 +132,47 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn serve(cfg: RootConfig, upstreams: Vec<proxygate_core::Upstream>) -> anyhow::Result<()> {
+/// Opens the data dir, reads the pool and brings the config's upstreams into it.
+fn open_catalog(
+    cfg: &RootConfig,
+    upstreams: &[proxygate_core::Upstream],
+) -> Result<Catalog, proxygate_store::StoreError> {
+    let env_key = std::env::var(proxygate_store::KEY_ENV).ok();
+    let (store, report) = Store::open(&cfg.data_dir, env_key.as_deref())?;
+    if let Some(path) = &report.generated_key {
+        tracing::warn!(
+            "generated a new encryption key in {}: back it up with the data dir (without it the \
+             stored credentials cannot be read)",
+            path.display()
+        );
+    }
+    for m in &report.migrated {
+        tracing::info!(migration = m, "data dir migrated");
+    }
+    if let Some(to) = report.rotation_pending {
+        tracing::warn!("a key rotation to key {to} is unfinished: run `proxygate key rotate`");
+    }
+    let mut catalog = Catalog::load(Arc::new(store), cfg.pool.health())?;
+    let (changed, removed) = catalog.sync_config(upstreams)?;
+    tracing::info!(
+        data_dir = %cfg.data_dir.display(),
+        upstreams = catalog.enabled(),
+        from_config_changed = changed,
+        from_config_removed = removed,
+        "pool loaded"
+    );
+    Ok(catalog)
+}
+
+async fn serve(
+    cfg: RootConfig,
+    catalog: Catalog,
+    (reader, writer): (PoolReader, PoolWriter),
+) -> anyhow::Result<()> {
     let mut auth = ClientAuth::open().with_allow(cfg.gateway.server.allow.clone());
     if let Some(path) = &cfg.gateway.auth.users_file {
         auth = auth.with_users(ClientAuth::load_users(path).context("auth.users_file")?);
     }
-    let (reader, writer) = Pool::create(cfg.pool.strategy, cfg.pool.health());
-    writer.replace(upstreams);
     writer.set_session_ttl(cfg.pool.session_ttl);
     let pool_size = reader.snapshot().len();
     if pool_size == 0 {
@@ -110,14 +181,36 @@ async fn serve(cfg: RootConfig, upstreams: Vec<proxygate_core::Upstream>) -> any
         );
     }
 
+    let store = Arc::clone(catalog.store());
+    let catalog = Arc::new(Mutex::new(catalog));
     let (trigger, shutdown) = Shutdown::new();
     tokio::spawn(reindexer(
         writer.clone(),
         cfg.pool.reindex_interval,
         shutdown.clone(),
     ));
-    let gateway =
-        Gateway::new(cfg.gateway.clone(), auth, reader, shutdown).context("dial.tls_ca_file")?;
+    let persister = tokio::spawn(persister(
+        Arc::clone(&store),
+        reader.clone(),
+        cfg.store.stats_flush_interval,
+        shutdown.clone(),
+    ));
+    match control::bind(&cfg.data_dir) {
+        Ok(listener) => {
+            tokio::spawn(control::serve(
+                listener,
+                control::socket_path(&cfg.data_dir),
+                Arc::clone(&catalog),
+                shutdown.clone(),
+            ));
+        }
+        Err(e) => tracing::warn!(
+            "control socket {}: {e}; `proxygate pool` commands cannot reach this gateway",
+            control::socket_path(&cfg.data_dir).display()
+        ),
+    }
+    let gateway = Gateway::new(cfg.gateway.clone(), auth, reader.clone(), shutdown)
+        .context("dial.tls_ca_file")?;
     let server = Server::bind(gateway).await?;
     for addr in server.local_addrs() {
         tracing::info!(strategy = %cfg.pool.strategy, upstreams = pool_size, "listening on {addr}");
@@ -129,8 +222,45 @@ async fn serve(cfg: RootConfig, upstreams: Vec<proxygate_core::Upstream>) -> any
     });
     server.run().await;
     signals.abort();
+    let _ = persister.await;
+    // Once more after the drain: the last tunnels' outcomes are in.
+    let last = tokio::task::spawn_blocking(move || {
+        let written = persist(&store, &reader)?;
+        store.flush().map(|()| written)
+    })
+    .await;
+    match last {
+        Ok(Ok(n)) => tracing::info!(upstreams = n, "stats flushed"),
+        Ok(Err(e)) => tracing::error!("flushing stats at shutdown: {e}"),
+        Err(e) => tracing::error!("flushing stats at shutdown: {e}"),
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Writes live stats behind, one batch per interval.
+async fn persister(
+    store: Arc<Store>,
+    reader: PoolReader,
+    every: std::time::Duration,
+    mut shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.wait() => return,
+        }
+        let (store, reader) = (Arc::clone(&store), reader.clone());
+        match tokio::task::spawn_blocking(move || persist(&store, &reader)).await {
+            Ok(Ok(n)) if n > 0 => tracing::debug!(upstreams = n, "stats written"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!("writing stats: {e}"),
+            Err(e) => tracing::error!("writing stats: {e}"),
+        }
+    }
 }
 
 /// Refreshes the pool's orders (by reputation, by response time) from live stats.

@@ -8,6 +8,7 @@
 //! | `[dial]`      | `proxygate_gateway::config::DialConfig`   |
 //! | `[pool]`      | [`PoolConfig`]                          |
 //! | `[upstreams]` | [`UpstreamsConfig`]                     |
+//! | `[store]`     | [`StoreConfig`]                         |
 //! | `[log]`       | [`LogConfig`]                           |
 //!
 //! Every key has a compiled-in default (`config/default.toml` documents them), so no file is
@@ -34,7 +35,28 @@ pub(crate) struct RootConfig {
     pub(crate) gateway: proxygate_gateway::Config,
     pub(crate) pool: PoolConfig,
     pub(crate) upstreams: UpstreamsConfig,
+    pub(crate) store: StoreConfig,
     pub(crate) log: LogConfig,
+}
+
+/// `[store]`: how live state reaches the data dir.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct StoreConfig {
+    /// How often live reputation stats are written behind (in one batch); once more at
+    /// shutdown. A crash loses at most this much of them; operator changes are durable first.
+    #[serde(with = "humantime_serde")]
+    pub(crate) stats_flush_interval: Duration,
+}
+
+pub(crate) const DEFAULT_STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            stats_flush_interval: DEFAULT_STATS_FLUSH_INTERVAL,
+        }
+    }
 }
 
 /// `[pool]`: selection, health and reputation.
@@ -140,6 +162,7 @@ impl Default for RootConfig {
             gateway: proxygate_gateway::Config::default(),
             pool: PoolConfig::default(),
             upstreams: UpstreamsConfig::default(),
+            store: StoreConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -166,13 +189,14 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "data_dir",
     "server",
     "auth",
     "dial",
     "pool",
     "upstreams",
+    "store",
     "log",
 ];
 
@@ -217,6 +241,7 @@ impl RootConfig {
         section::<DialConfig>(&table, "dial", &mut problems, &mut cfg.gateway.dial);
         section::<PoolConfig>(&table, "pool", &mut problems, &mut cfg.pool);
         section::<UpstreamsConfig>(&table, "upstreams", &mut problems, &mut cfg.upstreams);
+        section::<StoreConfig>(&table, "store", &mut problems, &mut cfg.store);
         section::<LogConfig>(&table, "log", &mut problems, &mut cfg.log);
         (cfg, problems)
     }
@@ -271,6 +296,12 @@ impl RootConfig {
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(Problem::new("log.level", format!("invalid filter: {e}")));
+        }
+        if self.store.stats_flush_interval.is_zero() {
+            problems.push(Problem::new(
+                "store.stats_flush_interval",
+                "must be longer than 0",
+            ));
         }
         if self.data_dir.as_os_str().is_empty() {
             problems.push(Problem::new("data_dir", "must not be empty"));

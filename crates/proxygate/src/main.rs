@@ -2,11 +2,19 @@
 //!
 //! - `proxygate run`: serve, with the embedded defaults unless `--config` says otherwise.
 //! - `proxygate check-config FILE`: validate a config file; exit 64 with every error.
+//! - `proxygate pool add|import|list|show|remove|disable|enable|export|strategy`: the pool in
+//!   the data dir, offline or through the running gateway's control socket.
+//! - `proxygate key generate|rotate`: encryption keys.
 //!
-//! Modules: [`config`] (the root config and upstream lists), [`app`] (wiring and lifetime).
+//! Modules: [`config`] (the root config and upstream lists), [`app`] (wiring and lifetime),
+//! [`catalog`] (operator commands over store and pool; the stats persister), [`control`] (the
+//! control socket), [`commands`] (the `pool` and `key` command lines).
 
 mod app;
+mod catalog;
+mod commands;
 mod config;
+mod control;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +45,10 @@ enum Command {
         /// The config file.
         file: PathBuf,
     },
+    /// Manage the pool in the data dir (live, when a gateway runs on it).
+    Pool(commands::PoolArgs),
+    /// Encryption keys: generate one, rotate the data dir's.
+    Key(commands::KeyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +78,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Run(args) => app::run(args),
+        Command::Pool(args) => commands::pool(args),
+        Command::Key(args) => commands::key(args),
     }
 }
 

@@ -7,11 +7,12 @@
 //! live stats are written in batches by the caller's persister.
 
 use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use proxygate_core::UpstreamId;
+use proxygate_core::{Credentials, Secret, UpstreamId};
 
 use crate::crypto::{self, Key, KeyId, KeyOrigin, Keyring, OpenError};
 use crate::migrate::{self, CURRENT_VERSION};
@@ -84,7 +85,14 @@ fn read_u32(tree: &sled::Tree, name: &str, dir: &Path) -> Result<Option<u32>, St
 impl Store {
     /// Opens (creating when missing) the data dir. `env_key` is `ENCRYPTION_KEY`'s value.
     pub fn open(dir: &Path, env_key: Option<&str>) -> Result<(Store, OpenReport), StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        if !dir.exists() {
+            // The data dir holds the key file and the credentials: owner only.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| StoreError::io(dir, e))?;
+        }
         let db = sled::Config::new()
             .path(dir.join(DB_DIR))
             .open()
@@ -284,6 +292,38 @@ impl Store {
         raw.to_record(creds).map_err(Decode::Corrupt)
     }
 
+    /// A record's credentials envelope as stored (base64), for an export that keeps them
+    /// sealed.
+    pub fn sealed(&self, id: UpstreamId) -> Result<Option<String>, StoreError> {
+        let Some(v) = self.upstreams.get(id_key(id)).map_err(self.err())? else {
+            return Ok(None);
+        };
+        RawRecord::decode(&v)
+            .map(|raw| raw.credentials)
+            .map_err(|reason| StoreError::Corrupt {
+                what: id.to_string(),
+                reason,
+            })
+    }
+
+    /// Opens an envelope exported from record `id` (of this or another data dir with a key
+    /// this keyring holds).
+    pub fn unseal(&self, id: UpstreamId, sealed: &str) -> Result<Credentials, String> {
+        let envelope = BASE64
+            .decode(sealed)
+            .map_err(|_| OpenError::Malformed.to_string())?;
+        let plain = self
+            .keys
+            .open(&context(id), &envelope)
+            .map_err(|e| e.to_string())?;
+        let c: PlainCredentials =
+            serde_json::from_slice(&plain).map_err(|_| OpenError::Malformed.to_string())?;
+        Ok(Credentials {
+            username: Secret::new(c.username.as_str()),
+            password: Secret::new(c.password.as_str()),
+        })
+    }
+
     /// The stored bytes of a record, sealed with the primary key.
     pub(crate) fn encode(
         &self,
@@ -405,6 +445,11 @@ impl Store {
             None => self.settings.remove(name).map(|_| ()),
         }
         .map_err(self.err())
+    }
+
+    /// The key the data dir's records are sealed with (the old one during a rotation).
+    pub fn key_id(&self) -> Result<Option<KeyId>, StoreError> {
+        read_u32(&self.meta, "key_id", &self.dir).map(|v| v.map(KeyId))
     }
 
     /// The key id a started rotation moves records to.
