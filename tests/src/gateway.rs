@@ -35,9 +35,17 @@ pub fn binary() -> &'static Path {
 
 /// Runs the CLI to completion.
 pub async fn cli(args: &[&str]) -> std::process::Output {
+    cli_env(args, &[]).await
+}
+
+/// Runs the CLI to completion with extra environment (`ENCRYPTION_KEY` is removed unless
+/// given).
+pub async fn cli_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     Command::new(binary())
         .args(args)
         .env_remove("RUST_LOG")
+        .env_remove("ENCRYPTION_KEY")
+        .envs(env.iter().copied())
         .output()
         .await
         .unwrap()
@@ -48,6 +56,8 @@ pub async fn cli(args: &[&str]) -> std::process::Output {
 pub struct Builder {
     config: String,
     args: Vec<String>,
+    data_dir: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 /// A running gateway.
@@ -55,6 +65,7 @@ pub struct Gateway {
     pub addr: SocketAddr,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    data_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -78,8 +89,34 @@ impl Builder {
         self
     }
 
-    /// Starts the gateway on 127.0.0.1:0 and waits until it listens.
-    pub async fn start(self) -> Gateway {
+    /// Uses this data dir (kept after the gateway stops) instead of a fresh temporary one.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Runs the gateway expecting it to refuse to start; returns its exit code and stderr.
+    pub async fn start_fails(self) -> (Option<i32>, String) {
+        let (mut command, _dir, _) = self.command();
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            command.stderr(Stdio::piped()).output(),
+        )
+        .await
+        .expect("the gateway started and kept running")
+        .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn command(self) -> (Command, tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("proxygate.toml");
         let config = if self.config.contains("[dial]") {
@@ -91,21 +128,29 @@ impl Builder {
             )
         };
         std::fs::write(&config_path, config).unwrap();
-        let mut child = Command::new(binary())
+        let data_dir = self.data_dir.unwrap_or_else(|| dir.path().join("data"));
+        let mut command = Command::new(binary());
+        command
             .arg("run")
             .arg("--config")
             .arg(&config_path)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(&data_dir)
             .args(&self.args)
             .env("RUST_LOG", "info,proxygate_gateway=debug")
+            .env_remove("ENCRYPTION_KEY")
+            .envs(self.env)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+            .kill_on_drop(true);
+        (command, dir, data_dir)
+    }
+
+    /// Starts the gateway on 127.0.0.1:0 and waits until it listens.
+    pub async fn start(self) -> Gateway {
+        let (mut command, dir, data_dir) = self.command();
+        let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -137,6 +182,7 @@ impl Builder {
             addr,
             child,
             log,
+            data_dir,
             _dir: dir,
         }
     }
@@ -170,6 +216,16 @@ impl Gateway {
 
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// SIGKILL: no drain, no flush; what the gateway acknowledged must be on disk already.
+    pub async fn kill(&mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
     }
 
     /// Sends SIGTERM and waits for the exit (at most `limit`).

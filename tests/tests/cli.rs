@@ -160,7 +160,8 @@ async fn upstreams_file_and_embedded_defaults() {
     assert!(peers.contains(&b.egress.to_string()), "{peers:?}");
     // The embedded default data dir, with its generated key, owner-only.
     let key = dir.path().join("data").join("encryption.key");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
 }
 

@@ -212,14 +212,16 @@ async fn serve(
     let gateway = Gateway::new(cfg.gateway.clone(), auth, reader.clone(), shutdown)
         .context("dial.tls_ca_file")?;
     let server = Server::bind(gateway).await?;
-    for addr in server.local_addrs() {
-        tracing::info!(strategy = %cfg.pool.strategy, upstreams = pool_size, "listening on {addr}");
-    }
+    // Handlers first: a SIGTERM right after "listening" must drain, not kill.
+    let signals = wait_for_signal();
     let signals = tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.await;
         tracing::info!("shutting down");
         trigger.fire();
     });
+    for addr in server.local_addrs() {
+        tracing::info!(strategy = %cfg.pool.strategy, upstreams = pool_size, "listening on {addr}");
+    }
     server.run().await;
     signals.abort();
     let _ = persister.await;
@@ -275,19 +277,22 @@ async fn reindexer(writer: PoolWriter, every: std::time::Duration, mut shutdown:
     }
 }
 
-async fn wait_for_signal() {
+/// Registers the SIGTERM and SIGINT handlers now; the future resolves on either.
+fn wait_for_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
