@@ -40,6 +40,29 @@ async fn pool_ok(dir: &Path, args: &[&str]) -> String {
     out
 }
 
+/// `proxygate key rotate --data-dir DIR ARGS...` must succeed; returns stdout.
+async fn rotate_ok(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut all = vec!["key", "rotate", "--data-dir", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = cli_env(&all, env).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `proxygate key generate`: the key is the last line.
+async fn generate_key() -> String {
+    let out = cli_env(&["key", "generate"], &[]).await;
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text.lines().last().unwrap().to_owned();
+    assert_eq!(key.len(), 44, "base64 of 32 bytes: {key:?}");
+    key
+}
+
 async fn show(dir: &Path, id: &str) -> Value {
     serde_json::from_str(&pool_ok(dir, &["show", id, "--json"]).await).unwrap()
 }
@@ -404,8 +427,7 @@ async fn wrong_key_and_open_key_file_are_refused_without_loss() {
     let a = "socks5://alice:one@10.0.0.1:1080";
     let b = "http://bob:two@10.0.0.2:3128";
     pool_ok(&data, &["add", a, b, "http://10.0.0.3:3128"]).await;
-    let other = String::from_utf8(cli_env(&["key", "generate"], &[]).await.stdout).unwrap();
-    let other = other.lines().last().unwrap().to_owned();
+    let other = generate_key().await;
 
     let (code, err) = Gateway::builder()
         .data_dir(&data)
@@ -462,17 +484,7 @@ async fn key_rotation_from_the_key_file_and_resumed() {
     pool_ok(&data, &args).await;
     let key_before = std::fs::read_to_string(data.join("encryption.key")).unwrap();
 
-    let out = cli_env(
-        &["key", "rotate", "--data-dir", data.to_str().unwrap()],
-        &[],
-    )
-    .await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = rotate_ok(&data, &[], &[]).await;
     assert!(stdout.contains("re-encrypted 21 records"), "{stdout}");
     let key_after = std::fs::read_to_string(data.join("encryption.key")).unwrap();
     assert_ne!(key_before, key_after);
@@ -491,17 +503,7 @@ async fn key_rotation_from_the_key_file_and_resumed() {
     let mut gw = Gateway::builder().data_dir(&data).start().await;
     assert!(gw.logs().contains("key rotation"), "{}", gw.logs());
     assert!(gw.terminate(Duration::from_secs(10)).await.success());
-    let out = cli_env(
-        &["key", "rotate", "--data-dir", data.to_str().unwrap()],
-        &[],
-    )
-    .await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = rotate_ok(&data, &[], &[]).await;
     assert!(stdout.contains("re-encrypted 16 records"), "{stdout}");
 
     let all = exported(&data, &[]).await;
@@ -531,16 +533,7 @@ async fn key_rotation_from_the_key_file_and_resumed() {
 async fn key_rotation_with_the_key_in_the_environment() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let gen_key = || async {
-        let out = cli_env(&["key", "generate"], &[]).await;
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .to_owned()
-    };
-    let (k1, k2) = (gen_key().await, gen_key().await);
+    let (k1, k2) = (generate_key().await, generate_key().await);
     let url = "socks5://env:pw@10.0.0.1:1080";
     let (code, _, err) = pool(&data, &["add", url], &[("ENCRYPTION_KEY", &k1)]).await;
     assert_eq!(code, 0, "{err}");
@@ -548,10 +541,8 @@ async fn key_rotation_with_the_key_in_the_environment() {
         !data.join("encryption.key").exists(),
         "the key came from the environment"
     );
-    let dir = data.to_str().unwrap();
-
     let out = cli_env(
-        &["key", "rotate", "--data-dir", dir],
+        &["key", "rotate", "--data-dir", data.to_str().unwrap()],
         &[("ENCRYPTION_KEY", &k1)],
     )
     .await;
@@ -565,24 +556,12 @@ async fn key_rotation_with_the_key_in_the_environment() {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    let out = cli_env(
-        &[
-            "key",
-            "rotate",
-            "--data-dir",
-            dir,
-            "--new-key-file",
-            new_file.to_str().unwrap(),
-        ],
+    let stdout = rotate_ok(
+        &data,
+        &["--new-key-file", new_file.to_str().unwrap()],
         &[("ENCRYPTION_KEY", &k1)],
     )
     .await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(
         stdout.contains("re-encrypted 1 records") && stdout.contains("set it to the new key"),
         "{stdout}"

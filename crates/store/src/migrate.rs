@@ -71,10 +71,7 @@ fn for_each_record(
     for item in &store.upstreams {
         let (k, v) = item.map_err(store.err())?;
         let Some(id) = key_id(&k) else { continue };
-        let mut raw = RawRecord::decode(&v).map_err(|reason| StoreError::Corrupt {
-            what: id.to_string(),
-            reason,
-        })?;
+        let mut raw = RawRecord::decode_of(id, &v)?;
         if f(store, id, &mut raw)? {
             let _ = store
                 .upstreams

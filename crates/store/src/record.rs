@@ -124,6 +124,14 @@ impl RawRecord {
         serde_json::from_slice(bytes).map_err(|e| e.to_string())
     }
 
+    /// [`RawRecord::decode`] of record `id`, as the store's error.
+    pub(crate) fn decode_of(id: UpstreamId, bytes: &[u8]) -> Result<RawRecord, crate::StoreError> {
+        RawRecord::decode(bytes).map_err(|reason| crate::StoreError::Corrupt {
+            what: id.to_string(),
+            reason,
+        })
+    }
+
     pub(crate) fn encode(&self) -> Vec<u8> {
         // Serializing plain strings and numbers cannot fail.
         serde_json::to_vec(self).unwrap_or_default()

@@ -298,12 +298,7 @@ impl Store {
         let Some(v) = self.upstreams.get(id_key(id)).map_err(self.err())? else {
             return Ok(None);
         };
-        RawRecord::decode(&v)
-            .map(|raw| raw.credentials)
-            .map_err(|reason| StoreError::Corrupt {
-                what: id.to_string(),
-                reason,
-            })
+        RawRecord::decode_of(id, &v).map(|raw| raw.credentials)
     }
 
     /// Opens an envelope exported from record `id` (of this or another data dir with a key
@@ -379,10 +374,7 @@ impl Store {
         let Some(v) = self.upstreams.get(id_key(id)).map_err(self.err())? else {
             return Ok(false);
         };
-        let mut raw = RawRecord::decode(&v).map_err(|reason| StoreError::Corrupt {
-            what: id.to_string(),
-            reason,
-        })?;
+        let mut raw = RawRecord::decode_of(id, &v)?;
         raw.disabled = disabled;
         self.upstreams
             .insert(id_key(id), raw.encode())
@@ -500,10 +492,7 @@ impl Store {
         for item in &self.upstreams {
             let (k, v) = item.map_err(self.err())?;
             let Some(id) = key_id(&k) else { continue };
-            let mut raw = RawRecord::decode(&v).map_err(|reason| StoreError::Corrupt {
-                what: id.to_string(),
-                reason,
-            })?;
+            let mut raw = RawRecord::decode_of(id, &v)?;
             let Some(b64) = &raw.credentials else {
                 continue;
             };
