@@ -531,6 +531,21 @@ mod tests {
     }
 
     #[test]
+    fn store_section_is_checked() {
+        let (_, p) = RootConfig::parse("[store]\nstats_flush_intervl = \"5s\"\n");
+        assert!(p[0].key == "store.stats_flush_intervl", "{p:?}");
+        let (c, p) = RootConfig::parse("[store]\nstats_flush_interval = \"0s\"\n");
+        assert!(p.is_empty());
+        let keys: Vec<_> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(keys, ["store.stats_flush_interval"]);
+    }
+
+    #[test]
     fn upstream_lists_report_every_bad_line() {
         let text = "# pool\nhttp://a:1\n\nsocks5://u:p@b:2\nnot a url\nhttp://c:99999\n";
         let errs = parse_upstreams(text).unwrap_err();
