@@ -128,6 +128,9 @@ async fn restart_keeps_pool_reputation_and_strategy() {
     assert_eq!(good_saved["uses"], live_good["uses"]);
     assert_eq!(good_saved["success_rate"], 1.0);
     assert!(good_saved["last_used_unix_ms"].as_u64().is_some());
+    // Its first use (on probation) was its last check.
+    let checked = good_saved["last_health_check_unix_ms"].as_u64().unwrap();
+    assert!(checked <= good_saved["last_used_unix_ms"].as_u64().unwrap());
     assert!(
         dead_saved["failures"].as_u64().unwrap() >= 1,
         "{dead_saved}"

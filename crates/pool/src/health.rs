@@ -83,6 +83,9 @@ pub struct Health {
     failures: AtomicU64,
     /// Set by every recorded outcome, cleared by whoever persists the stats.
     dirty: AtomicBool,
+    /// When an attempt last re-checked this upstream: an outcome recorded while it was on
+    /// probation (its first use, or its first after a backoff). 0: never.
+    last_check_ms: AtomicU64,
 }
 
 /// The part of an upstream's stats worth keeping across restarts (what it learned, not what
@@ -111,6 +114,7 @@ impl Default for Health {
             reputation: AtomicU8::new(50),
             probation: AtomicBool::new(true),
             dirty: AtomicBool::new(false),
+            last_check_ms: AtomicU64::new(0),
         }
     }
 }
@@ -240,6 +244,11 @@ impl Health {
         self.lru_ms.load(Ordering::Relaxed)
     }
 
+    /// When this upstream was last re-checked (ms since the pool's epoch), if ever.
+    pub fn last_check_ms(&self) -> Option<u64> {
+        Some(self.last_check_ms.load(Ordering::Relaxed)).filter(|ms| *ms > 0)
+    }
+
     pub fn is_on_probation(&self) -> bool {
         self.probation.load(Ordering::Relaxed)
     }
@@ -265,6 +274,7 @@ impl Health {
 
     /// Applies one attempt's outcome at `now_ms`; `jitter` is a uniform sample of `0.0..1.0`.
     pub(crate) fn record(&self, outcome: &Outcome, now_ms: u64, cfg: &HealthConfig, jitter: f64) {
+        let was_on_probation = self.is_on_probation();
         match outcome.error {
             None => {
                 self.successes.fetch_add(1, Ordering::Relaxed);
@@ -290,6 +300,9 @@ impl Health {
         let rep = reputation(&self.inputs(), &cfg.reputation);
         self.reputation.store(rep, Ordering::Relaxed);
         self.dirty.store(true, Ordering::Relaxed);
+        if was_on_probation {
+            self.last_check_ms.store(now_ms.max(1), Ordering::Relaxed);
+        }
         if outcome.error.is_some() && !self.is_healthy(cfg) {
             // Deactivate; the first failure past the limit waits up to backoff_base, each
             // further one twice as long.
@@ -342,6 +355,8 @@ mod tests {
         h.record(&ok(100), 50, &cfg, 0.5);
         assert!(!Health::restore(&h.saved(), &cfg).is_on_probation());
         assert!(Health::restore(&Saved::default(), &cfg).is_on_probation());
+        // The first outcome (on probation) was a check; later ones off probation are not.
+        assert_eq!(h.last_check_ms(), Some(1));
         assert_eq!(Health::restore(&Saved::default(), &cfg).reputation(), 50);
     }
 

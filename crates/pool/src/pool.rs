@@ -682,6 +682,45 @@ mod tests {
     }
 
     #[test]
+    fn sparse_minrep_in_a_large_pool_picks_from_the_reputation_order() {
+        let (r, w) = pool_of(20_000);
+        let ids = ids(&r);
+        // Five upstreams earn a reputation above 80; the rest stay at 50.
+        let good: Vec<UpstreamId> = ids.iter().step_by(4000).copied().collect();
+        for id in &good {
+            for _ in 0..20 {
+                r.lease(*id).unwrap().report(&ok(10));
+            }
+            assert!(r.snapshot().get(*id).unwrap().health.reputation() > 80);
+        }
+        w.reindex();
+        assert_eq!(
+            r.snapshot()
+                .candidates(&Route::parse("a-minrep-80").unwrap().1)
+                .map(<[u32]>::len),
+            Some(5)
+        );
+        let route = Route::parse("a-minrep-80").unwrap().1;
+        for s in Strategy::ALL {
+            w.set_strategy(s);
+            for _ in 0..50 {
+                let l = r.select_route(&route, None, None, &[]).unwrap();
+                assert!(good.contains(&l.id()), "{s}");
+            }
+        }
+        // One that fails since the reindex is skipped by the live checks.
+        r.lease(good[0])
+            .unwrap()
+            .report(&Outcome::failed(ErrorKind::UpstreamConnectRefused));
+        for _ in 0..50 {
+            let l = r.select_route(&route, None, None, &[]).unwrap();
+            assert_ne!(l.id(), good[0]);
+        }
+        let none = Route::parse("a-minrep-99").unwrap().1;
+        assert!(r.select_route(&none, None, None, &[]).is_none());
+    }
+
+    #[test]
     fn sessions_stick_and_move_when_their_upstream_dies() {
         let (r, _w) = with_meta(&[
             "http://10.0.0.1:1",

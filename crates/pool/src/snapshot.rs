@@ -44,6 +44,13 @@ impl Entry {
         (until > now_ms).then(|| std::time::Duration::from_millis(until - now_ms))
     }
 
+    /// How long ago this upstream was last re-checked (see [`Health::last_check_ms`]).
+    pub fn since_last_check(&self, now: Instant) -> Option<std::time::Duration> {
+        self.health
+            .last_check_ms()
+            .map(|ms| std::time::Duration::from_millis(self.shared.millis(now).saturating_sub(ms)))
+    }
+
     /// Whether this upstream counts as healthy under the pool's policy.
     pub fn is_healthy(&self) -> bool {
         self.health.is_healthy(&self.shared.health)
@@ -78,6 +85,9 @@ pub struct Snapshot {
     by_id: HashMap<UpstreamId, usize>,
     /// Indexes into `entries`, best reputation first (as of the last reindex).
     by_reputation: Vec<u32>,
+    /// The reputations `by_reputation` was sorted by, in its order: where a `minrep` prefix
+    /// ends.
+    reputation_sorted: Vec<u8>,
     /// Indexes into `entries`, fastest response first, unmeasured last.
     by_latency: Vec<u32>,
     /// Indexes into `entries` by country and by scheme, for filtered picks. They depend only
@@ -157,6 +167,7 @@ impl Snapshot {
             entries: self.entries.clone(),
             by_id: self.by_id.clone(),
             by_reputation: Vec::new(),
+            reputation_sorted: Vec::new(),
             by_latency: Vec::new(),
             meta: Arc::clone(&self.meta),
         };
@@ -176,6 +187,7 @@ impl Snapshot {
             .collect();
         let mut by_lat: Vec<u32> = (0..n).collect();
         by_lat.sort_by(|a, b| lat[*a as usize].total_cmp(&lat[*b as usize]));
+        self.reputation_sorted = by_rep.iter().map(|i| reps[*i as usize]).collect();
         self.by_reputation = by_rep;
         self.by_latency = by_lat;
     }
@@ -188,8 +200,14 @@ impl Snapshot {
         &self.by_latency
     }
 
-    /// The smallest precomputed candidate list for a route's country and scheme filters, or
-    /// `None` when the route filters on neither. An empty list means nothing can match.
+    /// The smallest precomputed candidate list for a route's country, scheme and minimum
+    /// reputation filters, or `None` when the route filters on none. An empty list means
+    /// nothing can match. Every pick still checks each filter on the live entry.
+    ///
+    /// `minrep` takes the prefix of the reputation order whose reputation at the last reindex
+    /// was high enough: an upstream that rose above it since joins at the next reindex (within
+    /// `pool.reindex_interval`). Small pools are scanned whole instead (their order is not
+    /// refreshed).
     pub(crate) fn candidates(&self, route: &Route) -> Option<&[u32]> {
         let by_country = route
             .country
@@ -198,10 +216,17 @@ impl Snapshot {
         let by_scheme = route
             .scheme
             .map(|s| self.meta.by_scheme.get(&s).map_or(&[][..], Vec::as_slice));
-        match (by_country, by_scheme) {
-            (Some(a), Some(b)) => Some(if a.len() <= b.len() { a } else { b }),
-            (a, b) => a.or(b),
-        }
+        let by_reputation = route
+            .min_reputation
+            .filter(|_| self.entries.len() > crate::strategy::EXACT_MAX)
+            .map(|m| {
+                let end = self.reputation_sorted.partition_point(|r| *r >= m);
+                &self.by_reputation[..end]
+            });
+        [by_country, by_scheme, by_reputation]
+            .into_iter()
+            .flatten()
+            .min_by_key(|s| s.len())
     }
 
     pub fn entries(&self) -> &[Arc<Entry>] {

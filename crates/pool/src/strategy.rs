@@ -20,8 +20,9 @@
 //!
 //! When every probe misses, a bounded fallback scan from a random start finds any selectable
 //! upstream, so a sparse pool is never mistaken for an empty one. A route that filters on
-//! country or scheme picks from the snapshot's precomputed list for it (the smaller one when
-//! both), so a filter that matches few upstreams of a large pool stays cheap.
+//! country, scheme or minimum reputation picks from the snapshot's precomputed list for it
+//! (the smallest when several), so a filter that matches few upstreams of a large pool stays
+//! cheap.
 
 use std::fmt;
 use std::str::FromStr;

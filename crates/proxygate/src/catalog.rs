@@ -137,7 +137,10 @@ pub(crate) fn live_stats(e: &Entry, now: Instant, now_unix: u64, previous: &Stat
             .since_last_use(now)
             .map(|d| now_unix.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(0)))
             .or(previous.last_used_unix_ms),
-        last_health_check_unix_ms: previous.last_health_check_unix_ms,
+        last_health_check_unix_ms: e
+            .since_last_check(now)
+            .map(|d| now_unix.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(0)))
+            .or(previous.last_health_check_unix_ms),
     }
 }
 
