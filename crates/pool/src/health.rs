@@ -185,6 +185,11 @@ impl Health {
         self.dirty.swap(false, Ordering::Relaxed)
     }
 
+    /// Flags the stats as not yet persisted again (a write that took them failed).
+    pub fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
     /// Whether selection may hand this upstream out at `now_ms`: not in backoff, and not on
     /// probation with a request already in flight.
     pub fn is_selectable(&self, now_ms: u64) -> bool {
@@ -255,7 +260,8 @@ impl Health {
 
     pub(crate) fn acquire(&self, now_ms: u64) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.last_used_ms.store(now_ms, Ordering::Relaxed);
+        // 0 means "never": a use in the pool's first millisecond counts as 1.
+        self.last_used_ms.store(now_ms.max(1), Ordering::Relaxed);
         self.lru_ms.store(now_ms, Ordering::Relaxed);
     }
 

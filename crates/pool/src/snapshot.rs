@@ -31,12 +31,10 @@ impl Entry {
     /// How long ago this upstream was last handed out, if ever (in this process).
     pub fn since_last_use(&self, now: Instant) -> Option<std::time::Duration> {
         let last = self.health.last_used_ms();
-        (last > 0 || self.health.in_flight() > 0)
+        (last > 0)
             .then(|| std::time::Duration::from_millis(self.shared.millis(now).saturating_sub(last)))
     }
-}
 
-impl Entry {
     /// How much of its backoff this upstream has left at `now`, if it is in one.
     pub fn backoff_left(&self, now: Instant) -> Option<std::time::Duration> {
         let until = self.health.backoff_until_ms();

@@ -705,15 +705,94 @@ pub(crate) fn persist(
     let snap = pool.snapshot();
     let now = Instant::now();
     let now_unix = unix_ms();
-    let mut batch = Vec::new();
-    for e in snap.entries() {
-        if e.health.take_dirty() {
-            let previous = store.stats(e.id)?;
-            batch.push((e.id, live_stats(e, now, now_unix, &previous)));
-        }
-    }
-    if batch.is_empty() {
+    let dirty: Vec<&Entry> = snap
+        .entries()
+        .iter()
+        .filter(|e| e.health.take_dirty())
+        .map(|e| &**e)
+        .collect();
+    if dirty.is_empty() {
         return Ok(0);
     }
-    store.write_stats(batch.iter().map(|(id, s)| (*id, s)))
+    let written = dirty
+        .iter()
+        .map(|e| Ok((e.id, live_stats(e, now, now_unix, &store.stats(e.id)?))))
+        .collect::<Result<Vec<_>, StoreError>>()
+        .and_then(|batch| store.write_stats(batch.iter().map(|(id, s)| (*id, s))));
+    if written.is_err() {
+        // Not written: the next interval (or the shutdown flush) tries them again.
+        for e in &dirty {
+            e.health.mark_dirty();
+        }
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxygate_core::Outcome;
+    use proxygate_pool::Pool;
+
+    fn catalog(dir: &std::path::Path) -> (Catalog, proxygate_pool::PoolReader) {
+        let (store, _) = Store::open(dir, None).unwrap();
+        let mut c = Catalog::load(Arc::new(store), HealthConfig::default()).unwrap();
+        let (reader, writer) = Pool::create(Strategy::RoundRobin, HealthConfig::default());
+        c.attach(writer, Strategy::RoundRobin);
+        (c, reader)
+    }
+
+    #[test]
+    fn persist_writes_only_what_changed_and_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, reader) = catalog(dir.path());
+        let reply = c.execute(&Op::Add {
+            urls: vec!["http://10.0.0.1:1".into(), "http://10.0.0.2:1".into()],
+        });
+        assert_eq!(reply.code, 0, "{}", reply.stderr);
+        assert_eq!(reader.snapshot().len(), 2, "published live");
+        assert_eq!(persist(c.store(), &reader).unwrap(), 0, "nothing used yet");
+        let lease = reader.select(&[]).unwrap();
+        let id = lease.id();
+        lease.report(&Outcome {
+            connect: Some(std::time::Duration::from_millis(20)),
+            handshake: Some(std::time::Duration::ZERO),
+            ..Outcome::default()
+        });
+        assert_eq!(persist(c.store(), &reader).unwrap(), 1);
+        assert_eq!(persist(c.store(), &reader).unwrap(), 0, "written once");
+        let saved = c.store().stats(id).unwrap();
+        assert_eq!((saved.total_uses, saved.failures), (1, 0));
+        assert!(saved.last_used_unix_ms.is_some() && saved.last_health_check_unix_ms.is_some());
+        let live_rep = reader.snapshot().get(id).unwrap().health.reputation();
+        assert_eq!(saved.reputation, live_rep);
+
+        // A fresh pool over the same store starts from the saved stats.
+        let store = Arc::clone(c.store());
+        drop(c);
+        let mut again = Catalog::load(store, HealthConfig::default()).unwrap();
+        let (reader, writer) = Pool::create(Strategy::RoundRobin, HealthConfig::default());
+        again.attach(writer, Strategy::RoundRobin);
+        let snap = reader.snapshot();
+        let h = &snap.get(id).unwrap().health;
+        assert_eq!((h.total_uses(), h.reputation()), (1, live_rep));
+        assert!(!h.is_on_probation());
+    }
+
+    #[test]
+    fn disabled_upstreams_leave_the_live_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, reader) = catalog(dir.path());
+        c.execute(&Op::Add {
+            urls: vec!["http://10.0.0.1:1".into()],
+        });
+        let id = reader.snapshot().entries()[0].id.to_string();
+        assert_eq!(c.execute(&Op::Disable { id: id.clone() }).code, 0);
+        assert!(reader.snapshot().is_empty());
+        assert_eq!(c.execute(&Op::Enable { id: id[..5].into() }).code, 0);
+        assert_eq!(reader.snapshot().len(), 1);
+        assert_eq!(c.execute(&Op::Remove { id: "zzzz".into() }).code, 1);
+        assert_eq!(c.execute(&Op::Remove { id }).code, 0);
+        assert!(reader.snapshot().is_empty());
+    }
 }
