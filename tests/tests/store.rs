@@ -173,6 +173,15 @@ async fn restart_keeps_pool_reputation_and_strategy() {
         assert_eq!(r.status, 200);
     }
     assert!(gw.logs().contains("operator: removed"), "{}", gw.logs());
+    let out = pool_ok(&data, &["strategy", "--reset"]).await;
+    assert!(
+        out.contains("weighted_random (from the config), live"),
+        "{out}"
+    );
+    assert_eq!(
+        pool_ok(&data, &["strategy"]).await.trim(),
+        "weighted_random"
+    );
     assert!(gw.terminate(Duration::from_secs(10)).await.success());
     let left = exported(&data, &[]).await;
     assert_eq!(left.len(), 1);

@@ -90,6 +90,8 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         }
     };
     let mut cfg = cfg;
+    // What `pool strategy --reset` returns to: the config's choice (or --strategy's).
+    let configured = cfg.pool.strategy;
     if args.strategy.is_none() {
         match catalog.store().setting("strategy") {
             Ok(Some(name)) => match name.parse::<Strategy>() {
@@ -109,7 +111,6 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
             Err(e) => tracing::warn!("stored strategy unreadable: {e}"),
         }
     }
-    let configured = cfg.pool.strategy;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
