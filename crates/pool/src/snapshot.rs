@@ -31,8 +31,12 @@ impl Entry {
     /// How long ago this upstream was last handed out, if ever (in this process).
     pub fn since_last_use(&self, now: Instant) -> Option<std::time::Duration> {
         let last = self.health.last_used_ms();
-        (last > 0)
-            .then(|| std::time::Duration::from_millis(self.shared.millis(now).saturating_sub(last)))
+        (last > 0).then(|| self.since(last, now))
+    }
+
+    /// The time from `ms` (on the pool's clock) to `now`.
+    fn since(&self, ms: u64, now: Instant) -> std::time::Duration {
+        std::time::Duration::from_millis(self.shared.millis(now).saturating_sub(ms))
     }
 
     /// How much of its backoff this upstream has left at `now`, if it is in one.
@@ -44,14 +48,7 @@ impl Entry {
 
     /// How long ago this upstream was last re-checked (see [`Health::last_check_ms`]).
     pub fn since_last_check(&self, now: Instant) -> Option<std::time::Duration> {
-        self.health
-            .last_check_ms()
-            .map(|ms| std::time::Duration::from_millis(self.shared.millis(now).saturating_sub(ms)))
-    }
-
-    /// Whether this upstream counts as healthy under the pool's policy.
-    pub fn is_healthy(&self) -> bool {
-        self.health.is_healthy(&self.shared.health)
+        self.health.last_check_ms().map(|ms| self.since(ms, now))
     }
 }
 

@@ -18,9 +18,7 @@ use crate::control;
 use crate::{EXIT_CONFIG, RunArgs};
 
 /// Builds the final config from file and flags; every problem is reported at once.
-pub(crate) fn resolve(
-    args: &RunArgs,
-) -> Result<(RootConfig, Vec<proxygate_core::Upstream>), ConfigErrors> {
+fn resolve(args: &RunArgs) -> Result<(RootConfig, Vec<proxygate_core::Upstream>), ConfigErrors> {
     let source = args
         .config
         .as_ref()
@@ -185,16 +183,20 @@ async fn serve(
     let store = Arc::clone(catalog.store());
     let catalog = Arc::new(Mutex::new(catalog));
     let (trigger, shutdown) = Shutdown::new();
-    tokio::spawn(reindexer(
-        writer.clone(),
+    let reindexer = writer.clone();
+    tokio::spawn(every(
         cfg.pool.reindex_interval,
         shutdown.clone(),
+        move || {
+            reindexer.reindex();
+            async {}
+        },
     ));
-    let persister = tokio::spawn(persister(
-        Arc::clone(&store),
-        reader.clone(),
+    let (persisted, persisted_from) = (Arc::clone(&store), reader.clone());
+    let persister = tokio::spawn(every(
         cfg.store.stats_flush_interval,
         shutdown.clone(),
+        move || write_stats(Arc::clone(&persisted), persisted_from.clone()),
     ));
     match control::bind(&cfg.data_dir) {
         Ok(listener) => {
@@ -227,11 +229,7 @@ async fn serve(
     signals.abort();
     let _ = persister.await;
     // Once more after the drain: the last tunnels' outcomes are in.
-    let last = tokio::task::spawn_blocking(move || {
-        let written = persist(&store, &reader)?;
-        store.flush().map(|()| written)
-    })
-    .await;
+    let last = tokio::task::spawn_blocking(move || persist(&store, &reader)).await;
     match last {
         Ok(Ok(n)) => tracing::info!(upstreams = n, "stats flushed"),
         Ok(Err(e)) => tracing::error!("flushing stats at shutdown: {e}"),
@@ -241,40 +239,30 @@ async fn serve(
     Ok(())
 }
 
-/// Writes live stats behind, one batch per interval.
-async fn persister(
-    store: Arc<Store>,
-    reader: PoolReader,
-    every: std::time::Duration,
+/// Runs `f` every `period` (the first time after one period) until shutdown.
+async fn every<F: std::future::Future<Output = ()>>(
+    period: std::time::Duration,
     mut shutdown: Shutdown,
+    mut f: impl FnMut() -> F,
 ) {
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tick.tick() => f().await,
             () = shutdown.wait() => return,
-        }
-        let (store, reader) = (Arc::clone(&store), reader.clone());
-        match tokio::task::spawn_blocking(move || persist(&store, &reader)).await {
-            Ok(Ok(n)) if n > 0 => tracing::debug!(upstreams = n, "stats written"),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!("writing stats: {e}"),
-            Err(e) => tracing::error!("writing stats: {e}"),
         }
     }
 }
 
-/// Refreshes the pool's orders (by reputation, by response time) from live stats.
-async fn reindexer(writer: PoolWriter, every: std::time::Duration, mut shutdown: Shutdown) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => writer.reindex(),
-            () = shutdown.wait() => return,
-        }
+/// One write-behind batch of live stats, off the async threads.
+async fn write_stats(store: Arc<Store>, reader: PoolReader) {
+    match tokio::task::spawn_blocking(move || persist(&store, &reader)).await {
+        Ok(Ok(n)) if n > 0 => tracing::debug!(upstreams = n, "stats written"),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!("writing stats: {e}"),
+        Err(e) => tracing::error!("writing stats: {e}"),
     }
 }
 

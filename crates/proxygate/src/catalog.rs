@@ -126,6 +126,9 @@ pub(crate) fn to_saved(s: &Stats) -> Saved {
 /// track).
 pub(crate) fn live_stats(e: &Entry, now: Instant, now_unix: u64, previous: &Stats) -> Stats {
     let h = &e.health;
+    let at = |ago: std::time::Duration| {
+        now_unix.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX))
+    };
     Stats {
         reputation: h.reputation(),
         success_rate: h.success_rate(),
@@ -133,13 +136,10 @@ pub(crate) fn live_stats(e: &Entry, now: Instant, now_unix: u64, previous: &Stat
         consecutive_failures: h.consecutive_failures(),
         total_uses: h.total_uses(),
         failures: h.failures(),
-        last_used_unix_ms: e
-            .since_last_use(now)
-            .map(|d| now_unix.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(0)))
-            .or(previous.last_used_unix_ms),
+        last_used_unix_ms: e.since_last_use(now).map(at).or(previous.last_used_unix_ms),
         last_health_check_unix_ms: e
             .since_last_check(now)
-            .map(|d| now_unix.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(0)))
+            .map(at)
             .or(previous.last_health_check_unix_ms),
     }
 }

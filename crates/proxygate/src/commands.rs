@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use proxygate_store::{KEY_ENV, KEY_FILE, Key, KeyOrigin, NEXT_KEY_FILE, Store, StoreError};
 
@@ -160,7 +161,7 @@ pub(crate) fn pool(args: PoolArgs) -> ExitCode {
         PoolCommand::Strategy { name, reset } => Op::Strategy { name, reset },
     };
     let writes = matches!(op, Op::Add { .. } | Op::Import { .. });
-    if !writes && !cfg.data_dir.join("db").exists() {
+    if !writes && !Store::exists(&cfg.data_dir) {
         eprintln!(
             "proxygate: no data dir at {} (give --data-dir, or add upstreams first)",
             cfg.data_dir.display()
@@ -220,7 +221,7 @@ pub(crate) fn key(args: KeyArgs) -> ExitCode {
             match rotate(&cfg.data_dir, new_key_file.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("proxygate: {e}");
+                    eprintln!("proxygate: {e:#}");
                     ExitCode::FAILURE
                 }
             }
@@ -228,66 +229,62 @@ pub(crate) fn key(args: KeyArgs) -> ExitCode {
     }
 }
 
-fn rotate(dir: &Path, new_key_file: Option<&Path>) -> Result<(), String> {
-    if !dir.join("db").exists() {
-        return Err(format!("no data dir at {}", dir.display()));
+fn rotate(dir: &Path, new_key_file: Option<&Path>) -> anyhow::Result<()> {
+    if !Store::exists(dir) {
+        anyhow::bail!("no data dir at {}", dir.display());
     }
     let (mut store, _) = Store::open(dir, env_key().as_deref()).map_err(|e| match e {
-        StoreError::Locked { .. } => format!(
+        StoreError::Locked { .. } => anyhow::anyhow!(
             "{e}. Key rotation runs on a stopped data dir: stop the gateway, rotate, start it"
         ),
-        other => other.to_string(),
+        other => other.into(),
     })?;
     // Every record must open before anything is re-encrypted.
-    store.records().map_err(|e| e.to_string())?;
+    store.records()?;
     let origin = store.keys().origin().clone();
-    let old = store
-        .key_id()
-        .map_err(|e| e.to_string())?
-        .unwrap_or(store.keys().primary().id());
+    let old = store.key_id()?.unwrap_or(store.keys().primary().id());
     let next_path = dir.join(NEXT_KEY_FILE);
     let next = match (new_key_file, &origin) {
         (Some(path), _) => {
-            let key = proxygate_store::crypto::read_key_file(path).map_err(|e| e.to_string())?;
+            let key = proxygate_store::crypto::read_key_file(path)?;
             if matches!(origin, KeyOrigin::File(_)) {
                 // The key file will be replaced by it: keep it in the data dir first. A next
                 // key left by an attempt that never started re-encrypting is replaced; one
                 // that did start is finished first (begin_rotation says so).
-                if next_path.exists() && store.rotation().map_err(|e| e.to_string())?.is_none() {
-                    let left = proxygate_store::crypto::read_key_file(&next_path)
-                        .map_err(|e| e.to_string())?;
+                if next_path.exists() && store.rotation()?.is_none() {
+                    let left = proxygate_store::crypto::read_key_file(&next_path)?;
                     if left.id() != key.id() {
-                        std::fs::remove_file(&next_path).map_err(|e| e.to_string())?;
+                        std::fs::remove_file(&next_path)
+                            .with_context(|| next_path.display().to_string())?;
                     }
                 }
                 if !next_path.exists() {
-                    proxygate_store::crypto::write_key_file(&next_path, &key)
-                        .map_err(|e| e.to_string())?;
+                    proxygate_store::crypto::write_key_file(&next_path, &key)?;
                 }
             }
             key
         }
         (None, KeyOrigin::Env) => {
-            return Err(format!(
+            anyhow::bail!(
                 "the key comes from {KEY_ENV}, which this command cannot change: make a new \
                  key with `proxygate key generate`, save it to a file (mode 0600) and pass it \
                  with --new-key-file"
-            ));
+            );
         }
         (None, KeyOrigin::File(_)) if next_path.exists() => {
-            proxygate_store::crypto::read_key_file(&next_path).map_err(|e| e.to_string())?
+            proxygate_store::crypto::read_key_file(&next_path)?
         }
         (None, KeyOrigin::File(_)) => {
             let key = Key::generate();
-            proxygate_store::crypto::write_key_file(&next_path, &key).map_err(|e| e.to_string())?;
+            proxygate_store::crypto::write_key_file(&next_path, &key)?;
             key
         }
     };
     let next_id = next.id();
-    store.begin_rotation(next).map_err(|e| e.to_string())?;
+    store.begin_rotation(next)?;
     let mut total = 0;
     loop {
-        let p = store.rotate_some(1000).map_err(|e| e.to_string())?;
+        let p = store.rotate_some(1000)?;
         total += p.reencrypted;
         if p.left == 0 {
             break;
@@ -297,10 +294,10 @@ fn rotate(dir: &Path, new_key_file: Option<&Path>) -> Result<(), String> {
     if let KeyOrigin::File(path) = &origin
         && next_path.exists()
     {
-        std::fs::rename(&next_path, path).map_err(|e| format!("{}: {e}", path.display()))?;
-        proxygate_store::crypto::sync_dir(path).map_err(|e| e.to_string())?;
+        std::fs::rename(&next_path, path).with_context(|| path.display().to_string())?;
+        proxygate_store::crypto::sync_dir(path)?;
     }
-    store.end_rotation().map_err(|e| e.to_string())?;
+    store.end_rotation()?;
     println!("re-encrypted {total} records with key {next_id}; key {old} is retired");
     if origin == KeyOrigin::Env {
         println!(

@@ -83,6 +83,11 @@ fn read_u32(tree: &sled::Tree, name: &str, dir: &Path) -> Result<Option<u32>, St
 }
 
 impl Store {
+    /// Whether `dir` holds a data dir (a database, at least).
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(DB_DIR).exists()
+    }
+
     /// Opens (creating when missing) the data dir. `env_key` is `ENCRYPTION_KEY`'s value.
     pub fn open(dir: &Path, env_key: Option<&str>) -> Result<(Store, OpenReport), StoreError> {
         if !dir.exists() {
