@@ -159,16 +159,19 @@ impl Builder {
             let mut tx = Some(tx);
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(addr) = line
+                let addr = line
                     .split("listening on ")
                     .nth(1)
                     .and_then(|rest| rest.split_whitespace().next())
-                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                    .and_then(|a| a.parse::<SocketAddr>().ok());
+                // Logged before the start is signalled: `logs()` right after `start()` must
+                // already hold the line that said it listens.
+                sink.lock().unwrap().push(line);
+                if let Some(addr) = addr
                     && let Some(tx) = tx.take()
                 {
                     let _ = tx.send(addr);
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         let addr = match tokio::time::timeout(Duration::from_secs(60), rx).await {
