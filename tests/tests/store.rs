@@ -21,6 +21,24 @@ use proxygate_tests::gateway::{Gateway, cli_env};
 use proxygate_tests::origin::Origin;
 use serde_json::Value;
 
+/// Opens the raw database as test code that builds or inspects old shapes does. sled lets go
+/// of its file lock when its background threads drop the database, a moment after the last
+/// handle in this process is dropped: wait for that (a lock held elsewhere still fails).
+fn open_db(path: std::path::PathBuf) -> sled::Db {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match sled::open(&path) {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 /// `proxygate pool --data-dir DIR ARGS...`; returns (exit code, stdout, stderr).
 async fn pool(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut all = vec!["pool", "--data-dir", dir.to_str().unwrap()];
@@ -331,7 +349,7 @@ async fn legacy_plaintext_data_dir_is_migrated_and_serves() {
     {
         // Schema version 1, written by test code: no meta tree, plaintext credentials, no
         // stats, no proxy type.
-        let db = sled::open(data.join("db")).unwrap();
+        let db = open_db(data.join("db"));
         let tree = db.open_tree("upstreams").unwrap();
         for (url, creds) in [(&socks_url, Some(("legacy", "p@ss:1"))), (&http_url, None)] {
             let u = Upstream::parse(url).unwrap();
@@ -388,7 +406,7 @@ async fn legacy_plaintext_data_dir_is_migrated_and_serves() {
     assert!(gw.terminate(Duration::from_secs(10)).await.success());
     assert_eq!(exported(&data, &[]).await[&id_of(&socks_url)], socks_url);
     // No plaintext is left on disk.
-    let db = sled::open(data.join("db")).unwrap();
+    let db = open_db(data.join("db"));
     for item in &db.open_tree("upstreams").unwrap() {
         let (_, v) = item.unwrap();
         let text = String::from_utf8_lossy(&v);
@@ -402,7 +420,7 @@ async fn newer_schema_is_refused_and_untouched() {
     let data = tmp.path().join("data");
     pool_ok(&data, &["add", "socks5://u:p@10.0.0.1:1080"]).await;
     let dump = || {
-        let db = sled::open(data.join("db")).unwrap();
+        let db = open_db(data.join("db"));
         let mut all = Vec::new();
         for name in db.tree_names() {
             for item in &db.open_tree(&name).unwrap() {
@@ -412,7 +430,7 @@ async fn newer_schema_is_refused_and_untouched() {
         all
     };
     {
-        let db = sled::open(data.join("db")).unwrap();
+        let db = open_db(data.join("db"));
         db.open_tree("meta")
             .unwrap()
             .insert("schema_version", &7u32.to_be_bytes())

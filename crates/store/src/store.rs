@@ -585,7 +585,39 @@ mod tests {
     }
 
     fn open(dir: &Path) -> Store {
-        Store::open(dir, None).unwrap().0
+        reopen(dir, None).unwrap().0
+    }
+
+    /// sled lets go of its file lock when its background threads drop the database, which
+    /// can be a moment after the last handle is dropped: a reopen in the same process waits
+    /// for that (a lock held by anything else still fails after the deadline).
+    fn reopen(dir: &Path, key: Option<&str>) -> Result<(Store, OpenReport), StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir, key) {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The raw database, as test code that builds or inspects old shapes opens it (see
+    /// [`reopen`]).
+    fn sled_open(path: PathBuf) -> sled::Result<sled::Db> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match sled::open(&path) {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                other => return other,
+            }
+        }
     }
 
     const URLS: [&str; 3] = [
@@ -597,7 +629,7 @@ mod tests {
     #[test]
     fn round_trip_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, report) = Store::open(dir.path(), None).unwrap();
+        let (store, report) = reopen(dir.path(), None).unwrap();
         assert!(report.generated_key.is_some());
         for url in URLS {
             assert!(store.put(&record(url)).unwrap());
@@ -606,7 +638,7 @@ mod tests {
         store.set_setting("strategy", Some("random")).unwrap();
         store.flush().unwrap();
         drop(store);
-        let (store, report) = Store::open(dir.path(), None).unwrap();
+        let (store, report) = reopen(dir.path(), None).unwrap();
         assert_eq!(report, OpenReport::default());
         let mut got = store.records().unwrap();
         got.sort_by_key(|r| r.upstream.port);
@@ -623,7 +655,7 @@ mod tests {
         );
         // Nothing in the database file shows a password or a username.
         drop(store);
-        let db = sled::open(dir.path().join(DB_DIR)).unwrap();
+        let db = sled_open(dir.path().join(DB_DIR)).unwrap();
         let tree = db.open_tree("upstreams").unwrap();
         for item in &tree {
             let (_, v) = item.unwrap();
@@ -645,7 +677,7 @@ mod tests {
         store.flush().unwrap();
         drop(store);
         let other = Key::generate();
-        let (store, _) = Store::open(dir.path(), Some(&other.to_base64())).unwrap();
+        let (store, _) = reopen(dir.path(), Some(&other.to_base64())).unwrap();
         let err = store.records().unwrap_err().to_string();
         let a = Upstream::parse(URLS[0]).unwrap().id().to_string();
         let b = Upstream::parse(URLS[1]).unwrap().id().to_string();
@@ -671,7 +703,7 @@ mod tests {
             dir.path().join("saved.key"),
         )
         .unwrap();
-        let err = Store::open(dir.path(), None).unwrap_err().to_string();
+        let err = reopen(dir.path(), None).unwrap_err().to_string();
         assert!(err.contains("no key was given"), "{err}");
         assert!(
             !dir.path().join(crate::KEY_FILE).exists(),
@@ -681,7 +713,7 @@ mod tests {
 
     /// Rewrites record `id`'s stored bytes with `f` (as an attacker with disk access would).
     fn tamper(dir: &Path, id: UpstreamId, f: impl FnOnce(&mut RawRecord)) {
-        let db = sled::open(dir.join(DB_DIR)).unwrap();
+        let db = sled_open(dir.join(DB_DIR)).unwrap();
         let tree = db.open_tree("upstreams").unwrap();
         let mut raw = RawRecord::decode(&tree.get(id_key(id)).unwrap().unwrap()).unwrap();
         f(&mut raw);
@@ -733,7 +765,7 @@ mod tests {
         let c = record(URLS[2]);
         {
             // Version 1: no meta, plaintext credentials, no stats, no proxy_type.
-            let db = sled::open(dir.path().join(DB_DIR)).unwrap();
+            let db = sled_open(dir.path().join(DB_DIR)).unwrap();
             let tree = db.open_tree("upstreams").unwrap();
             let v1 = |r: &Record, user: Option<&str>, pass: Option<&str>| RawRecord {
                 scheme: r.upstream.scheme.to_string(),
@@ -753,7 +785,7 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        let (store, report) = Store::open(dir.path(), None).unwrap();
+        let (store, report) = reopen(dir.path(), None).unwrap();
         assert_eq!(
             report.migrated,
             ["add_reputation_fields", "encrypt_credentials"]
@@ -784,7 +816,7 @@ mod tests {
         assert!(raw.password.is_none() && raw.username.is_none() && raw.credentials.is_some());
         drop(store);
         // Idempotent: a second open migrates nothing and reads the same.
-        let (store, report) = Store::open(dir.path(), None).unwrap();
+        let (store, report) = reopen(dir.path(), None).unwrap();
         assert!(report.migrated.is_empty());
         assert_eq!(store.records().unwrap().len(), 2);
     }
@@ -811,7 +843,7 @@ mod tests {
             .unwrap();
         store.flush().unwrap();
         drop(store);
-        let (store, report) = Store::open(dir.path(), None).unwrap();
+        let (store, report) = reopen(dir.path(), None).unwrap();
         assert_eq!(report.migrated, ["encrypt_credentials"]);
         let mut got = store.records().unwrap();
         got.sort_by_key(|r| r.upstream.port);
@@ -831,7 +863,7 @@ mod tests {
         drop(store);
         std::fs::remove_file(dir.path().join(crate::KEY_FILE)).unwrap();
         let dump = |dir: &Path| {
-            let db = sled::open(dir.join(DB_DIR)).unwrap();
+            let db = sled_open(dir.join(DB_DIR)).unwrap();
             let mut all = Vec::new();
             for name in db.tree_names() {
                 for item in &db.open_tree(&name).unwrap() {
@@ -841,7 +873,7 @@ mod tests {
             all
         };
         let before = dump(dir.path());
-        let err = Store::open(dir.path(), None).unwrap_err().to_string();
+        let err = reopen(dir.path(), None).unwrap_err().to_string();
         assert!(
             err.contains("schema version 99") && err.contains("upgrade"),
             "{err}"
@@ -887,7 +919,7 @@ mod tests {
         drop(store); // killed here
 
         // Reopened mid-rotation: both keys load, every record reads.
-        let (mut store, report) = Store::open(dir.path(), None).unwrap();
+        let (mut store, report) = reopen(dir.path(), None).unwrap();
         assert_eq!(report.rotation_pending, Some(next.id()));
         assert_eq!(store.records().unwrap().len(), 10);
         assert_eq!(
@@ -908,7 +940,7 @@ mod tests {
         store.end_rotation().unwrap();
         drop(store);
 
-        let (store, report) = Store::open(dir.path(), None).unwrap();
+        let (store, report) = reopen(dir.path(), None).unwrap();
         assert_eq!(report.rotation_pending, None);
         assert_eq!(store.keys().primary().id(), next.id());
         assert!(store.keys().get(old).is_none(), "old key retired");
@@ -932,7 +964,7 @@ mod tests {
         )
         .unwrap();
         drop(store); // killed before end_rotation
-        let (store, report) = Store::open(dir.path(), None).unwrap();
+        let (store, report) = reopen(dir.path(), None).unwrap();
         assert_eq!(report.rotation_pending, None);
         assert_eq!(store.rotation().unwrap(), None);
         assert_eq!(store.records().unwrap().len(), 1);
