@@ -55,6 +55,11 @@ const MAX_SESSION_LEN: usize = 64;
 const MAX_TTL_SECS: u64 = 86_400;
 
 impl Route {
+    /// Whether this route lets every upstream serve (no country, type or reputation filter).
+    pub fn is_unfiltered(&self) -> bool {
+        self.country.is_none() && self.scheme.is_none() && self.min_reputation.is_none()
+    }
+
     /// Splits a username into its account and its routing hints.
     pub fn parse(username: &str) -> Result<(&str, Route), RouteError> {
         let mut parts = username.split('-');

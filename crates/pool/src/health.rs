@@ -13,11 +13,12 @@
 //! until one succeeds. New upstreams start on probation too, so a burst cannot pile onto a dead
 //! proxy. All numbers are atomics: reporting and selection never take a lock.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use proxygate_core::{Outcome, Side};
 
+use crate::hot::{Hot, HotRef};
 use crate::reputation::{Inputs, ReputationConfig, reputation};
 
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(30);
@@ -60,20 +61,12 @@ const NONE: u32 = u32::MAX;
 
 /// Live stats of one upstream. Times are milliseconds since the pool's epoch.
 ///
-/// `repr(C)`, the fields a pick reads and writes first (backoff, in flight, reputation,
-/// probation, LRU key, last use: 34 bytes), so that with [`crate::Entry`] putting its health
-/// first a probe into a large pool touches as few cache lines as possible.
+/// What a pick reads and writes (backoff, in flight, reputation, probation, LRU key, last
+/// use) lives in the pool's hot table ([`crate::hot`]), in a slot this health owns; the rest
+/// is here.
 #[derive(Debug)]
-#[repr(C)]
 pub struct Health {
-    backoff_until_ms: AtomicU64,
-    /// The least-recently-used strategy's key: the last use, or the end of a backoff, so an
-    /// upstream coming back from one does not count as the least recently used of all.
-    lru_ms: AtomicU64,
-    last_used_ms: AtomicU64,
-    in_flight: AtomicU32,
-    reputation: AtomicU8,
-    probation: AtomicBool,
+    hot: HotRef,
     consecutive_failures: AtomicU32,
     /// f32 bits, or `NONE`.
     success_ema: AtomicU32,
@@ -100,22 +93,9 @@ pub struct Saved {
 }
 
 impl Default for Health {
+    /// A new upstream's health, outside any pool.
     fn default() -> Self {
-        Self {
-            consecutive_failures: AtomicU32::new(0),
-            backoff_until_ms: AtomicU64::new(0),
-            successes: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            in_flight: AtomicU32::new(0),
-            last_used_ms: AtomicU64::new(0),
-            lru_ms: AtomicU64::new(0),
-            success_ema: AtomicU32::new(NONE),
-            response_ema: AtomicU32::new(NONE),
-            reputation: AtomicU8::new(50),
-            probation: AtomicBool::new(true),
-            dirty: AtomicBool::new(false),
-            last_check_ms: AtomicU64::new(0),
-        }
+        Self::new(HotRef::standalone())
     }
 }
 
@@ -152,21 +132,54 @@ fn store_f32(v: Option<f64>) -> u32 {
 }
 
 impl Health {
+    /// A new upstream's health in slot `hot` (already in a new upstream's state).
+    pub(crate) fn new(hot: HotRef) -> Health {
+        Health {
+            hot,
+            consecutive_failures: AtomicU32::new(0),
+            successes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            success_ema: AtomicU32::new(NONE),
+            response_ema: AtomicU32::new(NONE),
+            dirty: AtomicBool::new(false),
+            last_check_ms: AtomicU64::new(0),
+        }
+    }
+
     /// Health restored from saved stats; the reputation is recomputed from them. It is off
     /// probation only if its last attempt succeeded.
     pub fn restore(saved: &Saved, cfg: &HealthConfig) -> Health {
+        Self::restore_in(HotRef::standalone(), saved, cfg)
+    }
+
+    /// [`Health::restore`] into slot `hot`.
+    pub(crate) fn restore_in(hot: HotRef, saved: &Saved, cfg: &HealthConfig) -> Health {
         let h = Health {
             consecutive_failures: AtomicU32::new(saved.consecutive_failures),
             successes: AtomicU64::new(saved.successes),
             failures: AtomicU64::new(saved.failures),
             success_ema: AtomicU32::new(store_f32(saved.success_rate)),
             response_ema: AtomicU32::new(store_f32(saved.response_time_ms)),
-            probation: AtomicBool::new(saved.consecutive_failures > 0 || saved.successes == 0),
-            ..Health::default()
+            ..Health::new(hot)
         };
+        let hot = h.hot();
+        hot.probation.store(
+            saved.consecutive_failures > 0 || saved.successes == 0,
+            Ordering::Relaxed,
+        );
         let rep = reputation(&h.inputs(), &cfg.reputation);
-        h.reputation.store(rep, Ordering::Relaxed);
+        hot.reputation.store(rep, Ordering::Relaxed);
         h
+    }
+
+    /// The hot part, in the pool's table.
+    pub(crate) fn hot(&self) -> &Hot {
+        self.hot.get()
+    }
+
+    /// This health's slot in the pool's hot table.
+    pub(crate) fn slot(&self) -> u32 {
+        self.hot.index()
     }
 
     /// What [`Health::restore`] takes back.
@@ -193,9 +206,7 @@ impl Health {
     /// Whether selection may hand this upstream out at `now_ms`: not in backoff, and not on
     /// probation with a request already in flight.
     pub fn is_selectable(&self, now_ms: u64) -> bool {
-        self.backoff_until_ms.load(Ordering::Relaxed) <= now_ms
-            && (!self.probation.load(Ordering::Relaxed)
-                || self.in_flight.load(Ordering::Relaxed) == 0)
+        self.hot().is_selectable(now_ms)
     }
 
     /// Healthy: reputation at least the threshold, consecutive failures under the limit.
@@ -205,7 +216,7 @@ impl Health {
     }
 
     pub fn reputation(&self) -> u8 {
-        self.reputation.load(Ordering::Relaxed)
+        self.hot().reputation()
     }
 
     pub fn success_rate(&self) -> Option<f64> {
@@ -217,7 +228,7 @@ impl Health {
     }
 
     pub fn backoff_until_ms(&self) -> u64 {
-        self.backoff_until_ms.load(Ordering::Relaxed)
+        self.hot().backoff_until_ms()
     }
 
     pub fn consecutive_failures(&self) -> u32 {
@@ -238,15 +249,11 @@ impl Health {
     }
 
     pub fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.hot().in_flight.load(Ordering::Relaxed)
     }
 
     pub fn last_used_ms(&self) -> u64 {
-        self.last_used_ms.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn lru_ms(&self) -> u64 {
-        self.lru_ms.load(Ordering::Relaxed)
+        self.hot().last_used_ms.load(Ordering::Relaxed)
     }
 
     /// When this upstream was last re-checked (ms since the pool's epoch), if ever.
@@ -255,18 +262,12 @@ impl Health {
     }
 
     pub fn is_on_probation(&self) -> bool {
-        self.probation.load(Ordering::Relaxed)
+        self.hot().probation.load(Ordering::Relaxed)
     }
 
+    #[cfg(test)]
     pub(crate) fn acquire(&self, now_ms: u64) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        // 0 means "never": a use in the pool's first millisecond counts as 1.
-        self.last_used_ms.store(now_ms.max(1), Ordering::Relaxed);
-        self.lru_ms.store(now_ms, Ordering::Relaxed);
-    }
-
-    pub(crate) fn release(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.hot().acquire(now_ms);
     }
 
     fn inputs(&self) -> Inputs {
@@ -280,13 +281,14 @@ impl Health {
 
     /// Applies one attempt's outcome at `now_ms`; `jitter` is a uniform sample of `0.0..1.0`.
     pub(crate) fn record(&self, outcome: &Outcome, now_ms: u64, cfg: &HealthConfig, jitter: f64) {
+        let hot = self.hot();
         let was_on_probation = self.is_on_probation();
         match outcome.error {
             None => {
                 self.successes.fetch_add(1, Ordering::Relaxed);
                 self.consecutive_failures.store(0, Ordering::Relaxed);
-                self.backoff_until_ms.store(0, Ordering::Relaxed);
-                self.probation.store(false, Ordering::Relaxed);
+                hot.backoff_until_ms.store(0, Ordering::Relaxed);
+                hot.probation.store(false, Ordering::Relaxed);
                 update_ema(&self.success_ema, 1.0, cfg.ema_alpha);
                 let rt = outcome
                     .connect
@@ -304,7 +306,7 @@ impl Health {
             Some(_) => return,
         }
         let rep = reputation(&self.inputs(), &cfg.reputation);
-        self.reputation.store(rep, Ordering::Relaxed);
+        hot.reputation.store(rep, Ordering::Relaxed);
         self.dirty.store(true, Ordering::Relaxed);
         if was_on_probation {
             self.last_check_ms.store(now_ms.max(1), Ordering::Relaxed);
@@ -319,9 +321,8 @@ impl Health {
             let wait = full_jitter(backoff_ceiling(past, cfg), jitter);
             let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
             let until = now_ms.saturating_add(wait_ms);
-            self.backoff_until_ms.store(until, Ordering::Relaxed);
-            self.lru_ms.store(until, Ordering::Relaxed);
-            self.probation.store(true, Ordering::Relaxed);
+            hot.backoff_until_ms.store(until, Ordering::Relaxed);
+            hot.probation.store(true, Ordering::Relaxed);
         }
     }
 }

@@ -5,6 +5,7 @@
 //! - [`reputation`]: the 0-100 reputation formula, pure, every constant configurable.
 //! - [`health`]: per-upstream live stats in atomics (moving averages, failures, uses), the
 //!   healthy/probation/backoff policy.
+//! - `hot`: the hot table, the part of every upstream's health a pick reads, contiguous.
 //! - [`sessions`]: the sticky-session table (session key -> pinned upstream, with a TTL).
 //! - [`strategy`]: [`Strategy`], the six selection strategies and their pick algorithms.
 //! - [`pool`]: [`Pool`] with its [`PoolReader`] (select, hot path) and [`PoolWriter`] (replace
@@ -14,6 +15,7 @@
 //! Time is an argument (`now: Instant`) everywhere policy is decided, so tests drive it.
 
 pub mod health;
+pub(crate) mod hot;
 pub mod pool;
 pub mod reputation;
 pub mod sessions;

@@ -6,15 +6,15 @@
 //! mode", as Envoy calls it): a pool that looks all-dead is still tried rather than failing
 //! outright, and the fallback is counted. It returns a [`Lease`] that must report the attempt.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use proxygate_core::{Outcome, Route, Upstream, UpstreamId};
 
 use crate::sessions::Sessions;
-use crate::snapshot::Shared;
+use crate::snapshot::{Shard, Shared};
 use crate::strategy::{PickCtx, pick};
 use crate::{Entry, HealthConfig, Snapshot, Strategy};
 
@@ -31,6 +31,9 @@ pub struct Pool {
     sessions: Sessions,
     session_ttl_ms: AtomicU64,
     shared: Arc<Shared>,
+    /// Held while a new snapshot is built from the current one and published, so two writers
+    /// (a replace and the reindexer) never publish over each other's work.
+    writing: Mutex<()>,
 }
 
 /// The hot-path handle: select upstreams, read the snapshot.
@@ -43,9 +46,14 @@ pub struct PoolWriter(Arc<Pool>);
 
 /// One upstream handed out for one attempt. Report the outcome with [`Lease::report`];
 /// a lease dropped unreported counts as nothing (the attempt was abandoned by us).
+///
+/// It holds the snapshot's members through the picking thread's shard (see
+/// [`crate::snapshot`]) and the upstream's slot in the hot table, so taking one touches only
+/// that slot; the entry is read when the upstream is dialed or reported.
 #[derive(Debug)]
 pub struct Lease {
-    entry: Arc<Entry>,
+    shard: Arc<Shard>,
+    slot: u32,
     panic_mode: bool,
 }
 
@@ -60,12 +68,23 @@ impl Pool {
             sessions: Sessions::default(),
             session_ttl_ms: AtomicU64::new(DEFAULT_SESSION_TTL_MS),
             shared: Arc::new(Shared::new(health)),
+            writing: Mutex::new(()),
         });
         (PoolReader(Arc::clone(&pool)), PoolWriter(pool))
     }
 
     fn millis(&self, now: Instant) -> u64 {
         self.shared.millis(now)
+    }
+
+    /// Builds the next snapshot from the current one with `f` and publishes it.
+    fn publish(&self, f: impl FnOnce(&Snapshot) -> Option<Snapshot>) {
+        // Nothing the lock guards can be left half-done by a panic: it guards no data.
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.snapshot.load();
+        if let Some(next) = f(&current) {
+            self.snapshot.store(Arc::new(next));
+        }
     }
 }
 
@@ -90,12 +109,12 @@ impl PoolReader {
         let pool = &self.0;
         let now_ms = pool.millis(Instant::now());
         let snap = pool.snapshot.load();
-        let entry = snap.get(id).filter(|e| e.health.is_selectable(now_ms))?;
-        entry.health.acquire(now_ms);
-        Some(Lease {
-            entry: Arc::clone(entry),
-            panic_mode: false,
-        })
+        let members = snap.members();
+        let slot = snap
+            .position(id)
+            .map(|pos| members.slot_of(pos))
+            .filter(|s| members.hot(*s).is_selectable(now_ms))?;
+        Some(Lease::take(&snap, slot, now_ms, false))
     }
 
     /// Picks an upstream not in `exclude`, or `None` when every upstream is excluded (or the
@@ -131,15 +150,12 @@ impl PoolReader {
             && !exclude.contains(&id)
         {
             let snap = pool.snapshot.load();
-            if let Some(entry) = snap
-                .get(id)
-                .filter(|e| e.health.is_selectable(now_ms) && fits(route, e))
-            {
-                entry.health.acquire(now_ms);
-                return Some(Lease {
-                    entry: Arc::clone(entry),
-                    panic_mode: false,
-                });
+            let members = snap.members();
+            if let Some(slot) = snap.position(id).map(|p| members.slot_of(p)).filter(|s| {
+                members.hot(*s).is_selectable(now_ms)
+                    && members.entry(*s).is_some_and(|e| fits(route, e))
+            }) {
+                return Some(Lease::take(&snap, slot, now_ms, false));
             }
         }
         let lease = self.select_with(route, strategy, exclude, now)?;
@@ -166,7 +182,6 @@ impl PoolReader {
     ) -> Option<Lease> {
         let pool = &self.0;
         let snap = pool.snapshot.load();
-        let entries = snap.entries();
         let now_ms = pool.millis(now);
         let ctx = PickCtx {
             exclude,
@@ -175,19 +190,15 @@ impl PoolReader {
             route,
         };
         let strategy = strategy.unwrap_or_else(|| self.strategy());
-        let (entry, panic_mode) = match pick(strategy, &snap, &ctx) {
-            Some(e) => (e, false),
+        let (slot, panic_mode) = match pick(strategy, &snap, &ctx) {
+            Some(s) => (s, false),
             None => {
-                let e = least_bad(entries, exclude, route)?;
+                let pos = least_bad(snap.entries(), exclude, route)?;
                 pool.panic_selections.fetch_add(1, Ordering::Relaxed);
-                (e, true)
+                (snap.members().slot_of(pos), true)
             }
         };
-        entry.health.acquire(now_ms);
-        Some(Lease {
-            entry: Arc::clone(entry),
-            panic_mode,
-        })
+        Some(Lease::take(&snap, slot, now_ms, panic_mode))
     }
 }
 
@@ -203,30 +214,28 @@ pub(crate) fn fits(route: &Route, e: &Entry) -> bool {
             .is_none_or(|m| e.health.reputation() >= m)
 }
 
-/// Panic mode: the non-excluded entry whose backoff ends first (the better reputation among
-/// equals).
-fn least_bad<'a>(
-    entries: &'a [Arc<Entry>],
-    exclude: &[UpstreamId],
-    route: &Route,
-) -> Option<&'a Arc<Entry>> {
+/// Panic mode: the position of the non-excluded entry whose backoff ends first (the better
+/// reputation among equals).
+fn least_bad(entries: &[Arc<Entry>], exclude: &[UpstreamId], route: &Route) -> Option<usize> {
     entries
         .iter()
-        .filter(|e| !exclude.contains(&e.id) && fits(route, e))
-        .min_by_key(|e| {
+        .enumerate()
+        .filter(|(_, e)| !exclude.contains(&e.id) && fits(route, e))
+        .min_by_key(|(_, e)| {
             (
                 e.health.backoff_until_ms(),
                 std::cmp::Reverse(e.health.reputation()),
             )
         })
+        .map(|(i, _)| i)
 }
 
 impl PoolWriter {
     /// Replaces the set of upstreams; upstreams that stay keep their health.
     pub fn replace(&self, upstreams: impl IntoIterator<Item = Upstream>) {
-        let previous = self.0.snapshot.load();
-        let next = Snapshot::build(upstreams, &previous, &self.0.shared);
-        self.0.snapshot.store(Arc::new(next));
+        let shared = &self.0.shared;
+        self.0
+            .publish(|previous| Some(Snapshot::build(upstreams, previous, shared)));
     }
 
     /// [`PoolWriter::replace`], where upstreams new to the pool start from saved stats.
@@ -234,21 +243,18 @@ impl PoolWriter {
         &self,
         upstreams: impl IntoIterator<Item = (Upstream, Option<crate::health::Saved>)>,
     ) {
-        let previous = self.0.snapshot.load();
-        let next = Snapshot::build_saved(upstreams, &previous, &self.0.shared);
-        self.0.snapshot.store(Arc::new(next));
+        let shared = &self.0.shared;
+        self.0
+            .publish(|previous| Some(Snapshot::build_saved(upstreams, previous, shared)));
     }
 
     /// Recomputes the snapshot's orders (by reputation, by response time) from live stats.
     /// The app calls this every `pool.reindex_interval`.
     pub fn reindex(&self) {
-        let current = self.0.snapshot.load();
-        if current.len() <= crate::strategy::EXACT_MAX {
+        self.0.publish(|current| {
             // Small pools are picked from by exact scans; their orders are never read.
-            return;
-        }
-        let next = current.reindexed();
-        self.0.snapshot.store(Arc::new(next));
+            (current.len() > crate::strategy::EXACT_MAX).then(|| current.reindexed())
+        });
     }
 
     /// How long a sticky session keeps its upstream unless the client's `ttl` hint says.
@@ -268,12 +274,30 @@ impl PoolWriter {
 }
 
 impl Lease {
+    /// Acquires the member of `snap` in slot `slot` (one more in flight, used now).
+    fn take(snap: &Snapshot, slot: u32, now_ms: u64, panic_mode: bool) -> Lease {
+        snap.members().hot(slot).acquire(now_ms);
+        Lease {
+            shard: Arc::clone(snap.shard()),
+            slot,
+            panic_mode,
+        }
+    }
+
+    fn entry(&self) -> &Entry {
+        match self.shard.members.entry(self.slot) {
+            Some(e) => e,
+            // Every pick checks membership of the snapshot whose members the lease holds.
+            None => unreachable!("a lease's slot is a member of its snapshot"),
+        }
+    }
+
     pub fn id(&self) -> UpstreamId {
-        self.entry.id
+        self.entry().id
     }
 
     pub fn upstream(&self) -> &Upstream {
-        &self.entry.upstream
+        &self.entry().upstream
     }
 
     /// Whether this upstream was picked although in backoff (no better one was left).
@@ -288,9 +312,10 @@ impl Lease {
 
     /// [`Lease::report`] at a given time.
     pub fn report_at(self, outcome: &Outcome, now: Instant) {
-        let shared = &self.entry.shared;
+        let entry = self.entry();
+        let shared = &entry.shared;
         let now_ms = shared.millis(now);
-        self.entry
+        entry
             .health
             .record(outcome, now_ms, &shared.health, fastrand::f64());
     }
@@ -298,7 +323,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.entry.health.release();
+        self.shard.members.hot(self.slot).release();
     }
 }
 

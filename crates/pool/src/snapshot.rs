@@ -1,8 +1,15 @@
 //! [`Snapshot`]: the immutable set of upstreams that selection reads.
 //!
 //! Writers build a new snapshot aside and swap it in. An upstream that stays across a swap
-//! keeps its [`Health`] (the `Arc<Entry>` is carried over), so replacing the list never
-//! forgets what was learned about a proxy.
+//! keeps its [`Health`] (the `Arc<Entry>` is carried over, and with it its slot in the hot
+//! table), so replacing the list never forgets what was learned about a proxy.
+//!
+//! A pick reads only the hot table (through [`Members::hot`]) and hands out a [`Lease`]
+//! that keeps the snapshot's members alive through one of a few [`Shard`] handles (the one of
+//! the picking thread), so no reference count shared by every thread, and none inside the
+//! chosen entry, is touched per pick.
+//!
+//! [`Lease`]: crate::Lease
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,12 +19,11 @@ use proxygate_core::{Route, Scheme, Upstream, UpstreamId};
 use std::time::Instant;
 
 use crate::health::Saved;
+use crate::hot::{self, Directory, Hot, Slab};
 use crate::{Health, HealthConfig};
 
-/// One upstream and its live health. `repr(C)` with the health first: right after the `Arc`'s
-/// reference counts, where a pick touches memory anyway.
+/// One upstream and its live health.
 #[derive(Debug)]
-#[repr(C)]
 pub struct Entry {
     pub health: Health,
     pub id: UpstreamId,
@@ -57,6 +63,8 @@ impl Entry {
 pub struct Shared {
     pub(crate) epoch: Instant,
     pub(crate) health: HealthConfig,
+    /// The hot table every entry of the pool has its slot in.
+    pub(crate) slab: Arc<Slab>,
 }
 
 impl Shared {
@@ -64,6 +72,7 @@ impl Shared {
         Self {
             epoch: Instant::now(),
             health,
+            slab: Arc::new(Slab::default()),
         }
     }
 
@@ -73,11 +82,86 @@ impl Shared {
     }
 }
 
+/// The upstreams of a snapshot, and where their hot slots are. Reindexed snapshots share it.
+#[derive(Debug, Default)]
+pub(crate) struct Members {
+    entries: Vec<Arc<Entry>>,
+    /// Each entry's slot in the hot table, in entry order.
+    slots: Vec<u32>,
+    /// The hot table's chunks when these members were gathered (covers every slot above).
+    dir: Directory,
+    /// The slot space when these members were gathered: slots `0..space` (members, free
+    /// slots and slots of upstreams of other snapshots).
+    space: u32,
+    /// Slot to position in `entries` (`u32::MAX`: not a member), over the slot space.
+    positions: Vec<u32>,
+    /// This snapshot's generation (see [`Hot::is_member_of`]).
+    pub(crate) generation: u64,
+}
+
+impl Members {
+    /// Entry `pos`'s slot.
+    pub(crate) fn slot_of(&self, pos: usize) -> u32 {
+        self.slots[pos]
+    }
+
+    /// The hot part of the health of the upstream in slot `slot` (any slot in the slot
+    /// space), without touching its entry.
+    pub(crate) fn hot(&self, slot: u32) -> &Hot {
+        hot::slot(&self.dir, slot)
+    }
+
+    /// The extent of the slot space.
+    pub(crate) fn space(&self) -> u32 {
+        self.space
+    }
+
+    /// The entry in slot `slot`, if it is a member.
+    pub(crate) fn entry(&self, slot: u32) -> Option<&Arc<Entry>> {
+        let pos = *self.positions.get(slot as usize)?;
+        self.entries.get(pos as usize)
+    }
+
+    /// Whether `e` (by identity) is one of these members.
+    fn owns(&self, e: &Arc<Entry>) -> bool {
+        self.entry(e.health.slot())
+            .is_some_and(|mine| Arc::ptr_eq(mine, e))
+    }
+}
+
+/// Threads lease through different handles, so no single reference count is shared by all.
+pub(crate) const SHARDS: usize = 16;
+
+/// A handle on a snapshot's members that a lease holds. Aligned so each shard's reference
+/// count has a cache line to itself.
+#[derive(Debug)]
+#[repr(align(128))]
+pub(crate) struct Shard {
+    pub(crate) members: Arc<Members>,
+}
+
+/// The shard this thread leases through.
+fn shard_index() -> usize {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    SHARD.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
+        }
+        s.get()
+    })
+}
+
 /// An immutable view of the pool.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    entries: Vec<Arc<Entry>>,
-    by_id: HashMap<UpstreamId, usize>,
+    members: Arc<Members>,
+    shards: Arc<[Arc<Shard>]>,
+    by_id: Arc<HashMap<UpstreamId, usize>>,
     /// Indexes into `entries`, best reputation first (as of the last reindex).
     by_reputation: Vec<u32>,
     /// The reputations `by_reputation` was sorted by, in its order: where a `minrep` prefix
@@ -129,28 +213,79 @@ impl Snapshot {
         previous: &Snapshot,
         shared: &Arc<Shared>,
     ) -> Snapshot {
-        let mut snap = Snapshot::default();
+        let mut entries = Vec::new();
+        let mut by_id = HashMap::new();
         for (upstream, saved) in upstreams {
             let id = upstream.id();
-            if snap.by_id.contains_key(&id) {
+            if by_id.contains_key(&id) {
                 continue;
             }
             let entry = match previous.get(id) {
                 // Same proxy, same account: keep its health, but take the new password.
-                Some(old) if old.upstream == upstream => Arc::clone(old),
-                _ => Arc::new(Entry {
-                    id,
-                    upstream,
-                    health: saved
-                        .map(|s| Health::restore(&s, &shared.health))
-                        .unwrap_or_default(),
-                    shared: Arc::clone(shared),
-                }),
+                Some(old) if old.upstream == upstream && Arc::ptr_eq(&old.shared, shared) => {
+                    Arc::clone(old)
+                }
+                _ => {
+                    let hot = shared.slab.alloc();
+                    Arc::new(Entry {
+                        id,
+                        upstream,
+                        health: match saved {
+                            Some(s) => Health::restore_in(hot, &s, &shared.health),
+                            None => Health::new(hot),
+                        },
+                        shared: Arc::clone(shared),
+                    })
+                }
             };
-            snap.by_id.insert(id, snap.entries.len());
-            snap.entries.push(entry);
+            by_id.insert(id, entries.len());
+            entries.push(entry);
         }
-        snap.meta = Arc::new(MetaIndex::build(&snap.entries));
+        let generation = shared.slab.next_generation();
+        let slots: Vec<u32> = entries.iter().map(|e| e.health.slot()).collect();
+        // Taken after every slot above was handed out, so it covers them all.
+        let (dir, space) = shared.slab.directory();
+        let mut positions = vec![u32::MAX; space as usize];
+        for (pos, slot) in slots.iter().enumerate() {
+            positions[*slot as usize] = u32::try_from(pos).unwrap_or(u32::MAX);
+        }
+        // Membership: the new upstreams join with this generation (so snapshots before it do
+        // not see them), and the ones that leave are marked before this snapshot is
+        // published (so picks on the one it replaces skip them from now on).
+        for e in &entries {
+            if !previous.members.owns(e) {
+                e.health.hot().join(generation);
+            }
+        }
+        for e in &previous.members.entries {
+            if by_id
+                .get(&e.id)
+                .is_none_or(|pos| !Arc::ptr_eq(&entries[*pos], e))
+            {
+                e.health.hot().leave();
+            }
+        }
+        let members = Arc::new(Members {
+            entries,
+            slots,
+            dir,
+            space,
+            positions,
+            generation,
+        });
+        let mut snap = Snapshot {
+            meta: Arc::new(MetaIndex::build(&members.entries)),
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Arc::new(Shard {
+                        members: Arc::clone(&members),
+                    })
+                })
+                .collect(),
+            members,
+            by_id: Arc::new(by_id),
+            ..Snapshot::default()
+        };
         snap.reindex();
         snap
     }
@@ -159,8 +294,9 @@ impl Snapshot {
     /// live stats.
     pub fn reindexed(&self) -> Snapshot {
         let mut snap = Snapshot {
-            entries: self.entries.clone(),
-            by_id: self.by_id.clone(),
+            members: Arc::clone(&self.members),
+            shards: Arc::clone(&self.shards),
+            by_id: Arc::clone(&self.by_id),
             by_reputation: Vec::new(),
             reputation_sorted: Vec::new(),
             by_latency: Vec::new(),
@@ -171,12 +307,12 @@ impl Snapshot {
     }
 
     fn reindex(&mut self) {
-        let n = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
-        let reps: Vec<u8> = self.entries.iter().map(|e| e.health.reputation()).collect();
+        let entries = &self.members.entries;
+        let n = u32::try_from(entries.len()).unwrap_or(u32::MAX);
+        let reps: Vec<u8> = entries.iter().map(|e| e.health.reputation()).collect();
         let mut by_rep: Vec<u32> = (0..n).collect();
         by_rep.sort_by_key(|i| std::cmp::Reverse(reps[*i as usize]));
-        let lat: Vec<f64> = self
-            .entries
+        let lat: Vec<f64> = entries
             .iter()
             .map(|e| crate::strategy::latency_key(e))
             .collect();
@@ -213,7 +349,7 @@ impl Snapshot {
             .map(|s| self.meta.by_scheme.get(&s).map_or(&[][..], Vec::as_slice));
         let by_reputation = route
             .min_reputation
-            .filter(|_| self.entries.len() > crate::strategy::EXACT_MAX)
+            .filter(|_| self.len() > crate::strategy::EXACT_MAX)
             .map(|m| {
                 let end = self.reputation_sorted.partition_point(|r| *r >= m);
                 &self.by_reputation[..end]
@@ -225,19 +361,33 @@ impl Snapshot {
     }
 
     pub fn entries(&self) -> &[Arc<Entry>] {
-        &self.entries
+        &self.members.entries
+    }
+
+    pub(crate) fn members(&self) -> &Members {
+        &self.members
+    }
+
+    /// The handle a lease taken on this thread keeps the members alive with.
+    pub(crate) fn shard(&self) -> &Arc<Shard> {
+        &self.shards[shard_index()]
     }
 
     pub fn get(&self, id: UpstreamId) -> Option<&Arc<Entry>> {
-        self.by_id.get(&id).map(|i| &self.entries[*i])
+        self.position(id).map(|i| &self.members.entries[i])
+    }
+
+    /// Where upstream `id` is in [`Snapshot::entries`].
+    pub(crate) fn position(&self, id: UpstreamId) -> Option<usize> {
+        self.by_id.get(&id).copied()
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.members.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.members.entries.is_empty()
     }
 }
 
@@ -255,22 +405,24 @@ mod tests {
 
     #[test]
     fn dedupes_and_keeps_health() {
+        let shared = shared();
         let first = Snapshot::build(
             [up("http://a:1"), up("http://a:1"), up("socks5://b:2")],
             &Snapshot::default(),
-            &shared(),
+            &shared,
         );
         assert_eq!(first.len(), 2);
         let a = Arc::clone(first.get(up("http://a:1").id()).unwrap());
-        let second = Snapshot::build([up("socks5://b:2"), up("http://a:1")], &first, &shared());
+        let second = Snapshot::build([up("socks5://b:2"), up("http://a:1")], &first, &shared);
         assert!(Arc::ptr_eq(&a, second.get(a.id).unwrap()));
         assert_eq!(second.entries()[0].upstream, up("socks5://b:2"));
     }
 
     #[test]
     fn new_password_makes_new_entry() {
-        let first = Snapshot::build([up("http://u:old@a:1")], &Snapshot::default(), &shared());
-        let second = Snapshot::build([up("http://u:new@a:1")], &first, &shared());
+        let shared = shared();
+        let first = Snapshot::build([up("http://u:old@a:1")], &Snapshot::default(), &shared);
+        let second = Snapshot::build([up("http://u:new@a:1")], &first, &shared);
         let creds = second.entries()[0].upstream.credentials.as_ref().unwrap();
         assert_eq!(creds.password.expose(), "new");
     }

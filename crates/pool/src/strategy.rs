@@ -32,6 +32,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use proxygate_core::{Route, UpstreamId};
 use serde::Deserialize;
 
+use crate::hot::Hot;
+use crate::snapshot::Members;
 use crate::{Entry, Snapshot};
 
 /// Pools up to this size are picked from exactly, by a full scan.
@@ -128,49 +130,98 @@ pub(crate) struct PickCtx<'a> {
     pub(crate) cursor: &'a AtomicUsize,
 }
 
+/// A candidate: a slot of the hot table, with the slot at hand.
+#[derive(Clone, Copy)]
+pub(crate) struct Cand<'a> {
+    pub(crate) slot: u32,
+    hot: &'a Hot,
+}
+
 impl PickCtx<'_> {
-    fn ok(&self, e: &Entry) -> bool {
-        e.health.is_selectable(self.now_ms)
-            && !self.exclude.contains(&e.id)
-            && crate::pool::fits(self.route, e)
+    /// Whether candidate `c` may be picked: a member of this snapshot, selectable, not
+    /// excluded, fitting the route. The entry itself is read only when an exclusion or a
+    /// filter needs it (a retry, a routed request); a plain pick reads the hot slot alone.
+    fn ok(&self, m: &Members, c: Cand<'_>) -> bool {
+        c.hot.is_member_of(m.generation)
+            && c.hot.is_selectable(self.now_ms)
+            && (self.exclude.is_empty() && self.route.is_unfiltered()
+                || m.entry(c.slot).is_some_and(|e| {
+                    !self.exclude.contains(&e.id) && crate::pool::fits(self.route, e)
+                }))
     }
 }
 
-/// The entries a pick chooses from: all of them, or a precomputed subset (by country or
-/// scheme) when the route filters on one.
+/// What a pick chooses from.
+#[derive(Clone, Copy)]
+enum Over<'a> {
+    /// Every entry, by position.
+    All(usize),
+    /// A precomputed subset (by country, scheme or reputation), by position.
+    Subset(&'a [u32]),
+    /// The whole slot space, members or not: no position lookup per probe. Used when the
+    /// members fill at least half of it.
+    Slots(u32),
+}
+
 #[derive(Clone, Copy)]
 struct View<'a> {
-    entries: &'a [Arc<Entry>],
-    subset: Option<&'a [u32]>,
+    members: &'a Members,
+    over: Over<'a>,
 }
 
 impl<'a> View<'a> {
     fn len(&self) -> usize {
-        self.subset.map_or(self.entries.len(), <[u32]>::len)
-    }
-
-    fn get(&self, i: usize) -> &'a Arc<Entry> {
-        match self.subset {
-            Some(s) => &self.entries[s[i] as usize],
-            None => &self.entries[i],
+        match self.over {
+            Over::All(n) => n,
+            Over::Subset(s) => s.len(),
+            Over::Slots(n) => n as usize,
         }
     }
 
-    fn iter(self) -> impl Iterator<Item = &'a Arc<Entry>> {
+    fn get(&self, i: usize) -> Cand<'a> {
+        let slot = match self.over {
+            Over::All(_) => self.members.slot_of(i),
+            Over::Subset(s) => self.members.slot_of(s[i] as usize),
+            Over::Slots(_) => u32::try_from(i).unwrap_or(u32::MAX),
+        };
+        self.cand(slot)
+    }
+
+    /// Entry `pos` (of the whole snapshot) as a candidate.
+    fn at(&self, pos: usize) -> Cand<'a> {
+        self.cand(self.members.slot_of(pos))
+    }
+
+    fn cand(&self, slot: u32) -> Cand<'a> {
+        Cand {
+            slot,
+            hot: self.members.hot(slot),
+        }
+    }
+
+    fn entry(&self, c: Cand<'_>) -> Option<&'a Arc<Entry>> {
+        self.members.entry(c.slot)
+    }
+
+    fn ok(&self, ctx: &PickCtx<'_>, c: Cand<'_>) -> bool {
+        ctx.ok(self.members, c)
+    }
+
+    fn iter(self) -> impl Iterator<Item = Cand<'a>> {
         (0..self.len()).map(move |i| self.get(i))
     }
 }
 
-/// The strategy's pick, or `None` when no upstream is selectable.
-pub(crate) fn pick<'a>(
-    strategy: Strategy,
-    snap: &'a Snapshot,
-    ctx: &PickCtx<'_>,
-) -> Option<&'a Arc<Entry>> {
-    let view = View {
-        entries: snap.entries(),
-        subset: snap.candidates(ctx.route),
+/// The strategy's pick (a slot of the hot table), or `None` when no upstream is selectable.
+pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Option<u32> {
+    let members = snap.members();
+    let n = snap.len();
+    let over = match snap.candidates(ctx.route) {
+        Some(s) => Over::Subset(s),
+        None if n > EXACT_MAX && members.space() as usize <= 2 * n => Over::Slots(members.space()),
+        None => Over::All(n),
     };
+    let view = View { members, over };
     let n = view.len();
     if n == 0 {
         return None;
@@ -183,27 +234,37 @@ pub(crate) fn pick<'a>(
             weighted(view, ctx)
         }
         Strategy::RoundRobin => {
+            // In entry order (not slot order), so the cycle follows the pool's list.
+            let view = match over {
+                Over::Slots(_) => View {
+                    members,
+                    over: Over::All(snap.len()),
+                },
+                _ => view,
+            };
+            let n = view.len();
             let start = ctx.cursor.fetch_add(1, Ordering::Relaxed);
             return (0..n)
                 .map(|i| view.get(start.wrapping_add(i) % n))
-                .find(|e| ctx.ok(e));
+                .find(|c| view.ok(ctx, *c))
+                .map(|c| c.slot);
         }
         Strategy::Random => probe(view, ctx, |_| true),
         Strategy::WeightedRandom => weighted(view, ctx),
         Strategy::LeastRecentlyUsed if n <= EXACT_MAX => view
             .iter()
-            .filter(|e| ctx.ok(e))
-            .min_by_key(|e| e.health.lru_ms()),
+            .filter(|c| view.ok(ctx, *c))
+            .min_by_key(|c| c.hot.lru_ms()),
         Strategy::LeastRecentlyUsed => {
-            let mut best: Option<&Arc<Entry>> = None;
+            let mut best: Option<Cand<'_>> = None;
             let mut seen = 0;
             for _ in 0..MAX_PROBES {
-                let e = view.get(fastrand::usize(0..n));
-                if !ctx.ok(e) {
+                let c = view.get(fastrand::usize(0..n));
+                if !view.ok(ctx, c) {
                     continue;
                 }
-                if best.is_none_or(|b| e.health.lru_ms() < b.health.lru_ms()) {
-                    best = Some(e);
+                if best.is_none_or(|b| c.hot.lru_ms() < b.hot.lru_ms()) {
+                    best = Some(c);
                 }
                 seen += 1;
                 if seen == LRU_SAMPLE {
@@ -214,16 +275,18 @@ pub(crate) fn pick<'a>(
         }
         Strategy::BestReputation if n <= EXACT_MAX => view
             .iter()
-            .filter(|e| ctx.ok(e))
-            .max_by_key(|e| e.health.reputation()),
-        Strategy::BestReputation => walk(snap.by_reputation(), snap.entries(), ctx),
+            .filter(|c| view.ok(ctx, *c))
+            .max_by_key(|c| c.hot.reputation()),
+        Strategy::BestReputation => walk(snap.by_reputation(), view, ctx),
         Strategy::FastestResponse if n <= EXACT_MAX => view
             .iter()
-            .filter(|e| ctx.ok(e))
-            .min_by(|a, b| latency_key(a).total_cmp(&latency_key(b))),
-        Strategy::FastestResponse => walk(snap.by_latency(), snap.entries(), ctx),
+            .filter(|c| view.ok(ctx, *c))
+            .filter_map(|c| Some((c, latency_key(view.entry(c)?))))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(c, _)| c),
+        Strategy::FastestResponse => walk(snap.by_latency(), view, ctx),
     };
-    found.or_else(|| fallback(view, ctx))
+    found.or_else(|| fallback(view, ctx)).map(|c| c.slot)
 }
 
 /// The fastest_response order: response time divided by success rate, the expected time to
@@ -236,11 +299,11 @@ pub(crate) fn latency_key(e: &Entry) -> f64 {
 }
 
 /// A draw in proportion to reputation: exact over small views, rejection sampling beyond.
-fn weighted<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<&'a Arc<Entry>> {
+fn weighted<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     if view.len() <= EXACT_MAX {
         weighted_exact(view, ctx)
     } else {
-        probe(view, ctx, |e| fastrand::u8(0..100) < e.health.reputation())
+        probe(view, ctx, |c| fastrand::u8(0..100) < c.hot.reputation())
     }
 }
 
@@ -248,46 +311,46 @@ fn weighted<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<&'a Arc<Entry>> {
 fn probe<'a>(
     view: View<'a>,
     ctx: &PickCtx<'_>,
-    mut accept: impl FnMut(&Entry) -> bool,
-) -> Option<&'a Arc<Entry>> {
+    mut accept: impl FnMut(Cand<'a>) -> bool,
+) -> Option<Cand<'a>> {
     let n = view.len();
     (0..MAX_PROBES)
         .map(|_| view.get(fastrand::usize(0..n)))
-        .find(|e| ctx.ok(e) && accept(e))
+        .find(|c| view.ok(ctx, *c) && accept(*c))
 }
 
 /// Exact weighted draw over a small pool. Reputation 0 still gets weight 1 among the
 /// selectable, so a pool of all-zero upstreams is not treated as empty.
-fn weighted_exact<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<&'a Arc<Entry>> {
-    let weight = |e: &Entry| u32::from(e.health.reputation()).max(1);
-    let total: u32 = view.iter().filter(|e| ctx.ok(e)).map(|e| weight(e)).sum();
+fn weighted_exact<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
+    let weight = |c: Cand<'_>| u32::from(c.hot.reputation()).max(1);
+    let total: u32 = view.iter().filter(|c| view.ok(ctx, *c)).map(weight).sum();
     if total == 0 {
         return None;
     }
     let mut x = fastrand::u32(0..total);
-    for e in view.iter().filter(|e| ctx.ok(e)) {
-        let w = weight(e);
+    for c in view.iter().filter(|c| view.ok(ctx, *c)) {
+        let w = weight(c);
         if x < w {
-            return Some(e);
+            return Some(c);
         }
         x -= w;
     }
     None
 }
 
-/// The first selectable entry in a precomputed order.
-fn walk<'a>(order: &[u32], entries: &'a [Arc<Entry>], ctx: &PickCtx<'_>) -> Option<&'a Arc<Entry>> {
+/// The first selectable entry in a precomputed order (of the whole snapshot).
+fn walk<'a>(order: &[u32], view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     order
         .iter()
-        .filter_map(|i| entries.get(*i as usize))
-        .find(|e| ctx.ok(e))
+        .map(|pos| view.at(*pos as usize))
+        .find(|c| view.ok(ctx, *c))
 }
 
 /// Any selectable entry, scanning from a random start.
-fn fallback<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<&'a Arc<Entry>> {
+fn fallback<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     let n = view.len();
     let start = fastrand::usize(0..n);
     (0..n)
         .map(|i| view.get((start + i) % n))
-        .find(|e| ctx.ok(e))
+        .find(|c| view.ok(ctx, *c))
 }
