@@ -61,8 +61,8 @@ const NONE: u32 = u32::MAX;
 
 /// Live stats of one upstream. Times are milliseconds since the pool's epoch.
 ///
-/// What a pick reads and writes (backoff, in flight, reputation, probation, LRU key, last
-/// use) lives in the pool's hot table ([`crate::hot`]), in a slot this health owns; the rest
+/// What a pick reads and writes (backoff, in flight, reputation, probation, last use) lives
+/// in the pool's hot table (the private `hot` module), in a slot this health owns; the rest
 /// is here.
 #[derive(Debug)]
 pub struct Health {
@@ -163,12 +163,8 @@ impl Health {
             ..Health::new(hot)
         };
         let hot = h.hot();
-        hot.probation.store(
-            saved.consecutive_failures > 0 || saved.successes == 0,
-            Ordering::Relaxed,
-        );
-        let rep = reputation(&h.inputs(), &cfg.reputation);
-        hot.reputation.store(rep, Ordering::Relaxed);
+        hot.set_probation(saved.consecutive_failures > 0 || saved.successes == 0);
+        hot.set_reputation(reputation(&h.inputs(), &cfg.reputation));
         h
     }
 
@@ -249,11 +245,11 @@ impl Health {
     }
 
     pub fn in_flight(&self) -> u32 {
-        self.hot().in_flight.load(Ordering::Relaxed)
+        self.hot().in_flight()
     }
 
     pub fn last_used_ms(&self) -> u64 {
-        self.hot().last_used_ms.load(Ordering::Relaxed)
+        self.hot().last_used_ms()
     }
 
     /// When this upstream was last re-checked (ms since the pool's epoch), if ever.
@@ -262,7 +258,7 @@ impl Health {
     }
 
     pub fn is_on_probation(&self) -> bool {
-        self.hot().probation.load(Ordering::Relaxed)
+        self.hot().is_on_probation()
     }
 
     #[cfg(test)]
@@ -287,8 +283,8 @@ impl Health {
             None => {
                 self.successes.fetch_add(1, Ordering::Relaxed);
                 self.consecutive_failures.store(0, Ordering::Relaxed);
-                hot.backoff_until_ms.store(0, Ordering::Relaxed);
-                hot.probation.store(false, Ordering::Relaxed);
+                hot.set_backoff_until_ms(0);
+                hot.set_probation(false);
                 update_ema(&self.success_ema, 1.0, cfg.ema_alpha);
                 let rt = outcome
                     .connect
@@ -306,7 +302,7 @@ impl Health {
             Some(_) => return,
         }
         let rep = reputation(&self.inputs(), &cfg.reputation);
-        hot.reputation.store(rep, Ordering::Relaxed);
+        hot.set_reputation(rep);
         self.dirty.store(true, Ordering::Relaxed);
         if was_on_probation {
             self.last_check_ms.store(now_ms.max(1), Ordering::Relaxed);
@@ -321,8 +317,8 @@ impl Health {
             let wait = full_jitter(backoff_ceiling(past, cfg), jitter);
             let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
             let until = now_ms.saturating_add(wait_ms);
-            hot.backoff_until_ms.store(until, Ordering::Relaxed);
-            hot.probation.store(true, Ordering::Relaxed);
+            hot.set_backoff_until_ms(until);
+            hot.set_probation(true);
         }
     }
 }

@@ -4,7 +4,7 @@
 //! and writes the chosen one's in-flight count and last use. In a pool of a million upstreams
 //! those live in a million separate heap allocations (with the upstream's address, account and
 //! cold stats around them), so each probe was a cache and TLB miss into hundreds of megabytes.
-//! Here they are 32-byte [`Hot`] slots in chunks of [`CHUNK`] (32 MB for a million), and a
+//! Here they are 16-byte [`Hot`] slots in chunks of [`CHUNK`] (16 MB for a million), and a
 //! pick touches nothing else: the [`Entry`](crate::Entry) itself is read only when the chosen
 //! upstream is dialed or reported.
 //!
@@ -14,105 +14,136 @@
 //! more. Chunks are never freed or moved while the slab lives, so a snapshot can keep the
 //! directory of chunks it was built with.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// Slots per chunk (a power of two): 128 KB chunks.
+/// Slots per chunk (a power of two): 64 KB chunks.
 pub(crate) const CHUNK_SHIFT: u32 = 12;
 pub(crate) const CHUNK: usize = 1 << CHUNK_SHIFT;
 const MASK: u32 = (1 << CHUNK_SHIFT) - 1;
+/// Slots per 64-byte cache line.
+const PER_LINE_SHIFT: u32 = 2;
+const LINES_SHIFT: u32 = CHUNK_SHIFT - PER_LINE_SHIFT;
+
+/// Where slot `index` sits in its chunk: consecutive slots go to consecutive cache lines
+/// (slot `i` of a chunk in line `i % 1024`), so the upstreams of a pool of up to 1,024 each
+/// have a line to themselves and threads leasing different ones never write the same line.
+fn place(index: u32) -> usize {
+    let i = index & MASK;
+    (((i & ((1 << LINES_SHIFT) - 1)) << PER_LINE_SHIFT) | (i >> LINES_SHIFT)) as usize
+}
 
 /// A new upstream's reputation.
 pub(crate) const INITIAL_REPUTATION: u8 = 50;
-/// "In no snapshot" for [`Hot::member_since`].
-const NO_GENERATION: u64 = u64::MAX;
 
-/// What a pick reads and writes of one upstream. Times are milliseconds since the pool's
-/// epoch.
+// The state word: in flight (bits 0-15), reputation (16-22), probation (23), last use in ms
+// since the pool's epoch (24-63: 34 years).
+const IN_FLIGHT_MASK: u64 = 0xFFFF;
+const REPUTATION_SHIFT: u32 = 16;
+const REPUTATION_MASK: u64 = 0x7F << REPUTATION_SHIFT;
+const PROBATION: u64 = 1 << 23;
+const LAST_USED_SHIFT: u32 = 24;
+const LAST_USED_MAX: u64 = (1 << (64 - LAST_USED_SHIFT)) - 1;
+const INITIAL_STATE: u64 = ((INITIAL_REPUTATION as u64) << REPUTATION_SHIFT) | PROBATION;
+
+/// What a pick reads and writes of one upstream, in 16 bytes (a million take 16 MB). Times
+/// are milliseconds since the pool's epoch.
+///
+/// Everything but the backoff shares one word, changed with compare-and-swap, so taking a
+/// lease (one more in flight, last use now) is one atomic step. The in-flight count saturates
+/// at 65,535 (it only decides whether an upstream on probation is busy, and is shown).
 #[derive(Debug)]
-#[repr(C, align(32))]
+#[repr(C, align(16))]
 pub(crate) struct Hot {
-    pub(crate) backoff_until_ms: AtomicU64,
-    pub(crate) last_used_ms: AtomicU64,
-    /// The generation of the first snapshot this slot's upstream is a member of, or
-    /// `NO_GENERATION` while it is in none (free, or removed from the pool): a pick that
-    /// probes the table by slot skips slots that are not members of its snapshot.
-    member_since: AtomicU64,
-    pub(crate) in_flight: AtomicU32,
-    pub(crate) reputation: AtomicU8,
-    pub(crate) probation: AtomicBool,
+    backoff_until_ms: AtomicU64,
+    state: AtomicU64,
 }
 
 impl Hot {
     fn new() -> Hot {
         Hot {
             backoff_until_ms: AtomicU64::new(0),
-            last_used_ms: AtomicU64::new(0),
-            in_flight: AtomicU32::new(0),
-            member_since: AtomicU64::new(NO_GENERATION),
-            reputation: AtomicU8::new(INITIAL_REPUTATION),
-            probation: AtomicBool::new(true),
+            state: AtomicU64::new(INITIAL_STATE),
         }
     }
 
     /// Back to a new upstream's state (a reused slot).
     fn reset(&self) {
         self.backoff_until_ms.store(0, Ordering::Relaxed);
-        self.last_used_ms.store(0, Ordering::Relaxed);
-        self.in_flight.store(0, Ordering::Relaxed);
-        self.member_since.store(NO_GENERATION, Ordering::Relaxed);
-        self.reputation.store(INITIAL_REPUTATION, Ordering::Relaxed);
-        self.probation.store(true, Ordering::Relaxed);
+        self.state.store(INITIAL_STATE, Ordering::Relaxed);
+    }
+
+    fn update(&self, f: impl Fn(u64) -> u64) {
+        let _ = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some(f(s)));
     }
 
     /// Whether selection may hand this upstream out at `now_ms`: not in backoff, and not on
     /// probation with a request already in flight.
     pub(crate) fn is_selectable(&self, now_ms: u64) -> bool {
-        self.backoff_until_ms.load(Ordering::Relaxed) <= now_ms
-            && (!self.probation.load(Ordering::Relaxed)
-                || self.in_flight.load(Ordering::Relaxed) == 0)
+        let state = self.state.load(Ordering::Relaxed);
+        self.backoff_until_ms() <= now_ms && (state & PROBATION == 0 || state & IN_FLIGHT_MASK == 0)
     }
 
     pub(crate) fn reputation(&self) -> u8 {
-        self.reputation.load(Ordering::Relaxed)
+        let bits = (self.state.load(Ordering::Relaxed) & REPUTATION_MASK) >> REPUTATION_SHIFT;
+        u8::try_from(bits).unwrap_or(u8::MAX)
+    }
+
+    pub(crate) fn set_reputation(&self, reputation: u8) {
+        let bits = u64::from(reputation.min(100)) << REPUTATION_SHIFT;
+        self.update(|s| (s & !REPUTATION_MASK) | bits);
+    }
+
+    pub(crate) fn is_on_probation(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & PROBATION != 0
+    }
+
+    pub(crate) fn set_probation(&self, on: bool) {
+        self.update(|s| if on { s | PROBATION } else { s & !PROBATION });
+    }
+
+    pub(crate) fn in_flight(&self) -> u32 {
+        u32::try_from(self.state.load(Ordering::Relaxed) & IN_FLIGHT_MASK).unwrap_or(u32::MAX)
+    }
+
+    /// The last use (0: never).
+    pub(crate) fn last_used_ms(&self) -> u64 {
+        self.state.load(Ordering::Relaxed) >> LAST_USED_SHIFT
     }
 
     /// The least-recently-used strategy's key: the last use, or the end of a backoff if
     /// later, so an upstream coming back from one does not count as the least recently used
     /// of all.
     pub(crate) fn lru_ms(&self) -> u64 {
-        self.last_used_ms
-            .load(Ordering::Relaxed)
-            .max(self.backoff_until_ms())
-    }
-
-    /// Whether this slot's upstream is a member of the snapshot of generation `generation`.
-    pub(crate) fn is_member_of(&self, generation: u64) -> bool {
-        self.member_since.load(Ordering::Relaxed) <= generation
-    }
-
-    /// Marks the upstream a member of snapshots from `generation` on.
-    pub(crate) fn join(&self, generation: u64) {
-        self.member_since.store(generation, Ordering::Relaxed);
-    }
-
-    /// Marks the upstream a member of no snapshot (it is being removed from the pool).
-    pub(crate) fn leave(&self) {
-        self.member_since.store(NO_GENERATION, Ordering::Relaxed);
+        self.last_used_ms().max(self.backoff_until_ms())
     }
 
     pub(crate) fn backoff_until_ms(&self) -> u64 {
         self.backoff_until_ms.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn acquire(&self, now_ms: u64) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        // 0 means "never": a use in the pool's first millisecond counts as 1.
-        self.last_used_ms.store(now_ms.max(1), Ordering::Relaxed);
+    pub(crate) fn set_backoff_until_ms(&self, until: u64) {
+        self.backoff_until_ms.store(until, Ordering::Relaxed);
     }
 
+    /// One more in flight, used at `now_ms`.
+    pub(crate) fn acquire(&self, now_ms: u64) {
+        // 0 means "never": a use in the pool's first millisecond counts as 1.
+        let used = now_ms.clamp(1, LAST_USED_MAX) << LAST_USED_SHIFT;
+        self.update(|s| {
+            let in_flight = (s & IN_FLIGHT_MASK).saturating_add(1).min(IN_FLIGHT_MASK);
+            (s & (REPUTATION_MASK | PROBATION)) | used | in_flight
+        });
+    }
+
+    /// One fewer in flight.
     pub(crate) fn release(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.update(|s| {
+            let in_flight = (s & IN_FLIGHT_MASK).saturating_sub(1);
+            (s & !IN_FLIGHT_MASK) | in_flight
+        });
     }
 }
 
@@ -135,7 +166,7 @@ pub(crate) type Directory = Arc<[Arc<Chunk>]>;
 
 /// The slot `index` of a directory that covers it.
 pub(crate) fn slot(dir: &[Arc<Chunk>], index: u32) -> &Hot {
-    &dir[(index >> CHUNK_SHIFT) as usize].slots[(index & MASK) as usize]
+    &dir[(index >> CHUNK_SHIFT) as usize].slots[place(index)]
 }
 
 /// The pool's table of slots, grown a chunk at a time, with a free list of slots to reuse.
@@ -150,8 +181,6 @@ struct SlabInner {
     free: Vec<u32>,
     /// Slots ever handed out (the next fresh index).
     used: u32,
-    /// Generations handed out to snapshots (a `u64` never runs out).
-    generation: u64,
 }
 
 impl Slab {
@@ -193,13 +222,6 @@ impl Slab {
         (inner.chunks.iter().cloned().collect(), inner.used)
     }
 
-    /// The generation of the next snapshot built: one more than the last.
-    pub(crate) fn next_generation(&self) -> u64 {
-        let mut inner = self.lock();
-        inner.generation += 1;
-        inner.generation
-    }
-
     /// Slots in use (handed out and not yet returned).
     #[cfg(test)]
     pub(crate) fn in_use(&self) -> usize {
@@ -227,7 +249,7 @@ impl HotRef {
     }
 
     pub(crate) fn get(&self) -> &Hot {
-        &self.chunk.slots[(self.index & MASK) as usize]
+        &self.chunk.slots[place(self.index)]
     }
 
     /// Its index in the slab.
@@ -269,29 +291,84 @@ mod tests {
         }
         let last = &refs[CHUNK + 2];
         last.get().acquire(7);
-        last.get().reputation.store(99, Ordering::Relaxed);
+        last.get().set_reputation(99);
         let index = last.index();
         drop(refs);
         assert_eq!(slab.in_use(), 0);
         let again = slab.alloc();
         assert_eq!(again.index(), index, "the last freed slot is reused first");
         let hot = again.get();
-        assert_eq!(hot.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(hot.in_flight(), 0);
         assert_eq!(hot.reputation(), INITIAL_REPUTATION);
-        assert!(hot.probation.load(Ordering::Relaxed));
-        assert_eq!(hot.last_used_ms.load(Ordering::Relaxed), 0);
-        assert!(
-            !hot.is_member_of(u64::MAX - 1),
-            "a fresh slot is in no snapshot"
-        );
-        hot.join(3);
-        assert!(!hot.is_member_of(2) && hot.is_member_of(3) && hot.is_member_of(4));
-        hot.leave();
-        assert!(!hot.is_member_of(4));
+        assert!(hot.is_on_probation());
+        assert_eq!(hot.last_used_ms(), 0);
     }
 
     #[test]
-    fn a_slot_is_32_bytes() {
-        assert_eq!(std::mem::size_of::<Hot>(), 32);
+    fn placement_is_a_permutation_spreading_neighbours() {
+        let mut seen = vec![false; CHUNK];
+        for i in 0..CHUNK as u32 {
+            let p = place(i);
+            assert!(!seen[p], "slot {i} placed twice");
+            seen[p] = true;
+        }
+        // The first 1,024 slots of a chunk each start a cache line of their own.
+        let lines: std::collections::HashSet<usize> = (0..1024).map(|i| place(i) / 4).collect();
+        assert_eq!(lines.len(), 1024);
+        assert_eq!(place(CHUNK as u32 + 5), place(5), "per chunk");
+    }
+
+    #[test]
+    fn a_slot_is_16_bytes() {
+        assert_eq!(std::mem::size_of::<Hot>(), 16);
+        assert_eq!(
+            std::mem::align_of::<Hot>(),
+            16,
+            "never across two cache lines"
+        );
+    }
+
+    #[test]
+    fn state_fields_do_not_disturb_each_other() {
+        let hot = Hot::new();
+        hot.acquire(0);
+        assert_eq!(
+            (hot.in_flight(), hot.last_used_ms()),
+            (1, 1),
+            "0 ms counts as a use"
+        );
+        hot.set_reputation(100);
+        hot.set_probation(false);
+        hot.acquire(LAST_USED_MAX + 5);
+        assert_eq!(hot.last_used_ms(), LAST_USED_MAX, "saturates");
+        assert_eq!((hot.in_flight(), hot.reputation()), (2, 100));
+        assert!(!hot.is_on_probation());
+        hot.set_reputation(0);
+        hot.set_probation(true);
+        assert_eq!((hot.in_flight(), hot.reputation()), (2, 0));
+        assert_eq!(hot.last_used_ms(), LAST_USED_MAX);
+        hot.release();
+        hot.release();
+        hot.release();
+        assert_eq!(hot.in_flight(), 0, "never below zero");
+        for _ in 0..70_000 {
+            hot.acquire(9);
+        }
+        assert_eq!(hot.in_flight(), 65_535, "saturates");
+        assert_eq!((hot.reputation(), hot.last_used_ms()), (0, 9));
+        assert!(hot.is_on_probation());
+    }
+
+    #[test]
+    fn selectable_means_out_of_backoff_and_not_busy_on_probation() {
+        let hot = Hot::new();
+        assert!(hot.is_selectable(0));
+        hot.acquire(1);
+        assert!(!hot.is_selectable(1), "on probation with one in flight");
+        hot.set_probation(false);
+        assert!(hot.is_selectable(1));
+        hot.set_backoff_until_ms(10);
+        assert!(!hot.is_selectable(9) && hot.is_selectable(10));
+        assert_eq!(hot.lru_ms(), 10, "back from a backoff counts as used then");
     }
 }

@@ -183,12 +183,7 @@ impl PoolReader {
         let pool = &self.0;
         let snap = pool.snapshot.load();
         let now_ms = pool.millis(now);
-        let ctx = PickCtx {
-            exclude,
-            now_ms,
-            cursor: &pool.cursor,
-            route,
-        };
+        let ctx = PickCtx::new(exclude, route, now_ms, &pool.cursor);
         let strategy = strategy.unwrap_or_else(|| self.strategy());
         let (slot, panic_mode) = match pick(strategy, &snap, &ctx) {
             Some(s) => (s, false),
@@ -440,6 +435,154 @@ mod tests {
                 "pick {i} is not the least recently used"
             );
         }
+    }
+
+    fn up(i: usize) -> Upstream {
+        Upstream::parse(&format!(
+            "http://10.{}.{}.{}:8080",
+            i >> 16,
+            (i >> 8) & 255,
+            i & 255
+        ))
+        .unwrap()
+    }
+
+    /// Every pick of `strategy` leases a member of the current snapshot, and the lease's
+    /// upstream is the one its id names.
+    fn picks_stay_in(r: &PoolReader, want: &std::collections::HashSet<UpstreamId>) {
+        for _ in 0..5000 {
+            let lease = r.select(&[]).unwrap();
+            assert!(
+                want.contains(&lease.id()),
+                "{} is not in the pool",
+                lease.upstream()
+            );
+            assert_eq!(lease.upstream().id(), lease.id());
+        }
+    }
+
+    /// Probes of the hot table land on free slots and on upstreams that only an older
+    /// snapshot (kept alive by a lease) holds; none may be leased. Slots come back for reuse
+    /// once nothing holds their upstream, and a pool that shrank far below its slot space is
+    /// picked from by position.
+    #[test]
+    fn table_probes_never_lease_what_the_snapshot_does_not_hold() {
+        for strategy in [
+            Strategy::Random,
+            Strategy::WeightedRandom,
+            Strategy::LeastRecentlyUsed,
+        ] {
+            let (r, w) = Pool::create(strategy, HealthConfig::default());
+            w.replace((0..1000).map(up));
+            let held = r.select(&[]).unwrap();
+            let held_id = held.id();
+            // Keep 500 (not the leased one), add 500 new: the 500 removed keep their slots
+            // while the lease holds the old snapshot, so the table has 1,500 slots, 1,000
+            // of them members.
+            let next: Vec<Upstream> = (0..1000)
+                .filter(|i| i % 2 == 0 && up(*i).id() != held_id)
+                .chain(2000..2500)
+                .map(up)
+                .collect();
+            w.replace(next.clone());
+            let want = next.iter().map(Upstream::id).collect();
+            picks_stay_in(&r, &want);
+            assert_eq!(
+                held.upstream().id(),
+                held_id,
+                "the old lease still reads its entry"
+            );
+            drop(held);
+            assert_eq!(
+                r.0.shared.slab.in_use(),
+                next.len(),
+                "removed slots are free"
+            );
+            // New upstreams reuse the freed slots.
+            let more: Vec<Upstream> = next.iter().cloned().chain((3000..3200).map(up)).collect();
+            w.replace(more.clone());
+            assert_eq!(r.0.shared.slab.in_use(), more.len());
+            picks_stay_in(&r, &more.iter().map(Upstream::id).collect());
+            // Shrunk to 100: far fewer members than slots.
+            w.replace(more[..100].to_vec());
+            picks_stay_in(&r, &more[..100].iter().map(Upstream::id).collect());
+        }
+    }
+
+    /// Pickers on two threads while a writer keeps replacing half the pool: every lease is
+    /// of an upstream that was in the pool, reads back its own entry, and reports.
+    #[test]
+    fn picks_race_replaces_safely() {
+        let (r, w) = Pool::create(Strategy::Random, HealthConfig::default());
+        let set = |k: usize| -> Vec<Upstream> {
+            (0..400)
+                .map(|i| up(if i % 2 == 0 { i } else { i + 1000 * k }))
+                .collect()
+        };
+        w.replace(set(0));
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    let mut leases = Vec::new();
+                    while !done.load(Ordering::Relaxed) {
+                        let lease = r.select(&[]).unwrap();
+                        assert_eq!(lease.upstream().id(), lease.id());
+                        // Some leases outlive a few replaces.
+                        leases.push(lease);
+                        if leases.len() > 8 {
+                            leases.remove(0).report(&ok(10));
+                        }
+                    }
+                });
+            }
+            for k in 1..200 {
+                w.replace(set(k % 7));
+                if k % 10 == 0 {
+                    w.reindex();
+                }
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(
+            r.0.shared.slab.in_use(),
+            400,
+            "every slot of a removed upstream is back"
+        );
+    }
+
+    /// Beyond exact scans, LRU is the least recently used of a sample: every upstream is
+    /// still used within a few rounds of the pool, and picks come from the oldest few
+    /// percent (uniform random picks would leave ~5% unused after 3 rounds and average the
+    /// 50th percentile).
+    #[test]
+    fn sampled_lru_in_a_large_pool_picks_old_upstreams() {
+        let n = 4096;
+        let (r, _w) = pool_with(n, Strategy::LeastRecentlyUsed);
+        let t0 = Instant::now();
+        let mut last: HashMap<UpstreamId, i64> = ids(&r).into_iter().map(|id| (id, -1)).collect();
+        let mut ranks = 0.0;
+        let picks = 3 * n;
+        for i in 0..picks {
+            let lease = r
+                .select_at(&[], t0 + Duration::from_millis(i as u64 + 1))
+                .unwrap();
+            let mine = last[&lease.id()];
+            let older = last.values().filter(|t| **t < mine).count();
+            ranks += older as f64 / n as f64;
+            last.insert(lease.id(), i as i64);
+        }
+        let unused = last.values().filter(|t| **t < 0).count();
+        assert_eq!(
+            unused, 0,
+            "{unused} upstreams never picked in {picks} picks"
+        );
+        let mean = ranks / picks as f64;
+        assert!(
+            mean < 0.2,
+            "picks average the {:.0}th percentile of age",
+            mean * 100.0
+        );
     }
 
     fn tiers(r: &PoolReader) -> Vec<(UpstreamId, u64)> {

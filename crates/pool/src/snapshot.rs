@@ -4,8 +4,8 @@
 //! keeps its [`Health`] (the `Arc<Entry>` is carried over, and with it its slot in the hot
 //! table), so replacing the list never forgets what was learned about a proxy.
 //!
-//! A pick reads only the hot table (through [`Members::hot`]) and hands out a [`Lease`]
-//! that keeps the snapshot's members alive through one of a few [`Shard`] handles (the one of
+//! A pick reads only the hot table (through `Members::hot`) and hands out a [`Lease`]
+//! that keeps the snapshot's members alive through one of a few `Shard` handles (the one of
 //! the picking thread), so no reference count shared by every thread, and none inside the
 //! chosen entry, is touched per pick.
 //!
@@ -95,8 +95,6 @@ pub(crate) struct Members {
     space: u32,
     /// Slot to position in `entries` (`u32::MAX`: not a member), over the slot space.
     positions: Vec<u32>,
-    /// This snapshot's generation (see [`Hot::is_member_of`]).
-    pub(crate) generation: u64,
 }
 
 impl Members {
@@ -122,10 +120,11 @@ impl Members {
         self.entries.get(pos as usize)
     }
 
-    /// Whether `e` (by identity) is one of these members.
-    fn owns(&self, e: &Arc<Entry>) -> bool {
-        self.entry(e.health.slot())
-            .is_some_and(|mine| Arc::ptr_eq(mine, e))
+    /// Whether the upstream in slot `slot` is one of these members.
+    pub(crate) fn is_member(&self, slot: u32) -> bool {
+        self.positions
+            .get(slot as usize)
+            .is_some_and(|p| *p != u32::MAX)
     }
 }
 
@@ -241,7 +240,6 @@ impl Snapshot {
             by_id.insert(id, entries.len());
             entries.push(entry);
         }
-        let generation = shared.slab.next_generation();
         let slots: Vec<u32> = entries.iter().map(|e| e.health.slot()).collect();
         // Taken after every slot above was handed out, so it covers them all.
         let (dir, space) = shared.slab.directory();
@@ -249,29 +247,12 @@ impl Snapshot {
         for (pos, slot) in slots.iter().enumerate() {
             positions[*slot as usize] = u32::try_from(pos).unwrap_or(u32::MAX);
         }
-        // Membership: the new upstreams join with this generation (so snapshots before it do
-        // not see them), and the ones that leave are marked before this snapshot is
-        // published (so picks on the one it replaces skip them from now on).
-        for e in &entries {
-            if !previous.members.owns(e) {
-                e.health.hot().join(generation);
-            }
-        }
-        for e in &previous.members.entries {
-            if by_id
-                .get(&e.id)
-                .is_none_or(|pos| !Arc::ptr_eq(&entries[*pos], e))
-            {
-                e.health.hot().leave();
-            }
-        }
         let members = Arc::new(Members {
             entries,
             slots,
             dir,
             space,
             positions,
-            generation,
         });
         let mut snap = Snapshot {
             meta: Arc::new(MetaIndex::build(&members.entries)),
