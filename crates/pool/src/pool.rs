@@ -50,7 +50,6 @@ pub struct PoolWriter(Arc<Pool>);
 /// It holds the snapshot's members through the picking thread's shard (see
 /// [`crate::snapshot`]) and the upstream's slot in the hot table, so taking one touches only
 /// that slot; the entry is read when the upstream is dialed or reported.
-#[derive(Debug)]
 pub struct Lease {
     shard: Arc<Shard>,
     slot: u32,
@@ -313,6 +312,17 @@ impl Lease {
         entry
             .health
             .record(outcome, now_ms, &shared.health, fastrand::f64());
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    /// The upstream (without its password), not the snapshot the lease keeps alive.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("upstream", &self.upstream().to_string())
+            .field("slot", &self.slot)
+            .field("panic_mode", &self.panic_mode)
+            .finish()
     }
 }
 
@@ -849,6 +859,43 @@ mod tests {
         }
     }
 
+    /// A filter list longer than an exact scan: the strategies that walk the pool's global
+    /// orders (best reputation, fastest response) and the table probes must still keep to it.
+    #[test]
+    fn long_filter_lists_hold_for_every_strategy() {
+        let (r, w) = Pool::create(Strategy::WeightedRandom, strict());
+        w.replace((0..20_000).map(|i| {
+            let (scheme, cc) = match i % 50 {
+                0 => ("socks5", "fr"),
+                1 => ("http", "fr"),
+                _ => ("http", "us"),
+            };
+            Upstream::parse(&format!(
+                "{scheme}://10.{}.{}.{}:1?country={cc}",
+                i >> 16,
+                (i >> 8) & 255,
+                i & 255
+            ))
+            .unwrap()
+        }));
+        w.reindex();
+        let fr = Route::parse("a-country-fr").unwrap().1;
+        let socks = Route::parse("a-type-socks5").unwrap().1;
+        let fr_http = Route::parse("a-country-fr-type-http").unwrap().1;
+        for s in Strategy::ALL {
+            w.set_strategy(s);
+            for _ in 0..50 {
+                let l = r.select_route(&fr, None, None, &[]).unwrap();
+                assert_eq!(l.upstream().country.as_deref(), Some("FR"), "{s}");
+                let l = r.select_route(&socks, None, None, &[]).unwrap();
+                assert_eq!(l.upstream().scheme, Scheme::Socks5, "{s}");
+                let l = r.select_route(&fr_http, None, None, &[l.id()]).unwrap();
+                assert_eq!(l.upstream().country.as_deref(), Some("FR"), "{s}");
+                assert_eq!(l.upstream().scheme, Scheme::Http, "{s}");
+            }
+        }
+    }
+
     #[test]
     fn sparse_minrep_in_a_large_pool_picks_from_the_reputation_order() {
         let (r, w) = pool_of(20_000);
@@ -865,7 +912,7 @@ mod tests {
         assert_eq!(
             r.snapshot()
                 .candidates(&Route::parse("a-minrep-80").unwrap().1)
-                .map(<[u32]>::len),
+                .map(|c| c.len()),
             Some(5)
         );
         let route = Route::parse("a-minrep-80").unwrap().1;

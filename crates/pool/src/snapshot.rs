@@ -98,6 +98,14 @@ pub(crate) struct Members {
 }
 
 impl Members {
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn entry_at(&self, pos: usize) -> &Arc<Entry> {
+        &self.entries[pos]
+    }
+
     /// Entry `pos`'s slot.
     pub(crate) fn slot_of(&self, pos: usize) -> u32 {
         self.slots[pos]
@@ -173,7 +181,8 @@ pub struct Snapshot {
     meta: Arc<MetaIndex>,
 }
 
-/// Upstreams by metadata.
+/// Upstreams by metadata, as hot-table slots (a probe reads the slot without a position
+/// lookup first).
 #[derive(Debug, Default)]
 pub(crate) struct MetaIndex {
     by_country: HashMap<String, Vec<u32>>,
@@ -181,16 +190,38 @@ pub(crate) struct MetaIndex {
 }
 
 impl MetaIndex {
-    fn build(entries: &[Arc<Entry>]) -> MetaIndex {
+    fn build(members: &Members) -> MetaIndex {
         let mut m = MetaIndex::default();
-        for (i, e) in entries.iter().enumerate() {
-            let i = u32::try_from(i).unwrap_or(u32::MAX);
+        for (e, slot) in members.entries.iter().zip(&members.slots) {
             if let Some(c) = &e.upstream.country {
-                m.by_country.entry(c.clone()).or_default().push(i);
+                m.by_country.entry(c.clone()).or_default().push(*slot);
             }
-            m.by_scheme.entry(e.upstream.scheme).or_default().push(i);
+            m.by_scheme
+                .entry(e.upstream.scheme)
+                .or_default()
+                .push(*slot);
         }
         m
+    }
+}
+
+/// A precomputed list of candidates for a route, and what it guarantees.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Candidates<'a> {
+    /// Hot-table slots of the upstreams in the route's country.
+    Country(&'a [u32]),
+    /// Hot-table slots of the upstreams of the route's scheme.
+    Scheme(&'a [u32]),
+    /// Positions of the upstreams whose reputation was at least the route's minimum at the
+    /// last reindex.
+    Reputation(&'a [u32]),
+}
+
+impl Candidates<'_> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Candidates::Country(l) | Candidates::Scheme(l) | Candidates::Reputation(l) => l.len(),
+        }
     }
 }
 
@@ -255,7 +286,7 @@ impl Snapshot {
             positions,
         });
         let mut snap = Snapshot {
-            meta: Arc::new(MetaIndex::build(&members.entries)),
+            meta: Arc::new(MetaIndex::build(&members)),
             shards: (0..SHARDS)
                 .map(|_| {
                     Arc::new(Shard {
@@ -320,25 +351,24 @@ impl Snapshot {
     /// was high enough: an upstream that rose above it since joins at the next reindex (within
     /// `pool.reindex_interval`). Small pools are scanned whole instead (their order is not
     /// refreshed).
-    pub(crate) fn candidates(&self, route: &Route) -> Option<&[u32]> {
-        let by_country = route
-            .country
-            .as_ref()
-            .map(|c| self.meta.by_country.get(c).map_or(&[][..], Vec::as_slice));
-        let by_scheme = route
-            .scheme
-            .map(|s| self.meta.by_scheme.get(&s).map_or(&[][..], Vec::as_slice));
+    pub(crate) fn candidates(&self, route: &Route) -> Option<Candidates<'_>> {
+        let by_country = route.country.as_ref().map(|c| {
+            Candidates::Country(self.meta.by_country.get(c).map_or(&[][..], Vec::as_slice))
+        });
+        let by_scheme = route.scheme.map(|s| {
+            Candidates::Scheme(self.meta.by_scheme.get(&s).map_or(&[][..], Vec::as_slice))
+        });
         let by_reputation = route
             .min_reputation
             .filter(|_| self.len() > crate::strategy::EXACT_MAX)
             .map(|m| {
                 let end = self.reputation_sorted.partition_point(|r| *r >= m);
-                &self.by_reputation[..end]
+                Candidates::Reputation(&self.by_reputation[..end])
             });
         [by_country, by_scheme, by_reputation]
             .into_iter()
             .flatten()
-            .min_by_key(|s| s.len())
+            .min_by_key(Candidates::len)
     }
 
     pub fn entries(&self) -> &[Arc<Entry>] {

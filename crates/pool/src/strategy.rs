@@ -38,7 +38,7 @@ use proxygate_core::{Route, UpstreamId};
 use serde::Deserialize;
 
 use crate::hot::Hot;
-use crate::snapshot::Members;
+use crate::snapshot::{Candidates, Members};
 use crate::{Entry, Snapshot};
 
 /// Pools up to this size are picked from exactly, by a full scan.
@@ -133,8 +133,6 @@ pub(crate) struct PickCtx<'a> {
     route: &'a Route,
     now_ms: u64,
     cursor: &'a AtomicUsize,
-    /// No exclusion and no filter: whether a candidate fits needs no look at its entry.
-    plain: bool,
 }
 
 impl<'a> PickCtx<'a> {
@@ -149,29 +147,17 @@ impl<'a> PickCtx<'a> {
             route,
             now_ms,
             cursor,
-            plain: exclude.is_empty() && route.is_unfiltered(),
         }
     }
 }
 
-/// A candidate: a slot of the hot table, with the slot at hand.
+/// A candidate: a slot of the hot table, with the slot at hand, and its position in the
+/// snapshot's entries when the view knew it.
 #[derive(Clone, Copy)]
 pub(crate) struct Cand<'a> {
     pub(crate) slot: u32,
+    pos: Option<u32>,
     hot: &'a Hot,
-}
-
-impl PickCtx<'_> {
-    /// Whether candidate `c` (a member) may be picked: selectable, not excluded, fitting the
-    /// route. The entry itself is read only when an exclusion or a filter needs it (a retry,
-    /// a routed request); a plain pick reads the hot slot alone.
-    fn ok(&self, m: &Members, c: Cand<'_>) -> bool {
-        c.hot.is_selectable(self.now_ms)
-            && (self.plain
-                || m.entry(c.slot).is_some_and(|e| {
-                    !self.exclude.contains(&e.id) && crate::pool::fits(self.route, e)
-                }))
-    }
 }
 
 /// What a pick chooses from.
@@ -179,61 +165,111 @@ impl PickCtx<'_> {
 enum Over<'a> {
     /// Every entry, by position.
     All(usize),
-    /// A precomputed subset (by country, scheme or reputation), by position.
-    Subset(&'a [u32]),
-    /// The whole slot space, members or not: no position lookup per probe. Used when the
-    /// members fill at least half of it.
-    Slots(u32),
+    /// A precomputed subset, by position.
+    Positions(&'a [u32]),
+    /// A precomputed subset, by slot.
+    Slots(&'a [u32]),
+    /// The whole slot space `0..n`, members or not: no position lookup per probe. Used when
+    /// the members fill at least half of it.
+    Table(u32),
 }
 
 #[derive(Clone, Copy)]
 struct View<'a> {
     members: &'a Members,
     over: Over<'a>,
+    /// Whether deciding if a candidate fits needs its entry: an exclusion, or a country or
+    /// scheme filter that the candidate list does not guarantee. A plain pick reads the hot
+    /// slot alone.
+    needs_entry: bool,
 }
 
 impl<'a> View<'a> {
+    fn new(snap: &'a Snapshot, ctx: &PickCtx<'_>) -> View<'a> {
+        let members = snap.members();
+        let n = snap.len();
+        let route = ctx.route;
+        let list = snap.candidates(route);
+        let country_sure = matches!(list, Some(Candidates::Country(_)));
+        let scheme_sure = matches!(list, Some(Candidates::Scheme(_)));
+        let over = match list {
+            Some(Candidates::Country(l) | Candidates::Scheme(l)) => Over::Slots(l),
+            Some(Candidates::Reputation(l)) => Over::Positions(l),
+            None if n > EXACT_MAX && members.space() as usize <= 2 * n => {
+                Over::Table(members.space())
+            }
+            None => Over::All(n),
+        };
+        View {
+            members,
+            over,
+            needs_entry: !ctx.exclude.is_empty()
+                || route.country.is_some() && !country_sure
+                || route.scheme.is_some() && !scheme_sure,
+        }
+    }
+
     fn len(&self) -> usize {
         match self.over {
             Over::All(n) => n,
-            Over::Subset(s) => s.len(),
-            Over::Slots(n) => n as usize,
+            Over::Positions(l) | Over::Slots(l) => l.len(),
+            Over::Table(n) => n as usize,
         }
     }
 
     fn get(&self, i: usize) -> Cand<'a> {
-        let slot = match self.over {
-            Over::All(_) => self.members.slot_of(i),
-            Over::Subset(s) => self.members.slot_of(s[i] as usize),
-            Over::Slots(_) => u32::try_from(i).unwrap_or(u32::MAX),
-        };
-        self.cand(slot)
+        match self.over {
+            Over::All(_) => self.at(i),
+            Over::Positions(l) => self.at(l[i] as usize),
+            Over::Slots(l) => self.slot(l[i]),
+            Over::Table(_) => self.slot(u32::try_from(i).unwrap_or(u32::MAX)),
+        }
     }
 
     /// Entry `pos` (of the whole snapshot) as a candidate.
     fn at(&self, pos: usize) -> Cand<'a> {
-        self.cand(self.members.slot_of(pos))
-    }
-
-    fn cand(&self, slot: u32) -> Cand<'a> {
+        let slot = self.members.slot_of(pos);
         Cand {
             slot,
+            pos: u32::try_from(pos).ok(),
+            hot: self.members.hot(slot),
+        }
+    }
+
+    fn slot(&self, slot: u32) -> Cand<'a> {
+        Cand {
+            slot,
+            pos: None,
             hot: self.members.hot(slot),
         }
     }
 
     fn entry(&self, c: Cand<'_>) -> Option<&'a Arc<Entry>> {
-        self.members.entry(c.slot)
+        match c.pos {
+            Some(pos) => Some(self.members.entry_at(pos as usize)),
+            None => self.members.entry(c.slot),
+        }
     }
 
+    /// Whether candidate `c` may be picked: a member, selectable, not excluded, fitting the
+    /// route.
     fn ok(&self, ctx: &PickCtx<'_>, c: Cand<'_>) -> bool {
-        self.holds(c) && ctx.ok(self.members, c)
+        self.holds(c)
+            && c.hot.is_selectable(ctx.now_ms)
+            && ctx
+                .route
+                .min_reputation
+                .is_none_or(|m| c.hot.reputation() >= m)
+            && (!self.needs_entry
+                || self.entry(c).is_some_and(|e| {
+                    !ctx.exclude.contains(&e.id) && crate::pool::fits(ctx.route, e)
+                }))
     }
 
     /// Whether `c` is one of the snapshot's members: a probe of the slot space may land on a
     /// free slot or on another snapshot's upstream.
     fn holds(&self, c: Cand<'_>) -> bool {
-        !matches!(self.over, Over::Slots(_)) || self.members.is_member(c.slot)
+        !matches!(self.over, Over::Table(_)) || self.members.is_member(c.slot)
     }
 
     fn iter(self) -> impl Iterator<Item = Cand<'a>> {
@@ -243,14 +279,7 @@ impl<'a> View<'a> {
 
 /// The strategy's pick (a slot of the hot table), or `None` when no upstream is selectable.
 pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Option<u32> {
-    let members = snap.members();
-    let n = snap.len();
-    let over = match snap.candidates(ctx.route) {
-        Some(s) => Over::Subset(s),
-        None if n > EXACT_MAX && members.space() as usize <= 2 * n => Over::Slots(members.space()),
-        None => Over::All(n),
-    };
-    let view = View { members, over };
+    let view = View::new(snap, ctx);
     let n = view.len();
     if n == 0 {
         return None;
@@ -264,10 +293,10 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
         }
         Strategy::RoundRobin => {
             // In entry order (not slot order), so the cycle follows the pool's list.
-            let view = match over {
-                Over::Slots(_) => View {
-                    members,
+            let view = match view.over {
+                Over::Table(_) => View {
                     over: Over::All(snap.len()),
+                    ..view
                 },
                 _ => view,
             };
@@ -310,39 +339,43 @@ pub(crate) fn latency_key(e: &Entry) -> f64 {
     rt / success
 }
 
-/// The least recently used of [`LRU_SAMPLE`] selectable upstreams, drawn in rounds (up to
-/// [`MAX_PROBES`] probes). Over the hot table a round is [`LRU_SAMPLE`] neighbouring slots
-/// from a uniform start: two or three cache lines instead of eight scattered ones, and every
-/// upstream is as likely to be in a sample (where an upstream sits in the table says nothing
-/// about when it was last used). Over a subset, a round is uniform probes. A round reads its
-/// whole sample before deciding anything, so its cache misses overlap.
+/// The least recently used of [`LRU_SAMPLE`] selectable upstreams (up to [`MAX_PROBES`]
+/// probes). Over the hot table, a round is [`LRU_SAMPLE`] neighbouring slots from a uniform
+/// start, every slot read before any is judged, so the cache misses of a large pool overlap
+/// (and every upstream is as likely to be in a sample: where an upstream sits in the table
+/// says nothing about when it was last used). Over a list (a filtered route, or a pool that
+/// shrank far below its table), uniform probes one at a time.
 fn lru_sample<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     let n = view.len();
     let mut best: Option<(u64, Cand<'a>)> = None;
     let mut seen = 0;
-    for _ in 0..MAX_PROBES / LRU_SAMPLE {
-        let sample: [Cand<'a>; LRU_SAMPLE] = match view.over {
-            Over::Slots(_) => {
-                let start = fastrand::usize(0..n);
-                std::array::from_fn(|i| {
-                    let i = start + i;
-                    view.get(if i >= n { i - n } else { i })
-                })
+    let mut consider = |c: Cand<'a>, key: u64| {
+        if best.is_none_or(|(k, _)| key < k) {
+            best = Some((key, c));
+        }
+        seen += 1;
+        seen == LRU_SAMPLE
+    };
+    if let Over::Table(_) = view.over {
+        for _ in 0..MAX_PROBES / LRU_SAMPLE {
+            let start = fastrand::usize(0..n);
+            let sample: [Cand<'a>; LRU_SAMPLE] = std::array::from_fn(|i| {
+                let i = start + i;
+                view.get(if i >= n { i - n } else { i })
+            });
+            // Every load first, then the decisions.
+            let keys = sample.map(|c| c.hot.lru_ms());
+            for (c, key) in sample.into_iter().zip(keys) {
+                if view.ok(ctx, c) && consider(c, key) {
+                    return best.map(|(_, c)| c);
+                }
             }
-            _ => std::array::from_fn(|_| view.get(fastrand::usize(0..n))),
-        };
-        let keys = sample.map(|c| c.hot.lru_ms());
-        let members = sample.map(|c| view.holds(c));
-        for ((c, key), member) in sample.into_iter().zip(keys).zip(members) {
-            if !member || !ctx.ok(view.members, c) {
-                continue;
-            }
-            if best.is_none_or(|(k, _)| key < k) {
-                best = Some((key, c));
-            }
-            seen += 1;
-            if seen == LRU_SAMPLE {
-                return best.map(|(_, c)| c);
+        }
+    } else {
+        for _ in 0..MAX_PROBES {
+            let c = view.get(fastrand::usize(0..n));
+            if view.ok(ctx, c) && consider(c, c.hot.lru_ms()) {
+                break;
             }
         }
     }
@@ -389,12 +422,20 @@ fn weighted_exact<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     None
 }
 
-/// The first selectable entry in a precomputed order (of the whole snapshot).
+/// The first selectable entry in a precomputed order of the whole snapshot, which the view's
+/// candidate list does not restrict: every filter is checked on the entry.
 fn walk<'a>(order: &[u32], view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
+    let whole = View {
+        over: Over::All(view.members.len()),
+        needs_entry: !ctx.exclude.is_empty()
+            || ctx.route.country.is_some()
+            || ctx.route.scheme.is_some(),
+        ..view
+    };
     order
         .iter()
-        .map(|pos| view.at(*pos as usize))
-        .find(|c| view.ok(ctx, *c))
+        .map(|pos| whole.at(*pos as usize))
+        .find(|c| whole.ok(ctx, *c))
 }
 
 /// Any selectable entry, scanning from a random start.
