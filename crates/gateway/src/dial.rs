@@ -492,7 +492,7 @@ impl Dialer {
     ) -> Result<Established, GatewayError> {
         while budget.tried.len() < budget.max_attempts {
             let r = &budget.routing;
-            let Some(lease) = self.pool.select_route(
+            let Some(mut lease) = self.pool.select_route(
                 &r.route,
                 r.session_key.as_deref(),
                 r.strategy,
@@ -500,6 +500,8 @@ impl Dialer {
             ) else {
                 break;
             };
+            // Held for the whole dial and tunnel: keep the upstream, not the pool's snapshot.
+            lease.detach();
             budget.tried.push(lease.id());
             let attempt = self.attempt(lease.upstream(), target, purpose);
             let err = match tokio::time::timeout_at(budget.deadline, attempt).await {

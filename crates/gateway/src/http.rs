@@ -375,8 +375,9 @@ async fn upstream_sender(
         let fits = c.target.as_ref().is_none_or(|t| t == target) && &c.routing == budget.routing();
         if fits
             && c.sender.ready().await.is_ok()
-            && let Some(lease) = gw.dialer().pool().lease(c.id)
+            && let Some(mut lease) = gw.dialer().pool().lease(c.id)
         {
+            lease.detach();
             let to_http_proxy = c.target.is_none();
             return Ok((c.sender, lease, to_http_proxy, false, Outcome::default()));
         }

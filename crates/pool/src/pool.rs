@@ -51,9 +51,18 @@ pub struct PoolWriter(Arc<Pool>);
 /// [`crate::snapshot`]) and the upstream's slot in the hot table, so taking one touches only
 /// that slot; the entry is read when the upstream is dialed or reported.
 pub struct Lease {
-    shard: Arc<Shard>,
+    holder: Holder,
     slot: u32,
     panic_mode: bool,
+}
+
+/// What keeps a lease's upstream alive.
+enum Holder {
+    /// The members of the snapshot it was picked from (through a per-thread shard handle):
+    /// taking it touches nothing of the entry.
+    Members(Arc<Shard>),
+    /// The entry alone (after [`Lease::detach`]).
+    Entry(Arc<Entry>),
 }
 
 impl Pool {
@@ -272,17 +281,30 @@ impl Lease {
     fn take(snap: &Snapshot, slot: u32, now_ms: u64, panic_mode: bool) -> Lease {
         snap.members().hot(slot).acquire(now_ms);
         Lease {
-            shard: Arc::clone(snap.shard()),
+            holder: Holder::Members(Arc::clone(snap.shard())),
             slot,
             panic_mode,
         }
     }
 
-    fn entry(&self) -> &Entry {
-        match self.shard.members.entry(self.slot) {
-            Some(e) => e,
-            // Every pick checks membership of the snapshot whose members the lease holds.
-            None => unreachable!("a lease's slot is a member of its snapshot"),
+    fn entry(&self) -> &Arc<Entry> {
+        match &self.holder {
+            Holder::Members(shard) => match shard.members.entry(self.slot) {
+                Some(e) => e,
+                // Every pick checks membership of the snapshot whose members the lease holds.
+                None => unreachable!("a lease's slot is a member of its snapshot"),
+            },
+            Holder::Entry(e) => e,
+        }
+    }
+
+    /// Lets go of the snapshot the lease was picked from, keeping only its upstream. A lease
+    /// held for long (a tunnel) should be detached first: until then it keeps that snapshot's
+    /// whole membership alive (16 bytes per upstream, and the upstreams a later replace
+    /// removed). Detaching reads the entry, which the dial does right after anyway.
+    pub fn detach(&mut self) {
+        if let Holder::Members(_) = self.holder {
+            self.holder = Holder::Entry(Arc::clone(self.entry()));
         }
     }
 
@@ -328,7 +350,10 @@ impl std::fmt::Debug for Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.shard.members.hot(self.slot).release();
+        match &self.holder {
+            Holder::Members(shard) => shard.members.hot(self.slot).release(),
+            Holder::Entry(e) => e.health.hot().release(),
+        }
     }
 }
 
@@ -486,6 +511,9 @@ mod tests {
             w.replace((0..1000).map(up));
             let held = r.select(&[]).unwrap();
             let held_id = held.id();
+            let mut detached = r.select(&[]).unwrap();
+            detached.detach();
+            let detached_id = detached.id();
             // Keep 500 (not the leased one), add 500 new: the 500 removed keep their slots
             // while the lease holds the old snapshot, so the table has 1,500 slots, 1,000
             // of them members.
@@ -495,7 +523,8 @@ mod tests {
                 .map(up)
                 .collect();
             w.replace(next.clone());
-            let want = next.iter().map(Upstream::id).collect();
+            let want: std::collections::HashSet<UpstreamId> =
+                next.iter().map(Upstream::id).collect();
             picks_stay_in(&r, &want);
             assert_eq!(
                 held.upstream().id(),
@@ -503,11 +532,16 @@ mod tests {
                 "the old lease still reads its entry"
             );
             drop(held);
+            // The detached lease keeps only its own upstream (if that was removed).
+            let kept = usize::from(!want.contains(&detached_id));
             assert_eq!(
                 r.0.shared.slab.in_use(),
-                next.len(),
+                next.len() + kept,
                 "removed slots are free"
             );
+            assert_eq!(detached.upstream().id(), detached_id);
+            detached.report(&ok(5));
+            assert_eq!(r.0.shared.slab.in_use(), next.len());
             // New upstreams reuse the freed slots.
             let more: Vec<Upstream> = next.iter().cloned().chain((3000..3200).map(up)).collect();
             w.replace(more.clone());

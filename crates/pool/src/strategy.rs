@@ -182,6 +182,8 @@ struct View<'a> {
     /// scheme filter that the candidate list does not guarantee. A plain pick reads the hot
     /// slot alone.
     needs_entry: bool,
+    /// The route's minimum reputation (0: none), checked on the hot slot.
+    min_reputation: u8,
 }
 
 impl<'a> View<'a> {
@@ -189,7 +191,10 @@ impl<'a> View<'a> {
         let members = snap.members();
         let n = snap.len();
         let route = ctx.route;
-        let list = snap.candidates(route);
+        let list = match route.is_unfiltered() {
+            true => None,
+            false => snap.candidates(route),
+        };
         let country_sure = matches!(list, Some(Candidates::Country(_)));
         let scheme_sure = matches!(list, Some(Candidates::Scheme(_)));
         let over = match list {
@@ -206,6 +211,7 @@ impl<'a> View<'a> {
             needs_entry: !ctx.exclude.is_empty()
                 || route.country.is_some() && !country_sure
                 || route.scheme.is_some() && !scheme_sure,
+            min_reputation: route.min_reputation.unwrap_or(0),
         }
     }
 
@@ -217,6 +223,7 @@ impl<'a> View<'a> {
         }
     }
 
+    #[inline]
     fn get(&self, i: usize) -> Cand<'a> {
         match self.over {
             Over::All(_) => self.at(i),
@@ -253,13 +260,11 @@ impl<'a> View<'a> {
 
     /// Whether candidate `c` may be picked: a member, selectable, not excluded, fitting the
     /// route.
+    #[inline]
     fn ok(&self, ctx: &PickCtx<'_>, c: Cand<'_>) -> bool {
         self.holds(c)
             && c.hot.is_selectable(ctx.now_ms)
-            && ctx
-                .route
-                .min_reputation
-                .is_none_or(|m| c.hot.reputation() >= m)
+            && c.hot.reputation() >= self.min_reputation
             && (!self.needs_entry
                 || self.entry(c).is_some_and(|e| {
                     !ctx.exclude.contains(&e.id) && crate::pool::fits(ctx.route, e)
@@ -268,6 +273,7 @@ impl<'a> View<'a> {
 
     /// Whether `c` is one of the snapshot's members: a probe of the slot space may land on a
     /// free slot or on another snapshot's upstream.
+    #[inline]
     fn holds(&self, c: Cand<'_>) -> bool {
         !matches!(self.over, Over::Table(_)) || self.members.is_member(c.slot)
     }
@@ -289,7 +295,7 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
         // neighbours in the cycle tend to fail together (same provider, same subnet; or all
         // just back from backoff), and a run of them would eat the whole attempt budget.
         Strategy::RoundRobin | Strategy::LeastRecentlyUsed if !ctx.exclude.is_empty() => {
-            weighted(view, ctx)
+            weighted(&view, ctx)
         }
         Strategy::RoundRobin => {
             // In entry order (not slot order), so the cycle follows the pool's list.
@@ -307,27 +313,27 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
                 .find(|c| view.ok(ctx, *c))
                 .map(|c| c.slot);
         }
-        Strategy::Random => probe(view, ctx, |_| true),
-        Strategy::WeightedRandom => weighted(view, ctx),
+        Strategy::Random => probe(&view, ctx, |_| true),
+        Strategy::WeightedRandom => weighted(&view, ctx),
         Strategy::LeastRecentlyUsed if n <= EXACT_MAX => view
             .iter()
             .filter(|c| view.ok(ctx, *c))
             .min_by_key(|c| c.hot.lru_ms()),
-        Strategy::LeastRecentlyUsed => lru_sample(view, ctx),
+        Strategy::LeastRecentlyUsed => lru_sample(&view, ctx),
         Strategy::BestReputation if n <= EXACT_MAX => view
             .iter()
             .filter(|c| view.ok(ctx, *c))
             .max_by_key(|c| c.hot.reputation()),
-        Strategy::BestReputation => walk(snap.by_reputation(), view, ctx),
+        Strategy::BestReputation => walk(snap.by_reputation(), &view, ctx),
         Strategy::FastestResponse if n <= EXACT_MAX => view
             .iter()
             .filter(|c| view.ok(ctx, *c))
             .filter_map(|c| Some((c, latency_key(view.entry(c)?))))
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(c, _)| c),
-        Strategy::FastestResponse => walk(snap.by_latency(), view, ctx),
+        Strategy::FastestResponse => walk(snap.by_latency(), &view, ctx),
     };
-    found.or_else(|| fallback(view, ctx)).map(|c| c.slot)
+    found.or_else(|| fallback(&view, ctx)).map(|c| c.slot)
 }
 
 /// The fastest_response order: response time divided by success rate, the expected time to
@@ -345,7 +351,7 @@ pub(crate) fn latency_key(e: &Entry) -> f64 {
 /// (and every upstream is as likely to be in a sample: where an upstream sits in the table
 /// says nothing about when it was last used). Over a list (a filtered route, or a pool that
 /// shrank far below its table), uniform probes one at a time.
-fn lru_sample<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
+fn lru_sample<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     let n = view.len();
     let mut best: Option<(u64, Cand<'a>)> = None;
     let mut seen = 0;
@@ -383,7 +389,7 @@ fn lru_sample<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
 }
 
 /// A draw in proportion to reputation: exact over small views, rejection sampling beyond.
-fn weighted<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
+fn weighted<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     if view.len() <= EXACT_MAX {
         weighted_exact(view, ctx)
     } else {
@@ -393,7 +399,7 @@ fn weighted<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
 
 /// Uniform probes; the first selectable one that `accept` takes.
 fn probe<'a>(
-    view: View<'a>,
+    view: &View<'a>,
     ctx: &PickCtx<'_>,
     mut accept: impl FnMut(Cand<'a>) -> bool,
 ) -> Option<Cand<'a>> {
@@ -405,7 +411,7 @@ fn probe<'a>(
 
 /// Exact weighted draw over a small pool. Reputation 0 still gets weight 1 among the
 /// selectable, so a pool of all-zero upstreams is not treated as empty.
-fn weighted_exact<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
+fn weighted_exact<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     let weight = |c: Cand<'_>| u32::from(c.hot.reputation()).max(1);
     let total: u32 = view.iter().filter(|c| view.ok(ctx, *c)).map(weight).sum();
     if total == 0 {
@@ -424,13 +430,13 @@ fn weighted_exact<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
 
 /// The first selectable entry in a precomputed order of the whole snapshot, which the view's
 /// candidate list does not restrict: every filter is checked on the entry.
-fn walk<'a>(order: &[u32], view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
+fn walk<'a>(order: &[u32], view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     let whole = View {
         over: Over::All(view.members.len()),
         needs_entry: !ctx.exclude.is_empty()
             || ctx.route.country.is_some()
             || ctx.route.scheme.is_some(),
-        ..view
+        ..*view
     };
     order
         .iter()
@@ -439,7 +445,7 @@ fn walk<'a>(order: &[u32], view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>
 }
 
 /// Any selectable entry, scanning from a random start.
-fn fallback<'a>(view: View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
+fn fallback<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     let n = view.len();
     let start = fastrand::usize(0..n);
     (0..n)
