@@ -25,12 +25,18 @@ const MASK: u32 = (1 << CHUNK_SHIFT) - 1;
 const PER_LINE_SHIFT: u32 = 2;
 const LINES_SHIFT: u32 = CHUNK_SHIFT - PER_LINE_SHIFT;
 
-/// Where slot `index` sits in its chunk: consecutive slots go to consecutive cache lines
-/// (slot `i` of a chunk in line `i % 1024`), so the upstreams of a pool of up to 1,024 each
-/// have a line to themselves and threads leasing different ones never write the same line.
+/// Where slot `index` sits in its chunk. In the first chunk consecutive slots go to
+/// consecutive cache lines (slot `i` in line `i % 1024`), so the upstreams of a pool of up to
+/// 1,024 each have a line to themselves and threads leasing different ones never write the
+/// same line. Later chunks (pools of thousands, where two threads rarely lease neighbours)
+/// are in order, so a sample of neighbouring slots is a couple of cache lines.
 fn place(index: u32) -> usize {
     let i = index & MASK;
-    (((i & ((1 << LINES_SHIFT) - 1)) << PER_LINE_SHIFT) | (i >> LINES_SHIFT)) as usize
+    if index >> CHUNK_SHIFT == 0 {
+        (((i & ((1 << LINES_SHIFT) - 1)) << PER_LINE_SHIFT) | (i >> LINES_SHIFT)) as usize
+    } else {
+        i as usize
+    }
 }
 
 /// A new upstream's reputation.
@@ -312,10 +318,10 @@ mod tests {
             assert!(!seen[p], "slot {i} placed twice");
             seen[p] = true;
         }
-        // The first 1,024 slots of a chunk each start a cache line of their own.
+        // The first 1,024 slots each start a cache line of their own.
         let lines: std::collections::HashSet<usize> = (0..1024).map(|i| place(i) / 4).collect();
         assert_eq!(lines.len(), 1024);
-        assert_eq!(place(CHUNK as u32 + 5), place(5), "per chunk");
+        assert_eq!(place(CHUNK as u32 + 5), 5, "later chunks in order");
     }
 
     #[test]
