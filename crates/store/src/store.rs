@@ -60,13 +60,17 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Whether sled failed because another handle (another process, or one of ours being
+/// dropped) holds the database's file lock.
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
 pub(crate) fn db_err(dir: &Path) -> impl Fn(sled::Error) -> StoreError + '_ {
     move |e| match e {
-        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-            StoreError::Locked {
-                dir: dir.to_owned(),
-            }
-        }
+        e if is_lock_error(&e) => StoreError::Locked {
+            dir: dir.to_owned(),
+        },
         other => StoreError::Db {
             dir: dir.to_owned(),
             message: other.to_string(),
@@ -589,13 +593,17 @@ mod tests {
     }
 
     /// sled lets go of its file lock when its background threads drop the database, which
-    /// can be a moment after the last handle is dropped: a reopen in the same process waits
-    /// for that (a lock held by anything else still fails after the deadline).
-    fn reopen(dir: &Path, key: Option<&str>) -> Result<(Store, OpenReport), StoreError> {
+    /// can be a moment after the last handle is dropped: an open in the same process retries
+    /// while `locked` says the lock is the error (one held by anything else still fails
+    /// after the deadline).
+    fn waiting<T, E>(
+        mut open: impl FnMut() -> Result<T, E>,
+        locked: impl Fn(&E) -> bool,
+    ) -> Result<T, E> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match Store::open(dir, key) {
-                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+            match open() {
+                Err(e) if locked(&e) && std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(5))
                 }
                 other => return other,
@@ -603,21 +611,16 @@ mod tests {
         }
     }
 
-    /// The raw database, as test code that builds or inspects old shapes opens it (see
-    /// [`reopen`]).
+    fn reopen(dir: &Path, key: Option<&str>) -> Result<(Store, OpenReport), StoreError> {
+        waiting(
+            || Store::open(dir, key),
+            |e| matches!(e, StoreError::Locked { .. }),
+        )
+    }
+
+    /// The raw database, as test code that builds or inspects old shapes opens it.
     fn sled_open(path: PathBuf) -> sled::Result<sled::Db> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match sled::open(&path) {
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(5))
-                }
-                other => return other,
-            }
-        }
+        waiting(|| sled::open(&path), is_lock_error)
     }
 
     const URLS: [&str; 3] = [
