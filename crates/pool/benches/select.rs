@@ -23,17 +23,20 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use proxygate_core::{Outcome, Route, Upstream};
 use proxygate_pool::{HealthConfig, Pool, PoolReader, Strategy};
 
+/// Upstream number `i`: `http://10.x.y.z:8080`, with `query` appended.
+fn upstream(i: usize, query: &str) -> Upstream {
+    Upstream::parse(&format!(
+        "http://10.{}.{}.{}:8080{query}",
+        i >> 16,
+        (i >> 8) & 255,
+        i & 255
+    ))
+    .unwrap()
+}
+
 fn pool(n: usize) -> (PoolReader, proxygate_pool::PoolWriter) {
     let (r, w) = Pool::create(Strategy::RoundRobin, HealthConfig::default());
-    w.replace((0..n).map(|i| {
-        Upstream::parse(&format!(
-            "http://10.{}.{}.{}:8080",
-            i >> 16,
-            (i >> 8) & 255,
-            i & 255
-        ))
-        .unwrap()
-    }));
+    w.replace((0..n).map(|i| upstream(i, "")));
     let ids: Vec<_> = r.snapshot().entries().iter().map(|e| e.id).collect();
     for (i, id) in ids.into_iter().enumerate() {
         let ms = [100, 1250, 3000][i % 3];
@@ -93,13 +96,7 @@ fn bench_sparse_filter(c: &mut Criterion) {
     let (r, w) = Pool::create(Strategy::WeightedRandom, HealthConfig::default());
     w.replace((0..1_000_000usize).map(|i| {
         let cc = if i % 4000 == 0 { "fr" } else { "us" };
-        Upstream::parse(&format!(
-            "http://10.{}.{}.{}:8080?country={cc}",
-            i >> 16,
-            (i >> 8) & 255,
-            i & 255
-        ))
-        .unwrap()
+        upstream(i, &format!("?country={cc}"))
     }));
     let route = Route::parse("a-country-fr").unwrap().1;
     let mut group = c.benchmark_group("select_filtered/1000000");

@@ -117,11 +117,7 @@ impl PoolReader {
         let pool = &self.0;
         let now_ms = pool.millis(Instant::now());
         let snap = pool.snapshot.load();
-        let members = snap.members();
-        let slot = snap
-            .position(id)
-            .map(|pos| members.slot_of(pos))
-            .filter(|s| members.hot(*s).is_selectable(now_ms))?;
+        let slot = leasable(&snap, id, &Route::default(), now_ms)?;
         Some(Lease::take(&snap, slot, now_ms, false))
     }
 
@@ -158,11 +154,7 @@ impl PoolReader {
             && !exclude.contains(&id)
         {
             let snap = pool.snapshot.load();
-            let members = snap.members();
-            if let Some(slot) = snap.position(id).map(|p| members.slot_of(p)).filter(|s| {
-                members.hot(*s).is_selectable(now_ms)
-                    && members.entry(*s).is_some_and(|e| fits(route, e))
-            }) {
+            if let Some(slot) = leasable(&snap, id, route, now_ms) {
                 return Some(Lease::take(&snap, slot, now_ms, false));
             }
         }
@@ -215,6 +207,15 @@ pub(crate) fn fits(route: &Route, e: &Entry) -> bool {
         && route
             .min_reputation
             .is_none_or(|m| e.health.reputation() >= m)
+}
+
+/// The hot-table slot of upstream `id` if it is in `snap`, selectable at `now_ms` and fits
+/// `route`: an upstream chosen earlier (a kept-alive connection, a sticky session).
+fn leasable(snap: &Snapshot, id: UpstreamId, route: &Route, now_ms: u64) -> Option<u32> {
+    let members = snap.members();
+    let pos = snap.position(id)?;
+    let slot = members.slot_of(pos);
+    (members.hot(slot).is_selectable(now_ms) && fits(route, members.entry_at(pos))).then_some(slot)
 }
 
 /// Panic mode: the position of the non-excluded entry whose backoff ends first (the better
@@ -373,17 +374,20 @@ mod tests {
         }
     }
 
+    /// Upstream number `i`: `http://10.x.y.z:8080`.
+    fn up(i: usize) -> Upstream {
+        Upstream::parse(&format!(
+            "http://10.{}.{}.{}:8080",
+            i >> 16,
+            (i >> 8) & 255,
+            i & 255
+        ))
+        .unwrap()
+    }
+
     fn pool_with(n: usize, strategy: Strategy) -> (PoolReader, PoolWriter) {
         let (r, w) = Pool::create(strategy, strict());
-        w.replace((0..n).map(|i| {
-            Upstream::parse(&format!(
-                "http://10.{}.{}.{}:8080",
-                i >> 16,
-                (i >> 8) & 255,
-                i & 255
-            ))
-            .unwrap()
-        }));
+        w.replace((0..n).map(up));
         (r, w)
     }
 
@@ -470,16 +474,6 @@ mod tests {
                 "pick {i} is not the least recently used"
             );
         }
-    }
-
-    fn up(i: usize) -> Upstream {
-        Upstream::parse(&format!(
-            "http://10.{}.{}.{}:8080",
-            i >> 16,
-            (i >> 8) & 255,
-            i & 255
-        ))
-        .unwrap()
     }
 
     /// Every pick of `strategy` leases a member of the current snapshot, and the lease's
@@ -860,11 +854,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sparse_filters_in_a_large_pool() {
+    /// 20,000 upstreams, reindexed; of every `every`, one socks5 and one http upstream in
+    /// France, the rest http in the US.
+    fn french_pool(every: usize) -> (PoolReader, PoolWriter) {
         let (r, w) = Pool::create(Strategy::WeightedRandom, strict());
         w.replace((0..20_000).map(|i| {
-            let (scheme, cc) = match i % 4000 {
+            let (scheme, cc) = match i % every {
                 0 => ("socks5", "fr"),
                 1 => ("http", "fr"),
                 _ => ("http", "us"),
@@ -878,6 +873,12 @@ mod tests {
             .unwrap()
         }));
         w.reindex();
+        (r, w)
+    }
+
+    #[test]
+    fn sparse_filters_in_a_large_pool() {
+        let (r, w) = french_pool(4000);
         let fr_socks = Route::parse("a-country-fr-type-socks5").unwrap().1;
         let fr = Route::parse("a-country-fr").unwrap().1;
         for s in Strategy::ALL {
@@ -897,22 +898,7 @@ mod tests {
     /// orders (best reputation, fastest response) and the table probes must still keep to it.
     #[test]
     fn long_filter_lists_hold_for_every_strategy() {
-        let (r, w) = Pool::create(Strategy::WeightedRandom, strict());
-        w.replace((0..20_000).map(|i| {
-            let (scheme, cc) = match i % 50 {
-                0 => ("socks5", "fr"),
-                1 => ("http", "fr"),
-                _ => ("http", "us"),
-            };
-            Upstream::parse(&format!(
-                "{scheme}://10.{}.{}.{}:1?country={cc}",
-                i >> 16,
-                (i >> 8) & 255,
-                i & 255
-            ))
-            .unwrap()
-        }));
-        w.reindex();
+        let (r, w) = french_pool(50);
         let fr = Route::parse("a-country-fr").unwrap().1;
         let socks = Route::parse("a-type-socks5").unwrap().1;
         let fr_http = Route::parse("a-country-fr-type-http").unwrap().1;

@@ -122,17 +122,20 @@ impl Members {
         self.space
     }
 
+    /// The position of the upstream in slot `slot`, if it is one of these members.
+    fn position_of(&self, slot: u32) -> Option<usize> {
+        let pos = *self.positions.get(slot as usize)?;
+        (pos != u32::MAX).then_some(pos as usize)
+    }
+
     /// The entry in slot `slot`, if it is a member.
     pub(crate) fn entry(&self, slot: u32) -> Option<&Arc<Entry>> {
-        let pos = *self.positions.get(slot as usize)?;
-        self.entries.get(pos as usize)
+        self.position_of(slot).map(|pos| &self.entries[pos])
     }
 
     /// Whether the upstream in slot `slot` is one of these members.
     pub(crate) fn is_member(&self, slot: u32) -> bool {
-        self.positions
-            .get(slot as usize)
-            .is_some_and(|p| *p != u32::MAX)
+        self.position_of(slot).is_some()
     }
 }
 

@@ -174,13 +174,20 @@ enum Over<'a> {
     Table(u32),
 }
 
+/// Whether deciding if a candidate fits needs its entry: an exclusion, or a country or scheme
+/// filter that the candidate list (if any) does not guarantee.
+fn needs_entry(ctx: &PickCtx<'_>, list: Option<Candidates<'_>>) -> bool {
+    let route = ctx.route;
+    !ctx.exclude.is_empty()
+        || route.country.is_some() && !matches!(list, Some(Candidates::Country(_)))
+        || route.scheme.is_some() && !matches!(list, Some(Candidates::Scheme(_)))
+}
+
 #[derive(Clone, Copy)]
 struct View<'a> {
     members: &'a Members,
     over: Over<'a>,
-    /// Whether deciding if a candidate fits needs its entry: an exclusion, or a country or
-    /// scheme filter that the candidate list does not guarantee. A plain pick reads the hot
-    /// slot alone.
+    /// See [`needs_entry`]. A plain pick reads the hot slot alone.
     needs_entry: bool,
     /// The route's minimum reputation (0: none), checked on the hot slot.
     min_reputation: u8,
@@ -195,8 +202,6 @@ impl<'a> View<'a> {
             true => None,
             false => snap.candidates(route),
         };
-        let country_sure = matches!(list, Some(Candidates::Country(_)));
-        let scheme_sure = matches!(list, Some(Candidates::Scheme(_)));
         let over = match list {
             Some(Candidates::Country(l) | Candidates::Scheme(l)) => Over::Slots(l),
             Some(Candidates::Reputation(l)) => Over::Positions(l),
@@ -208,9 +213,7 @@ impl<'a> View<'a> {
         View {
             members,
             over,
-            needs_entry: !ctx.exclude.is_empty()
-                || route.country.is_some() && !country_sure
-                || route.scheme.is_some() && !scheme_sure,
+            needs_entry: needs_entry(ctx, list),
             min_reputation: route.min_reputation.unwrap_or(0),
         }
     }
@@ -433,9 +436,7 @@ fn weighted_exact<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
 fn walk<'a>(order: &[u32], view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     let whole = View {
         over: Over::All(view.members.len()),
-        needs_entry: !ctx.exclude.is_empty()
-            || ctx.route.country.is_some()
-            || ctx.route.scheme.is_some(),
+        needs_entry: needs_entry(ctx, None),
         ..*view
     };
     order
