@@ -26,8 +26,10 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(600);
 pub const DEFAULT_HEALTHY_REPUTATION: u8 = 30;
 pub const DEFAULT_MAX_CONSECUTIVE_FAILURES: u32 = 3;
 pub const DEFAULT_EMA_ALPHA: f64 = 0.2;
+pub const DEFAULT_FAILURE_COST: Duration = Duration::from_secs(1);
+pub const DEFAULT_REMEASURE_AFTER: Duration = Duration::from_secs(60);
 
-/// Health policy.
+/// Health policy, and how the greedy strategies weigh what health measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
     pub reputation: ReputationConfig,
@@ -41,6 +43,14 @@ pub struct HealthConfig {
     pub backoff_max: Duration,
     /// Weight of the newest sample in the moving averages (0 < alpha <= 1).
     pub ema_alpha: f64,
+    /// What one failed attempt costs a client in `fastest_response`'s expected time to a
+    /// working connection (a retry, and one attempt of its budget): the key is
+    /// `response_time + (1 - success_rate) / success_rate * failure_cost`.
+    pub failure_cost: Duration,
+    /// The greedy strategies (`best_reputation`, `fastest_response`) re-measure an upstream
+    /// that nobody has used for this long (or ever), now and then, so one bad sample does not
+    /// exile it for good.
+    pub remeasure_after: Duration,
 }
 
 impl Default for HealthConfig {
@@ -52,6 +62,8 @@ impl Default for HealthConfig {
             backoff_base: DEFAULT_BACKOFF_BASE,
             backoff_max: DEFAULT_BACKOFF_MAX,
             ema_alpha: DEFAULT_EMA_ALPHA,
+            failure_cost: DEFAULT_FAILURE_COST,
+            remeasure_after: DEFAULT_REMEASURE_AFTER,
         }
     }
 }

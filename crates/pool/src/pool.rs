@@ -183,7 +183,7 @@ impl PoolReader {
         let pool = &self.0;
         let snap = pool.snapshot.load();
         let now_ms = pool.millis(now);
-        let ctx = PickCtx::new(exclude, route, now_ms, &pool.cursor);
+        let ctx = PickCtx::new(exclude, route, now_ms, &pool.cursor, &pool.shared.health);
         let strategy = strategy.unwrap_or_else(|| self.strategy());
         let (slot, panic_mode) = match pick(strategy, &snap, &ctx) {
             Some(s) => (s, false),
@@ -252,12 +252,21 @@ impl PoolWriter {
             .publish(|previous| Some(Snapshot::build_saved(upstreams, previous, shared)));
     }
 
-    /// Recomputes the snapshot's orders (by reputation, by response time) from live stats.
-    /// The app calls this every `pool.reindex_interval`.
+    /// Recomputes the snapshot's orders (by reputation, by response time) and its list of
+    /// upstreams due for re-measuring from live stats. The app calls this every
+    /// `pool.reindex_interval`.
     pub fn reindex(&self) {
-        self.0.publish(|current| {
+        self.reindex_at(Instant::now());
+    }
+
+    /// [`PoolWriter::reindex`] as of `now`.
+    pub fn reindex_at(&self, now: Instant) {
+        let pool = &self.0;
+        let now_ms = pool.millis(now);
+        pool.publish(|current| {
             // Small pools are picked from by exact scans; their orders are never read.
-            (current.len() > crate::strategy::EXACT_MAX).then(|| current.reindexed())
+            (current.len() > crate::strategy::EXACT_MAX)
+                .then(|| current.reindexed(&pool.shared.health, now_ms))
         });
     }
 
@@ -361,6 +370,7 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::strategy::REMEASURE_EVERY;
     use proxygate_core::{ErrorKind, Scheme};
     use std::collections::HashMap;
     use std::time::Duration;
@@ -712,6 +722,132 @@ mod tests {
                 .response_time_ms()
                 .unwrap();
             assert!((entry - 100.0).abs() < 1.0, "next fastest has {entry} ms");
+        }
+    }
+
+    /// A pool of `n` upstreams under `strategy` with the default health policy (failures
+    /// deactivate only after 3 in a row), in the three response-time tiers of [`tiers`].
+    fn default_pool(n: usize, strategy: Strategy) -> (PoolReader, PoolWriter, Vec<UpstreamId>) {
+        let (r, w) = Pool::create(strategy, HealthConfig::default());
+        w.replace((0..n).map(up));
+        let ids = tiers(&r).into_iter().map(|(id, _)| id).collect();
+        (r, w, ids)
+    }
+
+    #[test]
+    fn fastest_response_charges_each_failure() {
+        for n in [3, 300] {
+            let (r, w, ids) = default_pool(n, Strategy::FastestResponse);
+            // A 5 ms upstream that fails every other attempt: twice 5 ms is still far under
+            // the 100 ms tier, but each failure costs the client a retry (pool.failure_cost).
+            let flaky = ids[1];
+            for _ in 0..30 {
+                r.lease(flaky)
+                    .unwrap()
+                    .report(&Outcome::failed(ErrorKind::UpstreamConnectRefused));
+                succeed(&r, flaky, 5);
+            }
+            let h = |id| {
+                let snap = r.snapshot();
+                let h = &snap.get(id).unwrap().health;
+                (h.response_time_ms().unwrap(), h.success_rate().unwrap())
+            };
+            let (rt, s) = h(flaky);
+            assert!(rt < 10.0 && (0.4..0.7).contains(&s), "{rt} ms, {s}");
+            w.reindex();
+            for _ in 0..200 {
+                let id = r.select(&[]).unwrap().id();
+                assert_ne!(
+                    id, flaky,
+                    "pool {n}: the flaky upstream outranked reliable ones"
+                );
+                assert!(
+                    (h(id).0 - 100.0).abs() < 1.0,
+                    "pool {n}: not the 100 ms tier"
+                );
+            }
+            // Ranked by response time alone, the flaky one wins.
+            let (r, w) = Pool::create(
+                Strategy::FastestResponse,
+                HealthConfig {
+                    failure_cost: Duration::ZERO,
+                    ..HealthConfig::default()
+                },
+            );
+            w.replace((0..n).map(up));
+            let ids: Vec<_> = tiers(&r).into_iter().map(|(id, _)| id).collect();
+            for _ in 0..30 {
+                r.lease(ids[1])
+                    .unwrap()
+                    .report(&Outcome::failed(ErrorKind::UpstreamConnectRefused));
+                succeed(&r, ids[1], 5);
+            }
+            w.reindex();
+            assert_eq!(
+                r.select(&[]).unwrap().id(),
+                ids[1],
+                "pool {n}, failure_cost 0"
+            );
+        }
+    }
+
+    #[test]
+    fn greedy_strategies_remeasure_stale_upstreams() {
+        for strategy in [Strategy::BestReputation, Strategy::FastestResponse] {
+            for n in [3, 300] {
+                let (r, w, ids) = default_pool(n, strategy);
+                let top = ids[0];
+                for _ in 0..20 {
+                    succeed(&r, top, 10);
+                }
+                let t0 = Instant::now();
+                w.reindex_at(t0);
+                let picks = |at: Instant, exclude: &[UpstreamId], k: usize| {
+                    let mut c: HashMap<UpstreamId, usize> = HashMap::new();
+                    for _ in 0..k {
+                        *c.entry(r.select_at(exclude, at).unwrap().id()).or_default() += 1;
+                    }
+                    c
+                };
+                // Everything was just measured: the top one only.
+                let c = picks(t0, &[], 320);
+                assert_eq!(c.get(&top), Some(&320), "{strategy} pool {n}: {c:?}");
+                // A minute later every upstream is due: each gets one request, one pick in
+                // REMEASURE_EVERY at most; the rest still go to the top one.
+                let t1 = t0 + HealthConfig::default().remeasure_after + Duration::from_secs(1);
+                w.reindex_at(t1);
+                let k = REMEASURE_EVERY as usize * (n + 10);
+                let c = picks(t1, &[], k);
+                assert_eq!(c.len(), n, "{strategy} pool {n}: not all re-measured");
+                let others: usize = c.iter().filter(|(id, _)| **id != top).map(|(_, k)| k).sum();
+                assert!(
+                    others <= k / REMEASURE_EVERY as usize + 1,
+                    "{strategy} pool {n}: {others} of {k} picks re-measured"
+                );
+                // Re-measured once, no longer due.
+                let c = picks(t1, &[], 320);
+                assert_eq!(c.get(&top), Some(&320), "{strategy} pool {n}: {c:?}");
+                // A retry never goes exploring.
+                let t2 = t1 + HealthConfig::default().remeasure_after + Duration::from_secs(1);
+                w.reindex_at(t2);
+                let c = picks(t2, &[ids[1]], 320);
+                assert_eq!(c.get(&top), Some(&320), "{strategy} pool {n}: {c:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn new_upstreams_get_tried_by_the_greedy_strategies() {
+        for strategy in [Strategy::BestReputation, Strategy::FastestResponse] {
+            for n in [3, 300] {
+                let (r, w, ids) = default_pool(n, strategy);
+                let added = up(n);
+                w.replace((0..=n).map(up));
+                let k = REMEASURE_EVERY as usize * 4;
+                let tried = (0..k).any(|_| r.select(&[]).unwrap().id() == added.id());
+                assert!(tried, "{strategy} pool {n}: a new upstream never tried");
+                assert!(!ids.contains(&added.id()));
+            }
         }
     }
 

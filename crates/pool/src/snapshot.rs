@@ -13,10 +13,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use proxygate_core::{Route, Scheme, Upstream, UpstreamId};
-
-use std::time::Instant;
 
 use crate::health::Saved;
 use crate::hot::{self, Directory, Hot, Slab};
@@ -153,7 +153,6 @@ pub(crate) struct Shard {
 /// The shard this thread leases through.
 fn shard_index() -> usize {
     use std::cell::Cell;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
@@ -165,6 +164,11 @@ fn shard_index() -> usize {
         s.get()
     })
 }
+
+/// A counter on a cache line of its own: claims write it, every pick reads its neighbours.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Claimed(AtomicUsize);
 
 /// An immutable view of the pool.
 #[derive(Debug, Default)]
@@ -179,6 +183,11 @@ pub struct Snapshot {
     reputation_sorted: Vec<u8>,
     /// Indexes into `entries`, fastest response first, unmeasured last.
     by_latency: Vec<u32>,
+    /// Indexes into `entries` of the upstreams due for re-measuring at the last reindex
+    /// ([`crate::strategy::is_due`]), the longest idle first, and how far the greedy
+    /// strategies' re-measuring picks have claimed them: each is offered once per reindex.
+    due: Vec<u32>,
+    due_claimed: Claimed,
     /// Indexes into `entries` by country and by scheme, for filtered picks. They depend only
     /// on the upstreams, so reindexed snapshots share them.
     meta: Arc<MetaIndex>,
@@ -301,13 +310,13 @@ impl Snapshot {
             by_id: Arc::new(by_id),
             ..Snapshot::default()
         };
-        snap.reindex();
+        snap.reindex(&shared.health, shared.millis(Instant::now()));
         snap
     }
 
     /// The same entries (and so the same live health), with the orders recomputed from the
-    /// live stats.
-    pub fn reindexed(&self) -> Snapshot {
+    /// live stats as of `now_ms` (the pool's clock).
+    pub fn reindexed(&self, cfg: &HealthConfig, now_ms: u64) -> Snapshot {
         let mut snap = Snapshot {
             members: Arc::clone(&self.members),
             shards: Arc::clone(&self.shards),
@@ -315,13 +324,15 @@ impl Snapshot {
             by_reputation: Vec::new(),
             reputation_sorted: Vec::new(),
             by_latency: Vec::new(),
+            due: Vec::new(),
+            due_claimed: Claimed::default(),
             meta: Arc::clone(&self.meta),
         };
-        snap.reindex();
+        snap.reindex(cfg, now_ms);
         snap
     }
 
-    fn reindex(&mut self) {
+    fn reindex(&mut self, cfg: &HealthConfig, now_ms: u64) {
         let entries = &self.members.entries;
         let n = u32::try_from(entries.len()).unwrap_or(u32::MAX);
         let reps: Vec<u8> = entries.iter().map(|e| e.health.reputation()).collect();
@@ -329,10 +340,18 @@ impl Snapshot {
         by_rep.sort_by_key(|i| std::cmp::Reverse(reps[*i as usize]));
         let lat: Vec<f64> = entries
             .iter()
-            .map(|e| crate::strategy::latency_key(e))
+            .map(|e| crate::strategy::latency_key(e, cfg))
             .collect();
         let mut by_lat: Vec<u32> = (0..n).collect();
         by_lat.sort_by(|a, b| lat[*a as usize].total_cmp(&lat[*b as usize]));
+        let remeasure_after = crate::strategy::millis(cfg.remeasure_after);
+        let hot = |pos: u32| self.members.hot(self.members.slot_of(pos as usize));
+        let mut due: Vec<u32> = (0..n)
+            .filter(|pos| crate::strategy::is_due(hot(*pos), now_ms, remeasure_after))
+            .collect();
+        due.sort_by_key(|pos| hot(*pos).lru_ms());
+        self.due = due;
+        self.due_claimed = Claimed::default();
         self.reputation_sorted = by_rep.iter().map(|i| reps[*i as usize]).collect();
         self.by_reputation = by_rep;
         self.by_latency = by_lat;
@@ -344,6 +363,16 @@ impl Snapshot {
 
     pub(crate) fn by_latency(&self) -> &[u32] {
         &self.by_latency
+    }
+
+    /// The next unclaimed position of the due list, if any is left; each is handed out once.
+    pub(crate) fn claim_due(&self) -> Option<u32> {
+        // A plain load first: once the list is used up, picks share the line read-only.
+        if self.due_claimed.0.load(Ordering::Relaxed) >= self.due.len() {
+            return None;
+        }
+        let i = self.due_claimed.0.fetch_add(1, Ordering::Relaxed);
+        self.due.get(i).copied()
     }
 
     /// The smallest precomputed candidate list for a route's country, scheme and minimum

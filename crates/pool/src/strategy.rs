@@ -13,10 +13,20 @@
 //! - `least_recently_used`: exact for pools of up to [`EXACT_MAX`] upstreams; beyond, the least
 //!   recently used of a sample of [`LRU_SAMPLE`] (an approximation that needs no lock or
 //!   global order; see `lru_sample`).
-//! - `best_reputation`, `fastest_response` (response time / success rate): exact scans for
-//!   small pools; beyond, a walk of the
-//!   snapshot's order by reputation / by response time, which the pool's reindexer refreshes
-//!   (every `pool.reindex_interval`) from live stats.
+//! - `best_reputation`, `fastest_response` (expected time to a working connection, see
+//!   [`latency_key`]): exact scans for small pools; beyond, a walk of the snapshot's order by
+//!   reputation / by that key, which the pool's reindexer refreshes (every
+//!   `pool.reindex_interval`) from live stats.
+//!
+//! The greedy two only ever measure the upstream they prefer, so an upstream that had one bad
+//! sample (a slow connect while the machine was loaded, one refused connection) would never
+//! get the request that shows it recovered, and a new one would never be tried. So one pick in
+//! [`REMEASURE_EVERY`] on each thread, a first attempt (never a retry), goes to an upstream
+//! *due* for re-measuring ([`is_due`]: unused for `pool.remeasure_after`, or never used) when
+//! there is one: in a small pool the longest idle one; in a large pool the next of the
+//! snapshot's due list (each handed out once per reindex, so the cost stays O(1)). That bounds
+//! what exploration costs at 1 pick in 16, and each stale upstream gets about one request per
+//! `remeasure_after`.
 //!
 //! When every probe misses, a bounded fallback scan from a random start finds any selectable
 //! upstream, so a sparse pool is never mistaken for an empty one. A route that filters on
@@ -29,17 +39,19 @@
 //! directly (one cache miss each, no position lookup first) and skip slots that are not this
 //! snapshot's members.
 
+use std::cell::Cell;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use proxygate_core::{Route, UpstreamId};
 use serde::Deserialize;
 
 use crate::hot::Hot;
 use crate::snapshot::{Candidates, Members};
-use crate::{Entry, Snapshot};
+use crate::{Entry, HealthConfig, Snapshot};
 
 /// Pools up to this size are picked from exactly, by a full scan.
 pub const EXACT_MAX: usize = 64;
@@ -47,6 +59,11 @@ pub const EXACT_MAX: usize = 64;
 pub const LRU_SAMPLE: usize = 8;
 /// Uniform probes before the fallback scan.
 const MAX_PROBES: usize = 256;
+/// One pick in this many, per thread, the greedy strategies offer to an upstream due for
+/// re-measuring.
+pub const REMEASURE_EVERY: u32 = 16;
+/// Due-list claims a re-measuring pick makes before it gives up on this one.
+const DUE_CLAIMS: usize = 2;
 
 /// A selection strategy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
@@ -133,6 +150,7 @@ pub(crate) struct PickCtx<'a> {
     route: &'a Route,
     now_ms: u64,
     cursor: &'a AtomicUsize,
+    cfg: &'a HealthConfig,
 }
 
 impl<'a> PickCtx<'a> {
@@ -141,12 +159,14 @@ impl<'a> PickCtx<'a> {
         route: &'a Route,
         now_ms: u64,
         cursor: &'a AtomicUsize,
+        cfg: &'a HealthConfig,
     ) -> Self {
         Self {
             exclude,
             route,
             now_ms,
             cursor,
+            cfg,
         }
     }
 }
@@ -293,6 +313,17 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
     if n == 0 {
         return None;
     }
+    let greedy = matches!(
+        strategy,
+        Strategy::BestReputation | Strategy::FastestResponse
+    );
+    if greedy
+        && ctx.exclude.is_empty()
+        && remeasure_turn()
+        && let Some(c) = remeasure(snap, &view, ctx)
+    {
+        return Some(c.slot);
+    }
     let found = match strategy {
         // A retry of the cyclic strategies is drawn by reputation rather than taken in turn:
         // neighbours in the cycle tend to fail together (same provider, same subnet; or all
@@ -331,7 +362,7 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
         Strategy::FastestResponse if n <= EXACT_MAX => view
             .iter()
             .filter(|c| view.ok(ctx, *c))
-            .filter_map(|c| Some((c, latency_key(view.entry(c)?))))
+            .filter_map(|c| Some((c, latency_key(view.entry(c)?, ctx.cfg))))
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(c, _)| c),
         Strategy::FastestResponse => walk(snap.by_latency(), &view, ctx),
@@ -339,13 +370,67 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
     found.or_else(|| fallback(&view, ctx)).map(|c| c.slot)
 }
 
-/// The fastest_response order: response time divided by success rate, the expected time to
-/// a successful connection, so a fast upstream that fails half the time does not outrank a
-/// slightly slower one that always works. Unmeasured upstreams sort last.
-pub(crate) fn latency_key(e: &Entry) -> f64 {
-    let rt = e.health.response_time_ms().unwrap_or(f64::INFINITY);
-    let success = e.health.success_rate().unwrap_or(1.0).max(0.05);
-    rt / success
+/// The fastest_response order: the expected time to a working connection, in ms. Attempts
+/// succeed with probability `s` (the success rate), so `(1 - s) / s` of them fail before one
+/// works, and each failure costs `pool.failure_cost` (a retry the client waits for, and one
+/// attempt of its budget); the one that works costs the response time:
+/// `rt + (1 - s) / s * failure_cost`. A fast upstream that fails half the time therefore
+/// ranks a whole failure cost behind one that always works, not merely twice its own response
+/// time. Unmeasured upstreams sort last (re-measuring gets them tried).
+pub(crate) fn latency_key(e: &Entry, cfg: &HealthConfig) -> f64 {
+    let Some(rt) = e.health.response_time_ms() else {
+        return f64::INFINITY;
+    };
+    let success = e.health.success_rate().unwrap_or(1.0).clamp(0.01, 1.0);
+    rt + (1.0 - success) / success * cfg.failure_cost.as_secs_f64() * 1000.0
+}
+
+/// `d` in whole milliseconds, saturating.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Whether an upstream is due for re-measuring at `now_ms`: never used, or neither used nor
+/// in backoff for `remeasure_after_ms` (an upstream just back from a backoff is re-measured by
+/// its probation, not here).
+pub(crate) fn is_due(hot: &Hot, now_ms: u64, remeasure_after_ms: u64) -> bool {
+    let idle_since = hot.lru_ms();
+    idle_since == 0 || now_ms.saturating_sub(idle_since) >= remeasure_after_ms
+}
+
+/// Whether this pick is this thread's turn to re-measure (one in [`REMEASURE_EVERY`]). A
+/// thread-local count: no line shared between threads.
+fn remeasure_turn() -> bool {
+    thread_local! {
+        static TURN: Cell<u32> = const { Cell::new(0) };
+    }
+    TURN.with(|t| {
+        let n = t.get().wrapping_add(1) % REMEASURE_EVERY;
+        t.set(n);
+        n == 0
+    })
+}
+
+/// An upstream due for re-measuring that this pick may take, if any: over a small view the
+/// longest idle due one; over a large one, the next of the snapshot's due list (every filter
+/// checked on the entry, and due-ness again, since it may have been used since the reindex).
+fn remeasure<'a>(snap: &'a Snapshot, view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
+    let after = millis(ctx.cfg.remeasure_after);
+    if view.len() <= EXACT_MAX {
+        return view
+            .iter()
+            .filter(|c| view.ok(ctx, *c) && is_due(c.hot, ctx.now_ms, after))
+            .min_by_key(|c| c.hot.lru_ms());
+    }
+    let whole = View {
+        over: Over::All(view.members.len()),
+        needs_entry: needs_entry(ctx, None),
+        ..*view
+    };
+    (0..DUE_CLAIMS)
+        .map_while(|_| snap.claim_due())
+        .map(|pos| whole.at(pos as usize))
+        .find(|c| whole.ok(ctx, *c) && is_due(c.hot, ctx.now_ms, after))
 }
 
 /// The least recently used of [`LRU_SAMPLE`] selectable upstreams (up to [`MAX_PROBES`]

@@ -77,6 +77,15 @@ pub(crate) struct PoolConfig {
     pub(crate) backoff_max: Duration,
     /// Weight of the newest sample in the success and response-time moving averages.
     pub(crate) ema_alpha: f64,
+    /// What one failed attempt costs in fastest_response's expected time to a working
+    /// connection (`rt + (1 - success) / success * failure_cost`); 0 ranks by response time
+    /// alone.
+    #[serde(with = "humantime_serde")]
+    pub(crate) failure_cost: Duration,
+    /// best_reputation and fastest_response re-measure an upstream unused for this long (one
+    /// pick in 16 at most), so one bad sample does not exile it for good.
+    #[serde(with = "humantime_serde")]
+    pub(crate) remeasure_after: Duration,
     /// How often the orders used by best_reputation and fastest_response are refreshed.
     #[serde(with = "humantime_serde")]
     pub(crate) reindex_interval: Duration,
@@ -99,6 +108,8 @@ impl Default for PoolConfig {
             backoff_base: h.backoff_base,
             backoff_max: h.backoff_max,
             ema_alpha: h.ema_alpha,
+            failure_cost: h.failure_cost,
+            remeasure_after: h.remeasure_after,
             reindex_interval: DEFAULT_REINDEX_INTERVAL,
             session_ttl: DEFAULT_SESSION_TTL,
             reputation: ReputationConfig::default(),
@@ -115,6 +126,8 @@ impl PoolConfig {
             backoff_base: self.backoff_base,
             backoff_max: self.backoff_max,
             ema_alpha: self.ema_alpha,
+            failure_cost: self.failure_cost,
+            remeasure_after: self.remeasure_after,
         }
     }
 }
@@ -274,6 +287,12 @@ impl RootConfig {
         }
         if pool.session_ttl.is_zero() {
             problems.push(Problem::new("pool.session_ttl", "must be longer than 0"));
+        }
+        if pool.remeasure_after.is_zero() {
+            problems.push(Problem::new(
+                "pool.remeasure_after",
+                "must be longer than 0",
+            ));
         }
         if pool.reindex_interval.is_zero() {
             problems.push(Problem::new(
@@ -528,6 +547,31 @@ mod tests {
             ["server.listen", "pool.backoff_max", "upstreams.urls[1]"]
         );
         assert!(problems.iter().all(|p| !p.reason.contains("secret")));
+    }
+
+    #[test]
+    fn selection_costs_parse_and_are_checked() {
+        let (c, p) =
+            RootConfig::parse("[pool]\nfailure_cost = \"250ms\"\nremeasure_after = \"5m\"\n");
+        assert!(p.is_empty(), "{p:?}");
+        let h = c.pool.health();
+        assert_eq!(h.failure_cost, std::time::Duration::from_millis(250));
+        assert_eq!(h.remeasure_after, std::time::Duration::from_secs(300));
+        let (c, p) = RootConfig::parse("[pool]\nfailure_cost = \"0s\"\nremeasure_after = \"0s\"\n");
+        assert!(p.is_empty(), "{p:?}");
+        let keys: Vec<_> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            ["pool.remeasure_after"],
+            "a zero failure cost is allowed"
+        );
+        let (_, p) = RootConfig::parse("[pool]\nfailure_cost = \"soon\"\n");
+        assert_eq!(p[0].key, "pool.failure_cost", "{p:?}");
     }
 
     #[test]
