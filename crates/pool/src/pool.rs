@@ -6,7 +6,7 @@
 //! mode", as Envoy calls it): a pool that looks all-dead is still tried rather than failing
 //! outright, and the fallback is counted. It returns a [`Lease`] that must report the attempt.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use proxygate_core::{Outcome, Route, Upstream, UpstreamId};
 
 use crate::sessions::Sessions;
-use crate::snapshot::{Shard, Shared};
+use crate::snapshot::{Counter, SHARDS, Shard, Shared};
 use crate::strategy::{PickCtx, pick};
 use crate::{Entry, HealthConfig, Snapshot, Strategy};
 
@@ -26,7 +26,9 @@ pub const DEFAULT_SESSION_TTL_MS: u64 = 600_000;
 pub struct Pool {
     snapshot: ArcSwap<Snapshot>,
     strategy: AtomicU8,
-    cursor: AtomicUsize,
+    /// Round-robin cursors, one per lease shard (so per thread, mostly): threads do not
+    /// contend on one counter, nor lease neighbouring upstreams at the same moment.
+    cursors: Box<[Counter]>,
     panic_selections: AtomicU64,
     sessions: Sessions,
     session_ttl_ms: AtomicU64,
@@ -71,7 +73,7 @@ impl Pool {
         let pool = Arc::new(Pool {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             strategy: AtomicU8::new(strategy.code()),
-            cursor: AtomicUsize::new(0),
+            cursors: (0..SHARDS).map(|_| Counter::default()).collect(),
             panic_selections: AtomicU64::new(0),
             sessions: Sessions::default(),
             session_ttl_ms: AtomicU64::new(DEFAULT_SESSION_TTL_MS),
@@ -183,7 +185,7 @@ impl PoolReader {
         let pool = &self.0;
         let snap = pool.snapshot.load();
         let now_ms = pool.millis(now);
-        let ctx = PickCtx::new(exclude, route, now_ms, &pool.cursor, &pool.shared.health);
+        let ctx = PickCtx::new(exclude, route, now_ms, &pool.cursors, &pool.shared.health);
         let strategy = strategy.unwrap_or_else(|| self.strategy());
         let (slot, panic_mode) = match pick(strategy, &snap, &ctx) {
             Some(s) => (s, false),
@@ -849,6 +851,23 @@ mod tests {
                 assert!(!ids.contains(&added.id()));
             }
         }
+    }
+
+    #[test]
+    fn round_robin_is_even_across_threads() {
+        let (r, _w) = pool_of(10);
+        let c: HashMap<UpstreamId, usize> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4).map(|_| s.spawn(|| counts(&r, 1000))).collect();
+            let mut total = HashMap::new();
+            for t in threads {
+                for (id, k) in t.join().unwrap() {
+                    *total.entry(id).or_default() += k;
+                }
+            }
+            total
+        });
+        assert_eq!(c.len(), 10);
+        assert!(c.values().all(|k| *k == 400), "{c:?}");
     }
 
     #[test]

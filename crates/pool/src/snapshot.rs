@@ -150,8 +150,8 @@ pub(crate) struct Shard {
     pub(crate) members: Arc<Members>,
 }
 
-/// The shard this thread leases through.
-fn shard_index() -> usize {
+/// The shard this thread leases (and keeps its round-robin cursor) through.
+pub(crate) fn shard_index() -> usize {
     use std::cell::Cell;
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
@@ -165,10 +165,11 @@ fn shard_index() -> usize {
     })
 }
 
-/// A counter on a cache line of its own: claims write it, every pick reads its neighbours.
+/// A counter on a cache line of its own (two, for the adjacent-line prefetcher): whoever
+/// writes it does not slow down readers of its neighbours.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Claimed(AtomicUsize);
+pub(crate) struct Counter(pub(crate) AtomicUsize);
 
 /// An immutable view of the pool.
 #[derive(Debug, Default)]
@@ -187,7 +188,7 @@ pub struct Snapshot {
     /// ([`crate::strategy::is_due`]), the longest idle first, and how far the greedy
     /// strategies' re-measuring picks have claimed them: each is offered once per reindex.
     due: Vec<u32>,
-    due_claimed: Claimed,
+    due_claimed: Counter,
     /// Indexes into `entries` by country and by scheme, for filtered picks. They depend only
     /// on the upstreams, so reindexed snapshots share them.
     meta: Arc<MetaIndex>,
@@ -325,7 +326,7 @@ impl Snapshot {
             reputation_sorted: Vec::new(),
             by_latency: Vec::new(),
             due: Vec::new(),
-            due_claimed: Claimed::default(),
+            due_claimed: Counter::default(),
             meta: Arc::clone(&self.meta),
         };
         snap.reindex(cfg, now_ms);
@@ -351,7 +352,7 @@ impl Snapshot {
             .collect();
         due.sort_by_key(|pos| hot(*pos).lru_ms());
         self.due = due;
-        self.due_claimed = Claimed::default();
+        self.due_claimed = Counter::default();
         self.reputation_sorted = by_rep.iter().map(|i| reps[*i as usize]).collect();
         self.by_reputation = by_rep;
         self.by_latency = by_lat;

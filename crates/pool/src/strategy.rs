@@ -3,7 +3,9 @@
 //! probation with a request in flight) and upstreams already tried for this request.
 //!
 //! Cost per pick stays flat as the pool grows:
-//! - `round_robin`: one atomic increment, then a forward scan past unavailable upstreams; a
+//! - `round_robin`: one increment of this thread's cursor (one per lease shard, its cycle
+//!   offset by the shard's share of the list: threads neither contend on one counter nor lease
+//!   neighbours at once), then a forward scan past unavailable upstreams; a
 //!   retry (some upstreams already tried) is drawn by reputation instead, so it does not walk
 //!   into the failed upstream's neighbours (`least_recently_used` retries the same way).
 //! - `random`: uniform probes.
@@ -43,14 +45,14 @@ use std::cell::Cell;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use proxygate_core::{Route, UpstreamId};
 use serde::Deserialize;
 
 use crate::hot::Hot;
-use crate::snapshot::{Candidates, Members};
+use crate::snapshot::{Candidates, Counter, Members, SHARDS, shard_index};
 use crate::{Entry, HealthConfig, Snapshot};
 
 /// Pools up to this size are picked from exactly, by a full scan.
@@ -149,7 +151,7 @@ pub(crate) struct PickCtx<'a> {
     exclude: &'a [UpstreamId],
     route: &'a Route,
     now_ms: u64,
-    cursor: &'a AtomicUsize,
+    cursors: &'a [Counter],
     cfg: &'a HealthConfig,
 }
 
@@ -158,14 +160,14 @@ impl<'a> PickCtx<'a> {
         exclude: &'a [UpstreamId],
         route: &'a Route,
         now_ms: u64,
-        cursor: &'a AtomicUsize,
+        cursors: &'a [Counter],
         cfg: &'a HealthConfig,
     ) -> Self {
         Self {
             exclude,
             route,
             now_ms,
-            cursor,
+            cursors,
             cfg,
         }
     }
@@ -341,7 +343,14 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
                 _ => view,
             };
             let n = view.len();
-            let start = ctx.cursor.fetch_add(1, Ordering::Relaxed);
+            // This thread's cursor, its cycle offset by its shard's share of the list, so
+            // threads start far apart.
+            let shard = shard_index();
+            let start = ctx
+                .cursors
+                .get(shard)
+                .map_or(0, |c| c.0.fetch_add(1, Ordering::Relaxed))
+                + shard * n / SHARDS;
             return (0..n)
                 .map(|i| view.get(start.wrapping_add(i) % n))
                 .find(|c| view.ok(ctx, *c))
