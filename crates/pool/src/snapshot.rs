@@ -133,8 +133,15 @@ impl Members {
         self.position_of(slot).map(|pos| &self.entries[pos])
     }
 
-    /// Whether the upstream in slot `slot` is one of these members.
+    /// Whether the upstream in slot `slot` is one of these members. When the members fill
+    /// the whole slot space (a pool without churn: no free slots, no upstream that only an
+    /// older snapshot holds), every slot in it is one, and the slot-to-position table (another
+    /// cache miss per probe of a large pool) is not read.
+    #[inline]
     pub(crate) fn is_member(&self, slot: u32) -> bool {
+        if self.entries.len() == self.space as usize {
+            return slot < self.space;
+        }
         self.position_of(slot).is_some()
     }
 }
@@ -460,6 +467,27 @@ mod tests {
         let second = Snapshot::build([up("socks5://b:2"), up("http://a:1")], &first, &shared);
         assert!(Arc::ptr_eq(&a, second.get(a.id).unwrap()));
         assert_eq!(second.entries()[0].upstream, up("socks5://b:2"));
+    }
+
+    #[test]
+    fn membership_with_and_without_churn() {
+        let shared = shared();
+        let urls: Vec<_> = (0..6).map(|i| up(&format!("http://h{i}:1"))).collect();
+        let first = Snapshot::build(urls.clone(), &Snapshot::default(), &shared);
+        let m = first.members();
+        // Dense: every slot of the space is a member, none beyond.
+        assert_eq!(m.space() as usize, m.len());
+        assert!((0..m.space()).all(|s| m.is_member(s)));
+        assert!(!m.is_member(m.space()));
+        let gone = first.get(urls[5].id()).unwrap().health.slot();
+        // Without the last upstream (which `first` still holds): its slot is in the space but
+        // not a member.
+        let second = Snapshot::build(urls[..5].to_vec(), &first, &shared);
+        let m = second.members();
+        assert_eq!(m.len(), 5);
+        assert!(m.space() > 5);
+        assert!(!m.is_member(gone));
+        assert_eq!((0..m.space()).filter(|s| m.is_member(*s)).count(), 5);
     }
 
     #[test]
