@@ -462,10 +462,13 @@ fn lru_sample<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     if let Over::Table(_) = view.over {
         for _ in 0..MAX_PROBES / LRU_SAMPLE {
             let start = fastrand::usize(0..n);
-            let sample: [Cand<'a>; LRU_SAMPLE] = std::array::from_fn(|i| {
-                let i = start + i;
-                view.get(if i >= n { i - n } else { i })
-            });
+            // A plain loop, not `array::from_fn`: that closure is not always inlined, and
+            // eight calls cost LRU a quarter of its time in small pools.
+            let mut sample = [view.get(start); LRU_SAMPLE];
+            for (k, c) in sample.iter_mut().enumerate().skip(1) {
+                let i = start + k;
+                *c = view.get(if i >= n { i - n } else { i });
+            }
             // Every load first, then the decisions.
             let keys = sample.map(|c| c.hot.lru_ms());
             for (c, key) in sample.into_iter().zip(keys) {
