@@ -104,3 +104,29 @@ async fn all_dead_is_a_typed_error_within_the_deadline() {
     assert!(ps.starts_with("proxygate; error="), "{ps}");
     assert!(ps.contains("2 upstreams failed"), "{ps}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_mode_still_tries_the_least_bad_and_says_so() {
+    let refusing = refusing_addr().await;
+    let gw = Gateway::builder()
+        .config(
+            "[pool]\nmax_consecutive_failures = 1\nbackoff_base = \"60s\"\nbackoff_max = \"60s\"",
+        )
+        .upstream(format!("http://{refusing}"))
+        .start()
+        .await;
+    let first = curl(&["-p", "-x", &gw.http_proxy(), "http://127.0.0.1:9/"]).await;
+    assert_eq!(first.status, 502, "{first:?}");
+    assert!(!gw.logs().contains("panic mode"), "{}", gw.logs());
+    // The only upstream is now in backoff: it is still tried (502 from the attempt, not a
+    // 503 "no upstream"), and the log says why.
+    let second = curl(&["-p", "-x", &gw.http_proxy(), "http://127.0.0.1:9/"]).await;
+    assert_eq!(second.status, 502, "{second:?}");
+    let logs = gw.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("panic mode"))
+        .unwrap_or_else(|| panic!("no panic-mode line:\n{logs}"));
+    assert!(line.contains("panic_selections=1"), "{line}");
+    assert!(line.contains(&refusing.to_string()), "{line}");
+}

@@ -500,6 +500,13 @@ impl Dialer {
             ) else {
                 break;
             };
+            if lease.is_panic_mode() {
+                tracing::info!(
+                    upstream = %lease.upstream(),
+                    panic_selections = self.pool.panic_selections(),
+                    "no selectable upstream left: trying the least bad one (panic mode)"
+                );
+            }
             // Held for the whole dial and tunnel: keep the upstream, not the pool's snapshot.
             lease.detach();
             budget.tried.push(lease.id());
