@@ -131,7 +131,7 @@ impl PoolReader {
 
     /// [`PoolReader::select`] at a given time.
     pub fn select_at(&self, exclude: &[UpstreamId], now: Instant) -> Option<Lease> {
-        self.select_with(&Route::default(), None, exclude, now)
+        self.select_with(&Route::default(), None, exclude, now, true)
     }
 
     /// Picks an upstream that satisfies the route's filters (country, type, minimum
@@ -148,7 +148,7 @@ impl PoolReader {
     ) -> Option<Lease> {
         let now = Instant::now();
         let Some(key) = session_key else {
-            return self.select_with(route, strategy, exclude, now);
+            return self.select_with(route, strategy, exclude, now, true);
         };
         let pool = &self.0;
         let now_ms = pool.millis(now);
@@ -160,7 +160,8 @@ impl PoolReader {
                 return Some(Lease::take(&snap, slot, now_ms, false));
             }
         }
-        let lease = self.select_with(route, strategy, exclude, now)?;
+        // A pin serves the session for its whole TTL: never an exploratory pick.
+        let lease = self.select_with(route, strategy, exclude, now, false)?;
         let ttl = route.ttl.map_or_else(
             || pool.session_ttl_ms.load(Ordering::Relaxed),
             |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX),
@@ -181,11 +182,20 @@ impl PoolReader {
         strategy: Option<Strategy>,
         exclude: &[UpstreamId],
         now: Instant,
+        may_remeasure: bool,
     ) -> Option<Lease> {
         let pool = &self.0;
         let snap = pool.snapshot.load();
         let now_ms = pool.millis(now);
-        let ctx = PickCtx::new(exclude, route, now_ms, &pool.cursors, &pool.shared.health);
+        let ctx = PickCtx {
+            exclude,
+            route,
+            now_ms,
+            cursors: &pool.cursors,
+            cfg: &pool.shared.health,
+            // Only a first attempt that serves one request goes exploring: never a retry.
+            may_remeasure: may_remeasure && exclude.is_empty(),
+        };
         let strategy = strategy.unwrap_or_else(|| self.strategy());
         let (slot, panic_mode) = match pick(strategy, &snap, &ctx) {
             Some(s) => (s, false),
@@ -834,6 +844,25 @@ mod tests {
                 w.reindex_at(t2);
                 let c = picks(t2, &[ids[1]], 320);
                 assert_eq!(c.get(&top), Some(&320), "{strategy} pool {n}: {c:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn sticky_sessions_are_never_pinned_to_explore() {
+        for strategy in [Strategy::BestReputation, Strategy::FastestResponse] {
+            for n in [3, 300] {
+                let (r, w, ids) = default_pool(n, strategy);
+                for _ in 0..20 {
+                    succeed(&r, ids[0], 10);
+                }
+                // Never used, so due for re-measuring.
+                w.replace((0..=n).map(up));
+                let route = Route::default();
+                for i in 0..REMEASURE_EVERY as usize * 4 {
+                    let lease = r.select_route(&route, Some(&format!("s{i}")), None, &[]);
+                    assert_eq!(lease.unwrap().id(), ids[0], "{strategy} pool {n}, pin {i}");
+                }
             }
         }
     }

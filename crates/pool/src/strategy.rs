@@ -23,7 +23,8 @@
 //! The greedy two only ever measure the upstream they prefer, so an upstream that had one bad
 //! sample (a slow connect while the machine was loaded, one refused connection) would never
 //! get the request that shows it recovered, and a new one would never be tried. So one pick in
-//! [`REMEASURE_EVERY`] on each thread, a first attempt (never a retry), goes to an upstream
+//! [`REMEASURE_EVERY`] on each thread, a first attempt (never a retry, never the pick that pins
+//! a sticky session for its whole TTL), goes to an upstream
 //! *due* for re-measuring ([`is_due`]: unused for `pool.remeasure_after`, or never used) when
 //! there is one: in a small pool the longest idle one; in a large pool the next of the
 //! snapshot's due list (each handed out once per reindex, so the cost stays O(1)). That bounds
@@ -148,29 +149,15 @@ impl fmt::Display for Strategy {
 
 /// What a pick needs besides the snapshot.
 pub(crate) struct PickCtx<'a> {
-    exclude: &'a [UpstreamId],
-    route: &'a Route,
-    now_ms: u64,
-    cursors: &'a [Counter],
-    cfg: &'a HealthConfig,
-}
-
-impl<'a> PickCtx<'a> {
-    pub(crate) fn new(
-        exclude: &'a [UpstreamId],
-        route: &'a Route,
-        now_ms: u64,
-        cursors: &'a [Counter],
-        cfg: &'a HealthConfig,
-    ) -> Self {
-        Self {
-            exclude,
-            route,
-            now_ms,
-            cursors,
-            cfg,
-        }
-    }
+    pub(crate) exclude: &'a [UpstreamId],
+    pub(crate) route: &'a Route,
+    pub(crate) now_ms: u64,
+    /// Round-robin cursors, one per lease shard.
+    pub(crate) cursors: &'a [Counter],
+    pub(crate) cfg: &'a HealthConfig,
+    /// Whether a greedy strategy may spend this pick re-measuring: a first attempt for one
+    /// request (not a retry, not a sticky session's pin).
+    pub(crate) may_remeasure: bool,
 }
 
 /// A candidate: a slot of the hot table, with the slot at hand, and its position in the
@@ -320,7 +307,7 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
         Strategy::BestReputation | Strategy::FastestResponse
     );
     if greedy
-        && ctx.exclude.is_empty()
+        && ctx.may_remeasure
         && remeasure_turn()
         && let Some(c) = remeasure(snap, &view, ctx)
     {
