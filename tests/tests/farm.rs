@@ -164,16 +164,17 @@ async fn a_third_dead_still_near_perfect() {
         );
         eprint!("{line}");
         report.push_str(&line);
-        // The 99.5 % target is the default strategy's. The others measure 99 %+ here (cyclic
+        // The 99.5 % target is the default strategy's; the greedy strategies are held to it
+        // too (they measure 100 % with no attempt on a dead upstream, even with both cores
+        // busy; fastest_response once ranked by rt / success and fell to 88-94 % here when
+        // the 0 ms upstream had one slow warm-up sample). The others measure 99 %+ (cyclic
         // strategies retry by reputation, LRU does not favour upstreams just back from
-        // backoff, fastest_response charges each failure a retry so the flaky upstreams rank
-        // behind every good one) and are held to 95 %, enough to catch a broken strategy
-        // without flaking on a loaded machine. (fastest_response once ranked by rt / success:
-        // 88-94 % here when the 0 ms upstream had one slow warm-up sample.)
-        let floor = if strategy == "weighted_random" {
-            99.5
-        } else {
-            95.0
+        // backoff) and are held to 95 %, enough to catch a broken strategy without flaking on
+        // a loaded machine: the "every other connection" upstreams stay healthy under the
+        // documented formula, and the random-ish strategies keep drawing them.
+        let floor = match strategy {
+            "weighted_random" | "best_reputation" | "fastest_response" => 99.5,
+            _ => 95.0,
         };
         assert!(rate >= floor, "{strategy} under {floor} %:\n{report}");
     }
