@@ -327,7 +327,7 @@ impl Health {
                 .saturating_sub(cfg.max_consecutive_failures)
                 + 1;
             let wait = full_jitter(backoff_ceiling(past, cfg), jitter);
-            let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+            let wait_ms = crate::millis(wait).max(1);
             let until = now_ms.saturating_add(wait_ms);
             hot.set_backoff_until_ms(until);
             hot.set_probation(true);

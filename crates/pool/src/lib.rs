@@ -23,6 +23,12 @@ pub mod snapshot;
 pub mod strategy;
 
 pub use health::{Health, HealthConfig, Saved};
+
+/// `d` in whole milliseconds, saturating: the pool's clock and its policy times are
+/// milliseconds.
+pub(crate) fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 pub use pool::{Lease, Pool, PoolReader, PoolWriter};
 pub use reputation::ReputationConfig;
 pub use snapshot::{Entry, Snapshot};

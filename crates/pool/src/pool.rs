@@ -164,7 +164,7 @@ impl PoolReader {
         let lease = self.select_with(route, strategy, exclude, now, false)?;
         let ttl = route.ttl.map_or_else(
             || pool.session_ttl_ms.load(Ordering::Relaxed),
-            |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX),
+            crate::millis,
         );
         pool.sessions
             .pin(key, lease.id(), now_ms.saturating_add(ttl), now_ms);
@@ -284,8 +284,9 @@ impl PoolWriter {
 
     /// How long a sticky session keeps its upstream unless the client's `ttl` hint says.
     pub fn set_session_ttl(&self, ttl: Duration) {
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        self.0.session_ttl_ms.store(ms, Ordering::Relaxed);
+        self.0
+            .session_ttl_ms
+            .store(crate::millis(ttl), Ordering::Relaxed);
     }
 
     /// Switches the strategy; selections already made are unaffected.

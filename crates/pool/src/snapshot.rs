@@ -78,7 +78,7 @@ impl Shared {
 
     /// Milliseconds since the pool's epoch.
     pub(crate) fn millis(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+        crate::millis(now.saturating_duration_since(self.epoch))
     }
 }
 
@@ -352,7 +352,7 @@ impl Snapshot {
             .collect();
         let mut by_lat: Vec<u32> = (0..n).collect();
         by_lat.sort_by(|a, b| lat[*a as usize].total_cmp(&lat[*b as usize]));
-        let remeasure_after = crate::strategy::millis(cfg.remeasure_after);
+        let remeasure_after = crate::millis(cfg.remeasure_after);
         let hot = |pos: u32| self.members.hot(self.members.slot_of(pos as usize));
         let mut due: Vec<u32> = (0..n)
             .filter(|pos| crate::strategy::is_due(hot(*pos), now_ms, remeasure_after))

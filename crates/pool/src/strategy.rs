@@ -47,7 +47,6 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use proxygate_core::{Route, UpstreamId};
 use serde::Deserialize;
@@ -227,6 +226,17 @@ impl<'a> View<'a> {
         }
     }
 
+    /// The same filters over every entry of the snapshot by position: for picks from the
+    /// snapshot's own lists (its orders, its due list), which the view's candidate list does
+    /// not restrict, so every route filter is checked on the entry.
+    fn whole(&self, ctx: &PickCtx<'_>) -> View<'a> {
+        View {
+            over: Over::All(self.members.len()),
+            needs_entry: needs_entry(ctx, None),
+            ..*self
+        }
+    }
+
     fn len(&self) -> usize {
         match self.over {
             Over::All(n) => n,
@@ -381,11 +391,6 @@ pub(crate) fn latency_key(e: &Entry, cfg: &HealthConfig) -> f64 {
     rt + (1.0 - success) / success * cfg.failure_cost.as_secs_f64() * 1000.0
 }
 
-/// `d` in whole milliseconds, saturating.
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 /// Whether an upstream is due for re-measuring at `now_ms`: never used, or neither used nor
 /// in backoff for `remeasure_after_ms` (an upstream just back from a backoff is re-measured by
 /// its probation, not here).
@@ -411,18 +416,14 @@ fn remeasure_turn() -> bool {
 /// longest idle due one; over a large one, the next of the snapshot's due list (every filter
 /// checked on the entry, and due-ness again, since it may have been used since the reindex).
 fn remeasure<'a>(snap: &'a Snapshot, view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
-    let after = millis(ctx.cfg.remeasure_after);
+    let after = crate::millis(ctx.cfg.remeasure_after);
     if view.len() <= EXACT_MAX {
         return view
             .iter()
             .filter(|c| view.ok(ctx, *c) && is_due(c.hot, ctx.now_ms, after))
             .min_by_key(|c| c.hot.lru_ms());
     }
-    let whole = View {
-        over: Over::All(view.members.len()),
-        needs_entry: needs_entry(ctx, None),
-        ..*view
-    };
+    let whole = view.whole(ctx);
     (0..DUE_CLAIMS)
         .map_while(|_| snap.claim_due())
         .map(|pos| whole.at(pos as usize))
@@ -518,11 +519,7 @@ fn weighted_exact<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
 /// The first selectable entry in a precomputed order of the whole snapshot, which the view's
 /// candidate list does not restrict: every filter is checked on the entry.
 fn walk<'a>(order: &[u32], view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
-    let whole = View {
-        over: Over::All(view.members.len()),
-        needs_entry: needs_entry(ctx, None),
-        ..*view
-    };
+    let whole = view.whole(ctx);
     order
         .iter()
         .map(|pos| whole.at(*pos as usize))
