@@ -397,15 +397,14 @@ mod tests {
         }
     }
 
+    /// Address number `i`: `10.x.y.z`.
+    fn ip(i: usize) -> String {
+        format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255)
+    }
+
     /// Upstream number `i`: `http://10.x.y.z:8080`.
     fn up(i: usize) -> Upstream {
-        Upstream::parse(&format!(
-            "http://10.{}.{}.{}:8080",
-            i >> 16,
-            (i >> 8) & 255,
-            i & 255
-        ))
-        .unwrap()
+        Upstream::parse(&format!("http://{}:8080", ip(i))).unwrap()
     }
 
     fn pool_with(n: usize, strategy: Strategy) -> (PoolReader, PoolWriter) {
@@ -741,10 +740,28 @@ mod tests {
     /// A pool of `n` upstreams under `strategy` with the default health policy (failures
     /// deactivate only after 3 in a row), in the three response-time tiers of [`tiers`].
     fn default_pool(n: usize, strategy: Strategy) -> (PoolReader, PoolWriter, Vec<UpstreamId>) {
-        let (r, w) = Pool::create(strategy, HealthConfig::default());
+        tiered_pool(n, strategy, HealthConfig::default())
+    }
+
+    fn tiered_pool(
+        n: usize,
+        strategy: Strategy,
+        health: HealthConfig,
+    ) -> (PoolReader, PoolWriter, Vec<UpstreamId>) {
+        let (r, w) = Pool::create(strategy, health);
         w.replace((0..n).map(up));
         let ids = tiers(&r).into_iter().map(|(id, _)| id).collect();
         (r, w, ids)
+    }
+
+    /// Makes `id` a 5 ms upstream that fails every other attempt (success rate ~0.5).
+    fn fail_every_other(r: &PoolReader, id: UpstreamId) {
+        for _ in 0..30 {
+            r.lease(id)
+                .unwrap()
+                .report(&Outcome::failed(ErrorKind::UpstreamConnectRefused));
+            succeed(r, id, 5);
+        }
     }
 
     #[test]
@@ -754,12 +771,7 @@ mod tests {
             // A 5 ms upstream that fails every other attempt: twice 5 ms is still far under
             // the 100 ms tier, but each failure costs the client a retry (pool.failure_cost).
             let flaky = ids[1];
-            for _ in 0..30 {
-                r.lease(flaky)
-                    .unwrap()
-                    .report(&Outcome::failed(ErrorKind::UpstreamConnectRefused));
-                succeed(&r, flaky, 5);
-            }
+            fail_every_other(&r, flaky);
             let h = |id| {
                 let snap = r.snapshot();
                 let h = &snap.get(id).unwrap().health;
@@ -780,21 +792,12 @@ mod tests {
                 );
             }
             // Ranked by response time alone, the flaky one wins.
-            let (r, w) = Pool::create(
-                Strategy::FastestResponse,
-                HealthConfig {
-                    failure_cost: Duration::ZERO,
-                    ..HealthConfig::default()
-                },
-            );
-            w.replace((0..n).map(up));
-            let ids: Vec<_> = tiers(&r).into_iter().map(|(id, _)| id).collect();
-            for _ in 0..30 {
-                r.lease(ids[1])
-                    .unwrap()
-                    .report(&Outcome::failed(ErrorKind::UpstreamConnectRefused));
-                succeed(&r, ids[1], 5);
-            }
+            let no_cost = HealthConfig {
+                failure_cost: Duration::ZERO,
+                ..HealthConfig::default()
+            };
+            let (r, w, ids) = tiered_pool(n, Strategy::FastestResponse, no_cost);
+            fail_every_other(&r, ids[1]);
             w.reindex();
             assert_eq!(
                 r.select(&[]).unwrap().id(),
@@ -1054,13 +1057,7 @@ mod tests {
                 1 => ("http", "fr"),
                 _ => ("http", "us"),
             };
-            Upstream::parse(&format!(
-                "{scheme}://10.{}.{}.{}:1?country={cc}",
-                i >> 16,
-                (i >> 8) & 255,
-                i & 255
-            ))
-            .unwrap()
+            Upstream::parse(&format!("{scheme}://{}:1?country={cc}", ip(i))).unwrap()
         }));
         w.reindex();
         (r, w)

@@ -460,6 +460,15 @@ pub(crate) fn parse_upstreams(text: &str) -> Result<Vec<Upstream>, Vec<(usize, S
 mod tests {
     use super::*;
 
+    /// The keys `validate` names, which must refuse `c`.
+    fn invalid_keys(c: &RootConfig) -> Vec<String> {
+        c.validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect()
+    }
+
     #[test]
     fn embedded_default_file_matches_compiled_defaults() {
         let text = include_str!("../../../config/default.toml");
@@ -559,14 +568,8 @@ mod tests {
         assert_eq!(h.remeasure_after, std::time::Duration::from_secs(300));
         let (c, p) = RootConfig::parse("[pool]\nfailure_cost = \"0s\"\nremeasure_after = \"0s\"\n");
         assert!(p.is_empty(), "{p:?}");
-        let keys: Vec<_> = c
-            .validate()
-            .unwrap_err()
-            .into_iter()
-            .map(|p| p.key)
-            .collect();
         assert_eq!(
-            keys,
+            invalid_keys(&c),
             ["pool.remeasure_after"],
             "a zero failure cost is allowed"
         );
@@ -580,13 +583,7 @@ mod tests {
         assert!(p[0].key == "store.stats_flush_intervl", "{p:?}");
         let (c, p) = RootConfig::parse("[store]\nstats_flush_interval = \"0s\"\n");
         assert!(p.is_empty());
-        let keys: Vec<_> = c
-            .validate()
-            .unwrap_err()
-            .into_iter()
-            .map(|p| p.key)
-            .collect();
-        assert_eq!(keys, ["store.stats_flush_interval"]);
+        assert_eq!(invalid_keys(&c), ["store.stats_flush_interval"]);
     }
 
     #[test]
