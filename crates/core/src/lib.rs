@@ -11,7 +11,10 @@
 //! - [`outcome`]: [`Outcome`], the measurement of one attempt through one upstream.
 //! - [`route`]: [`Route`], the routing hints a client's username carries.
 //! - [`shutdown`]: [`Shutdown`], the one signal every task selects on.
+//! - [`config`]: [`Problem`] and [`ConfigErrors`], and [`config::section`], which every crate's
+//!   config section is read with.
 
+pub mod config;
 pub mod error;
 pub mod outcome;
 pub mod route;
@@ -20,6 +23,7 @@ pub mod shutdown;
 pub mod target;
 pub mod upstream;
 
+pub use config::{ConfigErrors, Problem};
 pub use error::{ErrorKind, Side};
 pub use outcome::Outcome;
 pub use route::{Route, RouteError};

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
+pub use proxygate_core::Problem;
 use serde::Deserialize;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -115,22 +116,6 @@ impl Default for DialConfig {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             retry_deadline: DEFAULT_RETRY_DEADLINE,
             tls_ca_file: None,
-        }
-    }
-}
-
-/// One configuration problem: the key's path and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub key: String,
-    pub reason: String,
-}
-
-impl Problem {
-    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            reason: reason.into(),
         }
     }
 }

@@ -111,6 +111,55 @@ impl Default for Health {
     }
 }
 
+/// Where an upstream stands, as operators see it (`pool list`, the health API, the
+/// `proxygate_pool_upstreams{state}` gauge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Selectable and healthy.
+    Healthy,
+    /// New, or back from a backoff: one request in flight until one succeeds.
+    Probation,
+    /// Deactivated until its backoff ends.
+    Backoff,
+    /// Below the health thresholds but not (or no longer) in backoff.
+    Unhealthy,
+    /// Kept but never served (an operator's or the janitor's decision).
+    Disabled,
+}
+
+impl State {
+    pub const ALL: [State; 5] = [
+        State::Healthy,
+        State::Probation,
+        State::Backoff,
+        State::Unhealthy,
+        State::Disabled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Healthy => "healthy",
+            State::Probation => "probation",
+            State::Backoff => "backoff",
+            State::Unhealthy => "unhealthy",
+            State::Disabled => "disabled",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The one rule for "healthy": reputation at least `healthy_reputation` and consecutive
+/// failures under `max_consecutive_failures`. Live health and stored stats are both judged
+/// by it.
+pub fn is_healthy(reputation: u8, consecutive_failures: u32, cfg: &HealthConfig) -> bool {
+    reputation >= cfg.healthy_reputation && consecutive_failures < cfg.max_consecutive_failures
+}
+
 /// The backoff ceiling after `n` failures past the health limit (`n >= 1`).
 pub fn backoff_ceiling(n: u32, cfg: &HealthConfig) -> Duration {
     let exp = n.saturating_sub(1).min(30);
@@ -219,8 +268,21 @@ impl Health {
 
     /// Healthy: reputation at least the threshold, consecutive failures under the limit.
     pub fn is_healthy(&self, cfg: &HealthConfig) -> bool {
-        self.reputation() >= cfg.healthy_reputation
-            && self.consecutive_failures() < cfg.max_consecutive_failures
+        is_healthy(self.reputation(), self.consecutive_failures(), cfg)
+    }
+
+    /// Where this upstream stands at `now_ms` (never [`State::Disabled`]: disabled upstreams
+    /// are not in the pool).
+    pub fn state(&self, now_ms: u64, cfg: &HealthConfig) -> State {
+        if self.backoff_until_ms() > now_ms {
+            State::Backoff
+        } else if self.is_on_probation() {
+            State::Probation
+        } else if self.is_healthy(cfg) {
+            State::Healthy
+        } else {
+            State::Unhealthy
+        }
     }
 
     pub fn reputation(&self) -> u8 {

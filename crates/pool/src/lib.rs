@@ -1,5 +1,6 @@
 //! proxygate-pool: the upstream pool in memory. Pure: no network, no disk.
 //!
+//! - [`config`]: [`Config`], the `[pool]` section of the config file, and its checks.
 //! - [`snapshot`]: [`Snapshot`], an immutable list of [`Entry`]s (upstream + live [`Health`]),
 //!   published through an `ArcSwap` so the hot path only `load()`s it.
 //! - [`reputation`]: the 0-100 reputation formula, pure, every constant configurable.
@@ -14,6 +15,7 @@
 //!
 //! Time is an argument (`now: Instant`) everywhere policy is decided, so tests drive it.
 
+pub mod config;
 pub mod health;
 pub(crate) mod hot;
 pub mod pool;
@@ -22,7 +24,8 @@ pub mod sessions;
 pub mod snapshot;
 pub mod strategy;
 
-pub use health::{Health, HealthConfig, Saved};
+pub use config::Config;
+pub use health::{Health, HealthConfig, Saved, State};
 
 /// `d` in whole milliseconds, saturating: the pool's clock and its policy times are
 /// milliseconds.

@@ -52,6 +52,17 @@ impl Entry {
         (until > now_ms).then(|| std::time::Duration::from_millis(until - now_ms))
     }
 
+    /// Where this upstream stands at `now`.
+    pub fn state(&self, now: Instant) -> crate::State {
+        self.health
+            .state(self.shared.millis(now), &self.shared.health)
+    }
+
+    /// The health policy of the pool this entry belongs to.
+    pub fn health_config(&self) -> &HealthConfig {
+        &self.shared.health
+    }
+
     /// How long ago this upstream was last re-checked (see [`Health::last_check_ms`]).
     pub fn since_last_check(&self, now: Instant) -> Option<std::time::Duration> {
         self.health.last_check_ms().map(|ms| self.since(ms, now))

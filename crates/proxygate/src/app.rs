@@ -12,9 +12,11 @@ use proxygate_pool::{Pool, PoolReader, PoolWriter, Strategy};
 use proxygate_store::Store;
 use tracing_subscriber::EnvFilter;
 
-use crate::catalog::{Catalog, persist};
-use crate::config::{ConfigErrors, LogFormat, RootConfig};
-use crate::control;
+use proxygate_admin::persister::{self, persist};
+use proxygate_admin::{Catalog, control, every};
+use proxygate_core::ConfigErrors;
+
+use crate::config::{LogFormat, RootConfig};
 use crate::{EXIT_CONFIG, RunArgs};
 
 /// Builds the final config from file and flags; every problem is reported at once.
@@ -36,10 +38,7 @@ fn resolve(args: &RunArgs) -> Result<(RootConfig, Vec<proxygate_core::Upstream>)
     if let Some(name) = &args.strategy {
         match name.parse::<Strategy>() {
             Ok(s) => cfg.pool.strategy = s,
-            Err(e) => problems.push(proxygate_gateway::config::Problem::new(
-                "--strategy",
-                e.to_string(),
-            )),
+            Err(e) => problems.push(proxygate_core::Problem::new("--strategy", e.to_string())),
         }
     }
     cfg.upstreams.urls.extend(args.upstream.iter().cloned());
@@ -192,11 +191,12 @@ async fn serve(
             async {}
         },
     ));
-    let (persisted, persisted_from) = (Arc::clone(&store), reader.clone());
-    let persister = tokio::spawn(every(
+    let persister = tokio::spawn(persister::run(
         cfg.store.stats_flush_interval,
+        Arc::clone(&store),
+        reader.clone(),
         shutdown.clone(),
-        move || write_stats(Arc::clone(&persisted), persisted_from.clone()),
+        |_took| {},
     ));
     match control::bind(&cfg.data_dir) {
         Ok(listener) => {
@@ -237,33 +237,6 @@ async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Runs `f` every `period` (the first time after one period) until shutdown.
-async fn every<F: std::future::Future<Output = ()>>(
-    period: std::time::Duration,
-    mut shutdown: Shutdown,
-    mut f: impl FnMut() -> F,
-) {
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => f().await,
-            () = shutdown.wait() => return,
-        }
-    }
-}
-
-/// One write-behind batch of live stats, off the async threads.
-async fn write_stats(store: Arc<Store>, reader: PoolReader) {
-    match tokio::task::spawn_blocking(move || persist(&store, &reader)).await {
-        Ok(Ok(n)) if n > 0 => tracing::debug!(upstreams = n, "stats written"),
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::error!("writing stats: {e}"),
-        Err(e) => tracing::error!("writing stats: {e}"),
-    }
 }
 
 /// Registers the SIGTERM and SIGINT handlers now; the future resolves on either.

@@ -13,9 +13,11 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use proxygate_store::{KEY_ENV, KEY_FILE, Key, KeyOrigin, NEXT_KEY_FILE, Store, StoreError};
 
-use crate::catalog::{Catalog, EXIT_DATA, Op, Reply};
+use proxygate_admin::catalog::EXIT_DATA;
+use proxygate_admin::{Catalog, Op, Reply, control, ops};
+
+use crate::EXIT_CONFIG;
 use crate::config::RootConfig;
-use crate::{EXIT_CONFIG, control};
 
 /// Where the data dir is: `--data-dir`, else the config's `data_dir`, else `./data`.
 #[derive(Debug, Args)]
@@ -105,7 +107,7 @@ fn load_config(args: &DataDirArgs) -> Result<RootConfig, ExitCode> {
             if !problems.is_empty() {
                 eprintln!(
                     "{}",
-                    crate::config::ConfigErrors {
+                    proxygate_core::ConfigErrors {
                         source: path.display().to_string(),
                         problems
                     }
@@ -180,7 +182,7 @@ pub(crate) fn pool(args: PoolArgs) -> ExitCode {
                 );
             }
             match Catalog::load(Arc::new(store), cfg.pool.health()) {
-                Ok(mut catalog) => print(&catalog.execute(&op)),
+                Ok(mut catalog) => print(&ops::execute(&mut catalog, &op)),
                 Err(e) => {
                     eprintln!("proxygate: {e}");
                     ExitCode::FAILURE

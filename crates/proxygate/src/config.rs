@@ -1,28 +1,26 @@
-//! The root configuration: one TOML file whose sections belong to the components.
+//! The root configuration: one TOML file whose sections belong to the components. Each crate
+//! deserializes and validates its own section; this file only assembles them.
 //!
-//! | section       | owner                                  |
-//! |---------------|----------------------------------------|
-//! | `data_dir`    | the store (state lives there)          |
+//! | section       | owner                                     |
+//! |---------------|-------------------------------------------|
+//! | `data_dir`    | the store (state lives there)             |
 //! | `[server]`    | `proxygate_gateway::config::ServerConfig` |
 //! | `[auth]`      | `proxygate_gateway::config::AuthConfig`   |
 //! | `[dial]`      | `proxygate_gateway::config::DialConfig`   |
-//! | `[pool]`      | [`PoolConfig`]                          |
-//! | `[upstreams]` | [`UpstreamsConfig`]                     |
-//! | `[store]`     | [`StoreConfig`]                         |
-//! | `[log]`       | [`LogConfig`]                           |
+//! | `[pool]`      | `proxygate_pool::Config`                  |
+//! | `[store]`     | `proxygate_store::Config`                 |
+//! | `[upstreams]` | [`UpstreamsConfig`]                       |
+//! | `[log]`       | [`LogConfig`]                             |
 //!
 //! Every key has a compiled-in default (`config/default.toml` documents them), so no file is
 //! needed. Loading reports every problem it can find at once, each as `file: key: reason`:
 //! each section is read on its own, so one bad section does not hide another's errors, and
 //! semantic checks run on whatever parsed.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use proxygate_core::Upstream;
-use proxygate_gateway::config::{AuthConfig, DialConfig, Problem, ServerConfig};
-use proxygate_pool::{HealthConfig, ReputationConfig, Strategy};
+use proxygate_core::config::section;
+use proxygate_core::{Problem, Upstream};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -33,103 +31,10 @@ pub(crate) const DEFAULT_DATA_DIR: &str = "./data";
 pub(crate) struct RootConfig {
     pub(crate) data_dir: PathBuf,
     pub(crate) gateway: proxygate_gateway::Config,
-    pub(crate) pool: PoolConfig,
+    pub(crate) pool: proxygate_pool::Config,
     pub(crate) upstreams: UpstreamsConfig,
-    pub(crate) store: StoreConfig,
+    pub(crate) store: proxygate_store::Config,
     pub(crate) log: LogConfig,
-}
-
-/// `[store]`: how live state reaches the data dir.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct StoreConfig {
-    /// How often live reputation stats are written behind (in one batch); once more at
-    /// shutdown. A crash loses at most this much of them; operator changes are durable first.
-    #[serde(with = "humantime_serde")]
-    pub(crate) stats_flush_interval: Duration,
-}
-
-pub(crate) const DEFAULT_STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        Self {
-            stats_flush_interval: DEFAULT_STATS_FLUSH_INTERVAL,
-        }
-    }
-}
-
-/// `[pool]`: selection, health and reputation.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct PoolConfig {
-    pub(crate) strategy: Strategy,
-    /// Healthy needs at least this reputation (0-100)...
-    pub(crate) healthy_reputation: u8,
-    /// ...and fewer consecutive failures than this.
-    pub(crate) max_consecutive_failures: u32,
-    /// Backoff ceiling of an upstream that turned unhealthy; doubles per further failure
-    /// (full jitter: the wait is uniform below the ceiling).
-    #[serde(with = "humantime_serde")]
-    pub(crate) backoff_base: Duration,
-    /// Largest backoff ceiling.
-    #[serde(with = "humantime_serde")]
-    pub(crate) backoff_max: Duration,
-    /// Weight of the newest sample in the success and response-time moving averages.
-    pub(crate) ema_alpha: f64,
-    /// What one failed attempt costs in fastest_response's expected time to a working
-    /// connection (`rt + (1 - success) / success * failure_cost`); 0 ranks by response time
-    /// alone.
-    #[serde(with = "humantime_serde")]
-    pub(crate) failure_cost: Duration,
-    /// best_reputation and fastest_response re-measure an upstream unused for this long (one
-    /// pick in 16 at most), so one bad sample does not exile it for good.
-    #[serde(with = "humantime_serde")]
-    pub(crate) remeasure_after: Duration,
-    /// How often the orders used by best_reputation and fastest_response are refreshed.
-    #[serde(with = "humantime_serde")]
-    pub(crate) reindex_interval: Duration,
-    /// How long a sticky session (`session-<id>` hint) keeps its upstream; `ttl-<s>` overrides.
-    #[serde(with = "humantime_serde")]
-    pub(crate) session_ttl: Duration,
-    pub(crate) reputation: ReputationConfig,
-}
-
-pub(crate) const DEFAULT_REINDEX_INTERVAL: Duration = Duration::from_secs(1);
-pub(crate) const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(600);
-
-impl Default for PoolConfig {
-    fn default() -> Self {
-        let h = HealthConfig::default();
-        Self {
-            strategy: Strategy::default(),
-            healthy_reputation: h.healthy_reputation,
-            max_consecutive_failures: h.max_consecutive_failures,
-            backoff_base: h.backoff_base,
-            backoff_max: h.backoff_max,
-            ema_alpha: h.ema_alpha,
-            failure_cost: h.failure_cost,
-            remeasure_after: h.remeasure_after,
-            reindex_interval: DEFAULT_REINDEX_INTERVAL,
-            session_ttl: DEFAULT_SESSION_TTL,
-            reputation: ReputationConfig::default(),
-        }
-    }
-}
-
-impl PoolConfig {
-    pub(crate) fn health(&self) -> HealthConfig {
-        HealthConfig {
-            reputation: self.reputation.clone(),
-            healthy_reputation: self.healthy_reputation,
-            max_consecutive_failures: self.max_consecutive_failures,
-            backoff_base: self.backoff_base,
-            backoff_max: self.backoff_max,
-            ema_alpha: self.ema_alpha,
-            failure_cost: self.failure_cost,
-            remeasure_after: self.remeasure_after,
-        }
-    }
 }
 
 /// `[upstreams]`: the operator's own upstreams.
@@ -173,34 +78,13 @@ impl Default for RootConfig {
         Self {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             gateway: proxygate_gateway::Config::default(),
-            pool: PoolConfig::default(),
+            pool: proxygate_pool::Config::default(),
             upstreams: UpstreamsConfig::default(),
-            store: StoreConfig::default(),
+            store: proxygate_store::Config::default(),
             log: LogConfig::default(),
         }
     }
 }
-
-/// Every problem found in a configuration, ready to print.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ConfigErrors {
-    pub(crate) source: String,
-    pub(crate) problems: Vec<Problem>,
-}
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.problems.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{}: {}: {}", self.source, p.key, p.reason)?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
 
 const SECTIONS: [&str; 8] = [
     "data_dir",
@@ -243,19 +127,23 @@ impl RootConfig {
                 ));
             }
         }
-        if let Some(v) = table.get("data_dir") {
-            match v.as_str() {
-                Some(s) => cfg.data_dir = PathBuf::from(s),
-                None => problems.push(Problem::new("data_dir", "expected a string (a path)")),
+        let mut read = |name: &str, into: &mut dyn FnMut(&toml::Value) -> Result<(), Problem>| {
+            if let Some(value) = table.get(name)
+                && let Err(p) = into(value)
+            {
+                problems.push(p);
             }
-        }
-        section::<ServerConfig>(&table, "server", &mut problems, &mut cfg.gateway.server);
-        section::<AuthConfig>(&table, "auth", &mut problems, &mut cfg.gateway.auth);
-        section::<DialConfig>(&table, "dial", &mut problems, &mut cfg.gateway.dial);
-        section::<PoolConfig>(&table, "pool", &mut problems, &mut cfg.pool);
-        section::<UpstreamsConfig>(&table, "upstreams", &mut problems, &mut cfg.upstreams);
-        section::<StoreConfig>(&table, "store", &mut problems, &mut cfg.store);
-        section::<LogConfig>(&table, "log", &mut problems, &mut cfg.log);
+        };
+        read("data_dir", &mut |v| set(v, "data_dir", &mut cfg.data_dir));
+        read("server", &mut |v| set(v, "server", &mut cfg.gateway.server));
+        read("auth", &mut |v| set(v, "auth", &mut cfg.gateway.auth));
+        read("dial", &mut |v| set(v, "dial", &mut cfg.gateway.dial));
+        read("pool", &mut |v| set(v, "pool", &mut cfg.pool));
+        read("upstreams", &mut |v| {
+            set(v, "upstreams", &mut cfg.upstreams)
+        });
+        read("store", &mut |v| set(v, "store", &mut cfg.store));
+        read("log", &mut |v| set(v, "log", &mut cfg.log));
         (cfg, problems)
     }
 
@@ -263,65 +151,11 @@ impl RootConfig {
     /// returned parsed.
     pub(crate) fn validate(&self) -> Result<Vec<Upstream>, Vec<Problem>> {
         let mut problems = self.gateway.validate();
-        if self.pool.backoff_base.is_zero() {
-            problems.push(Problem::new("pool.backoff_base", "must be longer than 0"));
-        }
-        if self.pool.backoff_max < self.pool.backoff_base {
-            problems.push(Problem::new(
-                "pool.backoff_max",
-                "must be at least pool.backoff_base",
-            ));
-        }
-        let pool = &self.pool;
-        if pool.healthy_reputation > 100 {
-            problems.push(Problem::new("pool.healthy_reputation", "must be 0-100"));
-        }
-        if pool.max_consecutive_failures == 0 {
-            problems.push(Problem::new(
-                "pool.max_consecutive_failures",
-                "must be at least 1",
-            ));
-        }
-        if !(0.0..=1.0).contains(&pool.ema_alpha) || pool.ema_alpha == 0.0 {
-            problems.push(Problem::new("pool.ema_alpha", "must be in (0, 1]"));
-        }
-        if pool.session_ttl.is_zero() {
-            problems.push(Problem::new("pool.session_ttl", "must be longer than 0"));
-        }
-        if pool.remeasure_after.is_zero() {
-            problems.push(Problem::new(
-                "pool.remeasure_after",
-                "must be longer than 0",
-            ));
-        }
-        if pool.reindex_interval.is_zero() {
-            problems.push(Problem::new(
-                "pool.reindex_interval",
-                "must be longer than 0",
-            ));
-        }
-        let rep = &pool.reputation;
-        if rep.fast_ms.partial_cmp(&rep.slow_ms) != Some(std::cmp::Ordering::Less) {
-            problems.push(Problem::new(
-                "pool.reputation.slow_ms",
-                "must be greater than pool.reputation.fast_ms",
-            ));
-        }
-        if rep.uses_per_point == 0 {
-            problems.push(Problem::new(
-                "pool.reputation.uses_per_point",
-                "must be at least 1",
-            ));
-        }
+        problems.extend(self.pool.validate());
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(Problem::new("log.level", format!("invalid filter: {e}")));
         }
-        if self.store.stats_flush_interval.is_zero() {
-            problems.push(Problem::new(
-                "store.stats_flush_interval",
-                "must be longer than 0",
-            ));
-        }
+        problems.extend(self.store.validate());
         if self.data_dir.as_os_str().is_empty() {
             problems.push(Problem::new("data_dir", "must not be empty"));
         }
@@ -351,72 +185,10 @@ impl RootConfig {
     }
 }
 
-fn section<T: DeserializeOwned>(
-    table: &toml::Table,
-    name: &str,
-    problems: &mut Vec<Problem>,
-    into: &mut T,
-) {
-    let Some(value) = table.get(name) else {
-        return;
-    };
-    if !value.is_table() {
-        problems.push(Problem::new(name, "expected a table"));
-        return;
-    }
-    // Re-serialize the section alone so toml's deserializer reports the failing key.
-    let text = match toml::to_string(value) {
-        Ok(t) => t,
-        Err(e) => {
-            problems.push(Problem::new(name, e.to_string()));
-            return;
-        }
-    };
-    match toml::from_str::<T>(&text) {
-        Ok(v) => *into = v,
-        Err(e) => {
-            let (key, msg) = section_error(&e, &text);
-            let key = key.map_or_else(|| name.to_owned(), |k| format!("{name}.{k}"));
-            problems.push(Problem::new(key, msg));
-        }
-    }
-}
-
-/// The failing key inside a section (from toml's span or an "unknown field" message), and
-/// toml's message.
-fn section_error(e: &toml::de::Error, text: &str) -> (Option<String>, String) {
-    let msg = e.message().trim().replace('\n', " ");
-    let unknown = msg
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split_once('`'))
-        .map(|(k, _)| k.to_owned());
-    let span = e.span();
-    // A nested table (`[reputation]` inside `[pool]`) prefixes the key.
-    let header = span
-        .as_ref()
-        .and_then(|sp| text.get(..sp.end))
-        .and_then(|upto| {
-            upto.lines()
-                .rev()
-                .find(|l| l.trim_start().starts_with('['))
-                .map(|l| l.trim().trim_matches(['[', ']']).to_owned())
-        });
-    let spanned = || {
-        let before = text.get(..span.as_ref()?.start)?;
-        let line = before.lines().last()?.trim();
-        if line.starts_with('[') {
-            return None;
-        }
-        let key = line.split_once('=').map_or(line, |(k, _)| k).trim();
-        (!key.is_empty()).then(|| key.trim_matches('"').to_owned())
-    };
-    let key = unknown.or_else(spanned);
-    let key = match (header, key) {
-        (Some(h), Some(k)) => Some(format!("{h}.{k}")),
-        (Some(h), None) => Some(h),
-        (None, k) => k,
-    };
-    (key, msg)
+/// Reads section `name` into `into` (which keeps its defaults on a problem).
+fn set<T: DeserializeOwned>(value: &toml::Value, name: &str, into: &mut T) -> Result<(), Problem> {
+    *into = section(value, name)?;
+    Ok(())
 }
 
 fn one_line(e: &toml::de::Error) -> String {
@@ -556,6 +328,15 @@ mod tests {
             ["server.listen", "pool.backoff_max", "upstreams.urls[1]"]
         );
         assert!(problems.iter().all(|p| !p.reason.contains("secret")));
+    }
+
+    #[test]
+    fn data_dir_must_be_a_path() {
+        let (_, p) = RootConfig::parse("data_dir = 3\n");
+        assert_eq!(p[0].key, "data_dir", "{p:?}");
+        let (c, p) = RootConfig::parse("data_dir = \"/var/lib/proxygate\"\n");
+        assert!(p.is_empty());
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/proxygate"));
     }
 
     #[test]

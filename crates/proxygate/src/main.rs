@@ -7,14 +7,12 @@
 //! - `proxygate key generate|rotate`: encryption keys.
 //!
 //! Modules: [`config`] (the root config and upstream lists), [`app`] (wiring and lifetime),
-//! [`catalog`] (operator commands over store and pool; the stats persister), [`control`] (the
-//! control socket), [`commands`] (the `pool` and `key` command lines).
+//! [`commands`] (the `pool` and `key` command lines). The operator operations, the persister
+//! and the control socket are the control plane's (`proxygate-admin`).
 
 mod app;
-mod catalog;
 mod commands;
 mod config;
-mod control;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -93,7 +91,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         }
         result => {
             problems.extend(result.err().unwrap_or_default());
-            eprintln!("{}", config::ConfigErrors { source, problems });
+            eprintln!("{}", proxygate_core::ConfigErrors { source, problems });
             ExitCode::from(EXIT_CONFIG)
         }
     }

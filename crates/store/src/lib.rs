@@ -1,6 +1,7 @@
 //! proxygate-store: the durable state in the data dir. sled (0.34) behind an API of our own
 //! types: no sled type leaves this crate.
 //!
+//! - [`config`]: [`Config`], the `[store]` section of the config file.
 //! - [`store`]: [`Store`]: open (lock, schema check, key, migrations), records, stats,
 //!   settings, key rotation.
 //! - [`record`]: [`Record`], [`Stats`], [`Origin`] and their on-disk JSON shapes.
@@ -11,12 +12,14 @@
 //! Blocking: every call does disk I/O (a flush is an fsync). Async callers use
 //! `spawn_blocking`.
 
+pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod migrate;
 pub mod record;
 pub mod store;
 
+pub use config::Config;
 pub use crypto::{KEY_ENV, KEY_FILE, Key, KeyId, KeyOrigin, Keyring, NEXT_KEY_FILE};
 pub use error::StoreError;
 pub use migrate::CURRENT_VERSION;

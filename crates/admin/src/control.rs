@@ -1,7 +1,7 @@
 //! The control socket, `<data-dir>/control.sock`: how `proxygate pool ...` reaches a running
 //! gateway (sled lets one process open the data dir). One JSON [`Op`] per connection, one JSON
 //! [`Reply`] back. The socket is mode 0600: whoever may use it may read the data dir anyway.
-//! The admin API will take the same [`Op`]s over HTTP.
+//! The HTTP admin API ([`crate::api`]) runs the same catalog operations.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -13,19 +13,20 @@ use proxygate_core::Shutdown;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
-use crate::catalog::{Catalog, Op, Reply};
+use crate::catalog::Catalog;
+use crate::ops::{Op, Reply, execute};
 
-pub(crate) const SOCKET: &str = "control.sock";
+pub const SOCKET: &str = "control.sock";
 /// Largest request accepted (an import of a large list travels in one).
 const MAX_REQUEST: u64 = 256 << 20;
 
-pub(crate) fn socket_path(data_dir: &Path) -> PathBuf {
+pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join(SOCKET)
 }
 
 /// Binds the socket (replacing a stale one: the caller holds the data dir's lock, so no other
 /// gateway owns it).
-pub(crate) fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
+pub fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
     let path = socket_path(data_dir);
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -37,7 +38,7 @@ pub(crate) fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Answers operator commands until shutdown, then removes the socket.
-pub(crate) async fn serve(
+pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     catalog: Arc<Mutex<Catalog>>,
@@ -64,7 +65,7 @@ pub(crate) async fn serve(
             }
             let reply = match serde_json::from_slice::<Op>(&request) {
                 Ok(op) => tokio::task::spawn_blocking(move || match catalog.lock() {
-                    Ok(mut c) => c.execute(&op),
+                    Ok(mut c) => execute(&mut c, &op),
                     Err(_) => Reply {
                         code: 1,
                         stderr: "proxygate: the catalog is unavailable".into(),
@@ -88,7 +89,7 @@ pub(crate) async fn serve(
 }
 
 /// Sends `op` to the gateway running on `data_dir` and waits for its reply.
-pub(crate) fn request(data_dir: &Path, op: &Op) -> std::io::Result<Reply> {
+pub fn request(data_dir: &Path, op: &Op) -> std::io::Result<Reply> {
     let mut stream = std::os::unix::net::UnixStream::connect(socket_path(data_dir))?;
     stream.set_read_timeout(Some(Duration::from_secs(300)))?;
     stream.write_all(&serde_json::to_vec(op).map_err(std::io::Error::other)?)?;

@@ -1,0 +1,707 @@
+//! [`Catalog`]: the operator's operations on the pool, over the store and (when the gateway
+//! runs) the live pool. One set of typed operations serves every way in: `proxygate pool ...`
+//! on a stopped data dir, the control socket of a running gateway ([`crate::ops`] renders
+//! their text) and the HTTP admin API ([`crate::api`] renders their JSON).
+//!
+//! Every change is written and flushed to the store before it is acknowledged, then published
+//! to the live pool.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use proxygate_core::{Upstream, UpstreamId};
+use proxygate_pool::{Entry, HealthConfig, PoolWriter, Saved, State, Strategy};
+use proxygate_store::{Origin, Record, Stats, Store, StoreError};
+use serde::{Deserialize, Serialize};
+
+/// Why an operation was refused. Each maps onto an exit code and an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// An URL or import line is invalid; nothing was written.
+    #[error("{0}")]
+    Invalid(String),
+    /// No upstream has that id.
+    #[error("{0}")]
+    NotFound(String),
+    /// An id prefix matches several upstreams.
+    #[error("{0}")]
+    Ambiguous(String),
+    /// A bad argument (an unknown strategy name...).
+    #[error("{0}")]
+    Usage(String),
+    /// The operation cannot run in this state (a key rotation already under way...).
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// sysexits(3) EX_USAGE.
+pub const EXIT_USAGE: u8 = 64;
+/// sysexits(3) EX_DATAERR: an URL or an import line is invalid.
+pub const EXIT_DATA: u8 = 65;
+
+impl OpError {
+    /// The CLI's exit code: 65 invalid input (nothing written), 64 a bad argument, 1 the rest.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            OpError::Invalid(_) => EXIT_DATA,
+            OpError::Usage(_) => EXIT_USAGE,
+            _ => 1,
+        }
+    }
+
+    /// The admin API's status.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            OpError::Invalid(_) => 422,
+            OpError::NotFound(_) => 404,
+            OpError::Ambiguous(_) | OpError::Usage(_) => 400,
+            OpError::Conflict(_) => 409,
+            OpError::Store(_) => 500,
+        }
+    }
+}
+
+/// The operator's view of the pool.
+#[derive(Debug)]
+pub struct Catalog {
+    store: Arc<Store>,
+    /// Every record, disabled ones included: publishing never decrypts.
+    records: BTreeMap<UpstreamId, Record>,
+    live: Option<Live>,
+    health: HealthConfig,
+}
+
+/// The running gateway's side.
+#[derive(Debug)]
+struct Live {
+    pool: PoolWriter,
+    /// The strategy the config (or `--strategy`) chose, restored by a strategy reset.
+    configured: Strategy,
+}
+
+/// What an add or import did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Added {
+    pub added: usize,
+    pub updated: usize,
+    /// The ids of the upstreams given, in order.
+    pub ids: Vec<String>,
+}
+
+/// The strategy in force, and where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StrategyView {
+    /// The strategy in force (live), or the one the next start uses (offline; `None` when
+    /// only the config decides).
+    pub strategy: Option<String>,
+    /// `operator` (set with `strategy NAME`, kept across restarts) or `config`.
+    pub set_by: &'static str,
+    /// The config's (or `--strategy`'s) choice, which a reset returns to (live only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub configured: Option<String>,
+    /// Whether a gateway is running this catalog (changes apply at once).
+    pub live: bool,
+}
+
+/// One upstream as `pool list --json`, `pool show --json` and the API show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub id: String,
+    pub scheme: &'static str,
+    pub address: String,
+    pub country: Option<String>,
+    pub proxy_type: &'static str,
+    pub reputation: u8,
+    pub success_rate: Option<f64>,
+    pub avg_latency_ms: Option<f64>,
+    pub uses: u64,
+    pub failures: u64,
+    pub consecutive_failures: u32,
+    pub state: &'static str,
+    pub origin: &'static str,
+    pub added_unix_ms: u64,
+    pub last_used_unix_ms: Option<u64>,
+    pub last_health_check_unix_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backoff_left_ms: Option<u64>,
+}
+
+/// One line of `pool export` (JSON lines), read back by `pool import`.
+#[derive(Debug, Serialize, Deserialize)]
+struct ExportLine {
+    id: String,
+    /// With `--decrypt`, credentials included; otherwise without them.
+    url: String,
+    /// The credentials envelope, still sealed (base64), when not decrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credentials: Option<String>,
+    #[serde(default)]
+    disabled: bool,
+    #[serde(default)]
+    origin: Option<String>,
+    #[serde(default)]
+    added_unix_ms: u64,
+    #[serde(default)]
+    stats: Option<Stats>,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+pub fn to_saved(s: &Stats) -> Saved {
+    Saved {
+        success_rate: s.success_rate,
+        response_time_ms: s.response_time_avg_ms,
+        consecutive_failures: s.consecutive_failures,
+        successes: s.total_uses.saturating_sub(s.failures),
+        failures: s.failures,
+    }
+}
+
+/// An entry's live stats in the store's shape (`previous` supplies what the pool does not
+/// track).
+pub fn live_stats(e: &Entry, now: Instant, now_unix: u64, previous: &Stats) -> Stats {
+    let h = &e.health;
+    let at = |ago: std::time::Duration| {
+        now_unix.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX))
+    };
+    Stats {
+        reputation: h.reputation(),
+        success_rate: h.success_rate(),
+        response_time_avg_ms: h.response_time_ms(),
+        consecutive_failures: h.consecutive_failures(),
+        total_uses: h.total_uses(),
+        failures: h.failures(),
+        last_used_unix_ms: e.since_last_use(now).map(at).or(previous.last_used_unix_ms),
+        last_health_check_unix_ms: e
+            .since_last_check(now)
+            .map(at)
+            .or(previous.last_health_check_unix_ms),
+    }
+}
+
+impl Catalog {
+    /// Reads every record (all must decrypt).
+    pub fn load(store: Arc<Store>, health: HealthConfig) -> Result<Catalog, StoreError> {
+        let records = store
+            .records()?
+            .into_iter()
+            .map(|r| (r.upstream.id(), r))
+            .collect();
+        Ok(Catalog {
+            store,
+            records,
+            live: None,
+            health,
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Makes the store hold exactly the config's upstreams among those of origin `Config`
+    /// (operator-added ones are left alone); durable when it returns. Returns (added or
+    /// changed, removed).
+    pub fn sync_config(&mut self, upstreams: &[Upstream]) -> Result<(usize, usize), StoreError> {
+        let mut wanted = HashMap::new();
+        for u in upstreams {
+            wanted.entry(u.id()).or_insert(u);
+        }
+        let (mut changed, mut removed) = (0, 0);
+        for (id, u) in &wanted {
+            let record = match self.records.get(id) {
+                Some(r) if r.upstream == **u => continue,
+                Some(r) => Record {
+                    upstream: (*u).clone(),
+                    ..r.clone()
+                },
+                None => Record {
+                    upstream: (*u).clone(),
+                    disabled: false,
+                    origin: Origin::Config,
+                    added_unix_ms: unix_ms(),
+                },
+            };
+            self.store.put(&record)?;
+            self.records.insert(*id, record);
+            changed += 1;
+        }
+        let stale: Vec<UpstreamId> = self
+            .records
+            .iter()
+            .filter(|(id, r)| r.origin == Origin::Config && !wanted.contains_key(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            self.store.remove(id)?;
+            self.records.remove(&id);
+            removed += 1;
+        }
+        self.store.flush()?;
+        Ok((changed, removed))
+    }
+
+    /// Attaches the live pool and publishes the enabled upstreams to it, with their saved
+    /// stats.
+    pub fn attach(&mut self, pool: PoolWriter, configured: Strategy) {
+        self.live = Some(Live { pool, configured });
+        self.publish();
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// Publishes the enabled records to the live pool. Upstreams new to it start from their
+    /// stored stats; the others keep their live ones.
+    fn publish(&self) {
+        let Some(live) = &self.live else { return };
+        let items: Vec<(Upstream, Option<Saved>)> = {
+            let snap = live.pool.reader().snapshot();
+            self.records
+                .values()
+                .filter(|r| !r.disabled)
+                .map(|r| {
+                    let id = r.upstream.id();
+                    let saved = match snap.get(id) {
+                        Some(_) => None,
+                        None => self.store.stats(id).ok().map(|s| to_saved(&s)),
+                    };
+                    (r.upstream.clone(), saved)
+                })
+                .collect()
+        };
+        live.pool.replace_saved(items);
+    }
+
+    /// Records that serve (not disabled).
+    pub fn enabled(&self) -> usize {
+        self.records.values().filter(|r| !r.disabled).count()
+    }
+
+    /// Records kept but disabled.
+    pub fn disabled(&self) -> usize {
+        self.records.len() - self.enabled()
+    }
+
+    /// A full id, or a unique prefix of at least 4 hex digits.
+    pub fn resolve(&self, text: &str) -> Result<UpstreamId, OpError> {
+        if let Ok(id) = text.parse::<UpstreamId>() {
+            return Ok(id);
+        }
+        let text = text.to_ascii_lowercase();
+        let matches: Vec<UpstreamId> = self
+            .records
+            .keys()
+            .filter(|id| text.len() >= 4 && id.to_string().starts_with(&text))
+            .copied()
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(OpError::NotFound(format!("no upstream with id {text:?}"))),
+            _ => Err(OpError::Ambiguous(format!(
+                "{text:?} matches {} upstreams; give more digits",
+                matches.len()
+            ))),
+        }
+    }
+
+    /// The record of `id`, or `NotFound`.
+    pub fn record(&self, id: UpstreamId) -> Result<&Record, OpError> {
+        self.records
+            .get(&id)
+            .ok_or_else(|| OpError::NotFound(format!("no upstream with id {id}")))
+    }
+
+    /// The live entry of `id`, when a gateway runs and the upstream serves.
+    pub fn entry(&self, id: UpstreamId) -> Option<Arc<Entry>> {
+        self.live
+            .as_ref()
+            .and_then(|l| l.pool.reader().snapshot().get(id).cloned())
+    }
+
+    fn put_all(
+        &mut self,
+        records: Vec<Record>,
+        stats: Vec<(UpstreamId, Stats)>,
+    ) -> Result<Added, StoreError> {
+        let mut out = Added::default();
+        for mut r in records {
+            let id = r.upstream.id();
+            if let Some(old) = self.records.get(&id) {
+                // Re-adding keeps what the operator set (disabled) and when it came.
+                r.disabled |= old.disabled;
+                r.added_unix_ms = old.added_unix_ms;
+                out.updated += 1;
+            } else {
+                out.added += 1;
+            }
+            self.store.put(&r)?;
+            out.ids.push(id.to_string());
+            self.records.insert(id, r);
+        }
+        if !stats.is_empty() {
+            self.store
+                .write_stats(stats.iter().map(|(id, s)| (*id, s)))?;
+        }
+        self.store.flush()?;
+        self.publish();
+        Ok(out)
+    }
+
+    /// Adds (or updates) the upstreams of `urls` as the operator's. All or nothing: one
+    /// invalid URL and nothing is written.
+    pub fn add(&mut self, urls: &[String]) -> Result<Added, OpError> {
+        let mut records = Vec::new();
+        let mut errors = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            match Upstream::parse(url) {
+                Ok(upstream) => records.push(operator_record(upstream)),
+                // The URL itself may hold a password: name it by position only.
+                Err(e) => errors.push(format!("URL {}: {e}", i + 1)),
+            }
+        }
+        if !errors.is_empty() {
+            errors.push("nothing was added".into());
+            return Err(OpError::Invalid(errors.join("\n")));
+        }
+        Ok(self.put_all(records, Vec::new())?)
+    }
+
+    /// Imports URL lines or `pool export` lines. All or nothing.
+    pub fn import(&mut self, text: &str) -> Result<Added, OpError> {
+        let mut records = Vec::new();
+        let mut stats = Vec::new();
+        let mut errors = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let parsed = if line.starts_with('{') {
+                self.import_line(line)
+            } else {
+                Upstream::parse(line)
+                    .map(|upstream| (operator_record(upstream), None))
+                    .map_err(|e| e.to_string())
+            };
+            match parsed {
+                Ok((record, s)) => {
+                    if let Some(s) = s {
+                        stats.push((record.upstream.id(), s));
+                    }
+                    records.push(record);
+                }
+                Err(e) => errors.push(format!("line {}: {e}", n + 1)),
+            }
+        }
+        if !errors.is_empty() {
+            errors.push("nothing was imported".into());
+            return Err(OpError::Invalid(errors.join("\n")));
+        }
+        Ok(self.put_all(records, stats)?)
+    }
+
+    /// One `pool export` line back into a record (and its stats).
+    fn import_line(&self, line: &str) -> Result<(Record, Option<Stats>), String> {
+        let e: ExportLine = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+        let mut upstream = Upstream::parse(&e.url).map_err(|e| e.to_string())?;
+        if let Some(sealed) = &e.credentials {
+            let id: UpstreamId =
+                e.id.parse()
+                    .map_err(|()| format!("invalid id {:?}", e.id))?;
+            let creds = self.store.unseal(id, sealed).map_err(|why| {
+                format!(
+                    "credentials do not open ({why}): import with the key of the data dir they \
+                     came from, or export them with --decrypt"
+                )
+            })?;
+            upstream.credentials = Some(creds);
+            if upstream.id() != id {
+                return Err(format!("id {} does not match its URL", e.id));
+            }
+        }
+        let origin = match e.origin.as_deref() {
+            Some("config") => Origin::Config,
+            _ => Origin::Operator,
+        };
+        Ok((
+            Record {
+                upstream,
+                disabled: e.disabled,
+                origin,
+                added_unix_ms: e.added_unix_ms,
+            },
+            e.stats,
+        ))
+    }
+
+    /// Where an upstream stands: its live state, or (not serving) judged from stored stats by
+    /// the pool's one rule for "healthy".
+    fn state(&self, r: &Record, entry: Option<&Entry>, stats: &Stats, now: Instant) -> State {
+        match entry {
+            _ if r.disabled => State::Disabled,
+            Some(e) => e.state(now),
+            None if proxygate_pool::health::is_healthy(
+                stats.reputation,
+                stats.consecutive_failures,
+                &self.health,
+            ) =>
+            {
+                State::Healthy
+            }
+            None => State::Unhealthy,
+        }
+    }
+
+    fn row(&self, r: &Record, stored: &Stats, detail: bool) -> Row {
+        let id = r.upstream.id();
+        let now = Instant::now();
+        let entry = self.entry(id);
+        let stats = match &entry {
+            Some(e) => live_stats(e, now, unix_ms(), stored),
+            None => stored.clone(),
+        };
+        let state = self.state(r, entry.as_deref(), &stats, now);
+        Row {
+            id: id.to_string(),
+            scheme: r.upstream.scheme.as_str(),
+            address: r.upstream.authority(),
+            country: r.upstream.country.clone(),
+            proxy_type: r.upstream.proxy_type.as_str(),
+            reputation: stats.reputation,
+            success_rate: stats.success_rate,
+            avg_latency_ms: stats.response_time_avg_ms,
+            uses: stats.total_uses,
+            failures: stats.failures,
+            consecutive_failures: stats.consecutive_failures,
+            state: state.as_str(),
+            origin: r.origin.as_str(),
+            added_unix_ms: r.added_unix_ms,
+            last_used_unix_ms: stats.last_used_unix_ms,
+            last_health_check_unix_ms: stats.last_health_check_unix_ms,
+            username: detail
+                .then(|| {
+                    r.upstream
+                        .credentials
+                        .as_ref()
+                        .map(|c| c.username.expose().to_owned())
+                })
+                .flatten(),
+            in_flight: entry
+                .as_ref()
+                .filter(|_| detail)
+                .map(|e| e.health.in_flight()),
+            backoff_left_ms: entry
+                .as_ref()
+                .filter(|_| detail)
+                .and_then(|e| e.backoff_left(now))
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+
+    /// Every upstream, in id order.
+    pub fn rows(&self) -> Result<Vec<Row>, OpError> {
+        let stored = self.store.all_stats()?;
+        Ok(self
+            .records
+            .values()
+            .map(|r| {
+                let s = stored.get(&r.upstream.id()).cloned().unwrap_or_default();
+                self.row(r, &s, false)
+            })
+            .collect())
+    }
+
+    /// One upstream in detail (its username included, never its password).
+    pub fn show(&self, id: UpstreamId) -> Result<Row, OpError> {
+        let r = self.record(id)?;
+        Ok(self.row(r, &self.store.stats(id)?, true))
+    }
+
+    /// The stats the store holds for `id` (what a restart starts from).
+    pub fn stored_stats(&self, id: UpstreamId) -> Result<Stats, OpError> {
+        Ok(self.store.stats(id)?)
+    }
+
+    pub fn remove(&mut self, id: UpstreamId) -> Result<UpstreamId, OpError> {
+        if !self.store.remove(id)? {
+            return Err(OpError::NotFound(format!("no upstream with id {id}")));
+        }
+        self.store.flush()?;
+        self.records.remove(&id);
+        self.publish();
+        Ok(id)
+    }
+
+    pub fn set_disabled(&mut self, id: UpstreamId, disabled: bool) -> Result<UpstreamId, OpError> {
+        if !self.store.set_disabled(id, disabled)? {
+            return Err(OpError::NotFound(format!("no upstream with id {id}")));
+        }
+        self.store.flush()?;
+        if let Some(r) = self.records.get_mut(&id) {
+            r.disabled = disabled;
+        }
+        self.publish();
+        Ok(id)
+    }
+
+    /// Every upstream as JSON lines, credentials sealed unless `decrypt`.
+    pub fn export(&self, decrypt: bool) -> Result<String, OpError> {
+        use std::fmt::Write as _;
+        let stored = self.store.all_stats()?;
+        let mut out = String::new();
+        for (id, r) in &self.records {
+            let mut upstream = r.upstream.clone();
+            let credentials = if decrypt {
+                None
+            } else {
+                upstream.credentials = None;
+                self.store.sealed(*id)?
+            };
+            let previous = stored.get(id).cloned().unwrap_or_default();
+            let stats = match self.entry(*id) {
+                Some(e) => Some(live_stats(&e, Instant::now(), unix_ms(), &previous)),
+                None => stored.get(id).cloned(),
+            };
+            let line = ExportLine {
+                id: id.to_string(),
+                url: upstream.expose_url(),
+                credentials,
+                disabled: r.disabled,
+                origin: Some(r.origin.as_str().to_owned()),
+                added_unix_ms: r.added_unix_ms,
+                stats,
+            };
+            let _ = writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default());
+        }
+        Ok(out)
+    }
+
+    /// The strategy in force and where it comes from.
+    pub fn strategy(&self) -> Result<StrategyView, OpError> {
+        let stored = self.store.setting("strategy")?;
+        let set_by = if stored.is_some() {
+            "operator"
+        } else {
+            "config"
+        };
+        Ok(match &self.live {
+            Some(l) => StrategyView {
+                strategy: Some(l.pool.reader().strategy().to_string()),
+                set_by,
+                configured: Some(l.configured.to_string()),
+                live: true,
+            },
+            None => StrategyView {
+                strategy: stored,
+                set_by,
+                configured: None,
+                live: false,
+            },
+        })
+    }
+
+    /// Sets the strategy (kept across restarts), or with `None` forgets the operator's
+    /// choice so the config's applies. Durable before it returns; live at once.
+    pub fn set_strategy(&mut self, name: Option<&str>) -> Result<StrategyView, OpError> {
+        let strategy = name
+            .map(|n| n.parse::<Strategy>())
+            .transpose()
+            .map_err(|e| OpError::Usage(e.to_string()))?;
+        self.store
+            .set_setting("strategy", strategy.map(Strategy::as_str))?;
+        self.store.flush()?;
+        if let Some(l) = &self.live {
+            l.pool.set_strategy(strategy.unwrap_or(l.configured));
+        }
+        self.strategy()
+    }
+}
+
+fn operator_record(upstream: Upstream) -> Record {
+    Record {
+        upstream,
+        disabled: false,
+        origin: Origin::Operator,
+        added_unix_ms: unix_ms(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxygate_pool::Pool;
+
+    fn catalog(dir: &std::path::Path) -> (Catalog, proxygate_pool::PoolReader) {
+        let (store, _) = Store::open(dir, None).unwrap();
+        let mut c = Catalog::load(Arc::new(store), HealthConfig::default()).unwrap();
+        let (reader, writer) = Pool::create(Strategy::RoundRobin, HealthConfig::default());
+        c.attach(writer, Strategy::RoundRobin);
+        (c, reader)
+    }
+
+    #[test]
+    fn disabled_upstreams_leave_the_live_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, reader) = catalog(dir.path());
+        c.add(&["http://10.0.0.1:1".into()]).unwrap();
+        let id = reader.snapshot().entries()[0].id;
+        c.set_disabled(id, true).unwrap();
+        assert!(reader.snapshot().is_empty());
+        assert_eq!(c.show(id).unwrap().state, "disabled");
+        let prefix = c.resolve(&id.to_string()[..5]).unwrap();
+        c.set_disabled(prefix, false).unwrap();
+        assert_eq!(reader.snapshot().len(), 1);
+        assert!(matches!(c.resolve("zzzz"), Err(OpError::NotFound(_))));
+        c.remove(id).unwrap();
+        assert!(reader.snapshot().is_empty());
+        assert!(matches!(c.remove(id), Err(OpError::NotFound(_))));
+    }
+
+    #[test]
+    fn invalid_input_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, reader) = catalog(dir.path());
+        let e = c
+            .add(&["http://10.0.0.1:1".into(), "gopher://u:pw@h:1".into()])
+            .unwrap_err();
+        assert_eq!(e.exit_code(), EXIT_DATA);
+        assert!(e.to_string().contains("URL 2") && !e.to_string().contains("pw"));
+        let e = c.import("http://10.0.0.2:1\nnot a url\n").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+        assert!(reader.snapshot().is_empty() && c.rows().unwrap().is_empty());
+    }
+
+    #[test]
+    fn strategy_is_kept_and_reset_to_the_configured_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, reader) = catalog(dir.path());
+        assert_eq!(c.strategy().unwrap().set_by, "config");
+        let v = c.set_strategy(Some("random")).unwrap();
+        assert_eq!(
+            (v.strategy.as_deref(), v.set_by),
+            (Some("random"), "operator")
+        );
+        assert_eq!(reader.strategy(), Strategy::Random);
+        assert!(matches!(
+            c.set_strategy(Some("psychic")),
+            Err(OpError::Usage(_))
+        ));
+        let v = c.set_strategy(None).unwrap();
+        assert_eq!(v.set_by, "config");
+        assert_eq!(reader.strategy(), Strategy::RoundRobin);
+    }
+}

@@ -1,0 +1,39 @@
+//! proxygate-admin: the control plane. Everything an operator does to a running (or stopped)
+//! gateway goes through here, and everything an operator sees comes from here.
+//!
+//! - [`catalog`]: [`Catalog`], the typed operator operations (add, import, list, show,
+//!   remove, disable, enable, export, strategy) over the store and the live pool.
+//! - [`ops`]: [`Op`] and [`ops::execute`]: the operations as the CLI runs and prints them
+//!   (offline, or through the control socket).
+//! - [`control`]: the control socket `<data-dir>/control.sock`.
+//! - [`persister`]: live stats written behind to the store.
+//!
+//! Dependency direction: `core + pool + store <- admin <- proxygate`; the data plane
+//! (gateway) knows nothing of it.
+
+pub mod catalog;
+pub mod control;
+pub mod ops;
+pub mod persister;
+
+pub use catalog::{Catalog, OpError};
+pub use ops::{Op, Reply};
+
+use proxygate_core::Shutdown;
+
+/// Runs `f` every `period` (the first time after one period) until shutdown.
+pub async fn every<F: std::future::Future<Output = ()>>(
+    period: std::time::Duration,
+    mut shutdown: Shutdown,
+    mut f: impl FnMut() -> F,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => f().await,
+            () = shutdown.wait() => return,
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! [`Op`]: the operator commands as the CLI runs them, and [`execute`], which runs one on a
+//! [`Catalog`] and renders what the CLI prints ([`Reply`]). The same code answers
+//! `proxygate pool ...` on a stopped data dir and, through the control socket, inside the
+//! running gateway; the HTTP API calls the catalog's typed operations directly.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Catalog, OpError, Row};
+
+/// One operator command. Serialized as JSON over the control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    Add { urls: Vec<String> },
+    Import { text: String },
+    List { json: bool },
+    Show { id: String, json: bool },
+    Remove { id: String },
+    Disable { id: String },
+    Enable { id: String },
+    Export { decrypt: bool },
+    Strategy { name: Option<String>, reset: bool },
+}
+
+/// What a command prints and its exit code.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub code: u8,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Reply {
+    pub fn ok(stdout: String) -> Reply {
+        Reply {
+            code: 0,
+            stdout,
+            stderr: String::new(),
+        }
+    }
+
+    /// An error, each line of its message prefixed `proxygate: `.
+    pub fn error(e: &OpError) -> Reply {
+        let mut stderr = String::new();
+        for line in e.to_string().lines() {
+            let _ = writeln!(stderr, "proxygate: {line}");
+        }
+        Reply {
+            code: e.exit_code(),
+            stdout: String::new(),
+            stderr,
+        }
+    }
+}
+
+impl Op {
+    /// Whether the command changes anything (and so is logged as an operator action).
+    fn mutates(&self) -> bool {
+        !matches!(
+            self,
+            Op::List { .. }
+                | Op::Show { .. }
+                | Op::Export { .. }
+                | Op::Strategy {
+                    name: None,
+                    reset: false
+                }
+        )
+    }
+}
+
+/// Runs `op` and renders its output as the CLI prints it.
+pub fn execute(catalog: &mut Catalog, op: &Op) -> Reply {
+    let reply = run(catalog, op).unwrap_or_else(|e| Reply::error(&e));
+    if op.mutates() && reply.code == 0 {
+        // An audit line: what changed (ids and counts, never a URL).
+        let summary = reply.stdout.lines().next().unwrap_or_default();
+        tracing::info!(live = catalog.is_live(), "operator: {summary}");
+    }
+    reply
+}
+
+fn run(c: &mut Catalog, op: &Op) -> Result<Reply, OpError> {
+    let out = match op {
+        Op::Add { urls } => {
+            let a = c.add(urls)?;
+            let mut out = format!("added {}, updated {}\n", a.added, a.updated);
+            for id in a.ids {
+                let _ = writeln!(out, "{id}");
+            }
+            out
+        }
+        Op::Import { text } => {
+            let a = c.import(text)?;
+            format!("imported: added {}, updated {}\n", a.added, a.updated)
+        }
+        Op::List { json: true } => pretty(&c.rows()?),
+        Op::List { json: false } => table(&c.rows()?),
+        Op::Show { id, json } => {
+            let row = c.show(c.resolve(id)?)?;
+            if *json {
+                pretty(&row)
+            } else {
+                key_values(&serde_json::to_value(&row).unwrap_or_default())
+            }
+        }
+        Op::Remove { id } => format!("removed {}\n", c.remove(c.resolve(id)?)?),
+        Op::Disable { id } => format!("disabled {}\n", c.set_disabled(c.resolve(id)?, true)?),
+        Op::Enable { id } => format!("enabled {}\n", c.set_disabled(c.resolve(id)?, false)?),
+        Op::Export { decrypt } => c.export(*decrypt)?,
+        Op::Strategy { name: None, reset } if !reset => {
+            let v = c.strategy()?;
+            match v.strategy {
+                Some(s) => format!("{s}\n"),
+                None => "(none set: the config's pool.strategy applies)\n".into(),
+            }
+        }
+        Op::Strategy { name, .. } => {
+            let v = c.set_strategy(name.as_deref())?;
+            match (name, v.live) {
+                (Some(_), true) => {
+                    format!("strategy set to {}, live\n", v.strategy.unwrap_or_default())
+                }
+                (Some(n), false) => {
+                    format!("strategy set to {n}; it applies from the next start\n")
+                }
+                (None, true) => format!(
+                    "strategy reset: {} (from the config), live\n",
+                    v.configured.unwrap_or_default()
+                ),
+                (None, false) => {
+                    "strategy reset: the config's pool.strategy applies from the next start\n"
+                        .into()
+                }
+            }
+        }
+    };
+    Ok(Reply::ok(out))
+}
+
+/// Pretty JSON and a newline.
+pub fn pretty<T: Serialize>(value: &T) -> String {
+    format!(
+        "{}\n",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    )
+}
+
+/// A JSON object as aligned `key value` lines (`-` for null).
+pub fn key_values(value: &serde_json::Value) -> String {
+    let mut out = String::new();
+    if let serde_json::Value::Object(map) = value {
+        for (k, v) in map {
+            let v = match v {
+                serde_json::Value::Null => "-".to_owned(),
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let _ = writeln!(out, "{k:<26} {v}");
+        }
+    }
+    out
+}
+
+/// The `pool list` table.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = format!(
+        "{:<16}  {:<7}  {:<28}  {:<7}  {:>3}  {:>7}  {:>9}  {:>7}  {}\n",
+        "ID", "SCHEME", "ADDRESS", "COUNTRY", "REP", "SUCCESS", "LATENCY", "USES", "STATE"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:<16}  {:<7}  {:<28}  {:<7}  {:>3}  {:>7}  {:>9}  {:>7}  {}",
+            r.id,
+            r.scheme,
+            r.address,
+            r.country.as_deref().unwrap_or("-"),
+            r.reputation,
+            r.success_rate
+                .map_or("-".into(), |s| format!("{:.1}%", s * 100.0)),
+            r.avg_latency_ms
+                .map_or("-".into(), |ms| format!("{ms:.0}ms")),
+            r.uses,
+            r.state
+        );
+    }
+    out
+}
