@@ -63,6 +63,8 @@ pub struct Builder {
 /// A running gateway.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/api/v1`).
+    pub admin: SocketAddr,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
     data_dir: PathBuf,
@@ -136,6 +138,8 @@ impl Builder {
             .arg(&config_path)
             .arg("--listen")
             .arg("127.0.0.1:0")
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&data_dir)
             .args(&self.args)
@@ -157,25 +161,31 @@ impl Builder {
         let sink = Arc::clone(&log);
         tokio::spawn(async move {
             let mut tx = Some(tx);
+            let mut admin = None;
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let addr = line
-                    .split("listening on ")
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .and_then(|a| a.parse::<SocketAddr>().ok());
+                let addr_after = |marker: &str| {
+                    line.split(marker)
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next())
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
+                };
+                if let Some(a) = addr_after("admin API on http://") {
+                    admin = Some(a);
+                }
+                let addr = addr_after("listening on ");
                 // Logged before the start is signalled: `logs()` right after `start()` must
                 // already hold the line that said it listens.
                 sink.lock().unwrap().push(line);
-                if let Some(addr) = addr
+                if let (Some(addr), Some(admin)) = (addr, admin)
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(addr);
+                    let _ = tx.send((addr, admin));
                 }
             }
         });
-        let addr = match tokio::time::timeout(Duration::from_secs(60), rx).await {
-            Ok(Ok(addr)) => addr,
+        let (addr, admin) = match tokio::time::timeout(Duration::from_secs(60), rx).await {
+            Ok(Ok(addrs)) => addrs,
             _ => panic!(
                 "gateway did not start; its log:\n{}",
                 log.lock().unwrap().join("\n")
@@ -183,6 +193,7 @@ impl Builder {
         };
         Gateway {
             addr,
+            admin,
             child,
             log,
             data_dir,
@@ -210,6 +221,38 @@ impl Gateway {
             .timeout(Duration::from_secs(20))
             .build()
             .unwrap()
+    }
+
+    /// `http://127.0.0.1:PORT` of the admin listener.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    /// A client for the admin API (never through a proxy).
+    pub fn admin_client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    }
+
+    /// `GET` on the admin listener: status and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .admin_client()
+            .get(format!("{}{path}", self.admin_url()))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// The admin API's JSON answer to `GET path` (which must succeed).
+    pub async fn api(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.admin_get(path).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap()
     }
 
     /// Everything the gateway logged so far.

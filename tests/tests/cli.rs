@@ -126,6 +126,8 @@ async fn upstreams_file_and_embedded_defaults() {
             "run",
             "--listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
             "--strategy",
             "round_robin",
         ])

@@ -522,7 +522,7 @@ async fn key_rotation_from_the_key_file_and_resumed() {
 
     // Interrupted: a rotation begun, 5 records done, then the process died.
     {
-        let (mut store, _) = proxygate_store::Store::open(&data, None).unwrap();
+        let (store, _) = proxygate_store::Store::open(&data, None).unwrap();
         let next = proxygate_store::Key::generate();
         proxygate_store::crypto::write_key_file(&data.join("encryption.key.next"), &next).unwrap();
         store.begin_rotation(next).unwrap();

@@ -8,9 +8,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use proxygate_core::{Upstream, UpstreamId};
+use proxygate_pool::latency::Latency;
+use proxygate_pool::reputation::{Explanation, Inputs, explain};
 use proxygate_pool::{Entry, HealthConfig, PoolWriter, Saved, State, Strategy};
 use proxygate_store::{Origin, Record, Stats, Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -72,6 +75,8 @@ pub struct Catalog {
     records: BTreeMap<UpstreamId, Record>,
     live: Option<Live>,
     health: HealthConfig,
+    /// How many records are disabled, for the metrics (the pool never holds them).
+    disabled: Arc<AtomicUsize>,
 }
 
 /// The running gateway's side.
@@ -133,6 +138,112 @@ pub struct Row {
     pub backoff_left_ms: Option<u64>,
 }
 
+/// One upstream's reputation explained: `GET /api/v1/upstreams/{id}`, `proxygate reputation`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explained {
+    #[serde(flatten)]
+    pub upstream: Row,
+    /// The formula worked through, term by term, with its inputs.
+    pub formula: Explanation,
+    /// What "healthy" requires (`pool.healthy_reputation`, `pool.max_consecutive_failures`).
+    pub healthy_reputation: u8,
+    pub max_consecutive_failures: u32,
+    /// Why it stands where it does, most important first.
+    pub why: Vec<String>,
+    /// Response-time percentiles over its measured life.
+    pub latency_ms: LatencyView,
+    /// Whether these are live figures (a gateway runs) or what the store holds.
+    pub live: bool,
+}
+
+/// Percentiles of one upstream's response times, ms.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LatencyView {
+    pub samples: u64,
+    pub p50: Option<u64>,
+    pub p95: Option<u64>,
+    pub p99: Option<u64>,
+}
+
+impl LatencyView {
+    fn of(l: Option<&Latency>) -> LatencyView {
+        let q = |q: f64| l.and_then(|l| l.quantile_ms(q));
+        LatencyView {
+            samples: l.map_or(0, Latency::len),
+            p50: q(0.5),
+            p95: q(0.95),
+            p99: q(0.99),
+        }
+    }
+}
+
+/// Why an upstream stands where it does, most important first: its state, then the terms of
+/// the formula that moved it most.
+pub fn reasons(row: &Row, f: &Explanation, cfg: &HealthConfig) -> Vec<String> {
+    let mut why = Vec::new();
+    match row.state {
+        "disabled" => why.push("disabled: kept, never served".into()),
+        "backoff" => why.push(format!(
+            "in backoff for another {:.1}s after {} consecutive failures",
+            row.backoff_left_ms.unwrap_or(0) as f64 / 1000.0,
+            f.consecutive_failures
+        )),
+        "probation" if f.total_uses == 0 => {
+            why.push("on probation: new, one request at a time until one succeeds".into())
+        }
+        "probation" => why.push(
+            "on probation: back from a backoff, one request at a time until one succeeds".into(),
+        ),
+        _ => {}
+    }
+    if f.reputation < cfg.healthy_reputation {
+        why.push(format!(
+            "reputation {} is under pool.healthy_reputation ({})",
+            f.reputation, cfg.healthy_reputation
+        ));
+    }
+    if f.consecutive_failures >= cfg.max_consecutive_failures {
+        why.push(format!(
+            "{} consecutive failures reach pool.max_consecutive_failures ({})",
+            f.consecutive_failures, cfg.max_consecutive_failures
+        ));
+    }
+    let mut terms = vec![
+        (
+            f.success_term,
+            match f.success_rate {
+                Some(r) => format!("success rate {:.0}%", r * 100.0),
+                None => "no attempt yet".into(),
+            },
+        ),
+        (
+            f.latency_term,
+            match f.response_time_ms {
+                Some(ms) => format!("response time {ms:.0} ms"),
+                None => "no response time yet".into(),
+            },
+        ),
+        (
+            f.failure_term,
+            format!("{} consecutive failures", f.consecutive_failures),
+        ),
+        (f.uses_term, format!("{} uses", f.total_uses)),
+    ];
+    terms.sort_by(|a, b| b.0.abs().total_cmp(&a.0.abs()));
+    for (points, what) in terms {
+        if points.abs() >= 0.5 {
+            let verb = if points < 0.0 { "costs" } else { "earns" };
+            why.push(format!("{what} {verb} {:.0} points", points.abs()));
+        }
+    }
+    why.push(format!(
+        "{:.0} (base) {:+.0} (success) {:+.0} (latency) {:+.0} (failures) {:+.0} (uses) = {:.1} \
+         -> reputation {}",
+        f.base, f.success_term, f.latency_term, f.failure_term, f.uses_term, f.score, f.reputation
+    ));
+    why
+}
+
 /// One line of `pool export` (JSON lines), read back by `pool import`.
 #[derive(Debug, Serialize, Deserialize)]
 struct ExportLine {
@@ -166,6 +277,7 @@ pub fn to_saved(s: &Stats) -> Saved {
         consecutive_failures: s.consecutive_failures,
         successes: s.total_uses.saturating_sub(s.failures),
         failures: s.failures,
+        latency: s.latency_histogram.as_deref().and_then(Latency::decode),
     }
 }
 
@@ -188,6 +300,10 @@ pub fn live_stats(e: &Entry, now: Instant, now_unix: u64, previous: &Stats) -> S
             .since_last_check(now)
             .map(at)
             .or(previous.last_health_check_unix_ms),
+        latency_histogram: h
+            .latency()
+            .map(|l| l.encode())
+            .or_else(|| previous.latency_histogram.clone()),
     }
 }
 
@@ -199,12 +315,15 @@ impl Catalog {
             .into_iter()
             .map(|r| (r.upstream.id(), r))
             .collect();
-        Ok(Catalog {
+        let c = Catalog {
             store,
             records,
             live: None,
             health,
-        })
+            disabled: Arc::default(),
+        };
+        c.disabled.store(c.disabled(), Ordering::Relaxed);
+        Ok(c)
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -267,6 +386,7 @@ impl Catalog {
     /// Publishes the enabled records to the live pool. Upstreams new to it start from their
     /// stored stats; the others keep their live ones.
     fn publish(&self) {
+        self.disabled.store(self.disabled(), Ordering::Relaxed);
         let Some(live) = &self.live else { return };
         let items: Vec<(Upstream, Option<Saved>)> = {
             let snap = live.pool.reader().snapshot();
@@ -294,6 +414,11 @@ impl Catalog {
     /// Records kept but disabled.
     pub fn disabled(&self) -> usize {
         self.records.len() - self.enabled()
+    }
+
+    /// The count of disabled records, kept current: what the metrics read at scrape time.
+    pub fn disabled_counter(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.disabled)
     }
 
     /// A full id, or a unique prefix of at least 4 hex digits.
@@ -529,6 +654,42 @@ impl Catalog {
     pub fn show(&self, id: UpstreamId) -> Result<Row, OpError> {
         let r = self.record(id)?;
         Ok(self.row(r, &self.store.stats(id)?, true))
+    }
+
+    /// One upstream's reputation explained, from its live health or (not serving) its stored
+    /// stats.
+    pub fn explain(&self, id: UpstreamId) -> Result<Explained, OpError> {
+        let row = self.show(id)?;
+        let (inputs, latency) = match self.entry(id) {
+            Some(e) => (e.health.inputs(), e.health.latency()),
+            None => {
+                let s = self.store.stats(id)?;
+                (
+                    Inputs {
+                        success_rate: s.success_rate,
+                        response_time_ms: s.response_time_avg_ms,
+                        consecutive_failures: s.consecutive_failures,
+                        total_uses: s.total_uses,
+                    },
+                    s.latency_histogram.as_deref().and_then(Latency::decode),
+                )
+            }
+        };
+        let formula = explain(&inputs, &self.health.reputation);
+        Ok(Explained {
+            why: reasons(&row, &formula, &self.health),
+            upstream: row,
+            formula,
+            healthy_reputation: self.health.healthy_reputation,
+            max_consecutive_failures: self.health.max_consecutive_failures,
+            latency_ms: LatencyView::of(latency.as_ref()),
+            live: self.live.is_some(),
+        })
+    }
+
+    /// The health policy the catalog judges by.
+    pub fn health_config(&self) -> &HealthConfig {
+        &self.health
     }
 
     /// The stats the store holds for `id` (what a restart starts from).

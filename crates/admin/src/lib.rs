@@ -6,15 +6,26 @@
 //! - [`ops`]: [`Op`] and [`ops::execute`]: the operations as the CLI runs and prints them
 //!   (offline, or through the control socket).
 //! - [`control`]: the control socket `<data-dir>/control.sock`.
+//! - [`api`]: the admin listener: `/metrics`, `/livez`, `/readyz` and the JSON API
+//!   (`openapi.yaml` beside this crate describes it).
 //! - [`persister`]: live stats written behind to the store.
+//! - [`keys`]: key rotation, offline or live.
+//! - [`stats`]: the last 5 minutes, hour and day of the pool's attempts.
+//! - [`metrics`]: the registry, the pool's scrape-time gauges, the store's flush latency.
+//! - [`config`]: [`config::Config`], the `[admin]` section.
 //!
 //! Dependency direction: `core + pool + store <- admin <- proxygate`; the data plane
 //! (gateway) knows nothing of it.
 
+pub mod api;
 pub mod catalog;
+pub mod config;
 pub mod control;
+pub mod keys;
+pub mod metrics;
 pub mod ops;
 pub mod persister;
+pub mod stats;
 
 pub use catalog::{Catalog, OpError};
 pub use ops::{Op, Reply};

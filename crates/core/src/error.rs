@@ -66,6 +66,36 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in declaration order (metrics create one series per kind up front).
+    pub const ALL: [ErrorKind; 21] = [
+        Self::ClientMalformed,
+        Self::ClientHeaderTooLarge,
+        Self::ClientTimeout,
+        Self::ClientUnsupported,
+        Self::ClientAuth,
+        Self::ClientClosed,
+        Self::RouteInvalid,
+        Self::UpstreamConnectRefused,
+        Self::UpstreamConnectTimeout,
+        Self::UpstreamHandshakeTimeout,
+        Self::UpstreamProtocol,
+        Self::UpstreamAuth,
+        Self::UpstreamRefused,
+        Self::UpstreamTls,
+        Self::UpstreamIo,
+        Self::TargetRefused,
+        Self::TargetUnreachable,
+        Self::TargetTimeout,
+        Self::NoUpstream,
+        Self::RetriesExhausted,
+        Self::Internal,
+    ];
+
+    /// This kind's position in [`ErrorKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// A static label for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -141,6 +171,16 @@ impl std::fmt::Display for ErrorKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_lists_every_kind_at_its_index() {
+        for (i, k) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i, "{k}");
+        }
+        let labels: std::collections::HashSet<_> =
+            ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(labels.len(), ErrorKind::ALL.len());
+    }
 
     #[test]
     fn only_upstream_faults_retry() {

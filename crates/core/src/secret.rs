@@ -22,12 +22,10 @@ impl Secret {
     }
 
     /// Compares with `other` in time independent of where the first difference is.
+    /// (The length is not hidden: it is not the secret part.)
     pub fn constant_time_eq(&self, other: &[u8]) -> bool {
-        let a = self.0.as_bytes();
-        if a.len() != other.len() {
-            return false;
-        }
-        a.iter().zip(other).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(other).into()
     }
 }
 

@@ -139,7 +139,7 @@ impl fmt::Display for ProxyType {
 
 /// A stable identifier of an upstream: derived from scheme, host, port and username (never the
 /// password), so the same proxy listed twice is one upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UpstreamId(pub u64);
 
 /// Why an upstream URL was refused. Messages never include the password.

@@ -26,10 +26,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_socks::tcp::{Socks4Stream, Socks5Stream};
 
-use crate::GatewayError;
 use crate::auth::basic_value;
 use crate::config::DialConfig;
 use crate::io::{BoxedIo, Rewind};
+use crate::{GatewayError, Metrics};
 
 /// Largest CONNECT response head we read from an upstream.
 const MAX_UPSTREAM_HEAD: usize = 16 * 1024;
@@ -387,6 +387,7 @@ impl Routing {
 /// The attempts left for one client request.
 #[derive(Debug)]
 pub struct Budget {
+    metrics: Arc<Metrics>,
     routing: Routing,
     tried: Vec<UpstreamId>,
     max_attempts: usize,
@@ -399,6 +400,7 @@ impl Budget {
     /// upstream may be tried.
     pub fn fail(&mut self, lease: Lease, err: GatewayError) -> bool {
         tracing::debug!(upstream = %lease.upstream(), error = %err, "attempt failed");
+        self.metrics.failure(err.kind);
         if !self.tried.contains(&lease.id()) {
             self.tried.push(lease.id());
         }
@@ -446,11 +448,16 @@ impl Budget {
 pub struct Dialer {
     pool: PoolReader,
     connector: Connector,
+    metrics: Arc<Metrics>,
 }
 
 impl Dialer {
-    pub fn new(pool: PoolReader, connector: Connector) -> Self {
-        Self { pool, connector }
+    pub fn new(pool: PoolReader, connector: Connector, metrics: Arc<Metrics>) -> Self {
+        Self {
+            pool,
+            connector,
+            metrics,
+        }
     }
 
     pub fn pool(&self) -> &PoolReader {
@@ -462,6 +469,7 @@ impl Dialer {
     pub fn budget(&self, routing: Routing) -> Budget {
         let cfg = self.connector.config();
         Budget {
+            metrics: Arc::clone(&self.metrics),
             routing,
             tried: Vec::new(),
             max_attempts: cfg.max_attempts as usize,
@@ -509,10 +517,15 @@ impl Dialer {
             }
             // Held for the whole dial and tunnel: keep the upstream, not the pool's snapshot.
             lease.detach();
+            let strategy = r.strategy.unwrap_or_else(|| self.pool.strategy());
+            self.metrics.attempt(strategy, !budget.tried.is_empty());
             budget.tried.push(lease.id());
             let attempt = self.attempt(lease.upstream(), target, purpose);
             let err = match tokio::time::timeout_at(budget.deadline, attempt).await {
                 Ok(Ok((io, outcome, to_http_proxy))) => {
+                    if let Some(connect) = outcome.connect {
+                        self.metrics.established(connect, outcome.handshake);
+                    }
                     return Ok(Established {
                         io,
                         lease,

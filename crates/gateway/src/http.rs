@@ -35,10 +35,12 @@ mod body;
 use crate::auth::{ClientCredentials, basic_value, parse_basic};
 use crate::dial::{Budget, Purpose, Routing};
 use crate::io::{BoxedIo, Io, Rewind};
+use crate::metrics::RequestKind;
 use crate::server::Gateway;
 
-/// A share of a connection's `server.max_connections` slot.
-pub type Permit = Arc<tokio::sync::OwnedSemaphorePermit>;
+/// A share of a connection's slot (its `server.max_connections` permit and its count as an
+/// open connection).
+pub type Permit = Arc<crate::server::ConnectionSlot>;
 
 /// The response body type of the front end.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -79,6 +81,7 @@ pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S, permit: Permit) {
         Ok(buf) => buf,
         Err(e) => {
             tracing::debug!(error = %e, "bad first request");
+            gw.metrics().request(RequestKind::Http, Some(e.kind));
             if e.kind != ErrorKind::ClientClosed {
                 let _ = stream.write_all(&raw_error_response(&e)).await;
                 let _ = stream.shutdown().await;
@@ -158,37 +161,47 @@ async fn handle(
     req: Request<Incoming>,
     permit: Permit,
 ) -> Response<Body> {
+    let kind = if req.method() == Method::CONNECT {
+        RequestKind::HttpConnect
+    } else {
+        RequestKind::HttpForward
+    };
+    let result = route_and_serve(&gw, &cache, req, permit).await;
+    gw.metrics()
+        .request(kind, result.as_ref().err().map(|e| e.kind));
+    result.unwrap_or_else(|e| {
+        log_failure(&e);
+        error_response(&e)
+    })
+}
+
+/// Authenticates, reads the routing hints, and serves the request.
+async fn route_and_serve(
+    gw: &Gateway,
+    cache: &Cache,
+    req: Request<Incoming>,
+    permit: Permit,
+) -> Result<Response<Body>, GatewayError> {
     let creds = req
         .headers()
         .get(header::PROXY_AUTHORIZATION)
         .and_then(|v| parse_basic(v.as_bytes()));
-    let routing = Routing::from_username(creds.as_ref().map(|c| c.username.as_str()));
-    let (account, routing) = match routing {
-        Ok(r) => r,
-        Err(e) => {
-            log_failure(&e);
-            return error_response(&e);
-        }
-    };
+    let (account, routing) = Routing::from_username(creds.as_ref().map(|c| c.username.as_str()))?;
     let account_creds = creds.map(|c| ClientCredentials {
         username: account,
         password: c.password,
     });
     if !gw.auth().check(account_creds.as_ref()) {
-        return error_response(&GatewayError::new(
+        return Err(GatewayError::new(
             ErrorKind::ClientAuth,
             "proxy authentication required",
         ));
     }
-    let result = if req.method() == Method::CONNECT {
-        connect(&gw, req, routing, permit).await
+    if req.method() == Method::CONNECT {
+        connect(gw, req, routing, permit).await
     } else {
-        forward(&gw, &cache, req, routing).await
-    };
-    result.unwrap_or_else(|e| {
-        log_failure(&e);
-        error_response(&e)
-    })
+        forward(gw, cache, req, routing).await
+    }
 }
 
 fn log_failure(e: &GatewayError) {
@@ -320,6 +333,7 @@ async fn forward(
             Ok(Ok(mut response)) => {
                 let id = lease.id();
                 outcome.first_byte = Some(t0.elapsed());
+                gw.metrics().first_byte(t0.elapsed());
                 if let Ok(mut slot) = cache.lock() {
                     *slot = Some(Cached {
                         id,

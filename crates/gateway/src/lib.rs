@@ -9,6 +9,7 @@
 //! - [`error`]: [`GatewayError`], a kind plus a secret-free detail, and how each kind is told
 //!   to clients (HTTP status + `Proxy-Status`, SOCKS reply code).
 //! - [`auth`]: client authentication (Basic / RFC 1929) and the client allow-list.
+//! - [`metrics`]: [`Metrics`], the data plane's Prometheus series (no per-upstream label).
 //! - [`io`]: [`io::Rewind`] (replays bytes already read) and the boxed stream type.
 //! - [`dial`]: upstream connectors for every scheme, and the retrying [`dial::Dialer`].
 //! - [`tls`]: rustls client config for HTTPS upstreams.
@@ -23,6 +24,7 @@ pub mod dial;
 pub mod error;
 pub mod http;
 pub mod io;
+pub mod metrics;
 pub mod relay;
 pub mod server;
 pub mod socks;
@@ -30,4 +32,5 @@ pub mod tls;
 
 pub use config::Config;
 pub use error::GatewayError;
+pub use metrics::Metrics;
 pub use server::{Gateway, Server};

@@ -11,6 +11,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::Metrics;
+
 const BUF_SIZE: usize = 16 * 1024;
 
 /// How a relay ended.
@@ -56,8 +58,8 @@ impl Shared {
 }
 
 /// Relays between `client` and `upstream` until both close, one fails, or `idle` passes
-/// without traffic.
-pub async fn relay<C, U>(client: C, upstream: U, idle: Duration) -> RelayStats
+/// without traffic. Bytes are added to `metrics` as they move.
+pub async fn relay<C, U>(client: C, upstream: U, idle: Duration, metrics: &Metrics) -> RelayStats
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -71,8 +73,8 @@ where
     };
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let upward = copy(&mut cr, &mut uw, &shared, Direction::Up);
-    let downward = copy(&mut ur, &mut cw, &shared, Direction::Down);
+    let upward = copy(&mut cr, &mut uw, &shared, Direction::Up, metrics);
+    let downward = copy(&mut ur, &mut cw, &shared, Direction::Down, metrics);
     let watchdog = async {
         loop {
             let last = Duration::from_millis(shared.last_activity_ms.load(Ordering::Relaxed));
@@ -116,14 +118,31 @@ enum Direction {
     Down,
 }
 
-async fn copy<R, W>(r: &mut R, w: &mut W, shared: &Shared, dir: Direction) -> Result<(), RelayEnd>
+async fn copy<R, W>(
+    r: &mut R,
+    w: &mut W,
+    shared: &Shared,
+    dir: Direction,
+    metrics: &Metrics,
+) -> Result<(), RelayEnd>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (read_fault, write_fault, counter) = match dir {
-        Direction::Up => (RelayEnd::ClientError, RelayEnd::UpstreamError, &shared.up),
-        Direction::Down => (RelayEnd::UpstreamError, RelayEnd::ClientError, &shared.down),
+    let (up_total, down_total) = metrics.byte_counters();
+    let (read_fault, write_fault, counter, total) = match dir {
+        Direction::Up => (
+            RelayEnd::ClientError,
+            RelayEnd::UpstreamError,
+            &shared.up,
+            up_total,
+        ),
+        Direction::Down => (
+            RelayEnd::UpstreamError,
+            RelayEnd::ClientError,
+            &shared.down,
+            down_total,
+        ),
     };
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
@@ -144,6 +163,7 @@ where
         }
         write_all(w, &buf[..n]).await.map_err(|_| write_fault)?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
+        total.inc_by(n as u64);
         shared.touch();
     }
 }
@@ -162,7 +182,15 @@ mod tests {
     async fn copies_both_ways_and_counts() {
         let (client, mut client_peer) = duplex(64);
         let (upstream, mut upstream_peer) = duplex(64);
-        let task = tokio::spawn(relay(client, upstream, Duration::from_secs(5)));
+        let task = tokio::spawn(async move {
+            relay(
+                client,
+                upstream,
+                Duration::from_secs(5),
+                &Metrics::unregistered(),
+            )
+            .await
+        });
         client_peer.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
         upstream_peer.read_exact(&mut buf).await.unwrap();
@@ -183,7 +211,13 @@ mod tests {
     async fn idle_tunnel_is_closed() {
         let (client, _client_peer) = duplex(64);
         let (upstream, _upstream_peer) = duplex(64);
-        let stats = relay(client, upstream, Duration::from_secs(300)).await;
+        let stats = relay(
+            client,
+            upstream,
+            Duration::from_secs(300),
+            &Metrics::unregistered(),
+        )
+        .await;
         assert_eq!(stats.end, RelayEnd::Idle);
         assert_eq!(stats.first_byte, None);
     }
@@ -192,7 +226,15 @@ mod tests {
     async fn activity_postpones_idle() {
         let (client, mut client_peer) = duplex(64);
         let (upstream, mut upstream_peer) = duplex(64);
-        let task = tokio::spawn(relay(client, upstream, Duration::from_secs(10)));
+        let task = tokio::spawn(async move {
+            relay(
+                client,
+                upstream,
+                Duration::from_secs(10),
+                &Metrics::unregistered(),
+            )
+            .await
+        });
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_secs(6)).await;
             client_peer.write_all(b"x").await.unwrap();

@@ -21,9 +21,10 @@ use tokio_util::task::TaskTracker;
 use crate::auth::ClientAuth;
 use crate::dial::{Connector, Dialer, Established};
 use crate::io::Io;
+use crate::metrics::{GaugeGuard, Protocol, RequestKind};
 use crate::relay::{RelayEnd, relay};
 use crate::tls::TlsConfigError;
-use crate::{Config, GatewayError, http, socks};
+use crate::{Config, GatewayError, Metrics, http, socks};
 
 /// The state every connection shares.
 #[derive(Debug, Clone)]
@@ -36,25 +37,42 @@ struct Inner {
     dialer: Dialer,
     tasks: TaskTracker,
     shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+}
+
+/// A client connection's place: its share of `server.max_connections` and its count in
+/// `proxygate_active_connections`, held until every part of the connection (a CONNECT tunnel
+/// included) has ended.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _open: GaugeGuard,
 }
 
 impl Gateway {
-    /// Builds the gateway over `pool`. Fails only if TLS cannot be set up.
+    /// Builds the gateway over `pool`, counting into `metrics`. Fails only if TLS cannot be
+    /// set up.
     pub fn new(
         config: Config,
         auth: ClientAuth,
         pool: PoolReader,
         shutdown: Shutdown,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, TlsConfigError> {
         let tls = crate::tls::client_config(config.dial.tls_ca_file.as_deref())?;
         let connector = Connector::new(config.dial.clone(), tls);
         Ok(Self(Arc::new(Inner {
-            dialer: Dialer::new(pool, connector),
+            dialer: Dialer::new(pool, connector, Arc::clone(&metrics)),
             config,
             auth,
             tasks: TaskTracker::new(),
             shutdown,
+            metrics,
         })))
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
     }
 
     pub fn config(&self) -> &Config {
@@ -84,7 +102,12 @@ impl Gateway {
     /// Relays an established tunnel and reports its outcome.
     pub(crate) async fn relay<C: Io>(&self, client: C, est: Established) {
         let idle = self.0.config.server.idle_timeout;
-        let stats = relay(client, est.io, idle).await;
+        let metrics = &self.0.metrics;
+        let _active = metrics.tunnel();
+        let stats = relay(client, est.io, idle, metrics).await;
+        if let Some(fb) = stats.first_byte {
+            metrics.first_byte(fb);
+        }
         let mut outcome = est.outcome;
         outcome.bytes_up = stats.bytes_up;
         outcome.bytes_down = stats.bytes_down;
@@ -93,6 +116,7 @@ impl Gateway {
         // reset may as well be the destination's doing.
         if stats.end == RelayEnd::UpstreamError && stats.first_byte.is_none() {
             outcome.error = Some(ErrorKind::UpstreamIo);
+            metrics.failure(ErrorKind::UpstreamIo);
         }
         tracing::debug!(
             upstream = %est.lease.upstream(),
@@ -125,18 +149,27 @@ impl Gateway {
             Ok(Ok(1)) => {}
             _ => return,
         }
-        match first[0] {
-            0x05 => socks::serve_socks5(self, stream).await,
-            0x04 => socks::serve_socks4(self, stream).await,
-            b if b.is_ascii_alphabetic() => {
-                http::serve_http(self, stream, Arc::new(permit)).await;
-            }
-            _ => {
+        let protocol = match first[0] {
+            0x05 => Protocol::Socks5,
+            0x04 => Protocol::Socks4,
+            b if b.is_ascii_alphabetic() => Protocol::Http,
+            _ => Protocol::Unknown,
+        };
+        let slot = ConnectionSlot {
+            _permit: permit,
+            _open: self.0.metrics.connection(protocol),
+        };
+        match protocol {
+            Protocol::Socks5 => socks::serve_socks5(self, stream).await,
+            Protocol::Socks4 => socks::serve_socks4(self, stream).await,
+            Protocol::Http => http::serve_http(self, stream, Arc::new(slot)).await,
+            Protocol::Unknown => {
                 let e = GatewayError::new(
                     ErrorKind::ClientMalformed,
                     "unrecognized protocol (expected HTTP, SOCKS5 or SOCKS4)",
                 );
                 tracing::debug!(%peer, "unrecognized first byte {:#04x}", first[0]);
+                self.0.metrics.request(RequestKind::Http, Some(e.kind));
                 let mut stream = stream;
                 let _ = stream.write_all(&http::raw_error_response(&e)).await;
                 let _ = stream.shutdown().await;

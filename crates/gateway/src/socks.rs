@@ -18,6 +18,7 @@ use crate::auth::ClientCredentials;
 use crate::dial::{Purpose, Routing};
 use crate::error::socks5_rep;
 use crate::io::{Io, Rewind};
+use crate::metrics::RequestKind;
 use crate::server::Gateway;
 
 const NO_AUTH: u8 = 0x00;
@@ -50,19 +51,23 @@ pub async fn serve_socks5<S: Io>(gw: Gateway, stream: S) {
     let mut reader = BufReader::new(stream);
     let timeout = gw.config().server.header_read_timeout;
     let handshake = tokio::time::timeout(timeout, socks5_handshake(&gw, &mut reader)).await;
+    let refused = |kind| gw.metrics().request(RequestKind::Socks5, Some(kind));
     let request = match handshake {
         Ok(Ok(r)) => r,
         Ok(Err(HandshakeError::Reply(rep, e))) => {
             tracing::debug!(error = %e, "socks5 request refused");
+            refused(e.kind);
             let _ = reader.get_mut().write_all(&socks5_reply(rep)).await;
             return;
         }
         Ok(Err(HandshakeError::Close(e))) => {
             tracing::debug!(error = %e, "socks5 handshake failed");
+            refused(e.kind);
             return;
         }
         Err(_) => {
             tracing::debug!("socks5 handshake timed out");
+            refused(ErrorKind::ClientTimeout);
             return;
         }
     };
@@ -73,10 +78,12 @@ pub async fn serve_socks5<S: Io>(gw: Gateway, stream: S) {
 pub async fn serve_socks4<S: Io>(gw: Gateway, stream: S) {
     let mut reader = BufReader::new(stream);
     let timeout = gw.config().server.header_read_timeout;
+    let refused = |kind| gw.metrics().request(RequestKind::Socks4, Some(kind));
     let request = match tokio::time::timeout(timeout, socks4_request(&mut reader)).await {
         Ok(Ok(r)) => r,
         Ok(Err(HandshakeError::Reply(_, e))) => {
             tracing::debug!(error = %e, "socks4 request refused");
+            refused(e.kind);
             let _ = reader
                 .get_mut()
                 .write_all(&socks4_reply(SOCKS4_REJECTED))
@@ -85,14 +92,19 @@ pub async fn serve_socks4<S: Io>(gw: Gateway, stream: S) {
         }
         Ok(Err(HandshakeError::Close(e))) => {
             tracing::debug!(error = %e, "socks4 handshake failed");
+            refused(e.kind);
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            refused(ErrorKind::ClientTimeout);
+            return;
+        }
     };
     if gw.auth().is_required() {
         tracing::info!(
             "socks4 client refused: client authentication is on and SOCKS4 has no password"
         );
+        refused(ErrorKind::ClientAuth);
         let _ = reader
             .get_mut()
             .write_all(&socks4_reply(SOCKS4_REJECTED))
@@ -109,6 +121,13 @@ enum Version {
 }
 
 impl Version {
+    fn request_kind(self) -> RequestKind {
+        match self {
+            Version::Socks5 => RequestKind::Socks5,
+            Version::Socks4 => RequestKind::Socks4,
+        }
+    }
+
     fn success(self) -> Vec<u8> {
         match self {
             Version::Socks5 => socks5_reply(socks5_rep::SUCCEEDED).to_vec(),
@@ -145,10 +164,12 @@ async fn connect_and_relay<S: Io>(
         Ok(est) => est,
         Err(e) => {
             tracing::info!(?version, target = %request.target, error = %e, "socks request failed");
+            gw.metrics().request(version.request_kind(), Some(e.kind));
             let _ = reader.get_mut().write_all(&version.failure(&e)).await;
             return;
         }
     };
+    gw.metrics().request(version.request_kind(), None);
     let leftover = Bytes::copy_from_slice(reader.buffer());
     let mut client = Rewind::new(leftover, reader.into_inner());
     if client.write_all(&version.success()).await.is_err() {

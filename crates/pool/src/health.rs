@@ -14,11 +14,13 @@
 //! proxy. All numbers are atomics: reporting and selection never take a lock.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use proxygate_core::{Outcome, Side};
 
 use crate::hot::{Hot, HotRef};
+use crate::latency::Latency;
 use crate::reputation::{Inputs, ReputationConfig, reputation};
 
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(30);
@@ -91,17 +93,48 @@ pub struct Health {
     /// When an attempt last re-checked this upstream: an outcome recorded while it was on
     /// probation (its first use, or its first after a backoff). 0: never.
     last_check_ms: AtomicU64,
+    /// Response times since first measured; allocated on the first measurement.
+    latency: Mutex<Option<Box<Latency>>>,
+    /// Successes, failures and summed response time (ms) since the control plane last took
+    /// them ([`Health::take_interval`]): its per-upstream windows.
+    interval: [AtomicU64; 3],
+}
+
+/// What one attempt, as recorded, added to an upstream's stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// A success, with its response time in ms when one was measured.
+    Success(Option<u64>),
+    /// A failure that was the upstream's fault.
+    Failure,
+    /// Not the upstream's business (the client left, the destination refused).
+    Ignored,
+}
+
+/// Successes, failures and summed response time (ms) of one upstream over an interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Interval {
+    pub successes: u64,
+    pub failures: u64,
+    pub response_ms_sum: u64,
+}
+
+impl Interval {
+    pub fn is_empty(&self) -> bool {
+        self.successes == 0 && self.failures == 0
+    }
 }
 
 /// The part of an upstream's stats worth keeping across restarts (what it learned, not what
 /// it is doing: in flight, backoff and LRU keys start afresh).
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Saved {
     pub success_rate: Option<f64>,
     pub response_time_ms: Option<f64>,
     pub consecutive_failures: u32,
     pub successes: u64,
     pub failures: u64,
+    pub latency: Option<Latency>,
 }
 
 impl Default for Health {
@@ -204,6 +237,8 @@ impl Health {
             response_ema: AtomicU32::new(NONE),
             dirty: AtomicBool::new(false),
             last_check_ms: AtomicU64::new(0),
+            latency: Mutex::new(None),
+            interval: Default::default(),
         }
     }
 
@@ -221,6 +256,7 @@ impl Health {
             failures: AtomicU64::new(saved.failures),
             success_ema: AtomicU32::new(store_f32(saved.success_rate)),
             response_ema: AtomicU32::new(store_f32(saved.response_time_ms)),
+            latency: Mutex::new(saved.latency.clone().map(Box::new)),
             ..Health::new(hot)
         };
         let hot = h.hot();
@@ -247,6 +283,26 @@ impl Health {
             consecutive_failures: self.consecutive_failures(),
             successes: self.successes(),
             failures: self.failures(),
+            latency: self.latency(),
+        }
+    }
+
+    /// The response-time distribution since first measured (a copy), if any.
+    pub fn latency(&self) -> Option<Latency> {
+        self.latency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_deref()
+            .cloned()
+    }
+
+    /// What happened since the last call (and starts the next interval).
+    pub fn take_interval(&self) -> Interval {
+        let [s, f, rt] = &self.interval;
+        Interval {
+            successes: s.swap(0, Ordering::Relaxed),
+            failures: f.swap(0, Ordering::Relaxed),
+            response_ms_sum: rt.swap(0, Ordering::Relaxed),
         }
     }
 
@@ -340,7 +396,8 @@ impl Health {
         self.hot().acquire(now_ms);
     }
 
-    fn inputs(&self) -> Inputs {
+    /// The reputation formula's inputs, as they stand.
+    pub fn inputs(&self) -> Inputs {
         Inputs {
             success_rate: self.success_rate(),
             response_time_ms: self.response_time_ms(),
@@ -350,10 +407,17 @@ impl Health {
     }
 
     /// Applies one attempt's outcome at `now_ms`; `jitter` is a uniform sample of `0.0..1.0`.
-    pub(crate) fn record(&self, outcome: &Outcome, now_ms: u64, cfg: &HealthConfig, jitter: f64) {
+    /// Returns what it counted.
+    pub(crate) fn record(
+        &self,
+        outcome: &Outcome,
+        now_ms: u64,
+        cfg: &HealthConfig,
+        jitter: f64,
+    ) -> Counted {
         let hot = self.hot();
         let was_on_probation = self.is_on_probation();
-        match outcome.error {
+        let counted = match outcome.error {
             None => {
                 self.successes.fetch_add(1, Ordering::Relaxed);
                 self.consecutive_failures.store(0, Ordering::Relaxed);
@@ -364,17 +428,30 @@ impl Health {
                     .connect
                     .unwrap_or_default()
                     .saturating_add(outcome.handshake.or(outcome.first_byte).unwrap_or_default());
-                if outcome.connect.is_some() || outcome.first_byte.is_some() {
+                let measured = outcome.connect.is_some() || outcome.first_byte.is_some();
+                let [s, _, rt_sum] = &self.interval;
+                s.fetch_add(1, Ordering::Relaxed);
+                if measured {
                     update_ema(&self.response_ema, rt.as_secs_f64() * 1000.0, cfg.ema_alpha);
+                    let ms = crate::millis(rt);
+                    rt_sum.fetch_add(ms, Ordering::Relaxed);
+                    self.latency
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get_or_insert_with(Box::default)
+                        .record(ms);
                 }
+                Counted::Success(measured.then(|| crate::millis(rt)))
             }
             Some(kind) if kind.side() == Side::Upstream => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
                 update_ema(&self.success_ema, 0.0, cfg.ema_alpha);
+                self.interval[1].fetch_add(1, Ordering::Relaxed);
+                Counted::Failure
             }
-            Some(_) => return,
-        }
+            Some(_) => return Counted::Ignored,
+        };
         let rep = reputation(&self.inputs(), &cfg.reputation);
         hot.set_reputation(rep);
         self.dirty.store(true, Ordering::Relaxed);
@@ -394,6 +471,7 @@ impl Health {
             hot.set_backoff_until_ms(until);
             hot.set_probation(true);
         }
+        counted
     }
 }
 

@@ -6,6 +6,8 @@
 //! - [`reputation`]: the 0-100 reputation formula, pure, every constant configurable.
 //! - [`health`]: per-upstream live stats in atomics (moving averages, failures, uses), the
 //!   healthy/probation/backoff policy.
+//! - [`latency`]: response-time histograms per upstream ([`latency::Latency`]) and of the
+//!   whole pool since the last look ([`latency::Recent`]).
 //! - `hot`: the hot table, the part of every upstream's health a pick reads, contiguous.
 //! - [`sessions`]: the sticky-session table (session key -> pinned upstream, with a TTL).
 //! - [`strategy`]: [`Strategy`], the six selection strategies and their pick algorithms.
@@ -18,6 +20,7 @@
 pub mod config;
 pub mod health;
 pub(crate) mod hot;
+pub mod latency;
 pub mod pool;
 pub mod reputation;
 pub mod sessions;

@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use proxygate_core::{Outcome, Route, Upstream, UpstreamId};
 
+use crate::health::Counted;
+use crate::latency::Window;
 use crate::sessions::Sessions;
-use crate::snapshot::{Counter, SHARDS, Shard, Shared};
+use crate::snapshot::{Counter, SHARDS, Shard, Shared, shard_index};
 use crate::strategy::{PickCtx, pick};
 use crate::{Entry, HealthConfig, Snapshot, Strategy};
 
@@ -169,6 +171,12 @@ impl PoolReader {
         pool.sessions
             .pin(key, lease.id(), now_ms.saturating_add(ttl), now_ms);
         Some(lease)
+    }
+
+    /// What every attempt did since the last call: counts and response times (the control
+    /// plane's windows are built from these).
+    pub fn take_recent(&self) -> Window {
+        self.0.shared.recent.take()
     }
 
     /// Live sticky sessions.
@@ -354,9 +362,14 @@ impl Lease {
         let entry = self.entry();
         let shared = &entry.shared;
         let now_ms = shared.millis(now);
-        entry
+        let counted = entry
             .health
             .record(outcome, now_ms, &shared.health, fastrand::f64());
+        match counted {
+            Counted::Success(ms) => shared.recent.record(shard_index(), ms, true),
+            Counted::Failure => shared.recent.record(shard_index(), None, false),
+            Counted::Ignored => {}
+        }
     }
 }
 
@@ -430,7 +443,10 @@ mod tests {
             ..crate::Saved::default()
         };
         let new = Upstream::parse("socks5://10.9.9.9:1080").unwrap();
-        w.replace_saved([(live.clone(), Some(saved)), (new.clone(), Some(saved))]);
+        w.replace_saved([
+            (live.clone(), Some(saved.clone())),
+            (new.clone(), Some(saved)),
+        ]);
         let snap = r.snapshot();
         let h = &snap.get(live.id()).unwrap().health;
         assert_eq!(

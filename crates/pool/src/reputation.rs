@@ -91,15 +91,52 @@ pub fn uses_term(total_uses: u64, cfg: &ReputationConfig) -> f64 {
 
 /// The reputation, 0..=100.
 pub fn reputation(i: &Inputs, cfg: &ReputationConfig) -> u8 {
-    let score = cfg.base
-        + success_term(i.success_rate, cfg)
-        + latency_term(i.response_time_ms, cfg)
-        + failure_term(i.consecutive_failures, cfg)
-        + uses_term(i.total_uses, cfg);
-    if score.is_nan() {
-        return 0;
+    explain(i, cfg).reputation
+}
+
+/// The formula worked through for one upstream: each term with the input it came from, the
+/// raw score and the reputation it rounds and clamps to. What `proxygate reputation ID`
+/// shows.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Explanation {
+    pub base: f64,
+    pub success_rate: Option<f64>,
+    pub success_term: f64,
+    pub response_time_ms: Option<f64>,
+    pub latency_term: f64,
+    pub consecutive_failures: u32,
+    pub failure_term: f64,
+    pub total_uses: u64,
+    pub uses_term: f64,
+    /// `base + success + latency + failure + uses`, before rounding and clamping.
+    pub score: f64,
+    pub reputation: u8,
+}
+
+/// Works the formula through for `i`.
+pub fn explain(i: &Inputs, cfg: &ReputationConfig) -> Explanation {
+    let success = success_term(i.success_rate, cfg);
+    let latency = latency_term(i.response_time_ms, cfg);
+    let failure = failure_term(i.consecutive_failures, cfg);
+    let uses = uses_term(i.total_uses, cfg);
+    let score = cfg.base + success + latency + failure + uses;
+    Explanation {
+        base: cfg.base,
+        success_rate: i.success_rate,
+        success_term: success,
+        response_time_ms: i.response_time_ms,
+        latency_term: latency,
+        consecutive_failures: i.consecutive_failures,
+        failure_term: failure,
+        total_uses: i.total_uses,
+        uses_term: uses,
+        score,
+        reputation: if score.is_nan() {
+            0
+        } else {
+            score.round().clamp(0.0, 100.0) as u8
+        },
     }
-    score.round().clamp(0.0, 100.0) as u8
 }
 
 #[cfg(test)]
@@ -109,6 +146,25 @@ mod tests {
 
     fn cfg() -> ReputationConfig {
         ReputationConfig::default()
+    }
+
+    #[test]
+    fn explanation_adds_up() {
+        let i = Inputs {
+            success_rate: Some(0.4),
+            response_time_ms: Some(1250.0),
+            consecutive_failures: 2,
+            total_uses: 37,
+        };
+        let e = explain(&i, &cfg());
+        assert!((e.success_term + 6.0).abs() < 1e-9, "{}", e.success_term);
+        assert_eq!(e.latency_term, 7.5);
+        assert_eq!(e.failure_term, -10.0);
+        assert_eq!(e.uses_term, 3.0);
+        let sum = e.base + e.success_term + e.latency_term + e.failure_term + e.uses_term;
+        assert_eq!(e.score, sum);
+        assert_eq!(e.reputation, 45);
+        assert_eq!(reputation(&i, &cfg()), 45);
     }
 
     #[test]

@@ -74,6 +74,8 @@ impl Entry {
 pub struct Shared {
     pub(crate) epoch: Instant,
     pub(crate) health: HealthConfig,
+    /// Every attempt since the control plane last took them.
+    pub(crate) recent: crate::latency::Recent,
     /// The hot table every entry of the pool has its slot in.
     pub(crate) slab: Arc<Slab>,
 }
@@ -83,6 +85,7 @@ impl Shared {
         Self {
             epoch: Instant::now(),
             health,
+            recent: crate::latency::Recent::new(SHARDS),
             slab: Arc::new(Slab::default()),
         }
     }

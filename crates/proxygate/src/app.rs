@@ -12,7 +12,10 @@ use proxygate_pool::{Pool, PoolReader, PoolWriter, Strategy};
 use proxygate_store::Store;
 use tracing_subscriber::EnvFilter;
 
+use proxygate_admin::api::{self, Api, NoActions};
+use proxygate_admin::metrics::{AdminMetrics, PoolCollector};
 use proxygate_admin::persister::{self, persist};
+use proxygate_admin::stats::{self, StatsBook};
 use proxygate_admin::{Catalog, control, every};
 use proxygate_core::ConfigErrors;
 
@@ -34,6 +37,9 @@ fn resolve(args: &RunArgs) -> Result<(RootConfig, Vec<proxygate_core::Upstream>)
     }
     if let Some(dir) = &args.data_dir {
         cfg.data_dir = dir.clone();
+    }
+    if let Some(addr) = args.admin_listen {
+        cfg.admin.listen = addr;
     }
     if let Some(name) = &args.strategy {
         match name.parse::<Strategy>() {
@@ -179,6 +185,15 @@ async fn serve(
         );
     }
 
+    let registry = prometheus::Registry::new();
+    let metrics = proxygate_gateway::Metrics::register(&registry).context("metrics")?;
+    let admin_metrics = AdminMetrics::register(&registry).context("metrics")?;
+    registry
+        .register(Box::new(
+            PoolCollector::new(reader.clone(), catalog.disabled_counter()).context("metrics")?,
+        ))
+        .context("metrics")?;
+
     let store = Arc::clone(catalog.store());
     let catalog = Arc::new(Mutex::new(catalog));
     let (trigger, shutdown) = Shutdown::new();
@@ -191,13 +206,23 @@ async fn serve(
             async {}
         },
     ));
+    let flushes = admin_metrics.store_flush.clone();
     let persister = tokio::spawn(persister::run(
         cfg.store.stats_flush_interval,
         Arc::clone(&store),
         reader.clone(),
         shutdown.clone(),
-        |_took| {},
+        move |took| flushes.observe(took.as_secs_f64()),
     ));
+    let stats = Arc::new(Mutex::new(StatsBook::default()));
+    let (sampled, sampled_pool) = (Arc::clone(&stats), reader.clone());
+    tokio::spawn(every(stats::SAMPLE_EVERY, shutdown.clone(), move || {
+        sampled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sample(&sampled_pool);
+        async {}
+    }));
     match control::bind(&cfg.data_dir) {
         Ok(listener) => {
             tokio::spawn(control::serve(
@@ -212,7 +237,39 @@ async fn serve(
             control::socket_path(&cfg.data_dir).display()
         ),
     }
-    let gateway = Gateway::new(cfg.gateway.clone(), auth, reader.clone(), shutdown)
+    let token = match &cfg.admin.token_file {
+        Some(path) => Some(proxygate_core::Secret::new(
+            proxygate_admin::config::read_token(path)
+                .map_err(|why| anyhow::anyhow!("admin.token_file: {why}"))?
+                .as_str(),
+        )),
+        None => None,
+    };
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin.listen)", cfg.admin.listen))?;
+    let admin_addr = admin_listener.local_addr()?;
+    let api = Arc::new(Api {
+        catalog: Arc::clone(&catalog),
+        store: Arc::clone(&store),
+        pool: reader.clone(),
+        registry,
+        stats,
+        actions: Arc::new(NoActions),
+        token,
+        ready_min_healthy: cfg.admin.ready_min_healthy,
+        rotating: tokio::sync::Mutex::new(()),
+    });
+    tokio::spawn(api::serve(admin_listener, api, shutdown.clone()));
+    tracing::info!(
+        "admin API on http://{admin_addr} (/metrics, /livez, /readyz, /api/v1){}",
+        if cfg.admin.token_file.is_some() {
+            ", bearer token required"
+        } else {
+            ""
+        }
+    );
+    let gateway = Gateway::new(cfg.gateway.clone(), auth, reader.clone(), shutdown, metrics)
         .context("dial.tls_ca_file")?;
     let server = Server::bind(gateway).await?;
     // Handlers first: a SIGTERM right after "listening" must drain, not kill.

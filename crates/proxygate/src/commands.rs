@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
-use proxygate_store::{KEY_ENV, KEY_FILE, Key, KeyOrigin, NEXT_KEY_FILE, Store, StoreError};
+use proxygate_store::{KEY_ENV, KEY_FILE, Key, Store, StoreError};
 
 use proxygate_admin::catalog::EXIT_DATA;
 use proxygate_admin::{Catalog, Op, Reply, control, ops};
@@ -235,77 +234,29 @@ fn rotate(dir: &Path, new_key_file: Option<&Path>) -> anyhow::Result<()> {
     if !Store::exists(dir) {
         anyhow::bail!("no data dir at {}", dir.display());
     }
-    let (mut store, _) = Store::open(dir, env_key().as_deref()).map_err(|e| match e {
+    let (store, _) = Store::open(dir, env_key().as_deref()).map_err(|e| match e {
         StoreError::Locked { .. } => anyhow::anyhow!(
-            "{e}. Key rotation runs on a stopped data dir: stop the gateway, rotate, start it"
+            "{e}. Rotate a running gateway's key through its admin API: \
+             `proxygate key rotate --admin URL`"
         ),
         other => other.into(),
     })?;
-    // Every record must open before anything is re-encrypted.
-    store.records()?;
-    let origin = store.keys().origin().clone();
-    let old = store.key_id()?.unwrap_or(store.keys().primary().id());
-    let next_path = dir.join(NEXT_KEY_FILE);
-    let next = match (new_key_file, &origin) {
-        (Some(path), _) => {
-            let key = proxygate_store::crypto::read_key_file(path)?;
-            if matches!(origin, KeyOrigin::File(_)) {
-                // The key file will be replaced by it: keep it in the data dir first. A next
-                // key left by an attempt that never started re-encrypting is replaced; one
-                // that did start is finished first (begin_rotation says so).
-                if next_path.exists() && store.rotation()?.is_none() {
-                    let left = proxygate_store::crypto::read_key_file(&next_path)?;
-                    if left.id() != key.id() {
-                        std::fs::remove_file(&next_path)
-                            .with_context(|| next_path.display().to_string())?;
-                    }
-                }
-                if !next_path.exists() {
-                    proxygate_store::crypto::write_key_file(&next_path, &key)?;
-                }
-            }
-            key
-        }
-        (None, KeyOrigin::Env) => {
-            anyhow::bail!(
-                "the key comes from {KEY_ENV}, which this command cannot change: make a new \
-                 key with `proxygate key generate`, save it to a file (mode 0600) and pass it \
-                 with --new-key-file"
-            );
-        }
-        (None, KeyOrigin::File(_)) if next_path.exists() => {
-            proxygate_store::crypto::read_key_file(&next_path)?
-        }
-        (None, KeyOrigin::File(_)) => {
-            let key = Key::generate();
-            proxygate_store::crypto::write_key_file(&next_path, &key)?;
-            key
-        }
-    };
-    let next_id = next.id();
-    store.begin_rotation(next)?;
-    let mut total = 0;
-    loop {
-        let p = store.rotate_some(1000)?;
-        total += p.reencrypted;
-        if p.left == 0 {
-            break;
-        }
-        eprintln!("proxygate: re-encrypted {total}, {} left", p.left);
-    }
-    if let KeyOrigin::File(path) = &origin
-        && next_path.exists()
-    {
-        std::fs::rename(&next_path, path).with_context(|| path.display().to_string())?;
-        proxygate_store::crypto::sync_dir(path)?;
-    }
-    store.end_rotation()?;
-    println!("re-encrypted {total} records with key {next_id}; key {old} is retired");
-    if origin == KeyOrigin::Env {
+    let r = proxygate_admin::keys::rotate(&store, new_key_file, |done, left| {
+        eprintln!("proxygate: re-encrypted {done}, {left} left");
+    })?;
+    print_rotated(&r);
+    Ok(())
+}
+
+fn print_rotated(r: &proxygate_admin::keys::Rotated) {
+    println!(
+        "re-encrypted {} records with key {}; key {} is retired",
+        r.reencrypted, r.key_id, r.retired
+    );
+    if r.env_key_outdated {
         println!(
             "{KEY_ENV} still holds the retired key: set it to the new key (the contents of \
              the --new-key-file) before the next start"
         );
     }
-    Ok(())
 }

@@ -9,6 +9,7 @@
 //! | `[dial]`      | `proxygate_gateway::config::DialConfig`   |
 //! | `[pool]`      | `proxygate_pool::Config`                  |
 //! | `[store]`     | `proxygate_store::Config`                 |
+//! | `[admin]`     | `proxygate_admin::config::Config`         |
 //! | `[upstreams]` | [`UpstreamsConfig`]                       |
 //! | `[log]`       | [`LogConfig`]                             |
 //!
@@ -34,6 +35,7 @@ pub(crate) struct RootConfig {
     pub(crate) pool: proxygate_pool::Config,
     pub(crate) upstreams: UpstreamsConfig,
     pub(crate) store: proxygate_store::Config,
+    pub(crate) admin: proxygate_admin::config::Config,
     pub(crate) log: LogConfig,
 }
 
@@ -81,12 +83,13 @@ impl Default for RootConfig {
             pool: proxygate_pool::Config::default(),
             upstreams: UpstreamsConfig::default(),
             store: proxygate_store::Config::default(),
+            admin: proxygate_admin::config::Config::default(),
             log: LogConfig::default(),
         }
     }
 }
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "data_dir",
     "server",
     "auth",
@@ -94,6 +97,7 @@ const SECTIONS: [&str; 8] = [
     "pool",
     "upstreams",
     "store",
+    "admin",
     "log",
 ];
 
@@ -143,6 +147,7 @@ impl RootConfig {
             set(v, "upstreams", &mut cfg.upstreams)
         });
         read("store", &mut |v| set(v, "store", &mut cfg.store));
+        read("admin", &mut |v| set(v, "admin", &mut cfg.admin));
         read("log", &mut |v| set(v, "log", &mut cfg.log));
         (cfg, problems)
     }
@@ -156,6 +161,7 @@ impl RootConfig {
             problems.push(Problem::new("log.level", format!("invalid filter: {e}")));
         }
         problems.extend(self.store.validate());
+        problems.extend(self.admin.validate());
         if self.data_dir.as_os_str().is_empty() {
             problems.push(Problem::new("data_dir", "must not be empty"));
         }

@@ -69,6 +69,10 @@ struct RunArgs {
     /// Selection strategy; replaces pool.strategy.
     #[arg(long, value_name = "NAME")]
     strategy: Option<String>,
+    /// Address of the admin listener (/metrics, /livez, /readyz, /api/v1); replaces
+    /// admin.listen.
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {

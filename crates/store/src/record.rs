@@ -43,6 +43,9 @@ pub struct Stats {
     pub failures: u64,
     pub last_used_unix_ms: Option<u64>,
     pub last_health_check_unix_ms: Option<u64>,
+    /// The response-time histogram (hdrhistogram V2, base64) since first measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_histogram: Option<String>,
 }
 
 impl Default for Stats {
@@ -57,6 +60,7 @@ impl Default for Stats {
             failures: 0,
             last_used_unix_ms: None,
             last_health_check_unix_ms: None,
+            latency_histogram: None,
         }
     }
 }

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -30,7 +31,8 @@ pub struct Store {
     pub(crate) stats: sled::Tree,
     settings: sled::Tree,
     pub(crate) meta: sled::Tree,
-    pub(crate) keys: Keyring,
+    /// Swapped whole by a rotation, which runs beside readers and writers (live rotation).
+    keys: RwLock<Keyring>,
 }
 
 /// What opening did beyond reading.
@@ -55,7 +57,7 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("dir", &self.dir)
-            .field("keys", &self.keys)
+            .field("keys", &*self.ring())
             .finish_non_exhaustive()
     }
 }
@@ -141,14 +143,14 @@ impl Store {
             stats,
             settings,
             meta,
-            keys,
+            keys: RwLock::new(keys),
             db,
         };
         report.migrated = migrate::run(&mut store, version)?;
         if store.meta.get("key_id").map_err(db_err(dir))?.is_none() {
             store
                 .meta
-                .insert("key_id", &store.keys.primary().id().0.to_be_bytes())
+                .insert("key_id", &store.ring().primary().id().0.to_be_bytes())
                 .map_err(db_err(dir))?;
         }
         report.rotation_pending = store.finish_rotation_if_done()?;
@@ -192,8 +194,18 @@ impl Store {
         &self.dir
     }
 
-    pub fn keys(&self) -> &Keyring {
-        &self.keys
+    /// The keys loaded now (a copy: a rotation may change them).
+    pub fn keys(&self) -> Keyring {
+        self.ring().clone()
+    }
+
+    /// The keyring; a panic elsewhere cannot leave it half-changed (it is replaced whole).
+    fn ring(&self) -> RwLockReadGuard<'_, Keyring> {
+        self.keys.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn ring_mut(&self) -> RwLockWriteGuard<'_, Keyring> {
+        self.keys.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn schema_version(&self) -> Result<u32, StoreError> {
@@ -255,7 +267,7 @@ impl Store {
         });
         Err(StoreError::Undecryptable {
             total: out.len() + failed.len(),
-            loaded: self.keys.primary().id(),
+            loaded: self.ring().primary().id(),
             failed,
             hint,
         })
@@ -269,7 +281,7 @@ impl Store {
         self.decode(id, &v).map(Some).map_err(|e| match e {
             Decode::Crypto(e) => StoreError::Undecryptable {
                 total: 1,
-                loaded: self.keys.primary().id(),
+                loaded: self.ring().primary().id(),
                 failed: vec![(id, e.to_string())],
                 hint: None,
             },
@@ -288,7 +300,7 @@ impl Store {
                     .decode(b64)
                     .map_err(|_| Decode::Crypto(OpenError::Malformed))?;
                 let plain = self
-                    .keys
+                    .ring()
                     .open(&context(id), &envelope)
                     .map_err(Decode::Crypto)?;
                 Some(
@@ -317,7 +329,7 @@ impl Store {
             .decode(sealed)
             .map_err(|_| OpenError::Malformed.to_string())?;
         let plain = self
-            .keys
+            .ring()
             .open(&context(id), &envelope)
             .map_err(|e| e.to_string())?;
         let c: PlainCredentials =
@@ -339,7 +351,7 @@ impl Store {
         raw.password = None;
         raw.credentials = creds.map(|c| {
             let plain = zeroize::Zeroizing::new(serde_json::to_vec(c).unwrap_or_default());
-            BASE64.encode(crypto::seal(self.keys.primary(), &context(id), &plain))
+            BASE64.encode(crypto::seal(self.ring().primary(), &context(id), &plain))
         });
     }
 
@@ -460,7 +472,7 @@ impl Store {
 
     /// Starts (or resumes) re-encrypting every record under `next`; durable before it
     /// returns. `next` joins the keyring and seals everything from now on.
-    pub fn begin_rotation(&mut self, next: Key) -> Result<(), StoreError> {
+    pub fn begin_rotation(&self, next: Key) -> Result<(), StoreError> {
         if let Some(to) = self.rotation()?
             && to != next.id()
         {
@@ -470,7 +482,8 @@ impl Store {
                 next.id()
             )));
         }
-        let old = self.keys.primary.clone();
+        let mut ring = self.ring_mut();
+        let old = ring.primary.clone();
         if self.rotation()? == Some(next.id()) && old.id() == next.id() {
             // Resuming: opening already made the next key primary.
             return Ok(());
@@ -481,19 +494,22 @@ impl Store {
                 old.id()
             )));
         }
-        self.keys.others.retain(|k| k.id() != next.id());
-        self.keys.primary = next;
-        self.keys.others.push(old);
+        // The marker first: a crash before the new key seals anything leaves a rotation that
+        // the next start resumes, never a record under a key the data dir does not expect.
         self.meta
-            .insert("rotation", &self.keys.primary.id().0.to_be_bytes())
+            .insert("rotation", &next.id().0.to_be_bytes())
             .map_err(self.err())?;
-        self.flush()
+        self.flush()?;
+        ring.others.retain(|k| k.id() != next.id());
+        ring.primary = next;
+        ring.others.push(old);
+        Ok(())
     }
 
     /// Re-encrypts up to `limit` records not yet under the primary key; flushes. Safe to
     /// interrupt at any point: each record is rewritten whole, and both keys open it.
     pub fn rotate_some(&self, limit: usize) -> Result<RotationProgress, StoreError> {
-        let primary = self.keys.primary.id();
+        let primary = self.ring().primary.id();
         let mut progress = RotationProgress {
             reencrypted: 0,
             left: 0,
@@ -513,7 +529,7 @@ impl Store {
                 progress.left += 1;
                 continue;
             }
-            let plain = self.keys.open(&context(id), &envelope).map_err(|e| {
+            let plain = self.ring().open(&context(id), &envelope).map_err(|e| {
                 StoreError::Rotation(format!(
                     "record {id} does not decrypt: {e}; nothing changed"
                 ))
@@ -536,33 +552,35 @@ impl Store {
     /// Ends a rotation whose records are all under the primary key: records the primary as
     /// the data dir's key and drops the marker. The caller has already made the new key the
     /// one the next start loads (renamed the key file, or told the operator).
-    pub fn end_rotation(&mut self) -> Result<(), StoreError> {
-        let primary = self.keys.primary.id();
+    pub fn end_rotation(&self) -> Result<(), StoreError> {
+        let primary = self.ring().primary.id();
         self.meta
             .insert("key_id", &primary.0.to_be_bytes())
             .map_err(self.err())?;
         self.meta.remove("rotation").map_err(self.err())?;
-        self.keys.others.clear();
-        self.flush()
+        self.flush()?;
+        self.ring_mut().others.clear();
+        Ok(())
     }
 
     /// At open: a rotation whose key file was already swapped in is finished here.
-    fn finish_rotation_if_done(&mut self) -> Result<Option<KeyId>, StoreError> {
+    fn finish_rotation_if_done(&self) -> Result<Option<KeyId>, StoreError> {
         let Some(to) = self.rotation()? else {
             return Ok(None);
         };
         let next_file = self.dir.join(crypto::NEXT_KEY_FILE);
-        if self.keys.primary.id() == to && !next_file.exists() && self.rotate_some(0)?.left == 0 {
+        if self.ring().primary.id() == to && !next_file.exists() && self.rotate_some(0)?.left == 0 {
             self.end_rotation()?;
             return Ok(None);
         }
         // Seal new records with the next key already, so the rotation has less to do.
-        if let Some(next) = self.keys.get(to).cloned()
-            && next.id() != self.keys.primary.id()
+        let mut ring = self.ring_mut();
+        if let Some(next) = ring.get(to).cloned()
+            && next.id() != ring.primary.id()
         {
-            let old = std::mem::replace(&mut self.keys.primary, next);
-            self.keys.others.retain(|k| k.id() != to);
-            self.keys.others.push(old);
+            let old = std::mem::replace(&mut ring.primary, next);
+            ring.others.retain(|k| k.id() != to);
+            ring.others.push(old);
         }
         Ok(Some(to))
     }
@@ -906,7 +924,7 @@ mod tests {
     #[test]
     fn rotation_interrupted_and_resumed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = open(dir.path());
+        let store = open(dir.path());
         let records: Vec<Record> = (0..10)
             .map(|i| record(&format!("socks5://u{i}:p{i}@10.0.1.{i}:1080")))
             .collect();
@@ -922,7 +940,7 @@ mod tests {
         drop(store); // killed here
 
         // Reopened mid-rotation: both keys load, every record reads.
-        let (mut store, report) = reopen(dir.path(), None).unwrap();
+        let (store, report) = reopen(dir.path(), None).unwrap();
         assert_eq!(report.rotation_pending, Some(next.id()));
         assert_eq!(store.records().unwrap().len(), 10);
         assert_eq!(
@@ -955,7 +973,7 @@ mod tests {
     #[test]
     fn rotation_killed_after_key_swap_is_finished_at_open() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = open(dir.path());
+        let store = open(dir.path());
         store.put(&record(URLS[0])).unwrap();
         let next = Key::generate();
         crate::crypto::write_key_file(&dir.path().join(crate::NEXT_KEY_FILE), &next).unwrap();

@@ -195,9 +195,22 @@ async fn run(scenario: Scenario, proxy: SocketAddr, origin: SocketAddr, o: &Opts
     }
 }
 
-async fn start_gateway(bin: &PathBuf, upstream: SocketAddr) -> (tokio::process::Child, SocketAddr) {
+async fn start_gateway(
+    bin: &PathBuf,
+    upstream: SocketAddr,
+    data_dir: &std::path::Path,
+) -> (tokio::process::Child, SocketAddr) {
     let mut child = tokio::process::Command::new(bin)
-        .args(["run", "--listen", "127.0.0.1:0", "--upstream"])
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--upstream")
         .arg(format!("http://{upstream}"))
         .env("RUST_LOG", "warn,proxygate::app=info")
         .stderr(Stdio::piped())
@@ -260,7 +273,8 @@ fn main() {
     let origin_addr = origin.addr;
     let o = Arc::new(o);
     client_rt.block_on(async {
-        let (_gw, gateway) = start_gateway(&bin, upstream).await;
+        let data_dir = tempfile::tempdir().unwrap();
+        let (_gw, gateway) = start_gateway(&bin, upstream, data_dir.path()).await;
         println!(
             "pg-load: {} requests, concurrency {}, upstream {} ({}), {} cores",
             o.requests,
