@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what the end-to-end tests need and is
-# missing (curl and Python requests as clients; tinyproxy and microsocks as real upstreams, from
-# Debian and PyPI), builds
+# missing (curl and Python requests as clients; tinyproxy and microsocks as real upstreams;
+# Prometheus and promtool to check the metrics, dashboards and alert rules; from Debian and
+# PyPI), builds
 # the gateway binary the tests run, then runs every test of the workspace.
 # Extra arguments go to `cargo test` (e.g. tests/run.sh -p proxygate-tests --test failover).
 set -euo pipefail
@@ -11,6 +12,7 @@ need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 [ -x /usr/bin/tinyproxy ] || [ -x /usr/sbin/tinyproxy ] || need+=(tinyproxy)
 [ -x /usr/bin/microsocks ] || need+=(microsocks)
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need+=(prometheus)
 if [ "${#need[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo

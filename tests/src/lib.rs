@@ -46,3 +46,21 @@ pub async fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) ->
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Polls the async `f` until it returns `Some`, for at most `limit`.
+pub async fn eventually_async<T, F: std::future::Future<Output = Option<T>>>(
+    limit: Duration,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -20,7 +20,7 @@ use crate::OpError;
 const BATCH: usize = 1000;
 
 /// What a rotation did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Rotated {
     pub reencrypted: usize,
     /// The new key's id.

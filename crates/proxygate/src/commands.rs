@@ -17,6 +17,7 @@ use proxygate_admin::{Catalog, Op, Reply, control, ops};
 
 use crate::EXIT_CONFIG;
 use crate::config::RootConfig;
+use crate::remote::{Admin, AdminArgs, Body, render_rows};
 
 /// Where the data dir is: `--data-dir`, else the config's `data_dir`, else `./data`.
 #[derive(Debug, Args)]
@@ -33,6 +34,14 @@ pub(crate) struct DataDirArgs {
 pub(crate) struct PoolArgs {
     #[command(flatten)]
     dir: DataDirArgs,
+    /// Work on a running gateway through its admin API at this URL (e.g.
+    /// http://127.0.0.1:9090) instead of the data dir.
+    #[arg(long, global = true, value_name = "URL")]
+    admin: Option<String>,
+    /// The admin API's bearer token (default: $PROXYGATE_ADMIN_TOKEN, else the config's
+    /// admin.token_file).
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: PoolCommand,
 }
@@ -96,6 +105,12 @@ enum KeyCommand {
         /// comes from ENCRYPTION_KEY; otherwise one is generated into the data dir.
         #[arg(long, value_name = "FILE")]
         new_key_file: Option<PathBuf>,
+        /// Rotate a running gateway's key live, through its admin API at this URL.
+        #[arg(long, value_name = "URL")]
+        admin: Option<String>,
+        /// The admin API's bearer token file.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -134,6 +149,18 @@ fn env_key() -> Option<String> {
 }
 
 pub(crate) fn pool(args: PoolArgs) -> ExitCode {
+    if let Some(url) = args.admin.clone() {
+        let admin = AdminArgs {
+            admin: Some(url),
+            token_file: args.token_file.clone(),
+            config: args.dir.config.clone(),
+            json: false,
+        };
+        return match Admin::connect(&admin) {
+            Ok(a) => pool_remote(&a, args.command),
+            Err(f) => f.exit(),
+        };
+    }
     let cfg = match load_config(&args.dir) {
         Ok(c) => c,
         Err(code) => return code,
@@ -214,7 +241,44 @@ pub(crate) fn key(args: KeyArgs) -> ExitCode {
             println!("{}", *Key::generate().to_base64());
             ExitCode::SUCCESS
         }
-        KeyCommand::Rotate { dir, new_key_file } => {
+        KeyCommand::Rotate {
+            admin: Some(url),
+            token_file,
+            dir,
+            new_key_file,
+        } => {
+            let args = AdminArgs {
+                admin: Some(url),
+                token_file,
+                config: dir.config,
+                json: false,
+            };
+            let admin = match Admin::connect(&args) {
+                Ok(a) => a,
+                Err(f) => return f.exit(),
+            };
+            let body = serde_json::json!({ "new_key_file": new_key_file });
+            match admin.call(
+                reqwest::Method::POST,
+                "/api/v1/key/rotate",
+                Some(Body::Json(body)),
+            ) {
+                Ok(a) => match serde_json::from_value(a.value()) {
+                    Ok(r) => {
+                        print_rotated(&r);
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("proxygate: unexpected answer: {e}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(f) => f.exit(),
+            }
+        }
+        KeyCommand::Rotate {
+            dir, new_key_file, ..
+        } => {
             let cfg = match load_config(&dir) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -258,5 +322,130 @@ fn print_rotated(r: &proxygate_admin::keys::Rotated) {
             "{KEY_ENV} still holds the retired key: set it to the new key (the contents of \
              the --new-key-file) before the next start"
         );
+    }
+}
+
+/// `proxygate pool ... --admin URL`: the same commands through the admin API.
+fn pool_remote(a: &Admin, command: PoolCommand) -> ExitCode {
+    use reqwest::Method;
+    let json_out = |answer: Result<crate::remote::Answer, crate::remote::Failed>,
+                    render: fn(&serde_json::Value) -> String,
+                    json: bool| match answer {
+        Ok(ans) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&ans.value()).unwrap_or(ans.0)
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(ans) => {
+            print!("{}", render(&ans.value()));
+            ExitCode::SUCCESS
+        }
+        Err(f) => f.exit(),
+    };
+    fn added(v: &serde_json::Value) -> String {
+        let mut out = format!("added {}, updated {}\n", v["added"], v["updated"]);
+        for id in v["ids"].as_array().into_iter().flatten() {
+            out.push_str(id.as_str().unwrap_or_default());
+            out.push('\n');
+        }
+        out
+    }
+    match command {
+        PoolCommand::Add { urls } => json_out(
+            a.call(
+                Method::POST,
+                "/api/v1/upstreams",
+                Some(Body::Json(serde_json::json!({ "urls": urls }))),
+            ),
+            added,
+            false,
+        ),
+        PoolCommand::Import { file } => {
+            let mut text = String::new();
+            let read = if file.as_os_str() == "-" {
+                std::io::stdin().read_to_string(&mut text).map(|_| ())
+            } else {
+                std::fs::read_to_string(&file).map(|t| text = t)
+            };
+            if let Err(e) = read {
+                eprintln!("proxygate: {}: {e}", file.display());
+                return ExitCode::from(EXIT_DATA);
+            }
+            json_out(
+                a.call(
+                    Method::POST,
+                    "/api/v1/upstreams/import",
+                    Some(Body::Text(text)),
+                ),
+                |v| format!("imported: added {}, updated {}\n", v["added"], v["updated"]),
+                false,
+            )
+        }
+        PoolCommand::List { json } => match a.get("/api/v1/upstreams") {
+            Ok(ans) if json => {
+                let v = ans.value();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v["upstreams"]).unwrap_or_default()
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(ans) => {
+                print!("{}", render_rows(&ans.value()));
+                ExitCode::SUCCESS
+            }
+            Err(f) => f.exit(),
+        },
+        PoolCommand::Show { id, json } => json_out(
+            a.get(&format!("/api/v1/upstreams/{id}")),
+            crate::remote::render_explained,
+            json,
+        ),
+        PoolCommand::Remove { id } => json_out(
+            a.call(Method::DELETE, &format!("/api/v1/upstreams/{id}"), None),
+            |v| format!("removed {}\n", v["removed"].as_str().unwrap_or_default()),
+            false,
+        ),
+        PoolCommand::Disable { id } => json_out(
+            a.call(
+                Method::POST,
+                &format!("/api/v1/upstreams/{id}/disable"),
+                None,
+            ),
+            |v| format!("disabled {}\n", v["id"].as_str().unwrap_or_default()),
+            false,
+        ),
+        PoolCommand::Enable { id } => json_out(
+            a.call(
+                Method::POST,
+                &format!("/api/v1/upstreams/{id}/enable"),
+                None,
+            ),
+            |v| format!("enabled {}\n", v["id"].as_str().unwrap_or_default()),
+            false,
+        ),
+        PoolCommand::Export { decrypt } => {
+            match a.get(&format!("/api/v1/upstreams/export?decrypt={decrypt}")) {
+                Ok(ans) => {
+                    print!("{}", ans.0);
+                    ExitCode::SUCCESS
+                }
+                Err(f) => f.exit(),
+            }
+        }
+        PoolCommand::Strategy { name, reset } => {
+            let answer = if name.is_some() || reset {
+                a.call(
+                    Method::PUT,
+                    "/api/v1/strategy",
+                    Some(Body::Json(serde_json::json!({ "strategy": name }))),
+                )
+            } else {
+                a.get("/api/v1/strategy")
+            };
+            json_out(answer, crate::remote::render_strategy, false)
+        }
     }
 }

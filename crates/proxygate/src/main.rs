@@ -5,14 +5,17 @@
 //! - `proxygate pool add|import|list|show|remove|disable|enable|export|strategy`: the pool in
 //!   the data dir, offline or through the running gateway's control socket.
 //! - `proxygate key generate|rotate`: encryption keys.
+//! - `proxygate strategy|reputation|health|stats|refresh`: the running gateway, through its
+//!   admin API (`--admin URL`).
 //!
 //! Modules: [`config`] (the root config and upstream lists), [`app`] (wiring and lifetime),
-//! [`commands`] (the `pool` and `key` command lines). The operator operations, the persister
+//! [`commands`] (the `pool` and `key` command lines), [`remote`] (the admin API's client). The operator operations, the persister
 //! and the control socket are the control plane's (`proxygate-admin`).
 
 mod app;
 mod commands;
 mod config;
+mod remote;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +50,43 @@ enum Command {
     Pool(commands::PoolArgs),
     /// Encryption keys: generate one, rotate the data dir's.
     Key(commands::KeyArgs),
+    /// Show the running gateway's strategy, or set it (live, kept across restarts).
+    Strategy {
+        /// The strategy to switch to.
+        name: Option<String>,
+        /// Return to the config's pool.strategy.
+        #[arg(long, conflicts_with = "name")]
+        reset: bool,
+        #[command(flatten)]
+        admin: remote::AdminArgs,
+    },
+    /// One upstream's reputation explained: each term of the formula, latency percentiles,
+    /// and why it stands where it does.
+    Reputation {
+        /// 16 hex digits, or a unique prefix of at least 4.
+        id: String,
+        #[command(flatten)]
+        admin: remote::AdminArgs,
+    },
+    /// The pool's health: upstreams by state, and the worst ones and why.
+    Health {
+        #[command(flatten)]
+        admin: remote::AdminArgs,
+    },
+    /// Attempts, success and latency over a window, the top and bottom upstreams, per-source
+    /// yield.
+    Stats {
+        /// 5m, 1h or 24h.
+        #[arg(long, default_value = "5m")]
+        window: String,
+        #[command(flatten)]
+        admin: remote::AdminArgs,
+    },
+    /// Re-check pool members now, through themselves, against the judges.
+    Refresh {
+        #[command(flatten)]
+        admin: remote::AdminArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +122,47 @@ fn main() -> ExitCode {
         Command::Run(args) => app::run(args),
         Command::Pool(args) => commands::pool(args),
         Command::Key(args) => commands::key(args),
+        Command::Strategy { name, reset, admin } => remote_command(&admin, |a| {
+            let answer = if name.is_some() || reset {
+                a.call(
+                    reqwest::Method::PUT,
+                    "/api/v1/strategy",
+                    Some(remote::Body::Json(serde_json::json!({ "strategy": name }))),
+                )
+            } else {
+                a.get("/api/v1/strategy")
+            };
+            remote::print(a, answer, remote::render_strategy)
+        }),
+        Command::Reputation { id, admin } => remote_command(&admin, |a| {
+            let answer = a.get(&format!("/api/v1/upstreams/{id}"));
+            remote::print(a, answer, remote::render_explained)
+        }),
+        Command::Health { admin } => remote_command(&admin, |a| {
+            remote::print(a, a.get("/api/v1/health"), remote::render_health)
+        }),
+        Command::Stats { window, admin } => remote_command(&admin, |a| {
+            let answer = a.get(&format!("/api/v1/stats?window={window}"));
+            remote::print(a, answer, remote::render_stats)
+        }),
+        Command::Refresh { admin } => remote_command(&admin, |a| {
+            let answer = a.call(
+                reqwest::Method::POST,
+                "/api/v1/refresh",
+                Some(remote::Body::Json(serde_json::json!({}))),
+            );
+            remote::print(a, answer, remote::render_summary)
+        }),
+    }
+}
+
+fn remote_command(
+    args: &remote::AdminArgs,
+    run: impl FnOnce(&remote::Admin) -> ExitCode,
+) -> ExitCode {
+    match remote::Admin::connect(args) {
+        Ok(admin) => run(&admin),
+        Err(f) => f.exit(),
     }
 }
 
