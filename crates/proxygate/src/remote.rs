@@ -470,8 +470,8 @@ pub(crate) fn render_summary(v: &Value) -> String {
     if let Some(rows) = v["sources"].as_array() {
         let _ = writeln!(
             out,
-            "{:<20} {:>8} {:>8} {:>8} {:>10} {:>9}  {}",
-            "SOURCE", "FETCHED", "UNIQUE", "NEW", "CHECKED OK", "IMPORTED", "STATUS"
+            "{:<20} {:>8} {:>8} {:>8} {:>10} {:>9}  STATUS",
+            "SOURCE", "FETCHED", "UNIQUE", "NEW", "CHECKED OK", "IMPORTED"
         );
         for s in rows {
             let _ = writeln!(
