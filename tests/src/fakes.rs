@@ -57,6 +57,20 @@ pub struct Behavior {
     pub delay: std::time::Duration,
     /// Close every second connection at once, without a word.
     pub fail_every_other: bool,
+    /// What an HTTP fake adds to the absolute-form requests it forwards.
+    pub reveal: Reveal,
+}
+
+/// Headers an HTTP fake adds when it forwards a request: what a judge classifies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Reveal {
+    /// Nothing: an elite proxy.
+    #[default]
+    Nothing,
+    /// `Via: 1.1 fake-proxy`: an anonymous proxy.
+    Via,
+    /// `X-Forwarded-For: 127.0.0.1` (its client, the gateway): a transparent proxy.
+    ClientIp,
 }
 
 impl FakeUpstream {
@@ -81,6 +95,7 @@ impl FakeUpstream {
             egress,
             creds: creds.clone(),
             seen: Arc::clone(&seen),
+            reveal: behavior.reveal,
         };
         let count = Arc::clone(&connections);
         let task = tokio::spawn(async move {
@@ -155,6 +170,7 @@ struct Ctx {
     egress: IpAddr,
     creds: Option<(String, String)>,
     seen: Arc<Mutex<Seen>>,
+    reveal: Reveal,
 }
 
 impl Ctx {
@@ -265,11 +281,18 @@ async fn http_proxy<S: AsyncRead + AsyncWrite + Unpin>(ctx: Ctx, mut s: S) {
             return;
         }
     } else {
-        // Forward the head as received, minus our own credentials.
-        let forwarded: String = head
+        // Forward the head as received, minus our own credentials, plus what this proxy
+        // reveals.
+        let mut forwarded: String = head
             .split_inclusive("\r\n")
             .filter(|l| !l.to_ascii_lowercase().starts_with("proxy-authorization:"))
             .collect();
+        let added = match ctx.reveal {
+            Reveal::Nothing => "",
+            Reveal::Via => "Via: 1.1 fake-proxy\r\n",
+            Reveal::ClientIp => "X-Forwarded-For: 127.0.0.1\r\n",
+        };
+        forwarded.insert_str(forwarded.len() - 2, added);
         if out.write_all(forwarded.as_bytes()).await.is_err() {
             return;
         }

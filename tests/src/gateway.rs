@@ -124,13 +124,17 @@ impl Builder {
         let config = if self.config.contains("[dial]") {
             self.config
         } else {
+            // After the test's own keys: top-level ones (`sources = []`) must come first.
             format!(
-                "[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"\nretry_deadline = \"5s\"\n{}",
+                "{}\n[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"\nretry_deadline = \"5s\"\n",
                 self.config
             )
         };
-        std::fs::write(&config_path, config).unwrap();
+        std::fs::write(&config_path, &config).unwrap();
         let data_dir = self.data_dir.unwrap_or_else(|| dir.path().join("data"));
+        // Never the public sources of the embedded defaults: a test sets its own fixture
+        // sources, or has none.
+        let own_sources = config.contains("[[sources]]") || config.contains("sources =");
         let mut command = Command::new(binary());
         command
             .arg("run")
@@ -142,6 +146,7 @@ impl Builder {
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&data_dir)
+            .args((!own_sources).then_some("--no-sources"))
             .args(&self.args)
             .env("RUST_LOG", "info,proxygate_gateway=debug")
             .env_remove("ENCRYPTION_KEY")

@@ -9,6 +9,8 @@
 //!   dial out from their own loopback address (127.0.0.N), so the origin can tell which
 //!   upstream a request came through; plus refusing and black-holed upstreams.
 //! - [`tls`]: a throwaway CA and certificates (rcgen).
+//! - [`lists`]: a list server (proxy lists, any route) and a judge (httpbin, azenv) for the
+//!   sources.
 //! - [`third_party`]: tinyproxy and microsocks from Debian, started on free ports.
 
 #![allow(
@@ -26,6 +28,7 @@
 pub mod curl;
 pub mod fakes;
 pub mod gateway;
+pub mod lists;
 pub mod origin;
 pub mod third_party;
 pub mod tls;

@@ -128,6 +128,7 @@ async fn upstreams_file_and_embedded_defaults() {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--no-sources",
             "--strategy",
             "round_robin",
         ])

@@ -15,7 +15,7 @@ use proxygate_core::{Upstream, UpstreamId};
 use proxygate_pool::latency::Latency;
 use proxygate_pool::reputation::{Explanation, Inputs, explain};
 use proxygate_pool::{Entry, HealthConfig, PoolWriter, Saved, State, Strategy};
-use proxygate_store::{Origin, Record, Stats, Store, StoreError};
+use proxygate_store::{CheckRecord, Origin, Record, Stats, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
 /// Why an operation was refused. Each maps onto an exit code and an HTTP status.
@@ -77,6 +77,8 @@ pub struct Catalog {
     health: HealthConfig,
     /// How many records are disabled, for the metrics (the pool never holds them).
     disabled: Arc<AtomicUsize>,
+    /// Every upstream's last check through itself.
+    checks: HashMap<UpstreamId, CheckRecord>,
 }
 
 /// The running gateway's side.
@@ -127,6 +129,9 @@ pub struct Row {
     pub consecutive_failures: u32,
     pub state: &'static str,
     pub origin: &'static str,
+    /// The list source that brought it (origin `source`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     pub added_unix_ms: u64,
     pub last_used_unix_ms: Option<u64>,
     pub last_health_check_unix_ms: Option<u64>,
@@ -136,6 +141,16 @@ pub struct Row {
     pub in_flight: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backoff_left_ms: Option<u64>,
+    /// The last check through itself, when it was checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_check_passed: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anonymity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_ip: Option<String>,
+    /// Why the janitor disabled it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
 }
 
 /// One upstream's reputation explained: `GET /api/v1/upstreams/{id}`, `proxygate reputation`.
@@ -259,6 +274,8 @@ struct ExportLine {
     origin: Option<String>,
     #[serde(default)]
     added_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source: Option<String>,
     #[serde(default)]
     stats: Option<Stats>,
 }
@@ -315,12 +332,14 @@ impl Catalog {
             .into_iter()
             .map(|r| (r.upstream.id(), r))
             .collect();
+        let checks = store.checks()?;
         let c = Catalog {
             store,
             records,
             live: None,
             health,
             disabled: Arc::default(),
+            checks,
         };
         c.disabled.store(c.disabled(), Ordering::Relaxed);
         Ok(c)
@@ -346,12 +365,7 @@ impl Catalog {
                     upstream: (*u).clone(),
                     ..r.clone()
                 },
-                None => Record {
-                    upstream: (*u).clone(),
-                    disabled: false,
-                    origin: Origin::Config,
-                    added_unix_ms: unix_ms(),
-                },
+                None => Record::new((*u).clone(), Origin::Config, unix_ms()),
             };
             self.store.put(&record)?;
             self.records.insert(*id, record);
@@ -560,6 +574,7 @@ impl Catalog {
         }
         let origin = match e.origin.as_deref() {
             Some("config") => Origin::Config,
+            Some("source") if e.source.is_some() => Origin::Source,
             _ => Origin::Operator,
         };
         Ok((
@@ -568,6 +583,8 @@ impl Catalog {
                 disabled: e.disabled,
                 origin,
                 added_unix_ms: e.added_unix_ms,
+                source: e.source.filter(|_| origin == Origin::Source),
+                disabled_reason: None,
             },
             e.stats,
         ))
@@ -600,6 +617,7 @@ impl Catalog {
             None => stored.clone(),
         };
         let state = self.state(r, entry.as_deref(), &stats, now);
+        let check = self.checks.get(&id);
         Row {
             id: id.to_string(),
             scheme: r.upstream.scheme.as_str(),
@@ -614,6 +632,7 @@ impl Catalog {
             consecutive_failures: stats.consecutive_failures,
             state: state.as_str(),
             origin: r.origin.as_str(),
+            source: r.source.clone(),
             added_unix_ms: r.added_unix_ms,
             last_used_unix_ms: stats.last_used_unix_ms,
             last_health_check_unix_ms: stats.last_health_check_unix_ms,
@@ -634,6 +653,10 @@ impl Catalog {
                 .filter(|_| detail)
                 .and_then(|e| e.backoff_left(now))
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            last_check_passed: check.map(|c| c.passed),
+            anonymity: check.and_then(|c| c.anonymity.clone()),
+            exit_ip: check.and_then(|c| c.exit_ip.clone()),
+            disabled_reason: r.disabled_reason.clone(),
         }
     }
 
@@ -692,6 +715,120 @@ impl Catalog {
         &self.health
     }
 
+    /// Whether `id` is in the catalog (any origin, enabled or not).
+    pub fn contains(&self, id: UpstreamId) -> bool {
+        self.records.contains_key(&id)
+    }
+
+    /// Records checks, and (with `import`) brings the candidates that passed into the pool
+    /// as upstreams of their source: durable, then live. A passing check enables an upstream
+    /// the janitor had disabled; one an operator disabled stays disabled.
+    pub fn merge_checked(
+        &mut self,
+        checked: Vec<Checked>,
+        import: bool,
+    ) -> Result<Merged, OpError> {
+        let now = unix_ms();
+        let mut out = Merged::default();
+        let mut checks = Vec::new();
+        let mut changed = false;
+        for c in checked {
+            let id = c.upstream.id();
+            let mut check = c.check;
+            check.failing_since_unix_ms = match (c.passed, self.checks.get(&id)) {
+                (true, _) => None,
+                (false, Some(prev)) => prev.failing_since_unix_ms.or(Some(check.checked_unix_ms)),
+                (false, None) => Some(check.checked_unix_ms),
+            };
+            match self.records.get_mut(&id) {
+                Some(r) if c.passed && r.disabled && r.disabled_reason.is_some() => {
+                    self.store.set_disabled_because(id, false, None)?;
+                    r.disabled = false;
+                    r.disabled_reason = None;
+                    out.reenabled += 1;
+                    changed = true;
+                }
+                Some(_) => {}
+                None if c.passed && import => {
+                    let mut r = Record::new(c.upstream, Origin::Source, now);
+                    r.source = c.source;
+                    self.store.put(&r)?;
+                    self.records.insert(id, r);
+                    out.imported += 1;
+                    changed = true;
+                }
+                None => continue,
+            }
+            checks.push((id, check));
+        }
+        self.store
+            .put_checks(checks.iter().map(|(id, c)| (*id, c)))?;
+        self.store.flush()?;
+        out.checks = checks.len();
+        for (id, c) in checks {
+            self.checks.insert(id, c);
+        }
+        if changed {
+            self.publish();
+        }
+        Ok(out)
+    }
+
+    /// Every record and its last check, for the re-check scheduler and the sources' figures.
+    pub fn records(&self) -> impl Iterator<Item = (&Record, Option<&CheckRecord>)> {
+        self.records
+            .values()
+            .map(|r| (r, self.checks.get(&r.upstream.id())))
+    }
+
+    /// One janitor pass at `now` (Unix ms): disables list upstreams dead for long, deletes
+    /// list upstreams unused for long. Durable, then live.
+    pub fn janitor(&mut self, now: u64, cfg: &crate::janitor::Config) -> Result<Swept, OpError> {
+        use crate::janitor::{Verdict, verdict};
+        let stored = self.store.all_stats()?;
+        let instant = Instant::now();
+        let mut out = Swept::default();
+        let verdicts: Vec<(UpstreamId, Verdict)> = self
+            .records
+            .values()
+            .filter(|r| r.origin == Origin::Source)
+            .map(|r| {
+                let id = r.upstream.id();
+                let last_used = match self.entry(id) {
+                    Some(e) => live_stats(&e, instant, now, &Stats::default())
+                        .last_used_unix_ms
+                        .or(stored.get(&id).and_then(|s| s.last_used_unix_ms)),
+                    None => stored.get(&id).and_then(|s| s.last_used_unix_ms),
+                };
+                (id, verdict(r, self.checks.get(&id), last_used, now, cfg))
+            })
+            .collect();
+        for (id, v) in verdicts {
+            match v {
+                Verdict::Keep => {}
+                Verdict::Disable(why) => {
+                    self.store.set_disabled_because(id, true, Some(&why))?;
+                    if let Some(r) = self.records.get_mut(&id) {
+                        r.disabled = true;
+                        r.disabled_reason = Some(why.clone());
+                    }
+                    out.disabled.push((id.to_string(), why));
+                }
+                Verdict::Delete(why) => {
+                    self.store.remove(id)?;
+                    self.records.remove(&id);
+                    self.checks.remove(&id);
+                    out.deleted.push((id.to_string(), why));
+                }
+            }
+        }
+        if !out.disabled.is_empty() || !out.deleted.is_empty() {
+            self.store.flush()?;
+            self.publish();
+        }
+        Ok(out)
+    }
+
     /// The stats the store holds for `id` (what a restart starts from).
     pub fn stored_stats(&self, id: UpstreamId) -> Result<Stats, OpError> {
         Ok(self.store.stats(id)?)
@@ -707,13 +844,15 @@ impl Catalog {
         Ok(id)
     }
 
+    /// An operator's disable or enable (the janitor's reason, if any, is forgotten).
     pub fn set_disabled(&mut self, id: UpstreamId, disabled: bool) -> Result<UpstreamId, OpError> {
-        if !self.store.set_disabled(id, disabled)? {
+        if !self.store.set_disabled_because(id, disabled, None)? {
             return Err(OpError::NotFound(format!("no upstream with id {id}")));
         }
         self.store.flush()?;
         if let Some(r) = self.records.get_mut(&id) {
             r.disabled = disabled;
+            r.disabled_reason = None;
         }
         self.publish();
         Ok(id)
@@ -744,6 +883,7 @@ impl Catalog {
                 disabled: r.disabled,
                 origin: Some(r.origin.as_str().to_owned()),
                 added_unix_ms: r.added_unix_ms,
+                source: r.source.clone(),
                 stats,
             };
             let _ = writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default());
@@ -792,13 +932,36 @@ impl Catalog {
     }
 }
 
+/// One candidate checked through itself, ready to merge.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub upstream: Upstream,
+    /// The source that listed it (`None`: a re-check of a pool member).
+    pub source: Option<String>,
+    pub passed: bool,
+    pub check: CheckRecord,
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Merged {
+    /// New upstreams that joined the pool.
+    pub imported: usize,
+    /// Upstreams the janitor had disabled, enabled again by a passing check.
+    pub reenabled: usize,
+    /// Checks recorded.
+    pub checks: usize,
+}
+
+/// What one janitor pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Swept {
+    pub disabled: Vec<(String, String)>,
+    pub deleted: Vec<(String, String)>,
+}
+
 fn operator_record(upstream: Upstream) -> Record {
-    Record {
-        upstream,
-        disabled: false,
-        origin: Origin::Operator,
-        added_unix_ms: unix_ms(),
-    }
+    Record::new(upstream, Origin::Operator, unix_ms())
 }
 
 #[cfg(test)]

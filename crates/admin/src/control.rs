@@ -13,8 +13,9 @@ use proxygate_core::Shutdown;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
+use crate::api::Actions;
 use crate::catalog::Catalog;
-use crate::ops::{Op, Reply, execute};
+use crate::ops::{ActionKind, Op, Reply, execute};
 
 pub const SOCKET: &str = "control.sock";
 /// Largest request accepted (an import of a large list travels in one).
@@ -42,6 +43,7 @@ pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     catalog: Arc<Mutex<Catalog>>,
+    actions: Arc<dyn Actions>,
     mut shutdown: Shutdown,
 ) {
     loop {
@@ -56,6 +58,7 @@ pub async fn serve(
             () = shutdown.wait() => break,
         };
         let catalog = Arc::clone(&catalog);
+        let actions = Arc::clone(&actions);
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut request = Vec::new();
@@ -64,6 +67,7 @@ pub async fn serve(
                 return;
             }
             let reply = match serde_json::from_slice::<Op>(&request) {
+                Ok(op) if op.action_request().is_some() => action(&*actions, &op).await,
                 Ok(op) => tokio::task::spawn_blocking(move || match catalog.lock() {
                     Ok(mut c) => execute(&mut c, &op),
                     Err(_) => Reply {
@@ -86,6 +90,22 @@ pub async fn serve(
         });
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// Runs a source operation; its reply's stdout is the JSON answer.
+async fn action(actions: &dyn Actions, op: &Op) -> Reply {
+    let Some((kind, request)) = op.action_request() else {
+        return Reply::default();
+    };
+    let answer = match kind {
+        ActionKind::Sources => actions.sources().await,
+        ActionKind::Fetch => actions.fetch_sources(request).await,
+        ActionKind::Refresh => actions.refresh(request).await,
+    };
+    match answer {
+        Ok(v) => Reply::ok(serde_json::to_string(&v).unwrap_or_default()),
+        Err(e) => Reply::error(&e),
+    }
 }
 
 /// Sends `op` to the gateway running on `data_dir` and waits for its reply.

@@ -10,27 +10,38 @@
 //!   (`openapi.yaml` beside this crate describes it).
 //! - [`persister`]: live stats written behind to the store.
 //! - [`keys`]: key rotation, offline or live.
+//! - [`janitor`]: disables list upstreams dead for long, deletes ones unused for long.
+//! - [`sources`]: [`sources::SourcesRuntime`]: candidates checked and merged, source quality,
+//!   re-checks of pool members.
 //! - [`stats`]: the last 5 minutes, hour and day of the pool's attempts.
 //! - [`metrics`]: the registry, the pool's scrape-time gauges, the store's flush latency.
 //! - [`config`]: [`config::Config`], the `[admin]` section.
 //!
-//! Dependency direction: `core + pool + store <- admin <- proxygate`; the data plane
-//! (gateway) knows nothing of it.
+//! Dependency direction: `core + pool + store + sources <- admin <- proxygate`; the data
+//! plane (gateway) knows nothing of it, and `sources` knows neither store nor pool: the
+//! control plane moves candidates between them.
 
 pub mod api;
 pub mod catalog;
 pub mod config;
 pub mod control;
+pub mod janitor;
 pub mod keys;
 pub mod metrics;
 pub mod ops;
 pub mod persister;
+pub mod sources;
 pub mod stats;
 
 pub use catalog::{Catalog, OpError};
 pub use ops::{Op, Reply};
 
 use proxygate_core::Shutdown;
+
+/// `d` in whole milliseconds, saturating.
+pub fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// Runs `f` every `period` (the first time after one period) until shutdown.
 pub async fn every<F: std::future::Future<Output = ()>>(

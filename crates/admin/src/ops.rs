@@ -13,15 +13,75 @@ use crate::catalog::{Catalog, OpError, Row};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    Add { urls: Vec<String> },
-    Import { text: String },
-    List { json: bool },
-    Show { id: String, json: bool },
-    Remove { id: String },
-    Disable { id: String },
-    Enable { id: String },
-    Export { decrypt: bool },
-    Strategy { name: Option<String>, reset: bool },
+    Add {
+        urls: Vec<String>,
+    },
+    Import {
+        text: String,
+    },
+    List {
+        json: bool,
+    },
+    Show {
+        id: String,
+        json: bool,
+    },
+    Remove {
+        id: String,
+    },
+    Disable {
+        id: String,
+    },
+    Enable {
+        id: String,
+    },
+    Export {
+        decrypt: bool,
+    },
+    Strategy {
+        name: Option<String>,
+        reset: bool,
+    },
+    /// The sources and their quality (answered as JSON).
+    SourcesList,
+    /// Fetch sources now (answered as JSON: a summary per source).
+    SourcesFetch {
+        names: Vec<String>,
+        check: bool,
+        import: bool,
+    },
+    /// Check pool members now (answered as JSON).
+    Check {
+        ids: Vec<String>,
+    },
+}
+
+impl Op {
+    /// The request of a source operation to the [`crate::api::Actions`], or `None` for a
+    /// catalog operation.
+    pub fn action_request(&self) -> Option<(ActionKind, serde_json::Value)> {
+        match self {
+            Op::SourcesList => Some((ActionKind::Sources, serde_json::Value::Null)),
+            Op::SourcesFetch {
+                names,
+                check,
+                import,
+            } => Some((
+                ActionKind::Fetch,
+                serde_json::json!({ "sources": names, "check": check, "import": import }),
+            )),
+            Op::Check { ids } => Some((ActionKind::Refresh, serde_json::json!({ "ids": ids }))),
+            _ => None,
+        }
+    }
+}
+
+/// Which of the [`crate::api::Actions`] an operation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionKind {
+    Sources,
+    Fetch,
+    Refresh,
 }
 
 /// What a command prints and its exit code.
@@ -84,6 +144,11 @@ pub fn execute(catalog: &mut Catalog, op: &Op) -> Reply {
 
 fn run(c: &mut Catalog, op: &Op) -> Result<Reply, OpError> {
     let out = match op {
+        Op::SourcesList | Op::SourcesFetch { .. } | Op::Check { .. } => {
+            return Err(OpError::Conflict(
+                "a source operation needs the sources runtime".into(),
+            ));
+        }
         Op::Add { urls } => {
             let a = c.add(urls)?;
             let mut out = format!("added {}, updated {}\n", a.added, a.updated);

@@ -11,11 +11,13 @@
 //! - [`outcome`]: [`Outcome`], the measurement of one attempt through one upstream.
 //! - [`route`]: [`Route`], the routing hints a client's username carries.
 //! - [`shutdown`]: [`Shutdown`], the one signal every task selects on.
+//! - [`net`]: [`net::is_private`], which addresses are not the public internet.
 //! - [`config`]: [`Problem`] and [`ConfigErrors`], and [`config::section`], which every crate's
 //!   config section is read with.
 
 pub mod config;
 pub mod error;
+pub mod net;
 pub mod outcome;
 pub mod route;
 pub mod secret;

@@ -173,6 +173,22 @@ impl PoolReader {
         Some(lease)
     }
 
+    /// Records a check of upstream `id`, made through itself outside any lease (the checker),
+    /// as an attempt: it moves the same reputation, ends a backoff when it passes. Returns
+    /// whether `id` is in the pool. Checks are not counted as traffic in [`Self::take_recent`].
+    pub fn report_check(&self, id: UpstreamId, outcome: &Outcome) -> bool {
+        let snap = self.0.snapshot.load();
+        let Some(entry) = snap.get(id) else {
+            return false;
+        };
+        let shared = &entry.shared;
+        let now_ms = shared.millis(Instant::now());
+        entry
+            .health
+            .record(outcome, now_ms, &shared.health, fastrand::f64());
+        true
+    }
+
     /// What every attempt did since the last call: counts and response times (the control
     /// plane's windows are built from these).
     pub fn take_recent(&self) -> Window {

@@ -12,12 +12,14 @@ use proxygate_pool::{Pool, PoolReader, PoolWriter, Strategy};
 use proxygate_store::Store;
 use tracing_subscriber::EnvFilter;
 
-use proxygate_admin::api::{self, Api, NoActions};
+use proxygate_admin::api::{self, Actions, Api};
 use proxygate_admin::metrics::{AdminMetrics, PoolCollector};
 use proxygate_admin::persister::{self, persist};
+use proxygate_admin::sources::SourceActions;
 use proxygate_admin::stats::{self, StatsBook};
 use proxygate_admin::{Catalog, control, every};
 use proxygate_core::ConfigErrors;
+use proxygate_sources::metrics::SourceMetrics;
 
 use crate::config::{LogFormat, RootConfig};
 use crate::{EXIT_CONFIG, RunArgs};
@@ -40,6 +42,12 @@ fn resolve(args: &RunArgs) -> Result<(RootConfig, Vec<proxygate_core::Upstream>)
     }
     if let Some(addr) = args.admin_listen {
         cfg.admin.listen = addr;
+    }
+    if args.no_sources {
+        cfg.sources.clear();
+    }
+    if args.allow_private_networks {
+        cfg.allow_private_networks = true;
     }
     if let Some(name) = &args.strategy {
         match name.parse::<Strategy>() {
@@ -179,9 +187,15 @@ async fn serve(
     }
     writer.set_session_ttl(cfg.pool.session_ttl);
     let pool_size = reader.snapshot().len();
-    if pool_size == 0 {
+    if pool_size == 0 && cfg.sources.is_empty() {
         tracing::warn!(
-            "the pool is empty: every request will be answered 503 until upstreams are added"
+            "the pool is empty and no list source is configured: every request will be \
+             answered 503 until upstreams are added"
+        );
+    } else if pool_size == 0 {
+        tracing::info!(
+            sources = cfg.sources.len(),
+            "the pool is empty: it fills as the list sources are fetched and checked"
         );
     }
 
@@ -194,9 +208,58 @@ async fn serve(
         ))
         .context("metrics")?;
 
+    let source_names: Vec<String> = cfg.sources.iter().map(|s| s.name.clone()).collect();
+    let source_metrics = SourceMetrics::register(&registry, &source_names).context("metrics")?;
+
     let store = Arc::clone(catalog.store());
     let catalog = Arc::new(Mutex::new(catalog));
     let (trigger, shutdown) = Shutdown::new();
+    let sources = crate::sources::runtime(
+        &cfg,
+        Arc::clone(&catalog),
+        Some(reader.clone()),
+        source_metrics,
+    )?;
+    if !cfg.sources.is_empty() {
+        let (tx, rx) = tokio::sync::mpsc::channel(cfg.sources.len());
+        tokio::spawn(
+            sources
+                .refresher(cfg.refresh.full_reimport)
+                .run(tx, shutdown.clone()),
+        );
+        tokio::spawn(Arc::clone(&sources).run_batches(rx, shutdown.clone()));
+        tracing::info!(
+            sources = %source_names.join(", "),
+            "list sources on: fetched now, then on their intervals"
+        );
+    }
+    tokio::spawn(Arc::clone(&sources).run_rechecks(shutdown.clone()));
+    let (swept, janitor) = (Arc::clone(&catalog), cfg.janitor.clone());
+    tokio::spawn(every(janitor.interval, shutdown.clone(), move || {
+        let (swept, janitor) = (Arc::clone(&swept), janitor.clone());
+        async move {
+            let pass = tokio::task::spawn_blocking(move || {
+                swept
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .janitor(proxygate_admin::catalog::unix_ms(), &janitor)
+            })
+            .await;
+            match pass {
+                Ok(Ok(s)) => {
+                    for (id, why) in &s.disabled {
+                        tracing::info!(upstream = id, "janitor disabled: {why}");
+                    }
+                    for (id, why) in &s.deleted {
+                        tracing::info!(upstream = id, "janitor deleted: {why}");
+                    }
+                }
+                Ok(Err(e)) => tracing::error!("janitor: {e}"),
+                Err(e) => tracing::error!("janitor: {e}"),
+            }
+        }
+    }));
+    let actions: Arc<dyn Actions> = Arc::new(SourceActions(Arc::clone(&sources)));
     let reindexer = writer.clone();
     tokio::spawn(every(
         cfg.pool.reindex_interval,
@@ -229,6 +292,7 @@ async fn serve(
                 listener,
                 control::socket_path(&cfg.data_dir),
                 Arc::clone(&catalog),
+                Arc::clone(&actions),
                 shutdown.clone(),
             ));
         }
@@ -255,7 +319,7 @@ async fn serve(
         pool: reader.clone(),
         registry,
         stats,
-        actions: Arc::new(NoActions),
+        actions: Arc::clone(&actions),
         token,
         ready_min_healthy: cfg.admin.ready_min_healthy,
         rotating: tokio::sync::Mutex::new(()),

@@ -10,6 +10,8 @@
 //! | `[pool]`      | `proxygate_pool::Config`                  |
 //! | `[store]`     | `proxygate_store::Config`                 |
 //! | `[admin]`     | `proxygate_admin::config::Config`         |
+//! | `[janitor]`   | `proxygate_admin::janitor::Config`        |
+//! | `allow_private_networks`, `[[sources]]`, `[checker]`, `[refresh]` | `proxygate_sources::config` |
 //! | `[upstreams]` | [`UpstreamsConfig`]                       |
 //! | `[log]`       | [`LogConfig`]                             |
 //!
@@ -36,6 +38,13 @@ pub(crate) struct RootConfig {
     pub(crate) upstreams: UpstreamsConfig,
     pub(crate) store: proxygate_store::Config,
     pub(crate) admin: proxygate_admin::config::Config,
+    pub(crate) janitor: proxygate_admin::janitor::Config,
+    /// Candidates from lists may point at private, loopback, link-local... addresses (labs
+    /// and tests only).
+    pub(crate) allow_private_networks: bool,
+    pub(crate) sources: Vec<proxygate_sources::SourceConfig>,
+    pub(crate) checker: proxygate_sources::CheckerConfig,
+    pub(crate) refresh: proxygate_sources::RefreshConfig,
     pub(crate) log: LogConfig,
 }
 
@@ -84,13 +93,19 @@ impl Default for RootConfig {
             upstreams: UpstreamsConfig::default(),
             store: proxygate_store::Config::default(),
             admin: proxygate_admin::config::Config::default(),
+            janitor: proxygate_admin::janitor::Config::default(),
+            allow_private_networks: false,
+            sources: proxygate_sources::config::default_sources(),
+            checker: proxygate_sources::CheckerConfig::default(),
+            refresh: proxygate_sources::RefreshConfig::default(),
             log: LogConfig::default(),
         }
     }
 }
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 14] = [
     "data_dir",
+    "allow_private_networks",
     "server",
     "auth",
     "dial",
@@ -98,6 +113,10 @@ const SECTIONS: [&str; 9] = [
     "upstreams",
     "store",
     "admin",
+    "janitor",
+    "sources",
+    "checker",
+    "refresh",
     "log",
 ];
 
@@ -148,6 +167,13 @@ impl RootConfig {
         });
         read("store", &mut |v| set(v, "store", &mut cfg.store));
         read("admin", &mut |v| set(v, "admin", &mut cfg.admin));
+        read("janitor", &mut |v| set(v, "janitor", &mut cfg.janitor));
+        read("allow_private_networks", &mut |v| {
+            set(v, "allow_private_networks", &mut cfg.allow_private_networks)
+        });
+        read("sources", &mut |v| set(v, "sources", &mut cfg.sources));
+        read("checker", &mut |v| set(v, "checker", &mut cfg.checker));
+        read("refresh", &mut |v| set(v, "refresh", &mut cfg.refresh));
         read("log", &mut |v| set(v, "log", &mut cfg.log));
         (cfg, problems)
     }
@@ -162,6 +188,12 @@ impl RootConfig {
         }
         problems.extend(self.store.validate());
         problems.extend(self.admin.validate());
+        problems.extend(self.janitor.validate());
+        problems.extend(proxygate_sources::config::validate(
+            &self.sources,
+            &self.checker,
+            &self.refresh,
+        ));
         if self.data_dir.as_os_str().is_empty() {
             problems.push(Problem::new("data_dir", "must not be empty"));
         }

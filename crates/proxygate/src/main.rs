@@ -5,6 +5,8 @@
 //! - `proxygate pool add|import|list|show|remove|disable|enable|export|strategy`: the pool in
 //!   the data dir, offline or through the running gateway's control socket.
 //! - `proxygate key generate|rotate`: encryption keys.
+//! - `proxygate sources list|fetch`, `proxygate check`: list sources and checks, offline or
+//!   live.
 //! - `proxygate strategy|reputation|health|stats|refresh`: the running gateway, through its
 //!   admin API (`--admin URL`).
 //!
@@ -16,6 +18,8 @@ mod app;
 mod commands;
 mod config;
 mod remote;
+mod source_commands;
+mod sources;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +54,10 @@ enum Command {
     Pool(commands::PoolArgs),
     /// Encryption keys: generate one, rotate the data dir's.
     Key(commands::KeyArgs),
+    /// List sources: their quality, or fetch them now.
+    Sources(source_commands::SourcesArgs),
+    /// Check pool members now, through themselves, against the judges.
+    Check(source_commands::CheckArgs),
     /// Show the running gateway's strategy, or set it (live, kept across restarts).
     Strategy {
         /// The strategy to switch to.
@@ -113,6 +121,12 @@ struct RunArgs {
     /// admin.listen.
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
+    /// Turn the list sources off (as `sources = []` in the config).
+    #[arg(long)]
+    no_sources: bool,
+    /// Keep list candidates at private, loopback, link-local... addresses (labs and tests).
+    #[arg(long)]
+    allow_private_networks: bool,
 }
 
 fn main() -> ExitCode {
@@ -122,6 +136,8 @@ fn main() -> ExitCode {
         Command::Run(args) => app::run(args),
         Command::Pool(args) => commands::pool(args),
         Command::Key(args) => commands::key(args),
+        Command::Sources(args) => source_commands::sources(args),
+        Command::Check(args) => source_commands::check(args),
         Command::Strategy { name, reset, admin } => remote_command(&admin, |a| {
             let answer = if name.is_some() || reset {
                 a.call(

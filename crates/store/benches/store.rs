@@ -19,18 +19,13 @@ use proxygate_core::{Upstream, UpstreamId};
 use proxygate_store::{Origin, Record, Stats, Store};
 
 fn record(i: usize) -> Record {
-    Record {
-        upstream: Upstream::parse(&format!(
-            "socks5://user{i}:pass{i}@10.{}.{}.{}:1080",
-            i >> 16,
-            (i >> 8) & 255,
-            i & 255
-        ))
-        .unwrap(),
-        disabled: false,
-        origin: Origin::Operator,
-        added_unix_ms: 1,
-    }
+    let url = format!(
+        "socks5://user{i}:pass{i}@10.{}.{}.{}:1080",
+        i >> 16,
+        (i >> 8) & 255,
+        i & 255
+    );
+    Record::new(Upstream::parse(&url).unwrap(), Origin::Operator, 1)
 }
 
 fn filled(n: usize) -> (tempfile::TempDir, Store, Vec<UpstreamId>) {

@@ -23,5 +23,5 @@ pub use config::Config;
 pub use crypto::{KEY_ENV, KEY_FILE, Key, KeyId, KeyOrigin, Keyring, NEXT_KEY_FILE};
 pub use error::StoreError;
 pub use migrate::CURRENT_VERSION;
-pub use record::{Origin, Record, Stats};
+pub use record::{CheckRecord, FetchSummary, Origin, Record, SourceStats, Stats};
 pub use store::{OpenReport, RotationProgress, Store};

@@ -10,21 +10,30 @@
 //! | 1 | `{scheme, host, port, country?, username?, password?}` in plaintext, no stats |
 //! | 2 | + `proxy_type`, `origin`, `disabled`, `added_unix_ms`; a `stats` row per upstream |
 //! | 3 | credentials sealed in an AES-256-GCM envelope; no plaintext left |
+//! | 4 | origin `source` with the source's name; `checks` tree; per-source stats (`sources`) |
 
 use crate::record::{PlainCredentials, RawRecord, key_id};
 use crate::store::Store;
 use crate::{Stats, StoreError};
 
 /// The schema this build reads and writes.
-pub const CURRENT_VERSION: u32 = 3;
+pub const CURRENT_VERSION: u32 = 4;
 
 type Step = fn(&Store) -> Result<(), StoreError>;
 
 /// `(version it produces, name, step)`, in order.
-const MIGRATIONS: [(u32, &str, Step); 2] = [
+const MIGRATIONS: [(u32, &str, Step); 3] = [
     (2, "add_reputation_fields", add_reputation_fields),
     (3, "encrypt_credentials", encrypt_credentials),
+    (4, "list_sources", list_sources),
 ];
+
+/// Version 4 only adds: records may carry origin `source`, which older builds cannot read
+/// (hence the version), and the `checks` tree (opened, so created, by every open). No record
+/// changes shape.
+fn list_sources(_store: &Store) -> Result<(), StoreError> {
+    Ok(())
+}
 
 /// Applies every migration past `from`; returns their names.
 pub(crate) fn run(store: &mut Store, from: u32) -> Result<Vec<&'static str>, StoreError> {

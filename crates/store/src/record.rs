@@ -18,6 +18,25 @@ pub struct Record {
     pub disabled: bool,
     pub origin: Origin,
     pub added_unix_ms: u64,
+    /// The list source that brought it (origin [`Origin::Source`]).
+    pub source: Option<String>,
+    /// Why it is disabled, when the janitor (not an operator) disabled it: a later check that
+    /// passes enables it again.
+    pub disabled_reason: Option<String>,
+}
+
+impl Record {
+    /// A new record of `origin`, enabled, added now (`now_unix_ms`).
+    pub fn new(upstream: Upstream, origin: Origin, now_unix_ms: u64) -> Record {
+        Record {
+            upstream,
+            disabled: false,
+            origin,
+            added_unix_ms: now_unix_ms,
+            source: None,
+            disabled_reason: None,
+        }
+    }
 }
 
 /// Who put an upstream in the store.
@@ -28,6 +47,9 @@ pub enum Origin {
     Operator,
     /// The config file or `--upstream`/`--upstreams-file`: follows the config at each start.
     Config,
+    /// A list source (`[[sources]]`), after its check passed: the janitor may disable it when
+    /// dead for long and deletes it when unused for long.
+    Source,
 }
 
 /// An upstream's persisted reputation stats, written behind from the live pool.
@@ -70,8 +92,62 @@ impl Origin {
         match self {
             Origin::Operator => "operator",
             Origin::Config => "config",
+            Origin::Source => "source",
         }
     }
+}
+
+/// The last check of an upstream through itself (the checker's verdict).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CheckRecord {
+    pub checked_unix_ms: u64,
+    pub passed: bool,
+    /// `transparent`, `anonymous` or `elite`.
+    pub anonymity: Option<String>,
+    /// The address the judge saw the request come from.
+    pub exit_ip: Option<String>,
+    /// Connect to judge answer.
+    pub latency_ms: Option<u64>,
+    pub judge: Option<String>,
+    /// Why it failed (never a password).
+    pub error: Option<String>,
+    /// Since when every check failed (`None` while the last one passed).
+    pub failing_since_unix_ms: Option<u64>,
+}
+
+/// What the store keeps of one list source's quality.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SourceStats {
+    pub fetches_ok: u64,
+    pub fetches_failed: u64,
+    pub last_fetch_unix_ms: Option<u64>,
+    pub last_ok_unix_ms: Option<u64>,
+    pub last_error: Option<String>,
+    /// The last fetch.
+    pub last: FetchSummary,
+    /// Over every fetch.
+    pub total: FetchSummary,
+    /// `(unique, passed)` of the last fetches (at most 10), oldest first: the yield policy's
+    /// input.
+    pub recent: Vec<(u64, u64)>,
+}
+
+/// What one fetch (or every fetch) of a source gave.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FetchSummary {
+    /// Entries listed.
+    pub fetched: u64,
+    /// Distinct candidates after filtering.
+    pub unique: u64,
+    /// Not in the store before.
+    pub new: u64,
+    /// Passed their check.
+    pub passed: u64,
+    /// Joined the pool.
+    pub imported: u64,
 }
 
 /// A record as stored. Every field past the address is optional so that records of every
@@ -92,6 +168,11 @@ pub(crate) struct RawRecord {
     pub origin: Option<String>,
     #[serde(default)]
     pub added_unix_ms: u64,
+    /// The list source of an upstream of origin `source` (schema version 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
     /// Base64 of the credentials envelope (schema version 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<String>,
@@ -152,6 +233,8 @@ impl RawRecord {
             disabled: r.disabled,
             origin: Some(r.origin.as_str().to_owned()),
             added_unix_ms: r.added_unix_ms,
+            source: r.source.clone(),
+            disabled_reason: r.disabled_reason.clone(),
             credentials: None,
             username: None,
             password: None,
@@ -173,6 +256,7 @@ impl RawRecord {
         };
         let origin = match self.origin.as_deref() {
             Some("config") => Origin::Config,
+            Some("source") => Origin::Source,
             _ => Origin::Operator,
         };
         Ok(Record {
@@ -190,6 +274,8 @@ impl RawRecord {
             disabled: self.disabled,
             origin,
             added_unix_ms: self.added_unix_ms,
+            source: self.source.clone(),
+            disabled_reason: self.disabled_reason.clone(),
         })
     }
 }

@@ -1,8 +1,9 @@
 //! [`Store`]: the data dir. Opening it takes the lock, refuses a newer schema, resolves the
 //! key and runs the pending migrations; then it reads and writes our own types.
 //!
-//! Trees: `upstreams` (id -> record), `stats` (id -> [`Stats`]), `settings` (name -> value),
-//! `sources` (reserved for list sources), `meta` (`schema_version`, `key_id`, `rotation`).
+//! Trees: `upstreams` (id -> record), `stats` (id -> [`Stats`]), `checks` (id ->
+//! [`CheckRecord`]), `settings` (name -> value), `sources` (name -> [`SourceStats`]), `meta`
+//! (`schema_version`, `key_id`, `rotation`).
 //! Every operator-facing write is followed by [`Store::flush`] before it is acknowledged;
 //! live stats are written in batches by the caller's persister.
 
@@ -18,7 +19,7 @@ use proxygate_core::{Credentials, Secret, UpstreamId};
 use crate::crypto::{self, Key, KeyId, KeyOrigin, Keyring, OpenError};
 use crate::migrate::{self, CURRENT_VERSION};
 use crate::record::{PlainCredentials, RawRecord, context, id_key, key_id};
-use crate::{Record, Stats, StoreError};
+use crate::{CheckRecord, Record, SourceStats, Stats, StoreError};
 
 /// The sled database's directory inside the data dir.
 const DB_DIR: &str = "db";
@@ -30,6 +31,8 @@ pub struct Store {
     pub(crate) upstreams: sled::Tree,
     pub(crate) stats: sled::Tree,
     settings: sled::Tree,
+    checks: sled::Tree,
+    sources: sled::Tree,
     pub(crate) meta: sled::Tree,
     /// Swapped whole by a rotation, which runs beside readers and writers (live rotation).
     keys: RwLock<Keyring>,
@@ -135,13 +138,15 @@ impl Store {
         let keys = Self::resolve_keys(dir, env_key, &meta, &mut report)?;
         let stats = tree("stats")?;
         let settings = tree("settings")?;
-        // Reserved for list sources; created now so the layout is complete from version 3 on.
-        tree("sources")?;
+        let checks = tree("checks")?;
+        let sources = tree("sources")?;
         let mut store = Store {
             dir: dir.to_owned(),
             upstreams,
             stats,
             settings,
+            checks,
+            sources,
             meta,
             keys: RwLock::new(keys),
             db,
@@ -383,11 +388,77 @@ impl Store {
         Ok(old.is_none())
     }
 
-    /// Removes a record and its stats. Returns whether it existed.
+    /// Removes a record, its stats and its check. Returns whether it existed.
     pub fn remove(&self, id: UpstreamId) -> Result<bool, StoreError> {
         let old = self.upstreams.remove(id_key(id)).map_err(self.err())?;
         self.stats.remove(id_key(id)).map_err(self.err())?;
+        self.checks.remove(id_key(id)).map_err(self.err())?;
         Ok(old.is_some())
+    }
+
+    /// Sets a record's `disabled` flag and the janitor's reason for it (`None`: an
+    /// operator's decision). Returns whether the record exists.
+    pub fn set_disabled_because(
+        &self,
+        id: UpstreamId,
+        disabled: bool,
+        reason: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let Some(v) = self.upstreams.get(id_key(id)).map_err(self.err())? else {
+            return Ok(false);
+        };
+        let mut raw = RawRecord::decode_of(id, &v)?;
+        raw.disabled = disabled;
+        raw.disabled_reason = reason.map(str::to_owned);
+        self.upstreams
+            .insert(id_key(id), raw.encode())
+            .map_err(self.err())?;
+        Ok(true)
+    }
+
+    /// Writes checks in one batch (upstreams removed meanwhile are skipped). Not durable
+    /// until [`Store::flush`].
+    pub fn put_checks<'a>(
+        &self,
+        checks: impl IntoIterator<Item = (UpstreamId, &'a CheckRecord)>,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (id, c) in checks {
+            if self.contains(id)? {
+                batch.insert(&id_key(id), serde_json::to_vec(c).unwrap_or_default());
+            }
+        }
+        self.checks.apply_batch(batch).map_err(self.err())
+    }
+
+    /// Every upstream's last check.
+    pub fn checks(&self) -> Result<HashMap<UpstreamId, CheckRecord>, StoreError> {
+        let mut out = HashMap::with_capacity(self.checks.len());
+        for item in &self.checks {
+            let (k, v) = item.map_err(self.err())?;
+            if let (Some(id), Ok(c)) = (key_id(&k), serde_json::from_slice::<CheckRecord>(&v)) {
+                out.insert(id, c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One source's stats (defaults for a source never fetched).
+    pub fn source_stats(&self, name: &str) -> Result<SourceStats, StoreError> {
+        Ok(self
+            .sources
+            .get(name)
+            .map_err(self.err())?
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default())
+    }
+
+    /// Replaces one source's stats. Not durable until [`Store::flush`].
+    pub fn put_source_stats(&self, name: &str, s: &SourceStats) -> Result<(), StoreError> {
+        self.sources
+            .insert(name, serde_json::to_vec(s).unwrap_or_default())
+            .map(|_| ())
+            .map_err(self.err())
     }
 
     /// Sets a record's `disabled` flag. Returns whether the record exists.
@@ -598,12 +669,7 @@ mod tests {
     use proxygate_core::Upstream;
 
     fn record(url: &str) -> Record {
-        Record {
-            upstream: Upstream::parse(url).unwrap(),
-            disabled: false,
-            origin: Origin::Operator,
-            added_unix_ms: 1,
-        }
+        Record::new(Upstream::parse(url).unwrap(), Origin::Operator, 1)
     }
 
     fn open(dir: &Path) -> Store {
@@ -809,7 +875,11 @@ mod tests {
         let (store, report) = reopen(dir.path(), None).unwrap();
         assert_eq!(
             report.migrated,
-            ["add_reputation_fields", "encrypt_credentials"]
+            [
+                "add_reputation_fields",
+                "encrypt_credentials",
+                "list_sources"
+            ]
         );
         assert_eq!(store.schema_version().unwrap(), CURRENT_VERSION);
         let got = store.get(a.upstream.id()).unwrap().unwrap();
@@ -865,7 +935,7 @@ mod tests {
         store.flush().unwrap();
         drop(store);
         let (store, report) = reopen(dir.path(), None).unwrap();
-        assert_eq!(report.migrated, ["encrypt_credentials"]);
+        assert_eq!(report.migrated, ["encrypt_credentials", "list_sources"]);
         let mut got = store.records().unwrap();
         got.sort_by_key(|r| r.upstream.port);
         assert_eq!(got, vec![a, b]);
