@@ -66,13 +66,13 @@ impl Config {
 }
 
 /// Reads a token file: the first line, trimmed; refused if shorter than [`MIN_TOKEN_LEN`]
-/// or readable by group or others.
+/// or readable by others (a group may read it: secret mounts share one with the service).
 pub fn read_token(path: &Path) -> Result<String, String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
+    if meta.permissions().mode() & 0o007 != 0 {
         return Err(format!(
-            "{} is readable by group or others: chmod 600 it",
+            "{} is readable by others: chmod o-rwx it (600 or 640)",
             path.display()
         ));
     }
@@ -109,6 +109,11 @@ mod tests {
         assert!(c.validate().is_empty(), "{:?}", c.validate());
         assert_eq!(read_token(&token).unwrap(), "0123456789abcdef0123");
 
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(
+            c.validate().is_empty(),
+            "group-readable secret mounts are fine"
+        );
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(c.validate()[0].key, "admin.token_file");
         std::fs::write(&token, "short").unwrap();
