@@ -21,9 +21,10 @@ if [ "${#need[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# Python requests is one of the real clients the end-to-end tests drive.
-python3 -c 'import requests' 2>/dev/null \
-  || python3 -m pip install --quiet --disable-pip-version-check requests
+# Python requests is one of the real clients the end-to-end tests drive; openapi-spec-validator
+# checks the admin API's description.
+python3 -c 'import requests, openapi_spec_validator' 2>/dev/null \
+  || python3 -m pip install --quiet --disable-pip-version-check requests openapi-spec-validator
 
 cargo build --locked -p proxygate --bin proxygate
 exec cargo test --locked --workspace "$@"

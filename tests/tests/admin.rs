@@ -425,3 +425,18 @@ async fn the_key_rotates_live_under_traffic() {
                 == Some(("alice", "p@ss:w0rd")))
     );
 }
+
+#[test]
+fn the_openapi_description_is_valid() {
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/../crates/admin/openapi.yaml");
+    let out = std::process::Command::new("python3")
+        .args(["-m", "openapi_spec_validator", spec])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openapi-spec-validator (tests/run.sh installs it): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
