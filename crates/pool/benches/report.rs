@@ -46,7 +46,7 @@ fn success(ms: u64) -> Outcome {
 
 fn attempt(r: &PoolReader, i: u64) {
     let lease = r.select(&[]).unwrap();
-    if i % 16 == 0 {
+    if i.is_multiple_of(16) {
         // A failure now and then keeps the failure path in the mix without exiling anyone.
         lease.report(&Outcome::failed(ErrorKind::UpstreamIo));
     } else {
