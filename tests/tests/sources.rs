@@ -296,6 +296,17 @@ async fn a_broken_source_never_shrinks_the_pool() {
     }
     let v = gw.api("/api/v1/sources").await;
     assert_eq!(v["sources"][0]["fetches_failed"], 3, "{v}");
+    // The same, through the running gateway's control socket.
+    let data = gw.data_dir().to_str().unwrap().to_owned();
+    let out = cli(&["sources", "list", "--data-dir", &data]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        table.lines().any(|l| l.starts_with("paid ")
+            && l.contains("last fetch failed:")
+            && l.ends_with("empty body")),
+        "{table}"
+    );
     let m = gw.admin_get("/metrics").await.1;
     assert!(m.contains("proxygate_source_up{source=\"paid\"} 0"), "{m}");
     // Back to a list: exit 0.

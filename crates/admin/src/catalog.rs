@@ -1009,6 +1009,119 @@ mod tests {
         assert!(reader.snapshot().is_empty() && c.rows().unwrap().is_empty());
     }
 
+    fn checked(url: &str, passed: bool, at: u64) -> Checked {
+        Checked {
+            upstream: Upstream::parse(url).unwrap(),
+            source: Some("list".into()),
+            passed,
+            check: CheckRecord {
+                checked_unix_ms: at,
+                passed,
+                anonymity: passed.then(|| "elite".into()),
+                ..CheckRecord::default()
+            },
+        }
+    }
+
+    #[test]
+    fn merge_imports_what_passed_and_remembers_failing_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, reader) = catalog(dir.path());
+        let m = c
+            .merge_checked(
+                vec![
+                    checked("http://8.8.8.8:80", true, 10),
+                    checked("http://8.8.4.4:80", false, 10),
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            (m.imported, m.checks),
+            (1, 1),
+            "a failed stranger is not kept"
+        );
+        assert_eq!(reader.snapshot().len(), 1, "live at once");
+        let id = Upstream::parse("http://8.8.8.8:80").unwrap().id();
+        let row = c.show(id).unwrap();
+        assert_eq!(
+            (row.origin, row.source.as_deref()),
+            ("source", Some("list"))
+        );
+        assert_eq!(row.anonymity.as_deref(), Some("elite"));
+        // Failing checks keep the first failure's time; a pass clears it.
+        c.merge_checked(vec![checked("http://8.8.8.8:80", false, 20)], true)
+            .unwrap();
+        c.merge_checked(vec![checked("http://8.8.8.8:80", false, 30)], true)
+            .unwrap();
+        assert_eq!(c.checks[&id].failing_since_unix_ms, Some(20));
+        // Durable: a new catalog over the store sees the record and its check.
+        let store = Arc::clone(c.store());
+        drop(c);
+        let again = Catalog::load(store, HealthConfig::default()).unwrap();
+        assert_eq!(again.checks[&id].failing_since_unix_ms, Some(20));
+        assert_eq!(again.record(id).unwrap().origin, Origin::Source);
+    }
+
+    #[test]
+    fn the_janitor_disables_and_deletes_list_upstreams_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, reader) = catalog(dir.path());
+        let now = unix_ms();
+        let hour = 3_600_000;
+        c.merge_checked(
+            vec![
+                checked("http://8.8.8.8:80", true, now),
+                checked("http://9.9.9.9:80", true, now),
+            ],
+            true,
+        )
+        .unwrap();
+        c.add(&["http://1.1.1.1:80".into()]).unwrap();
+        let dead = Upstream::parse("http://8.8.8.8:80").unwrap().id();
+        let mine = Upstream::parse("http://1.1.1.1:80").unwrap().id();
+        // 8.8.8.8 fails every check for two hours; so does the operator's 1.1.1.1.
+        c.merge_checked(
+            vec![
+                checked("http://8.8.8.8:80", false, now - 2 * hour),
+                Checked {
+                    source: None,
+                    ..checked("http://1.1.1.1:80", false, now - 2 * hour)
+                },
+            ],
+            false,
+        )
+        .unwrap();
+        let cfg = crate::janitor::Config::default();
+        let swept = c.janitor(now, &cfg).unwrap();
+        assert_eq!(swept.disabled.len(), 1, "{swept:?}");
+        assert_eq!(swept.disabled[0].0, dead.to_string());
+        assert!(swept.deleted.is_empty());
+        assert!(
+            c.show(mine).unwrap().state != "disabled",
+            "an operator's upstream stays"
+        );
+        assert_eq!(reader.snapshot().len(), 2);
+        // A passing check (the list names it again) enables it.
+        let m = c
+            .merge_checked(vec![checked("http://8.8.8.8:80", true, now)], true)
+            .unwrap();
+        assert_eq!(m.reenabled, 1);
+        assert_eq!(reader.snapshot().len(), 3);
+        // An operator's disable is not undone by a check.
+        c.set_disabled(dead, true).unwrap();
+        let m = c
+            .merge_checked(vec![checked("http://8.8.8.8:80", true, now)], true)
+            .unwrap();
+        assert_eq!(m.reenabled, 0);
+        // Eight days later, never used: list upstreams go, the operator's stays.
+        let swept = c.janitor(now + 8 * 24 * hour, &cfg).unwrap();
+        assert_eq!(swept.deleted.len(), 2, "{swept:?}");
+        assert!(c.record(mine).is_ok());
+        assert!(matches!(c.record(dead), Err(OpError::NotFound(_))));
+        assert!(c.store().get(dead).unwrap().is_none(), "deleted durably");
+    }
+
     #[test]
     fn strategy_is_kept_and_reset_to_the_configured_one() {
         let dir = tempfile::tempdir().unwrap();
