@@ -231,6 +231,22 @@ pub fn key_values(value: &serde_json::Value) -> String {
 
 /// The `pool list` table.
 pub fn table(rows: &[Row]) -> String {
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| serde_json::to_value(r).unwrap_or_default())
+        .collect();
+    table_of(&rows)
+}
+
+/// The `pool list` table of rows as the API serializes them (the CLI's `--admin` path prints
+/// the same table from the API's JSON).
+pub fn table_of(rows: &[serde_json::Value]) -> String {
+    use serde_json::Value;
+    let cell = |v: &Value| match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     let mut out = format!(
         "{:<16}  {:<7}  {:<28}  {:<7}  {:>3}  {:>7}  {:>9}  {:>7}  {}\n",
         "ID", "SCHEME", "ADDRESS", "COUNTRY", "REP", "SUCCESS", "LATENCY", "USES", "STATE"
@@ -239,17 +255,19 @@ pub fn table(rows: &[Row]) -> String {
         let _ = writeln!(
             out,
             "{:<16}  {:<7}  {:<28}  {:<7}  {:>3}  {:>7}  {:>9}  {:>7}  {}",
-            r.id,
-            r.scheme,
-            r.address,
-            r.country.as_deref().unwrap_or("-"),
-            r.reputation,
-            r.success_rate
+            cell(&r["id"]),
+            cell(&r["scheme"]),
+            cell(&r["address"]),
+            cell(&r["country"]),
+            cell(&r["reputation"]),
+            r["success_rate"]
+                .as_f64()
                 .map_or("-".into(), |s| format!("{:.1}%", s * 100.0)),
-            r.avg_latency_ms
+            r["avg_latency_ms"]
+                .as_f64()
                 .map_or("-".into(), |ms| format!("{ms:.0}ms")),
-            r.uses,
-            r.state
+            cell(&r["uses"]),
+            cell(&r["state"])
         );
     }
     out

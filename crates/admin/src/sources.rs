@@ -418,6 +418,22 @@ impl SourcesRuntime {
         }
     }
 
+    /// Re-checks the upstreams named by ids or unique prefixes (all enabled ones when `names`
+    /// is empty) now.
+    pub async fn recheck_named(
+        &self,
+        names: &[String],
+        progress: &dyn Progress,
+    ) -> Result<CheckSummary, OpError> {
+        let ids = catalog_op(&self.catalog, |c| {
+            names
+                .iter()
+                .map(|t| c.resolve(t))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        self.recheck(&ids, progress).await
+    }
+
     /// Re-checks the given upstreams (all enabled ones when `ids` is empty) now.
     pub async fn recheck(
         &self,
@@ -675,22 +691,39 @@ fn checked(upstream: Upstream, source: Option<String>, r: &CheckResult) -> Check
 #[derive(Debug, Clone)]
 pub struct SourceActions(pub Arc<SourcesRuntime>);
 
+/// `POST /api/v1/sources/fetch`'s body.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FetchRequest {
+    /// Source names; empty: every source.
+    sources: Vec<String>,
+    check: bool,
+    import: bool,
+}
+
+/// `POST /api/v1/refresh`'s body.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RefreshRequest {
+    /// Upstream ids or prefixes; empty: every enabled upstream.
+    ids: Vec<String>,
+}
+
+/// A request body as `T` (`null` or nothing: its defaults).
+fn body<T: serde::de::DeserializeOwned + Default>(v: Value) -> Result<T, OpError> {
+    if v.is_null() {
+        return Ok(T::default());
+    }
+    serde_json::from_value(v).map_err(|e| OpError::Usage(format!("invalid request: {e}")))
+}
+
 impl Actions for SourceActions {
     fn fetch_sources(&self, request: Value) -> BoxFuture<Result<Value, OpError>> {
         let rt = Arc::clone(&self.0);
         Box::pin(async move {
-            let names: Vec<String> = request
-                .get("sources")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let flag = |k: &str| request.get(k).and_then(Value::as_bool).unwrap_or(false);
+            let r: FetchRequest = body(request)?;
             let summaries = rt
-                .fetch_now(&names, flag("check"), flag("import"), &|_, _, _| {})
+                .fetch_now(&r.sources, r.check || r.import, r.import, &|_, _, _| {})
                 .await?;
             Ok(serde_json::json!({ "sources": summaries }))
         })
@@ -699,22 +732,8 @@ impl Actions for SourceActions {
     fn refresh(&self, request: Value) -> BoxFuture<Result<Value, OpError>> {
         let rt = Arc::clone(&self.0);
         Box::pin(async move {
-            let texts: Vec<String> = request
-                .get("ids")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let ids = catalog_op(&rt.catalog, |c| {
-                texts
-                    .iter()
-                    .map(|t| c.resolve(t))
-                    .collect::<Result<Vec<_>, _>>()
-            })?;
-            let s = rt.recheck(&ids, &|_, _, _| {}).await?;
+            let r: RefreshRequest = body(request)?;
+            let s = rt.recheck_named(&r.ids, &|_, _, _| {}).await?;
             Ok(serde_json::to_value(s).unwrap_or_default())
         })
     }

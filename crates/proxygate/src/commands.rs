@@ -115,27 +115,26 @@ enum KeyCommand {
 }
 
 fn load_config(args: &DataDirArgs) -> Result<RootConfig, ExitCode> {
-    let mut cfg = match &args.config {
-        Some(path) => {
-            let (cfg, problems) = RootConfig::load(path);
-            if !problems.is_empty() {
-                eprintln!(
-                    "{}",
-                    proxygate_core::ConfigErrors {
-                        source: path.display().to_string(),
-                        problems
-                    }
-                );
-                return Err(ExitCode::from(EXIT_CONFIG));
-            }
-            cfg
-        }
-        None => RootConfig::default(),
+    crate::config::for_command(args.config.as_deref(), args.data_dir.as_deref(), false).map_err(
+        |e| {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        },
+    )
+}
+
+/// The text of an import: a file, or standard input for `-`.
+fn read_import(file: &Path) -> Result<String, ExitCode> {
+    let mut text = String::new();
+    let read = if file.as_os_str() == "-" {
+        std::io::stdin().read_to_string(&mut text).map(|_| ())
+    } else {
+        std::fs::read_to_string(file).map(|t| text = t)
     };
-    if let Some(dir) = &args.data_dir {
-        cfg.data_dir = dir.clone();
-    }
-    Ok(cfg)
+    read.map(|()| text).map_err(|e| {
+        eprintln!("proxygate: {}: {e}", file.display());
+        ExitCode::from(EXIT_DATA)
+    })
 }
 
 fn print(reply: &Reply) -> ExitCode {
@@ -167,19 +166,10 @@ pub(crate) fn pool(args: PoolArgs) -> ExitCode {
     };
     let op = match args.command {
         PoolCommand::Add { urls } => Op::Add { urls },
-        PoolCommand::Import { file } => {
-            let mut text = String::new();
-            let read = if file.as_os_str() == "-" {
-                std::io::stdin().read_to_string(&mut text).map(|_| ())
-            } else {
-                std::fs::read_to_string(&file).map(|t| text = t)
-            };
-            if let Err(e) = read {
-                eprintln!("proxygate: {}: {e}", file.display());
-                return ExitCode::from(EXIT_DATA);
-            }
-            Op::Import { text }
-        }
+        PoolCommand::Import { file } => match read_import(&file) {
+            Ok(text) => Op::Import { text },
+            Err(code) => return code,
+        },
         PoolCommand::List { json } => Op::List { json },
         PoolCommand::Show { id, json } => Op::Show { id, json },
         PoolCommand::Remove { id } => Op::Remove { id },
@@ -328,22 +318,7 @@ fn print_rotated(r: &proxygate_admin::keys::Rotated) {
 /// `proxygate pool ... --admin URL`: the same commands through the admin API.
 fn pool_remote(a: &Admin, command: PoolCommand) -> ExitCode {
     use reqwest::Method;
-    let json_out = |answer: Result<crate::remote::Answer, crate::remote::Failed>,
-                    render: fn(&serde_json::Value) -> String,
-                    json: bool| match answer {
-        Ok(ans) if json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&ans.value()).unwrap_or(ans.0)
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(ans) => {
-            print!("{}", render(&ans.value()));
-            ExitCode::SUCCESS
-        }
-        Err(f) => f.exit(),
-    };
+    let json_out = crate::remote::print_as;
     fn added(v: &serde_json::Value) -> String {
         let mut out = format!("added {}, updated {}\n", v["added"], v["updated"]);
         for id in v["ids"].as_array().into_iter().flatten() {
@@ -363,16 +338,10 @@ fn pool_remote(a: &Admin, command: PoolCommand) -> ExitCode {
             false,
         ),
         PoolCommand::Import { file } => {
-            let mut text = String::new();
-            let read = if file.as_os_str() == "-" {
-                std::io::stdin().read_to_string(&mut text).map(|_| ())
-            } else {
-                std::fs::read_to_string(&file).map(|t| text = t)
+            let text = match read_import(&file) {
+                Ok(t) => t,
+                Err(code) => return code,
             };
-            if let Err(e) = read {
-                eprintln!("proxygate: {}: {e}", file.display());
-                return ExitCode::from(EXIT_DATA);
-            }
             json_out(
                 a.call(
                     Method::POST,

@@ -223,6 +223,37 @@ impl RootConfig {
     }
 }
 
+/// The config a command (other than `run`) works with: the file's, or the embedded defaults
+/// without one, with `--data-dir` applied. With `check`, the semantic checks run too.
+pub(crate) fn for_command(
+    file: Option<&Path>,
+    data_dir: Option<&Path>,
+    check: bool,
+) -> Result<RootConfig, proxygate_core::ConfigErrors> {
+    let Some(path) = file else {
+        let mut cfg = RootConfig::default();
+        if let Some(dir) = data_dir {
+            cfg.data_dir = dir.to_owned();
+        }
+        return Ok(cfg);
+    };
+    let (mut cfg, mut problems) = RootConfig::load(path);
+    if let Some(dir) = data_dir {
+        cfg.data_dir = dir.to_owned();
+    }
+    if check && problems.is_empty() {
+        problems = cfg.validate().err().unwrap_or_default();
+    }
+    if problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(proxygate_core::ConfigErrors {
+            source: path.display().to_string(),
+            problems,
+        })
+    }
+}
+
 /// Reads section `name` into `into` (which keeps its defaults on a problem).
 fn set<T: DeserializeOwned>(value: &toml::Value, name: &str, into: &mut T) -> Result<(), Problem> {
     *into = section(value, name)?;

@@ -11,7 +11,6 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::EXIT_CONFIG;
-use crate::config::RootConfig;
 
 /// The environment variable a token can come from.
 pub(crate) const TOKEN_ENV: &str = "PROXYGATE_ADMIN_TOKEN";
@@ -63,20 +62,8 @@ impl Admin {
             code: EXIT_CONFIG,
             message,
         };
-        let cfg = match &args.config {
-            Some(path) => {
-                let (cfg, problems) = RootConfig::load(path);
-                if !problems.is_empty() {
-                    let e = proxygate_core::ConfigErrors {
-                        source: path.display().to_string(),
-                        problems,
-                    };
-                    return Err(usage(e.to_string()));
-                }
-                cfg
-            }
-            None => RootConfig::default(),
-        };
+        let cfg = crate::config::for_command(args.config.as_deref(), None, false)
+            .map_err(|e| usage(e.to_string()))?;
         let base = args
             .admin
             .clone()
@@ -196,8 +183,17 @@ pub(crate) fn print(
     answer: Result<Answer, Failed>,
     render: fn(&Value) -> String,
 ) -> ExitCode {
+    print_as(answer, render, admin.json)
+}
+
+/// Prints the answer as JSON (`json`), or through `render`.
+pub(crate) fn print_as(
+    answer: Result<Answer, Failed>,
+    render: fn(&Value) -> String,
+    json: bool,
+) -> ExitCode {
     match answer {
-        Ok(a) if admin.json => {
+        Ok(a) if json => {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&a.value()).unwrap_or(a.0)
@@ -432,36 +428,10 @@ pub(crate) fn render_stats(v: &Value) -> String {
     out
 }
 
-/// Renders JSON rows of upstreams as the `pool list` table.
+/// Renders the API's `{"upstreams": [...]}` as the `pool list` table.
 pub(crate) fn render_rows(v: &Value) -> String {
-    let rows = v
-        .get("upstreams")
-        .and_then(Value::as_array)
-        .or_else(|| v.as_array())
-        .cloned()
-        .unwrap_or_default();
-    let mut out = format!(
-        "{:<16}  {:<7}  {:<28}  {:<7}  {:>3}  {:>7}  {:>9}  {:>7}  {}\n",
-        "ID", "SCHEME", "ADDRESS", "COUNTRY", "REP", "SUCCESS", "LATENCY", "USES", "STATE"
-    );
-    for r in rows {
-        let _ = writeln!(
-            out,
-            "{:<16}  {:<7}  {:<28}  {:<7}  {:>3}  {:>7}  {:>9}  {:>7}  {}",
-            opt(&r["id"]),
-            opt(&r["scheme"]),
-            opt(&r["address"]),
-            opt(&r["country"]),
-            opt(&r["reputation"]),
-            percent(&r["success_rate"]),
-            r["avg_latency_ms"]
-                .as_f64()
-                .map_or("-".into(), |ms| format!("{ms:.0}ms")),
-            opt(&r["uses"]),
-            opt(&r["state"])
-        );
-    }
-    out
+    let rows = v["upstreams"].as_array().cloned().unwrap_or_default();
+    proxygate_admin::ops::table_of(&rows)
 }
 
 /// Renders the JSON answer of the "refresh" and "sources fetch" requests.

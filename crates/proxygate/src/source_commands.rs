@@ -11,7 +11,8 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::{Args, Subcommand};
-use proxygate_admin::{Catalog, Op, control};
+use proxygate_admin::sources::SourcesRuntime;
+use proxygate_admin::{Catalog, Op, OpError, control};
 use proxygate_sources::metrics::SourceMetrics;
 use proxygate_store::{Store, StoreError};
 use serde_json::Value;
@@ -81,32 +82,10 @@ pub(crate) struct CheckArgs {
 }
 
 fn load(at: &Where) -> Result<RootConfig, ExitCode> {
-    let mut cfg = match &at.config {
-        Some(path) => {
-            let (cfg, problems) = RootConfig::load(path);
-            let problems = if problems.is_empty() {
-                cfg.validate().err().unwrap_or_default()
-            } else {
-                problems
-            };
-            if !problems.is_empty() {
-                eprintln!(
-                    "{}",
-                    proxygate_core::ConfigErrors {
-                        source: path.display().to_string(),
-                        problems
-                    }
-                );
-                return Err(ExitCode::from(EXIT_CONFIG));
-            }
-            cfg
-        }
-        None => RootConfig::default(),
-    };
-    if let Some(dir) = &at.data_dir {
-        cfg.data_dir = dir.clone();
-    }
-    Ok(cfg)
+    crate::config::for_command(at.config.as_deref(), at.data_dir.as_deref(), true).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
 }
 
 fn admin(at: &Where) -> Result<Option<Admin>, ExitCode> {
@@ -167,24 +146,33 @@ fn through_socket(cfg: &RootConfig, op: &Op) -> Result<Value, ExitCode> {
     }
 }
 
-fn runtime_here(
+/// Runs `work` with a sources runtime over a stopped data dir's catalog, on a runtime of its
+/// own; an error is printed and becomes the exit code.
+fn here<F>(
     cfg: &RootConfig,
     catalog: Arc<Mutex<Catalog>>,
-) -> Result<Arc<proxygate_admin::sources::SourcesRuntime>, ExitCode> {
-    crate::sources::runtime(cfg, catalog, None, SourceMetrics::unregistered()).map_err(|e| {
-        eprintln!("proxygate: {e:#}");
-        ExitCode::FAILURE
-    })
-}
-
-fn tokio_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
+    work: impl FnOnce(Arc<SourcesRuntime>) -> F,
+) -> Result<Value, ExitCode>
+where
+    F: std::future::Future<Output = Result<Value, OpError>>,
+{
+    let rt = crate::sources::runtime(cfg, catalog, None, SourceMetrics::unregistered()).map_err(
+        |e| {
+            eprintln!("proxygate: {e:#}");
+            ExitCode::FAILURE
+        },
+    )?;
+    let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| {
             eprintln!("proxygate: cannot start the runtime: {e}");
             ExitCode::FAILURE
-        })
+        })?;
+    tokio.block_on(work(rt)).map_err(|e| {
+        eprintln!("proxygate: {e}");
+        ExitCode::from(e.exit_code())
+    })
 }
 
 /// A progress display: a bar on a terminal, a line per 10 % otherwise.
@@ -273,30 +261,23 @@ pub(crate) fn sources(args: SourcesArgs) -> ExitCode {
                 Err(code) => return code,
             },
             Ok(Reach::Here(catalog)) => {
-                let rt = match runtime_here(&cfg, catalog) {
-                    Ok(rt) => rt,
-                    Err(code) => return code,
-                };
-                let tokio = match tokio_runtime() {
-                    Ok(t) => t,
-                    Err(code) => return code,
-                };
-                let r = match &op {
-                    Op::SourcesFetch {
-                        names,
-                        check,
-                        import,
-                    } => tokio
-                        .block_on(rt.fetch_now(names, *check, *import, &progress("checking")))
-                        .map(|s| serde_json::json!({ "sources": s })),
-                    _ => rt.view(),
-                };
+                let op = op.clone();
+                let r = here(&cfg, catalog, |rt| async move {
+                    match op {
+                        Op::SourcesFetch {
+                            names,
+                            check,
+                            import,
+                        } => rt
+                            .fetch_now(&names, check, import, &progress("checking"))
+                            .await
+                            .map(|s| serde_json::json!({ "sources": s })),
+                        _ => rt.view(),
+                    }
+                });
                 match r {
                     Ok(v) => v,
-                    Err(e) => {
-                        eprintln!("proxygate: {e}");
-                        return ExitCode::from(e.exit_code());
-                    }
+                    Err(code) => return code,
                 }
             }
         },
@@ -366,36 +347,14 @@ pub(crate) fn check(args: CheckArgs) -> ExitCode {
                     Err(code) => return code,
                 },
                 Ok(Reach::Here(catalog)) => {
-                    let ids = {
-                        let c = catalog
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        args.ids
-                            .iter()
-                            .map(|t| c.resolve(t))
-                            .collect::<Result<Vec<_>, _>>()
-                    };
-                    let ids = match ids {
-                        Ok(ids) => ids,
-                        Err(e) => {
-                            eprintln!("proxygate: {e}");
-                            return ExitCode::from(e.exit_code());
-                        }
-                    };
-                    let rt = match runtime_here(&cfg, catalog) {
-                        Ok(rt) => rt,
+                    let names = args.ids.clone();
+                    let r = here(&cfg, catalog, |rt| async move {
+                        let s = rt.recheck_named(&names, &progress("checking")).await?;
+                        Ok(serde_json::to_value(s).unwrap_or_default())
+                    });
+                    match r {
+                        Ok(v) => v,
                         Err(code) => return code,
-                    };
-                    let tokio = match tokio_runtime() {
-                        Ok(t) => t,
-                        Err(code) => return code,
-                    };
-                    match tokio.block_on(rt.recheck(&ids, &progress("checking"))) {
-                        Ok(s) => serde_json::to_value(s).unwrap_or_default(),
-                        Err(e) => {
-                            eprintln!("proxygate: {e}");
-                            return ExitCode::from(e.exit_code());
-                        }
                     }
                 }
             }
