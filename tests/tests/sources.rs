@@ -555,3 +555,172 @@ async fn live_check_through_the_control_socket_moves_reputation() {
     assert_eq!(r["anonymity"], "elite");
     assert!(r["last_health_check_unix_ms"].as_u64().is_some(), "{r}");
 }
+
+/// The samples of SOURCES.md, served as each API serves them.
+const FPL_PAGE: &str = r#"<!DOCTYPE html><html><head><title>Free Proxy List - Just Checked Proxy List</title></head><body>
+<section id="list"><div class="container"><div class="table-responsive fpl-list">
+<table class="table table-striped table-bordered"><thead><tr><th>IP Address</th><th>Port</th><th>Code</th><th class='hm'>Country</th><th>Anonymity</th><th class='hm'>Google</th><th class='hx'>Https</th><th class='hm'>Last Checked</th></tr></thead><tbody><tr><td>195.154.84.106</td><td>5566</td><td>FR</td><td class='hm'>France</td><td>elite proxy</td><td class='hm'>no</td><td class='hx'>yes</td><td class='hm'>1 minute ago</td></tr><tr><td>24.172.82.94</td><td>53281</td><td>US</td><td class='hm'>United States</td><td>transparent</td><td class='hm'></td><td class='hx'>no</td><td class='hm'>1 minute ago</td></tr></tbody></table></div></div></section>
+<div class="modal fade" id="raw"><div class="modal-body"><textarea class="form-control" readonly="readonly" rows="12">Free proxies from free-proxy-list.net
+Updated at 2021-08-14 04:32:18 UTC.
+
+195.154.84.106:5566
+24.172.82.94:53281
+</textarea></div></div></body></html>"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_format_and_failure_body_through_the_fetcher() {
+    let flaky = Arc::new(AtomicU8::new(0));
+    let tries = Arc::clone(&flaky);
+    let lists = ListServer::start(move |path, q| {
+        let json = "application/json";
+        let text = "text/plain";
+        match path {
+            "/ps-v2" => (200, text, "45.167.124.5:999\r\n103.152.112.162:80\r\n20.206.106.192:80\r\n".into()),
+            "/ps-v4" => (200, text, "http://45.86.229.39:8080\nsocks5://202.179.76.105:1080\nsocks4://142.54.229.249:4145".into()),
+            "/geonode" if q.get("page").map(String::as_str) == Some("1") => (200, json, r#"{"data":[{"_id":"60d7aa86ce5b3bb0e9890cb4","ip":"147.135.255.62","port":"8123","anonymityLevel":"elite","country":"FR","latency":143,"protocols":["https"]},{"ip":"116.100.220.220","anonymityLevel":"elite","country":"VN","latency":184.703,"port":"1080","protocols":["socks4"]}],"total":1557,"page":1,"limit":"10"}"#.into()),
+            "/geonode" if q.get("page").map(String::as_str) == Some("2") => (200, json, r#"{"data":[{"ip":"8.8.4.4","port":3128,"protocols":["http"]}],"total":11111,"page":2,"limit":5}"#.into()),
+            "/geonode" => (200, json, r#"{"data":[],"total":3,"page":3,"limit":500}"#.into()),
+            "/pld-v1" => (200, text, "185.26.197.13:8080\r\n138.118.104.166:999\r\n45.4.253.133:999\r\n".into()),
+            "/pld-v2" => (200, json, r#"{"LISTA":[{"IP":"185.26.197.14","PORT":"8080","ANON":"Elite","COUNTRY":"Russian Federation","ISO":"RU","PING":"120"}]}"#.into()),
+            "/fpl" => (200, "text/html", FPL_PAGE.into()),
+            // 503 twice, then the list: retried with backoff.
+            "/flaky" => match tries.fetch_add(1, Ordering::SeqCst) {
+                0 | 1 => (503, "text/html", "<html>busy</html>".into()),
+                _ => (200, text, "9.9.9.9:3128\n".into()),
+            },
+            "/cloudflare" => (403, "text/html", "<!DOCTYPE html><html><head><title>Just a moment...</title></head><body></body></html>".into()),
+            "/bad-gateway" => (200, "text/html", "<html>502 Bad Gateway</html>".into()),
+            "/null" => (200, json, "null".into()),
+            "/unexpected" => (200, json, r#"{"data": {"unexpected": true}}"#.into()),
+            "/notfound" => (200, text, "NOTFOUND".into()),
+            "/empty" => (200, text, String::new()),
+            "/truncated" => (200, json, r#"{"shown_records":3,"proxies":[{"ip":"#.into()),
+            _ => (404, "text/html", "<!DOCTYPE HTML PUBLIC \"-//IETF//DTD HTML 2.0//EN\"><html><head><title>404 Not Found</title></head></html>".into()),
+        }
+    })
+    .await;
+    let sources: Vec<(&str, &str, String)> = vec![
+        (
+            "ps-v2",
+            "proxyscrape",
+            lists.url("/ps-v2?request=displayproxies&protocol=http"),
+        ),
+        (
+            "ps-v4",
+            "proxyscrape",
+            lists.url("/ps-v4?proxy_format=protocolipport&format=text"),
+        ),
+        ("geo", "geonode", lists.url("/geonode?sort_by=lastChecked")),
+        (
+            "pld-v1",
+            "proxy_list_download",
+            lists.url("/pld-v1?type=socks5"),
+        ),
+        (
+            "pld-v2",
+            "proxy_list_download",
+            lists.url("/pld-v2?l=en&t=http"),
+        ),
+        ("fpl", "free_proxy_list", lists.url("/fpl")),
+        ("flaky", "generic", lists.url("/flaky")),
+        ("cloudflare", "proxyscrape", lists.url("/cloudflare")),
+        ("bad-gateway", "geonode", lists.url("/bad-gateway")),
+        ("null", "geonode", lists.url("/null")),
+        ("unexpected", "geonode", lists.url("/unexpected")),
+        ("notfound", "generic", lists.url("/notfound")),
+        ("empty", "proxy_list_download", lists.url("/empty")),
+        ("truncated", "proxyscrape", lists.url("/truncated")),
+        ("gone", "free_proxy_list", lists.url("/gone.html")),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = format!(
+        "data_dir = {:?}\n[refresh]\nretry_backoff = \"50ms\"\n",
+        dir.path().join("data").to_str().unwrap()
+    );
+    for (name, kind, url) in &sources {
+        cfg.push_str(&format!(
+            "[[sources]]\nname = {name:?}\nkind = {kind:?}\nurl = {url:?}\n"
+        ));
+    }
+    let path = dir.path().join("all.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let out = cli(&[
+        "sources",
+        "fetch",
+        "--config",
+        path.to_str().unwrap(),
+        "--json",
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1), "some sources failed");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by = |name: &str| {
+        v["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} missing: {v}"))
+    };
+    for (name, unique) in [
+        ("ps-v2", 3),
+        ("ps-v4", 3),
+        ("geo", 3),
+        ("pld-v1", 3),
+        ("pld-v2", 1),
+        ("fpl", 2),
+        ("flaky", 1),
+    ] {
+        let s = by(name);
+        assert!(s["error"].is_null(), "{name}: {s}");
+        assert_eq!(s["unique"], unique, "{name}: {s}");
+    }
+    // Geonode: every page read up to the empty one.
+    assert!(lists.seen().iter().any(|s| s.target.contains("page=3")));
+    // The flaky one answered on its third try.
+    assert_eq!(flaky.load(Ordering::SeqCst), 3);
+    for (name, why) in [
+        ("cloudflare", "Cloudflare"),
+        ("bad-gateway", "HTML page"),
+        ("null", "unexpected shape"),
+        ("unexpected", "unexpected shape"),
+        ("notfound", "no proxy"),
+        ("empty", "empty body"),
+        ("truncated", "invalid JSON"),
+        ("gone", "HTTP 404"),
+    ] {
+        let s = by(name);
+        let e = s["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} read as a list: {s}"));
+        assert!(e.contains(why), "{name}: {e}");
+        assert_eq!(s["unique"], 0, "{name}");
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    for name in ["cloudflare", "null", "gone"] {
+        assert!(err.contains(&format!("source {name}:")), "{err}");
+    }
+    // Nothing was imported (no --import), and the source stats are kept.
+    let out = cli(&[
+        "sources",
+        "list",
+        "--config",
+        path.to_str().unwrap(),
+        "--json",
+    ])
+    .await;
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let geo = v["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "geo")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (geo["fetches_ok"].as_u64(), geo["unique"].as_u64()),
+        (Some(1), Some(3)),
+        "{geo}"
+    );
+}
