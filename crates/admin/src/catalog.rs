@@ -151,6 +151,9 @@ pub struct Row {
     /// Why the janitor disabled it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disabled_reason: Option<String>,
+    /// What its list claimed of its anonymity (`anonymity` is the checker's verdict).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listed_anonymity: Option<String>,
 }
 
 /// One upstream's reputation explained: `GET /api/v1/upstreams/{id}`, `proxygate reputation`.
@@ -585,6 +588,7 @@ impl Catalog {
                 added_unix_ms: e.added_unix_ms,
                 source: e.source.filter(|_| origin == Origin::Source),
                 disabled_reason: None,
+                listed_anonymity: None,
             },
             e.stats,
         ))
@@ -657,6 +661,7 @@ impl Catalog {
             anonymity: check.and_then(|c| c.anonymity.clone()),
             exit_ip: check.and_then(|c| c.exit_ip.clone()),
             disabled_reason: r.disabled_reason.clone(),
+            listed_anonymity: r.listed_anonymity.clone(),
         }
     }
 
@@ -752,6 +757,7 @@ impl Catalog {
                 None if c.passed && import => {
                     let mut r = Record::new(c.upstream, Origin::Source, now);
                     r.source = c.source;
+                    r.listed_anonymity = c.listed_anonymity;
                     self.store.put(&r)?;
                     self.records.insert(id, r);
                     out.imported += 1;
@@ -938,6 +944,8 @@ pub struct Checked {
     pub upstream: Upstream,
     /// The source that listed it (`None`: a re-check of a pool member).
     pub source: Option<String>,
+    /// The anonymity the source claimed for it.
+    pub listed_anonymity: Option<String>,
     pub passed: bool,
     pub check: CheckRecord,
 }
@@ -1013,6 +1021,7 @@ mod tests {
         Checked {
             upstream: Upstream::parse(url).unwrap(),
             source: Some("list".into()),
+            listed_anonymity: Some("anonymous".into()),
             passed,
             check: CheckRecord {
                 checked_unix_ms: at,
@@ -1049,6 +1058,7 @@ mod tests {
             ("source", Some("list"))
         );
         assert_eq!(row.anonymity.as_deref(), Some("elite"));
+        assert_eq!(row.listed_anonymity.as_deref(), Some("anonymous"));
         // Failing checks keep the first failure's time; a pass clears it.
         c.merge_checked(vec![checked("http://8.8.8.8:80", false, 20)], true)
             .unwrap();

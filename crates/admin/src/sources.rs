@@ -673,6 +673,7 @@ fn checked(upstream: Upstream, source: Option<String>, r: &CheckResult) -> Check
     Checked {
         upstream,
         source,
+        listed_anonymity: None,
         passed: r.passed,
         check: CheckRecord {
             checked_unix_ms: unix_ms(),

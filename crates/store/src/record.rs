@@ -23,6 +23,9 @@ pub struct Record {
     /// Why it is disabled, when the janitor (not an operator) disabled it: a later check that
     /// passes enables it again.
     pub disabled_reason: Option<String>,
+    /// The anonymity its list claimed (`transparent`, `anonymous`, `elite`); the checker's
+    /// own verdict is in its [`CheckRecord`].
+    pub listed_anonymity: Option<String>,
 }
 
 impl Record {
@@ -35,6 +38,7 @@ impl Record {
             added_unix_ms: now_unix_ms,
             source: None,
             disabled_reason: None,
+            listed_anonymity: None,
         }
     }
 }
@@ -173,6 +177,8 @@ pub(crate) struct RawRecord {
     pub source: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listed_anonymity: Option<String>,
     /// Base64 of the credentials envelope (schema version 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<String>,
@@ -235,6 +241,7 @@ impl RawRecord {
             added_unix_ms: r.added_unix_ms,
             source: r.source.clone(),
             disabled_reason: r.disabled_reason.clone(),
+            listed_anonymity: r.listed_anonymity.clone(),
             credentials: None,
             username: None,
             password: None,
@@ -276,6 +283,7 @@ impl RawRecord {
             added_unix_ms: self.added_unix_ms,
             source: self.source.clone(),
             disabled_reason: self.disabled_reason.clone(),
+            listed_anonymity: self.listed_anonymity.clone(),
         })
     }
 }
