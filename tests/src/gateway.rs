@@ -18,11 +18,20 @@ pub fn binary() -> &'static Path {
             .unwrap()
             .to_owned();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
+        let mut build = std::process::Command::new(cargo);
+        build
             .args(["build", "--quiet", "-p", "proxygate", "--bin", "proxygate"])
-            .current_dir(&root)
-            .status()
-            .expect("run cargo build");
+            .current_dir(&root);
+        // The variables `cargo test` sets for this test crate (CARGO_PKG_*, CARGO_MANIFEST_DIR,
+        // ...) would make build scripts that watch the environment run again: build the
+        // binary as tests/run.sh did, so it is found up to date.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            if k.starts_with("CARGO_") && !matches!(k.as_str(), "CARGO_HOME" | "CARGO_TARGET_DIR") {
+                build.env_remove(&k);
+            }
+        }
+        let status = build.status().expect("run cargo build");
         assert!(status.success(), "cargo build -p proxygate failed");
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
@@ -49,6 +58,25 @@ pub async fn cli_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Outpu
         .output()
         .await
         .unwrap()
+}
+
+/// Writes a users file with these accounts, through `proxygate user add` (argon2id hashes).
+pub async fn users_file(path: &Path, accounts: &[(&str, &str)]) {
+    for (name, password) in accounts {
+        let mut child = Command::new(binary())
+            .args(["user", "add", name, "--password-stdin", "--users-file"])
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stdin, format!("{password}\n").as_bytes())
+            .await
+            .unwrap();
+        drop(stdin);
+        assert!(child.wait().await.unwrap().success(), "user add {name}");
+    }
 }
 
 /// Configures a gateway before starting it.

@@ -239,7 +239,7 @@ async fn client_authentication() {
     let origin = Origin::start().await;
     let fake = FakeUpstream::start(Kind::Http, Some(("up", "Str3amPW"))).await;
     let users = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(users.path(), "# clients\nalice:wonder:land\n").unwrap();
+    proxygate_tests::gateway::users_file(users.path(), &[("alice", "wonder:land")]).await;
     let gw = Gateway::builder()
         .config(&format!("[auth]\nusers_file = {:?}", users.path()))
         .upstream(fake.url("http"))

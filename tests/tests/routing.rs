@@ -90,7 +90,7 @@ async fn sticky_sessions_hold_and_move() {
         builder = builder.upstream(f.url("http"));
     }
     let users = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(users.path(), "alice:pw\n").unwrap();
+    proxygate_tests::gateway::users_file(users.path(), &[("alice", "pw")]).await;
     let gw = builder
         .config(&format!("[auth]\nusers_file = {:?}", users.path()))
         .start()

@@ -61,9 +61,9 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// A file of `username:password` lines. When set, every client must authenticate
-    /// (HTTP `Proxy-Authorization: Basic`, SOCKS5 RFC 1929). SOCKS4 cannot carry a password
-    /// and is refused then.
+    /// A file of `name:$argon2id$...` lines (`proxygate user add`). When set, every client
+    /// must authenticate (HTTP `Proxy-Authorization: Basic`, SOCKS5 RFC 1929). SOCKS4 cannot
+    /// carry a password and is refused then.
     pub users_file: Option<PathBuf>,
 }
 
@@ -178,6 +178,12 @@ impl Config {
                     format!("{} does not exist or is not a file", p.display()),
                 ));
             }
+        }
+        if let Some(p) = &self.auth.users_file
+            && p.is_file()
+            && let Err(e) = crate::auth::ClientAuth::load_users(p)
+        {
+            problems.push(Problem::new("auth.users_file", e.to_string()));
         }
         problems
     }

@@ -13,6 +13,7 @@
 //! upstream connection for the next request while that upstream stays available.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -32,7 +33,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::GatewayError;
 mod body;
 
-use crate::auth::{ClientCredentials, basic_value, parse_basic};
+use crate::auth::{ClientCredentials, Refused, basic_value, parse_basic};
 use crate::dial::{Budget, Purpose, Routing};
 use crate::io::{BoxedIo, Io, Rewind};
 use crate::metrics::RequestKind;
@@ -64,7 +65,7 @@ type Cache = Arc<Mutex<Option<Cached>>>;
 ///
 /// `permit` is the connection's slot of `server.max_connections`; a CONNECT tunnel, which
 /// outlives hyper's handling of the connection, keeps a share of it until the tunnel closes.
-pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S, permit: Permit) {
+pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S, peer: SocketAddr, permit: Permit) {
     let server = gw.config().server.clone();
     let head = tokio::time::timeout(
         server.header_read_timeout,
@@ -96,7 +97,7 @@ pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S, permit: Permit) {
         let gw = gw.clone();
         let cache = Arc::clone(&cache);
         let permit = permit.clone();
-        async move { Ok::<_, Infallible>(handle(gw, cache, req, permit).await) }
+        async move { Ok::<_, Infallible>(handle(gw, cache, req, peer, permit).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -159,6 +160,7 @@ async fn handle(
     gw: Gateway,
     cache: Cache,
     req: Request<Incoming>,
+    peer: SocketAddr,
     permit: Permit,
 ) -> Response<Body> {
     let kind = if req.method() == Method::CONNECT {
@@ -166,7 +168,7 @@ async fn handle(
     } else {
         RequestKind::HttpForward
     };
-    let result = route_and_serve(&gw, &cache, req, permit).await;
+    let result = route_and_serve(&gw, &cache, req, peer, permit).await;
     gw.metrics()
         .request(kind, result.as_ref().err().map(|e| e.kind));
     result.unwrap_or_else(|e| {
@@ -180,6 +182,7 @@ async fn route_and_serve(
     gw: &Gateway,
     cache: &Cache,
     req: Request<Incoming>,
+    peer: SocketAddr,
     permit: Permit,
 ) -> Result<Response<Body>, GatewayError> {
     let creds = req
@@ -191,10 +194,18 @@ async fn route_and_serve(
         username: account,
         password: c.password,
     });
-    if !gw.auth().check(account_creds.as_ref()) {
+    if let Err(why) = gw
+        .auth()
+        .authenticate(peer.ip(), account_creds.as_ref())
+        .await
+    {
         return Err(GatewayError::new(
             ErrorKind::ClientAuth,
-            "proxy authentication required",
+            match why {
+                Refused::Missing => "proxy authentication required",
+                Refused::Wrong => "proxy authentication failed",
+                Refused::Throttled => "too many failed logins from this address: try again later",
+            },
         ));
     }
     if req.method() == Method::CONNECT {

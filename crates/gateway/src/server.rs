@@ -160,9 +160,9 @@ impl Gateway {
             _open: self.0.metrics.connection(protocol),
         };
         match protocol {
-            Protocol::Socks5 => socks::serve_socks5(self, stream).await,
+            Protocol::Socks5 => socks::serve_socks5(self, stream, peer).await,
             Protocol::Socks4 => socks::serve_socks4(self, stream).await,
-            Protocol::Http => http::serve_http(self, stream, Arc::new(slot)).await,
+            Protocol::Http => http::serve_http(self, stream, peer, Arc::new(slot)).await,
             Protocol::Unknown => {
                 let e = GatewayError::new(
                     ErrorKind::ClientMalformed,

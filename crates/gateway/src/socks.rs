@@ -7,7 +7,7 @@
 //! Every failure is answered with its reply code before the connection closes: 0x07 for BIND
 //! and UDP ASSOCIATE, 0x08 for an unknown address type, the dial error's code otherwise.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::Bytes;
 use proxygate_core::{ErrorKind, Host, Secret, Target};
@@ -46,11 +46,11 @@ enum HandshakeError {
     Close(GatewayError),
 }
 
-/// Serves one SOCKS5 client.
-pub async fn serve_socks5<S: Io>(gw: Gateway, stream: S) {
+/// Serves one SOCKS5 client at `peer`.
+pub async fn serve_socks5<S: Io>(gw: Gateway, stream: S, peer: SocketAddr) {
     let mut reader = BufReader::new(stream);
     let timeout = gw.config().server.header_read_timeout;
-    let handshake = tokio::time::timeout(timeout, socks5_handshake(&gw, &mut reader)).await;
+    let handshake = tokio::time::timeout(timeout, socks5_handshake(&gw, &mut reader, peer)).await;
     let refused = |kind| gw.metrics().request(RequestKind::Socks5, Some(kind));
     let request = match handshake {
         Ok(Ok(r)) => r,
@@ -186,6 +186,7 @@ fn malformed(what: &'static str) -> HandshakeError {
 async fn socks5_handshake<S: Io>(
     gw: &Gateway,
     r: &mut BufReader<S>,
+    peer: SocketAddr,
 ) -> Result<SocksRequest, HandshakeError> {
     let truncated = |_| malformed("truncated SOCKS5 greeting");
     // Greeting: VER NMETHODS METHODS...
@@ -226,7 +227,11 @@ async fn socks5_handshake<S: Io>(
                 .to_owned(),
             password: creds.password.clone(),
         };
-        let ok = gw.auth().check(Some(&account));
+        let ok = gw
+            .auth()
+            .authenticate(peer.ip(), Some(&account))
+            .await
+            .is_ok();
         r.get_mut()
             .write_all(&[1, if ok { 0 } else { 1 }])
             .await

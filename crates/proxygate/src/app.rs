@@ -46,6 +46,9 @@ fn resolve(args: &RunArgs) -> Result<(RootConfig, Vec<proxygate_core::Upstream>)
     if args.no_sources {
         cfg.sources.clear();
     }
+    if let Some(path) = &args.users_file {
+        cfg.gateway.auth.users_file = Some(path.clone());
+    }
     if args.allow_private_networks {
         cfg.allow_private_networks = true;
     }

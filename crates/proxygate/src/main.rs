@@ -5,6 +5,7 @@
 //! - `proxygate pool add|import|list|show|remove|disable|enable|export|strategy`: the pool in
 //!   the data dir, offline or through the running gateway's control socket.
 //! - `proxygate key generate|rotate`: encryption keys.
+//! - `proxygate user add|remove|list|convert`: client accounts.
 //! - `proxygate sources list|fetch`, `proxygate check`: list sources and checks, offline or
 //!   live.
 //! - `proxygate strategy|reputation|health|stats|refresh`: the running gateway, through its
@@ -20,6 +21,7 @@ mod config;
 mod remote;
 mod source_commands;
 mod sources;
+mod users;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +56,8 @@ enum Command {
     Pool(commands::PoolArgs),
     /// Encryption keys: generate one, rotate the data dir's.
     Key(commands::KeyArgs),
+    /// Client accounts: add, remove, list (argon2id hashes in the users file).
+    User(users::UserArgs),
     /// List sources: their quality, or fetch them now.
     Sources(source_commands::SourcesArgs),
     /// Check pool members now, through themselves, against the judges.
@@ -121,6 +125,9 @@ struct RunArgs {
     /// admin.listen.
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
+    /// Client accounts (argon2id hashes); replaces auth.users_file and turns auth on.
+    #[arg(long, value_name = "FILE")]
+    users_file: Option<PathBuf>,
     /// Turn the list sources off (as `sources = []` in the config).
     #[arg(long)]
     no_sources: bool,
@@ -137,6 +144,7 @@ fn main() -> ExitCode {
         Command::Pool(args) => commands::pool(args),
         Command::Key(args) => commands::key(args),
         Command::Sources(args) => source_commands::sources(args),
+        Command::User(args) => users::user(args),
         Command::Check(args) => source_commands::check(args),
         Command::Strategy { name, reset, admin } => remote_command(&admin, |a| {
             let answer = if name.is_some() || reset {
