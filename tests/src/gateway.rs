@@ -86,6 +86,9 @@ pub struct Builder {
     args: Vec<String>,
     data_dir: Option<PathBuf>,
     env: Vec<(String, String)>,
+    /// Keep the production destination policy (tests otherwise reach loopback origins on
+    /// any port).
+    strict: bool,
 }
 
 /// A running gateway.
@@ -125,6 +128,13 @@ impl Builder {
         self
     }
 
+    /// The destination policy of production: no private destinations, tunnels to 443 and 80
+    /// only (by default every test may reach its loopback origin on any port).
+    pub fn strict(mut self) -> Self {
+        self.strict = true;
+        self
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
         self
@@ -149,13 +159,24 @@ impl Builder {
     fn command(self) -> (Command, tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("proxygate.toml");
-        let config = if self.config.contains("[dial]") {
-            self.config
+        let mut config = self.config.clone();
+        if !self.strict {
+            // Loopback origins on any port: everything a test reaches lives there.
+            config = if config.contains("[server]") {
+                config.replacen("[server]", "[server]\nconnect_ports = \"*\"", 1)
+            } else {
+                format!("{config}\n[server]\nconnect_ports = \"*\"\n")
+            };
+            if !config.contains("allow_private_networks") {
+                config = format!("allow_private_networks = true\n{config}");
+            }
+        }
+        let config = if config.contains("[dial]") {
+            config
         } else {
             // After the test's own keys: top-level ones (`sources = []`) must come first.
             format!(
-                "{}\n[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"\nretry_deadline = \"5s\"\n",
-                self.config
+                "{config}\n[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"\nretry_deadline = \"5s\"\n"
             )
         };
         std::fs::write(&config_path, &config).unwrap();

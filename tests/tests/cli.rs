@@ -129,6 +129,8 @@ async fn upstreams_file_and_embedded_defaults() {
             "--admin-listen",
             "127.0.0.1:0",
             "--no-sources",
+            // The origin is on loopback: a lab's setting.
+            "--allow-private-networks",
             "--strategy",
             "round_robin",
         ])

@@ -35,6 +35,12 @@ pub enum ErrorKind {
     ClientClosed,
     /// The client's routing hints are invalid (unknown hint, bad value).
     RouteInvalid,
+    /// The client asked for a tunnel to a port the policy does not allow
+    /// (`server.connect_ports`).
+    DestinationPort,
+    /// The client asked for a loopback, private, link-local... destination
+    /// (`allow_private_networks` is off).
+    DestinationPrivate,
     /// TCP connect to the upstream was refused or reset.
     UpstreamConnectRefused,
     /// TCP connect to the upstream timed out.
@@ -67,7 +73,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in declaration order (metrics create one series per kind up front).
-    pub const ALL: [ErrorKind; 21] = [
+    pub const ALL: [ErrorKind; 23] = [
         Self::ClientMalformed,
         Self::ClientHeaderTooLarge,
         Self::ClientTimeout,
@@ -75,6 +81,8 @@ impl ErrorKind {
         Self::ClientAuth,
         Self::ClientClosed,
         Self::RouteInvalid,
+        Self::DestinationPort,
+        Self::DestinationPrivate,
         Self::UpstreamConnectRefused,
         Self::UpstreamConnectTimeout,
         Self::UpstreamHandshakeTimeout,
@@ -106,6 +114,8 @@ impl ErrorKind {
             Self::ClientAuth => "client_auth",
             Self::ClientClosed => "client_closed",
             Self::RouteInvalid => "route_invalid",
+            Self::DestinationPort => "destination_port_denied",
+            Self::DestinationPrivate => "destination_private",
             Self::UpstreamConnectRefused => "upstream_connect_refused",
             Self::UpstreamConnectTimeout => "upstream_connect_timeout",
             Self::UpstreamHandshakeTimeout => "upstream_handshake_timeout",
@@ -132,7 +142,9 @@ impl ErrorKind {
             | Self::ClientUnsupported
             | Self::ClientAuth
             | Self::ClientClosed
-            | Self::RouteInvalid => Side::Client,
+            | Self::RouteInvalid
+            | Self::DestinationPort
+            | Self::DestinationPrivate => Side::Client,
             Self::UpstreamConnectRefused
             | Self::UpstreamConnectTimeout
             | Self::UpstreamHandshakeTimeout

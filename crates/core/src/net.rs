@@ -19,6 +19,18 @@ pub fn is_private(ip: IpAddr) -> bool {
     }
 }
 
+/// Names that are this machine or its network whatever DNS says: `localhost` and
+/// `*.localhost`, `.local` (mDNS), `.internal`, `.lan`, `.home.arpa`.
+pub fn is_local_name(name: &str) -> bool {
+    let n = name.trim_end_matches('.').to_ascii_lowercase();
+    n == "localhost"
+        || n.ends_with(".localhost")
+        || n.ends_with(".local")
+        || n.ends_with(".internal")
+        || n.ends_with(".lan")
+        || n.ends_with(".home.arpa")
+}
+
 fn is_private_v4(ip: Ipv4Addr) -> bool {
     let [a, b, c, _] = ip.octets();
     ip.is_loopback()
@@ -91,6 +103,13 @@ mod tests {
         ] {
             assert!(private(s), "{s} is not public");
         }
+    }
+
+    #[test]
+    fn local_names() {
+        assert!(is_local_name("LOCALHOST.") && is_local_name("db.internal"));
+        assert!(is_local_name("printer.local") && is_local_name("a.b.localhost"));
+        assert!(!is_local_name("proxy.example.com") && !is_local_name("localhost.example"));
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct Config {
     pub server: ServerConfig,
     pub auth: AuthConfig,
     pub dial: DialConfig,
+    /// The root's top-level `allow_private_networks`: clients may reach private destinations.
+    #[serde(skip)]
+    pub allow_private_networks: bool,
 }
 
 /// Listeners and client-facing limits.
@@ -55,6 +58,8 @@ pub struct ServerConfig {
     /// How long shutdown waits for open connections before it closes them.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Ports a tunnel (CONNECT, SOCKS) may reach: ports and "low-high" ranges, or "*".
+    pub connect_ports: crate::policy::Ports,
 }
 
 /// Client authentication.
@@ -99,6 +104,7 @@ impl Default for ServerConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            connect_ports: crate::policy::Ports::default(),
         }
     }
 }
@@ -121,6 +127,14 @@ impl Default for DialConfig {
 }
 
 impl Config {
+    /// The destination policy this config describes.
+    pub fn policy(&self) -> crate::policy::Policy {
+        crate::policy::Policy {
+            ports: self.server.connect_ports.clone(),
+            allow_private: self.allow_private_networks,
+        }
+    }
+
     /// Every problem with this config, empty when it is valid. Files it names are checked
     /// for existence here; their content is checked when loaded.
     pub fn validate(&self) -> Vec<Problem> {

@@ -29,6 +29,7 @@ use tokio_socks::tcp::{Socks4Stream, Socks5Stream};
 use crate::auth::basic_value;
 use crate::config::DialConfig;
 use crate::io::{BoxedIo, Rewind};
+use crate::policy::Policy;
 use crate::{GatewayError, Metrics};
 
 /// Largest CONNECT response head we read from an upstream.
@@ -39,6 +40,8 @@ const MAX_UPSTREAM_HEAD: usize = 16 * 1024;
 pub struct Connector {
     cfg: DialConfig,
     tls: TlsConnector,
+    /// Judges the destinations this side resolves (SOCKS5 and SOCKS4 upstreams).
+    policy: Policy,
 }
 
 impl std::fmt::Debug for Connector {
@@ -77,15 +80,21 @@ impl std::fmt::Debug for Established {
 }
 
 impl Connector {
-    pub fn new(cfg: DialConfig, tls: Arc<rustls::ClientConfig>) -> Self {
+    /// Connectors with `cfg`; `policy` judges the destinations they resolve themselves.
+    pub fn new(cfg: DialConfig, tls: Arc<rustls::ClientConfig>, policy: Policy) -> Self {
         Self {
             cfg,
             tls: TlsConnector::from(tls),
+            policy,
         }
     }
 
     pub fn config(&self) -> &DialConfig {
         &self.cfg
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// TCP to the upstream, and TLS for `https` upstreams, within `connect_timeout`.
@@ -130,7 +139,7 @@ impl Connector {
             match up.scheme {
                 Scheme::Http | Scheme::Https => http_connect(up, io, target).await,
                 Scheme::Socks5 | Scheme::Socks5h | Scheme::Socks4 | Scheme::Socks4a => {
-                    socks_connect(up, io, target).await
+                    socks_connect(up, io, target, &self.policy).await
                 }
             }
         };
@@ -235,6 +244,7 @@ async fn socks_connect(
     up: &Upstream,
     io: BoxedIo,
     target: &Target,
+    policy: &Policy,
 ) -> Result<BoxedIo, GatewayError> {
     let creds = up.credentials.as_ref();
     let remote_dns = matches!(up.scheme, Scheme::Socks5h | Scheme::Socks4a);
@@ -243,7 +253,9 @@ async fn socks_connect(
         (Host::Domain(d), true) => TargetAddr::Domain(d.clone(), target.port),
         (Host::Domain(d), false) => {
             let want_v4 = matches!(up.scheme, Scheme::Socks4);
-            TargetAddr::Ip(resolve(d, target.port, want_v4).await?)
+            let addr = resolve(d, target.port, want_v4).await?;
+            policy.resolved(target, addr.ip())?;
+            TargetAddr::Ip(addr)
         }
     };
     let map = |e: tokio_socks::Error| socks_error(up, target, e);
@@ -462,6 +474,10 @@ impl Dialer {
 
     pub fn pool(&self) -> &PoolReader {
         &self.pool
+    }
+
+    pub fn connector(&self) -> &Connector {
+        &self.connector
     }
 
     /// A fresh retry budget for one client request: `dial.max_attempts` upstreams within

@@ -37,6 +37,7 @@ impl GatewayError {
             K::ClientHeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             K::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             K::ClientAuth => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            K::DestinationPort | K::DestinationPrivate => StatusCode::FORBIDDEN,
             K::NoUpstream | K::RouteInvalid => StatusCode::SERVICE_UNAVAILABLE,
             K::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             k if k.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
@@ -52,7 +53,8 @@ impl GatewayError {
                 "http_request_error"
             }
             K::ClientTimeout | K::RouteInvalid => "http_request_error",
-            K::ClientAuth => "http_request_denied",
+            K::ClientAuth | K::DestinationPort => "http_request_denied",
+            K::DestinationPrivate => "destination_ip_prohibited",
             K::ClientClosed => "connection_terminated",
             K::UpstreamConnectRefused | K::TargetRefused => "connection_refused",
             K::UpstreamConnectTimeout | K::TargetTimeout => "connection_timeout",
@@ -91,7 +93,7 @@ impl GatewayError {
         // it; an upstream's own failure is a general failure (or a timeout), so the client is
         // not told its destination refused when it was never tried.
         match self.kind {
-            K::ClientAuth => 0x02,
+            K::ClientAuth | K::DestinationPort | K::DestinationPrivate => 0x02,
             K::TargetUnreachable => 0x04,
             K::TargetRefused => 0x05,
             k if k.is_timeout() => 0x06,

@@ -232,6 +232,7 @@ async fn connect(
     let target = Target::parse_authority(authority).map_err(|e| {
         GatewayError::new(ErrorKind::ClientMalformed, format!("CONNECT target: {e}"))
     })?;
+    gw.policy().tunnel(&target)?;
     let established = gw.dialer().dial(&target, Purpose::Tunnel, routing).await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_gw = gw.clone();
@@ -272,6 +273,7 @@ async fn forward(
     let target = Target::parse_authority(&format!("{host}:{port}")).map_err(|e| {
         GatewayError::new(ErrorKind::ClientMalformed, format!("URI authority: {e}"))
     })?;
+    gw.policy().forward(&target)?;
     let host_value = match uri.port_u16() {
         Some(p) if p != 80 => format!("{host}:{p}"),
         _ => host.to_owned(),

@@ -10,6 +10,7 @@
 //!   to clients (HTTP status + `Proxy-Status`, SOCKS reply code).
 //! - [`auth`]: client authentication (Basic / RFC 1929) and the client allow-list.
 //! - [`metrics`]: [`Metrics`], the data plane's Prometheus series (no per-upstream label).
+//! - [`policy`]: where clients may go (tunnel ports, private destinations).
 //! - [`io`]: [`io::Rewind`] (replays bytes already read) and the boxed stream type.
 //! - [`dial`]: upstream connectors for every scheme, and the retrying [`dial::Dialer`].
 //! - [`tls`]: rustls client config for HTTPS upstreams.
@@ -25,6 +26,7 @@ pub mod error;
 pub mod http;
 pub mod io;
 pub mod metrics;
+pub mod policy;
 pub mod relay;
 pub mod server;
 pub mod socks;

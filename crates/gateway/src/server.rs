@@ -60,7 +60,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
     ) -> Result<Self, TlsConfigError> {
         let tls = crate::tls::client_config(config.dial.tls_ca_file.as_deref())?;
-        let connector = Connector::new(config.dial.clone(), tls);
+        let connector = Connector::new(config.dial.clone(), tls, config.policy());
         Ok(Self(Arc::new(Inner {
             dialer: Dialer::new(pool, connector, Arc::clone(&metrics)),
             config,
@@ -73,6 +73,11 @@ impl Gateway {
 
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    /// Where clients may go.
+    pub fn policy(&self) -> &crate::policy::Policy {
+        self.0.dialer.connector().policy()
     }
 
     pub fn config(&self) -> &Config {

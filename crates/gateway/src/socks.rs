@@ -152,7 +152,11 @@ async fn connect_and_relay<S: Io>(
     version: Version,
 ) {
     let username = request.credentials.as_ref().map(|c| c.username.as_str());
-    let dialed = match Routing::from_username(username) {
+    let routed = gw
+        .policy()
+        .tunnel(&request.target)
+        .and_then(|()| Routing::from_username(username));
+    let dialed = match routed {
         Ok((_, routing)) => {
             gw.dialer()
                 .dial(&request.target, Purpose::Tunnel, routing)

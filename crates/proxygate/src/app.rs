@@ -52,6 +52,7 @@ fn resolve(args: &RunArgs) -> Result<(RootConfig, Vec<proxygate_core::Upstream>)
     if args.allow_private_networks {
         cfg.allow_private_networks = true;
     }
+    cfg.gateway.allow_private_networks = cfg.allow_private_networks;
     if let Some(name) = &args.strategy {
         match name.parse::<Strategy>() {
             Ok(s) => cfg.pool.strategy = s,

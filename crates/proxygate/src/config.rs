@@ -172,6 +172,7 @@ impl RootConfig {
             set(v, "allow_private_networks", &mut cfg.allow_private_networks)
         });
         read("sources", &mut |v| set(v, "sources", &mut cfg.sources));
+        cfg.gateway.allow_private_networks = cfg.allow_private_networks;
         read("checker", &mut |v| set(v, "checker", &mut cfg.checker));
         read("refresh", &mut |v| set(v, "refresh", &mut cfg.refresh));
         read("log", &mut |v| set(v, "log", &mut cfg.log));

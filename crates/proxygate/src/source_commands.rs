@@ -229,6 +229,7 @@ pub(crate) fn sources(args: SourcesArgs) -> ExitCode {
     };
     if allow_private {
         cfg.allow_private_networks = true;
+        cfg.gateway.allow_private_networks = true;
     }
     let answer = match admin(&args.at) {
         Err(code) => return code,

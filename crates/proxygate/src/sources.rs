@@ -61,7 +61,11 @@ pub(crate) fn runtime(
 ) -> anyhow::Result<Arc<SourcesRuntime>> {
     let tls = proxygate_gateway::tls::client_config(cfg.gateway.dial.tls_ca_file.as_deref())
         .map_err(|e| anyhow::anyhow!("dial.tls_ca_file: {e}"))?;
-    let connector = Connector::new(cfg.gateway.dial.clone(), Arc::clone(&tls));
+    let connector = Connector::new(
+        cfg.gateway.dial.clone(),
+        Arc::clone(&tls),
+        cfg.gateway.policy(),
+    );
     let checker = Arc::new(Checker::new(
         Arc::new(GatewayConnect(connector)),
         cfg.checker.clone(),

@@ -14,7 +14,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use proxygate_core::{Host, Scheme, net::is_private};
+use proxygate_core::net::{is_local_name, is_private};
+use proxygate_core::{Host, Scheme};
 use reqwest::Url;
 
 use crate::candidate::Candidate;
@@ -339,17 +340,6 @@ async fn resolves_publicly(name: &str) -> bool {
     }
 }
 
-/// Names that are this machine or its network whatever DNS says.
-fn is_local_name(name: &str) -> bool {
-    let n = name.trim_end_matches('.').to_ascii_lowercase();
-    n == "localhost"
-        || n.ends_with(".localhost")
-        || n.ends_with(".local")
-        || n.ends_with(".internal")
-        || n.ends_with(".lan")
-        || n.ends_with(".home.arpa")
-}
-
 /// Counts a parsed body into the report; returns its candidates.
 fn account(report: &mut FetchReport, p: parse::Parsed) -> Vec<Candidate> {
     report.fetched += p.rows;
@@ -519,7 +509,5 @@ mod tests {
             redact("https://lists.example/p.txt"),
             "https://lists.example/p.txt"
         );
-        assert!(is_local_name("LOCALHOST.") && is_local_name("db.internal"));
-        assert!(!is_local_name("proxy.example.com"));
     }
 }
