@@ -25,6 +25,10 @@ pub enum ErrorKind {
     ClientMalformed,
     /// The client's request head exceeded the size limit.
     ClientHeaderTooLarge,
+    /// The client's request target (URI) exceeded its limit.
+    ClientUriTooLong,
+    /// The client's address holds as many connections as it may.
+    ClientConnectionLimit,
     /// The client did not send a complete request head in time.
     ClientTimeout,
     /// The client asked for something we do not do (SOCKS BIND, UDP ASSOCIATE...).
@@ -73,9 +77,11 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in declaration order (metrics create one series per kind up front).
-    pub const ALL: [ErrorKind; 23] = [
+    pub const ALL: [ErrorKind; 25] = [
         Self::ClientMalformed,
         Self::ClientHeaderTooLarge,
+        Self::ClientUriTooLong,
+        Self::ClientConnectionLimit,
         Self::ClientTimeout,
         Self::ClientUnsupported,
         Self::ClientAuth,
@@ -109,6 +115,8 @@ impl ErrorKind {
         match self {
             Self::ClientMalformed => "client_malformed",
             Self::ClientHeaderTooLarge => "client_header_too_large",
+            Self::ClientUriTooLong => "client_uri_too_long",
+            Self::ClientConnectionLimit => "client_connection_limit",
             Self::ClientTimeout => "client_timeout",
             Self::ClientUnsupported => "client_unsupported",
             Self::ClientAuth => "client_auth",
@@ -138,6 +146,8 @@ impl ErrorKind {
         match self {
             Self::ClientMalformed
             | Self::ClientHeaderTooLarge
+            | Self::ClientUriTooLong
+            | Self::ClientConnectionLimit
             | Self::ClientTimeout
             | Self::ClientUnsupported
             | Self::ClientAuth

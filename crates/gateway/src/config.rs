@@ -16,7 +16,12 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+pub const DEFAULT_MAX_TARGET_BYTES: usize = 8 * 1024;
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1024;
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_REPLY_HEAD_BYTES: usize = 8 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,6 +52,8 @@ pub struct ServerConfig {
     pub allow: Vec<IpNet>,
     /// Concurrent client connections; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Concurrent connections from one client address; more are closed at once.
+    pub max_connections_per_ip: usize,
     /// Time for a client to send its request head or SOCKS handshake.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -55,6 +62,13 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Largest request head accepted (answered 431 beyond).
     pub max_header_bytes: usize,
+    /// Most header fields in a request head (answered 431 beyond).
+    pub max_headers: usize,
+    /// Longest request target (answered 414 beyond).
+    pub max_target_bytes: usize,
+    /// A kept-alive client connection may wait this long for its next request head.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
     /// How long shutdown waits for open connections before it closes them.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -90,6 +104,8 @@ pub struct DialConfig {
     /// All attempts for one client request must end within this.
     #[serde(with = "humantime_serde")]
     pub retry_deadline: Duration,
+    /// Largest reply head read from an upstream (CONNECT answer, forwarded response head).
+    pub max_reply_head_bytes: usize,
     /// Extra PEM certificates trusted for HTTPS upstreams, besides the Mozilla roots.
     pub tls_ca_file: Option<PathBuf>,
 }
@@ -100,9 +116,13 @@ impl Default for ServerConfig {
             listen: vec![default_listen()],
             allow: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_target_bytes: DEFAULT_MAX_TARGET_BYTES,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             connect_ports: crate::policy::Ports::default(),
         }
@@ -121,6 +141,7 @@ impl Default for DialConfig {
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             retry_deadline: DEFAULT_RETRY_DEADLINE,
+            max_reply_head_bytes: DEFAULT_MAX_REPLY_HEAD_BYTES,
             tls_ca_file: None,
         }
     }
@@ -165,9 +186,31 @@ impl Config {
                 "must be at least 1024",
             ));
         }
+        if s.max_connections_per_ip == 0 {
+            problems.push(Problem::new(
+                "server.max_connections_per_ip",
+                "must be at least 1",
+            ));
+        }
+        if s.max_headers < 8 {
+            problems.push(Problem::new("server.max_headers", "must be at least 8"));
+        }
+        if s.max_target_bytes < 256 {
+            problems.push(Problem::new(
+                "server.max_target_bytes",
+                "must be at least 256",
+            ));
+        }
+        if self.dial.max_reply_head_bytes < 1024 {
+            problems.push(Problem::new(
+                "dial.max_reply_head_bytes",
+                "must be at least 1024",
+            ));
+        }
         for (key, d) in [
             ("server.header_read_timeout", s.header_read_timeout),
             ("server.idle_timeout", s.idle_timeout),
+            ("server.keepalive_timeout", s.keepalive_timeout),
             ("dial.connect_timeout", self.dial.connect_timeout),
             ("dial.handshake_timeout", self.dial.handshake_timeout),
             ("dial.response_timeout", self.dial.response_timeout),

@@ -32,9 +32,6 @@ use crate::io::{BoxedIo, Rewind};
 use crate::policy::Policy;
 use crate::{GatewayError, Metrics};
 
-/// Largest CONNECT response head we read from an upstream.
-const MAX_UPSTREAM_HEAD: usize = 16 * 1024;
-
 /// Speaks every upstream scheme.
 #[derive(Clone)]
 pub struct Connector {
@@ -137,7 +134,9 @@ impl Connector {
     ) -> Result<BoxedIo, GatewayError> {
         let fut = async {
             match up.scheme {
-                Scheme::Http | Scheme::Https => http_connect(up, io, target).await,
+                Scheme::Http | Scheme::Https => {
+                    http_connect(up, io, target, self.cfg.max_reply_head_bytes).await
+                }
                 Scheme::Socks5 | Scheme::Socks5h | Scheme::Socks4 | Scheme::Socks4a => {
                     socks_connect(up, io, target, &self.policy).await
                 }
@@ -177,6 +176,7 @@ async fn http_connect(
     up: &Upstream,
     mut io: BoxedIo,
     target: &Target,
+    max_head: usize,
 ) -> Result<BoxedIo, GatewayError> {
     let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
     if let Some(c) = &up.credentials {
@@ -202,8 +202,8 @@ async fn http_connect(
         let mut resp = httparse::Response::new(&mut headers);
         match resp.parse(&buf) {
             Ok(httparse::Status::Complete(n)) => break (resp.code.unwrap_or(0), n),
-            Ok(httparse::Status::Partial) if buf.len() < MAX_UPSTREAM_HEAD => {}
-            Ok(httparse::Status::Partial) => {
+            Ok(httparse::Status::Partial) if buf.len() < max_head => {}
+            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
                 return Err(GatewayError::new(
                     ErrorKind::UpstreamProtocol,
                     format!("{up}: CONNECT response head too large"),

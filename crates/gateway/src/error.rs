@@ -35,6 +35,8 @@ impl GatewayError {
         match self.kind {
             K::ClientMalformed | K::ClientUnsupported => StatusCode::BAD_REQUEST,
             K::ClientHeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            K::ClientUriTooLong => StatusCode::URI_TOO_LONG,
+            K::ClientConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
             K::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             K::ClientAuth => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             K::DestinationPort | K::DestinationPrivate => StatusCode::FORBIDDEN,
@@ -49,9 +51,11 @@ impl GatewayError {
     pub fn proxy_status_error(&self) -> &'static str {
         use ErrorKind as K;
         match self.kind {
-            K::ClientMalformed | K::ClientHeaderTooLarge | K::ClientUnsupported => {
-                "http_request_error"
-            }
+            K::ClientMalformed
+            | K::ClientHeaderTooLarge
+            | K::ClientUriTooLong
+            | K::ClientUnsupported => "http_request_error",
+            K::ClientConnectionLimit => "connection_limit_reached",
             K::ClientTimeout | K::RouteInvalid => "http_request_error",
             K::ClientAuth | K::DestinationPort => "http_request_denied",
             K::DestinationPrivate => "destination_ip_prohibited",

@@ -67,9 +67,14 @@ type Cache = Arc<Mutex<Option<Cached>>>;
 /// outlives hyper's handling of the connection, keeps a share of it until the tunnel closes.
 pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S, peer: SocketAddr, permit: Permit) {
     let server = gw.config().server.clone();
+    let limits = HeadLimits {
+        bytes: server.max_header_bytes,
+        headers: server.max_headers,
+        target: server.max_target_bytes,
+    };
     let head = tokio::time::timeout(
         server.header_read_timeout,
-        read_first_head(&mut stream, server.max_header_bytes),
+        read_first_head(&mut stream, limits),
     )
     .await
     .unwrap_or_else(|_| {
@@ -100,9 +105,12 @@ pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S, peer: SocketAddr, per
         async move { Ok::<_, Infallible>(handle(gw, cache, req, peer, permit).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
+    // hyper starts this timer when it waits for the next request head: on a kept-alive
+    // connection it is the idle limit (the first head, read above, had header_read_timeout).
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(server.header_read_timeout)
+        .header_read_timeout(server.keepalive_timeout)
+        .max_headers(server.max_headers)
         .max_buf_size(server.max_header_bytes.max(HYPER_MIN_BUF));
     let conn = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
@@ -119,9 +127,37 @@ pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S, peer: SocketAddr, per
     }
 }
 
-/// Reads until the first request head is complete; returns everything read.
-async fn read_first_head<S: Io>(stream: &mut S, max: usize) -> Result<Bytes, GatewayError> {
+/// The limits of a request head.
+#[derive(Debug, Clone, Copy)]
+struct HeadLimits {
+    /// The whole head.
+    bytes: usize,
+    /// Header fields.
+    headers: usize,
+    /// The request target.
+    target: usize,
+}
+
+/// Reads until the first request head is complete; returns everything read. A head over
+/// `limits.bytes` or with more than `limits.headers` fields is 431, a target over
+/// `limits.target` is 414.
+async fn read_first_head<S: Io>(stream: &mut S, limits: HeadLimits) -> Result<Bytes, GatewayError> {
     let mut buf = BytesMut::with_capacity(4096);
+    let too_large = || {
+        GatewayError::new(
+            ErrorKind::ClientHeaderTooLarge,
+            format!(
+                "request head larger than {} bytes or with more than {} header fields",
+                limits.bytes, limits.headers
+            ),
+        )
+    };
+    let uri_too_long = || {
+        GatewayError::new(
+            ErrorKind::ClientUriTooLong,
+            format!("request target longer than {} bytes", limits.target),
+        )
+    };
     loop {
         let n = stream.read_buf(&mut buf).await.map_err(|_| closed())?;
         if n == 0 {
@@ -131,16 +167,24 @@ async fn read_first_head<S: Io>(stream: &mut S, max: usize) -> Result<Bytes, Gat
                 GatewayError::new(ErrorKind::ClientMalformed, "truncated request head")
             });
         }
-        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut headers = vec![httparse::EMPTY_HEADER; limits.headers];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => return Ok(buf.freeze()),
-            Ok(httparse::Status::Partial) if buf.len() <= max => {}
+            Ok(httparse::Status::Complete(_)) => {
+                if req.path.is_some_and(|p| p.len() > limits.target) {
+                    return Err(uri_too_long());
+                }
+                return Ok(buf.freeze());
+            }
+            // Still in the request line, already past the target's limit.
+            Ok(httparse::Status::Partial)
+                if buf.len() > limits.target + 32 && !buf.contains(&b'\n') =>
+            {
+                return Err(uri_too_long());
+            }
+            Ok(httparse::Status::Partial) if buf.len() <= limits.bytes => {}
             Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-                return Err(GatewayError::new(
-                    ErrorKind::ClientHeaderTooLarge,
-                    format!("request head larger than {max} bytes"),
-                ));
+                return Err(too_large());
             }
             Err(e) => {
                 return Err(GatewayError::new(
@@ -168,7 +212,16 @@ async fn handle(
     } else {
         RequestKind::HttpForward
     };
-    let result = route_and_serve(&gw, &cache, req, peer, permit).await;
+    // The first head was measured as it was read; later ones are hyper's, measured here.
+    let max_target = gw.config().server.max_target_bytes;
+    let result = if req.uri().to_string().len() > max_target {
+        Err(GatewayError::new(
+            ErrorKind::ClientUriTooLong,
+            format!("request target longer than {max_target} bytes"),
+        ))
+    } else {
+        route_and_serve(&gw, &cache, req, peer, permit).await
+    };
     gw.metrics()
         .request(kind, result.as_ref().err().map(|e| e.kind));
     result.unwrap_or_else(|e| {
@@ -278,8 +331,13 @@ async fn forward(
         Some(p) if p != 80 => format!("{host}:{p}"),
         _ => host.to_owned(),
     };
-    let origin_form = Uri::try_from(uri.path_and_query().map_or("/", |pq| pq.as_str()))
-        .map_err(|_| GatewayError::new(ErrorKind::ClientMalformed, "invalid path"))?;
+    // `http://host?q` has an empty path: its origin form is `/?q`.
+    let origin_form = match uri.path_and_query().map(|pq| pq.as_str()) {
+        None | Some("") => Ok(Uri::from_static("/")),
+        Some(pq) if pq.starts_with('?') => Uri::try_from(format!("/{pq}")),
+        Some(pq) => Uri::try_from(pq),
+    }
+    .map_err(|_| GatewayError::new(ErrorKind::ClientMalformed, "invalid path"))?;
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -419,7 +477,7 @@ async fn upstream_sender(
             .dialer()
             .dial_within(target, Purpose::Forward, budget)
             .await?;
-        match client_handshake(est.io).await {
+        match client_handshake(est.io, gw.config().dial.max_reply_head_bytes).await {
             Ok(sender) => {
                 return Ok((sender, est.lease, est.to_http_proxy, true, est.outcome));
             }
@@ -432,8 +490,12 @@ async fn upstream_sender(
     }
 }
 
-async fn client_handshake(io: BoxedIo) -> Result<SendRequest<Body>, GatewayError> {
+async fn client_handshake(
+    io: BoxedIo,
+    max_reply_head: usize,
+) -> Result<SendRequest<Body>, GatewayError> {
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(max_reply_head.max(HYPER_MIN_BUF))
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| GatewayError::new(ErrorKind::UpstreamIo, format!("http handshake: {e}")))?;
@@ -541,29 +603,60 @@ mod tests {
         assert_eq!(h["x-keep"], "yes");
     }
 
+    const LIMITS: HeadLimits = HeadLimits {
+        bytes: 1024,
+        headers: 16,
+        target: 256,
+    };
+
+    #[tokio::test]
+    async fn too_many_headers_and_long_targets_are_typed() {
+        let many: String = (0..20).map(|i| format!("X-{i}: v\r\n")).collect();
+        let head = format!("GET http://a/ HTTP/1.1\r\n{many}\r\n");
+        let mut mock = Builder::new().read(head.as_bytes()).build();
+        let e = read_first_head(&mut mock, LIMITS).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ClientHeaderTooLarge);
+        assert_eq!(e.http_status(), 431);
+        let long = format!(
+            "GET http://a/{} HTTP/1.1\r\nHost: a\r\n\r\n",
+            "x".repeat(300)
+        );
+        let mut mock = Builder::new().read(long.as_bytes()).build();
+        let e = read_first_head(&mut mock, LIMITS).await.unwrap_err();
+        assert_eq!(
+            (e.kind, e.http_status().as_u16()),
+            (ErrorKind::ClientUriTooLong, 414)
+        );
+        // Still sending the request line, already too long: refused before the head ends.
+        let endless = format!("GET http://a/{}", "x".repeat(400));
+        let mut mock = Builder::new().read(endless.as_bytes()).build();
+        let e = read_first_head(&mut mock, LIMITS).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ClientUriTooLong);
+    }
+
     #[tokio::test]
     async fn first_head_is_read_whole() {
         let mut mock = Builder::new()
             .read(b"GET http://a/ HTTP/1.1\r\nHo")
             .read(b"st: a\r\n\r\nBODY")
             .build();
-        let buf = read_first_head(&mut mock, 1024).await.unwrap();
+        let buf = read_first_head(&mut mock, LIMITS).await.unwrap();
         assert!(buf.ends_with(b"\r\n\r\nBODY"));
     }
 
     #[tokio::test]
     async fn garbage_and_oversized_heads_are_typed() {
         let mut mock = Builder::new().read(b"\x16\x03\x01garbage\r\n\r\n").build();
-        let e = read_first_head(&mut mock, 1024).await.unwrap_err();
+        let e = read_first_head(&mut mock, LIMITS).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::ClientMalformed);
 
         let big = format!("GET http://a/ HTTP/1.1\r\nX: {}\r\n", "a".repeat(2000));
         let mut mock = Builder::new().read(big.as_bytes()).build();
-        let e = read_first_head(&mut mock, 1024).await.unwrap_err();
+        let e = read_first_head(&mut mock, LIMITS).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::ClientHeaderTooLarge);
 
         let mut mock = Builder::new().read(b"GET http://a/ HTT").build();
-        let e = read_first_head(&mut mock, 1024).await.unwrap_err();
+        let e = read_first_head(&mut mock, LIMITS).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::ClientMalformed);
     }
 

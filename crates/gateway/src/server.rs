@@ -7,9 +7,10 @@
 //! close, kept-alive HTTP connections finish their current request, and open tunnels get
 //! `server.shutdown_grace` to end.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use proxygate_core::{ErrorKind, Outcome, Shutdown};
 use proxygate_pool::PoolReader;
@@ -38,15 +39,56 @@ struct Inner {
     tasks: TaskTracker,
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
+    per_ip: Arc<PerIp>,
 }
 
-/// A client connection's place: its share of `server.max_connections` and its count in
-/// `proxygate_active_connections`, held until every part of the connection (a CONNECT tunnel
-/// included) has ended.
+/// A client connection's place: its share of `server.max_connections`, of its address's
+/// `server.max_connections_per_ip`, and its count in `proxygate_active_connections`, held until
+/// every part of the connection (a CONNECT tunnel included) has ended.
 #[derive(Debug)]
 pub struct ConnectionSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _per_ip: PerIpGuard,
     _open: GaugeGuard,
+}
+
+/// Open connections per client address.
+#[derive(Debug, Default)]
+struct PerIp(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection counted against its address until dropped.
+#[derive(Debug)]
+pub struct PerIpGuard {
+    table: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    /// Counts a connection from `ip`, unless it already has `max`.
+    fn enter(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PerIpGuard> {
+        let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = t.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PerIpGuard {
+            table: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for PerIpGuard {
+    fn drop(&mut self) {
+        let mut t = self.table.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = t.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Gateway {
@@ -68,6 +110,7 @@ impl Gateway {
             tasks: TaskTracker::new(),
             shutdown,
             metrics,
+            per_ip: Arc::default(),
         })))
     }
 
@@ -147,6 +190,15 @@ impl Gateway {
             tracing::info!(%peer, "client not in server.allow; closed");
             return;
         }
+        let max_per_ip = self.0.config.server.max_connections_per_ip;
+        let Some(per_ip) = self.0.per_ip.enter(peer.ip(), max_per_ip) else {
+            tracing::debug!(%peer, max_per_ip, "client at server.max_connections_per_ip; closed");
+            self.0.metrics.request(
+                crate::metrics::RequestKind::Http,
+                Some(ErrorKind::ClientConnectionLimit),
+            );
+            return;
+        };
         let mut first = [0u8; 1];
         let timeout = self.0.config.server.header_read_timeout;
         let peeked = tokio::time::timeout(timeout, stream.peek(&mut first)).await;
@@ -162,6 +214,7 @@ impl Gateway {
         };
         let slot = ConnectionSlot {
             _permit: permit,
+            _per_ip: per_ip,
             _open: self.0.metrics.connection(protocol),
         };
         match protocol {
