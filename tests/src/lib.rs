@@ -11,6 +11,8 @@
 //! - [`tls`]: a throwaway CA and certificates (rcgen).
 //! - [`lists`]: a list server (proxy lists, any route) and a judge (httpbin, azenv) for the
 //!   sources.
+//! - [`raw`]: raw bytes on both sides: a recording upstream that parses strictly, a scripted
+//!   client.
 //! - [`third_party`]: tinyproxy and microsocks from Debian, started on free ports.
 
 #![allow(
@@ -30,6 +32,7 @@ pub mod fakes;
 pub mod gateway;
 pub mod lists;
 pub mod origin;
+pub mod raw;
 pub mod third_party;
 pub mod tls;
 

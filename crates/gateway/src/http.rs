@@ -32,6 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::GatewayError;
 mod body;
+mod strict;
 
 use crate::auth::{ClientCredentials, Refused, basic_value, parse_basic};
 use crate::dial::{Budget, Purpose, Routing};
@@ -219,6 +220,14 @@ async fn handle(
             ErrorKind::ClientUriTooLong,
             format!("request target longer than {max_target} bytes"),
         ))
+    } else if let Err(e) = strict::check(&req) {
+        // The framing of whatever follows is in doubt: answer and close.
+        log_failure(&e);
+        gw.metrics().request(kind, Some(e.kind));
+        let mut resp = error_response(&e);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
     } else {
         route_and_serve(&gw, &cache, req, peer, permit).await
     };
@@ -341,6 +350,9 @@ async fn forward(
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // hyper answered `Expect: 100-continue` to the client when the body was asked for; the
+    // upstream gets the body, not the expectation.
+    parts.headers.remove(header::EXPECT);
     parts.headers.insert(
         header::HOST,
         HeaderValue::from_str(&host_value)
@@ -352,6 +364,9 @@ async fn forward(
     let mut budget = gw.dialer().budget(routing);
     let dial_cfg = &gw.config().dial;
     let bytes_up = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Set when the client's own body turned out malformed (a bad chunk size...): what failed
+    // then is the client's request, not the upstream.
+    let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     loop {
         let (mut sender, lease, to_http_proxy, fresh, mut outcome) =
@@ -373,7 +388,10 @@ async fn forward(
             origin_form.clone()
         };
         let req_body = match body.take() {
-            Some(b) if !replayable => body::Counted::new(b, Arc::clone(&bytes_up)).boxed(),
+            Some(b) if !replayable => {
+                body::Counted::new(b, Arc::clone(&bytes_up), Arc::clone(&client_body_failed))
+                    .boxed()
+            }
             _ => empty(),
         };
         let mut upstream_req = Request::new(req_body);
@@ -424,6 +442,12 @@ async fn forward(
                 // send again on a fresh connection.
                 drop(lease);
                 continue;
+            }
+            Ok(Err(e)) if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
+                GatewayError::new(
+                    ErrorKind::ClientMalformed,
+                    format!("invalid request body: {e}"),
+                )
             }
             Ok(Err(e)) => {
                 GatewayError::new(ErrorKind::UpstreamIo, format!("{}: {e}", lease.upstream()))

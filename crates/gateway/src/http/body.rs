@@ -5,7 +5,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -13,16 +13,22 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use proxygate_core::{ErrorKind, Outcome};
 use proxygate_pool::Lease;
 
-/// Counts the data bytes that pass through `inner` into `count`.
+/// Counts the data bytes that pass through `inner` into `count`; flags `failed` when the
+/// client's body itself is broken (a malformed chunk, a connection cut mid-body).
 #[derive(Debug)]
 pub(crate) struct Counted {
     inner: Incoming,
     count: Arc<AtomicU64>,
+    failed: Arc<AtomicBool>,
 }
 
 impl Counted {
-    pub(crate) fn new(inner: Incoming, count: Arc<AtomicU64>) -> Self {
-        Self { inner, count }
+    pub(crate) fn new(inner: Incoming, count: Arc<AtomicU64>, failed: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            count,
+            failed,
+        }
     }
 }
 
@@ -35,10 +41,14 @@ impl Body for Counted {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.failed.store(true, Ordering::Relaxed),
+            _ => {}
         }
         polled
     }
