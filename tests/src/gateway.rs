@@ -328,6 +328,29 @@ impl Gateway {
         self.child.wait().await.unwrap();
     }
 
+    /// The config file the gateway runs with (rewrite it and [`Gateway::signal`] `HUP`).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("proxygate.toml")
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`, `INT`).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("the gateway has exited").to_string();
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{name} {pid}");
+    }
+
+    /// Waits for the exit (at most `limit`).
+    pub async fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("gateway still running after {limit:?}:\n{}", self.logs()))
+            .unwrap()
+    }
+
     /// Sends SIGTERM and waits for the exit (at most `limit`).
     pub async fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
         let pid = self.child.id().unwrap().to_string();

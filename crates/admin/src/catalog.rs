@@ -386,6 +386,10 @@ impl Catalog {
             removed += 1;
         }
         self.store.flush()?;
+        if changed + removed > 0 {
+            // A reload: the live pool follows at once (no-op before `attach`).
+            self.publish();
+        }
         Ok((changed, removed))
     }
 
@@ -919,6 +923,20 @@ impl Catalog {
                 live: false,
             },
         })
+    }
+
+    /// A reload changed the config's strategy: it applies now unless an operator's choice
+    /// (`strategy NAME`) stands, and a reset returns to it. Returns the strategy in force.
+    pub fn set_configured_strategy(&mut self, configured: Strategy) -> Result<Strategy, OpError> {
+        let operator = self.store.setting("strategy")?.is_some();
+        let Some(l) = &mut self.live else {
+            return Ok(configured);
+        };
+        l.configured = configured;
+        if !operator {
+            l.pool.set_strategy(configured);
+        }
+        Ok(l.pool.reader().strategy())
     }
 
     /// Sets the strategy (kept across restarts), or with `None` forgets the operator's

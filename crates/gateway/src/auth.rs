@@ -140,6 +140,20 @@ impl Accounts {
         }
     }
 
+    /// Other accounts over this one's client state (cache key, cache, failure budgets).
+    fn with_hashes(&self, hashes: HashMap<String, String>) -> Accounts {
+        fn copy<T: Clone>(m: &Mutex<T>) -> Mutex<T> {
+            Mutex::new(m.lock().unwrap_or_else(PoisonError::into_inner).clone())
+        }
+        Accounts {
+            hashes,
+            key: self.key,
+            verified: copy(&self.verified),
+            failures: copy(&self.failures),
+            verifying: Arc::clone(&self.verifying),
+        }
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.hashes.keys().map(String::as_str)
     }
@@ -295,6 +309,24 @@ impl ClientAuth {
     pub fn with_allow(mut self, allow: Vec<IpNet>) -> Self {
         self.allow = allow;
         self
+    }
+
+    /// New accounts and allow-list (a reload) that keep what this one learned about clients:
+    /// the failure budgets (a reload must not reset a brute-forcer's) and the verified-password
+    /// cache (keyed by the account's hash as well, so a changed password is verified afresh).
+    pub fn reloaded(&self, users: Option<HashMap<String, String>>, allow: Vec<IpNet>) -> Self {
+        let users = users.map(|hashes| {
+            Arc::new(match &self.users {
+                Some(old) => old.with_hashes(hashes),
+                None => Accounts::new(hashes),
+            })
+        });
+        Self { users, allow }
+    }
+
+    /// How many accounts can log in (`None`: authentication is off).
+    pub fn accounts(&self) -> Option<usize> {
+        self.users.as_ref().map(|u| u.hashes.len())
     }
 
     /// Reads a users file: name -> PHC string.

@@ -30,7 +30,7 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Everything the data plane needs.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -42,7 +42,7 @@ pub struct Config {
 }
 
 /// Listeners and client-facing limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Addresses to listen on; every one serves HTTP, SOCKS5 and SOCKS4 alike.
@@ -77,7 +77,7 @@ pub struct ServerConfig {
 }
 
 /// Client authentication.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// A file of `name:$argon2id$...` lines (`proxygate user add`). When set, every client
@@ -87,7 +87,7 @@ pub struct AuthConfig {
 }
 
 /// Dialing upstreams.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DialConfig {
     /// TCP (and TLS) connect to an upstream.

@@ -1,6 +1,12 @@
 //! Listeners and connections: [`Server`] binds every `server.listen` address and accepts;
 //! [`Gateway`] is the shared state each connection gets (config, client auth, dialer).
 //!
+//! A reload ([`Live::reconfigure`]) swaps the whole [`Gateway`] snapshot: a connection keeps
+//! the configuration it was accepted under (limits, timeouts, destination policy, dial
+//! settings) and new connections get the new one, so nothing open is dropped. Accounts and
+//! the allow-list are read afresh on every check, so a removed account is refused on its next
+//! request even on a kept-alive connection.
+//!
 //! Each accepted connection takes a permit (`server.max_connections`), gets `TCP_NODELAY`, is
 //! checked against the allow-list, and has its first byte peeked: `0x05` SOCKS5, `0x04` SOCKS4,
 //! an ASCII letter HTTP; anything else is answered 400 and closed. On shutdown the listeners
@@ -12,6 +18,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use arc_swap::ArcSwap;
 use proxygate_core::{ErrorKind, Outcome, Shutdown};
 use proxygate_pool::PoolReader;
 use tokio::io::AsyncWriteExt;
@@ -34,12 +41,67 @@ pub struct Gateway(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     config: Config,
-    auth: ClientAuth,
     dialer: Dialer,
+    shared: Arc<Shared>,
+}
+
+/// What outlives a reload.
+#[derive(Debug)]
+struct Shared {
+    auth: ArcSwap<ClientAuth>,
     tasks: TaskTracker,
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
     per_ip: Arc<PerIp>,
+}
+
+/// The gateway in force: what the listeners hand each new connection, replaced whole by a
+/// reload.
+#[derive(Debug, Clone)]
+pub struct Live(Arc<ArcSwap<Inner>>);
+
+impl Live {
+    /// The gateway new connections get now.
+    pub fn gateway(&self) -> Gateway {
+        Gateway(self.0.load_full())
+    }
+
+    /// Builds what a new configuration needs (the dial TLS settings may fail to load),
+    /// changing nothing yet.
+    pub fn prepare(&self, config: Config) -> Result<Staged, TlsConfigError> {
+        let connector = connector(&config)?;
+        Ok(Staged { config, connector })
+    }
+
+    /// Applies a prepared configuration and new client auth: connections accepted from now on
+    /// use them, open ones keep their settings (auth applies to every next check).
+    pub fn apply(&self, staged: Staged, auth: ClientAuth) {
+        let current = self.0.load_full();
+        let shared = Arc::clone(&current.shared);
+        let dialer = Dialer::new(
+            current.dialer.pool().clone(),
+            staged.connector,
+            Arc::clone(&shared.metrics),
+        );
+        shared.auth.store(Arc::new(auth));
+        self.0.store(Arc::new(Inner {
+            config: staged.config,
+            dialer,
+            shared,
+        }));
+    }
+}
+
+/// A configuration ready to apply ([`Live::prepare`]).
+#[derive(Debug)]
+pub struct Staged {
+    config: Config,
+    connector: Connector,
+}
+
+fn connector(config: &Config) -> Result<Connector, TlsConfigError> {
+    let tls = crate::tls::client_config(config.dial.tls_ca_file.as_deref())?;
+    Ok(Connector::new(config.dial.clone(), tls, config.policy()))
 }
 
 /// A client connection's place: its share of `server.max_connections`, of its address's
@@ -50,6 +112,19 @@ pub struct ConnectionSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
     _per_ip: PerIpGuard,
     _open: GaugeGuard,
+}
+
+impl ConnectionSlot {
+    /// A slot outside `server.max_connections` (the fuzz targets' in-memory connections), still
+    /// counted against its address and in the gauge.
+    pub(crate) fn unlimited(gw: &Gateway, peer: SocketAddr) -> Option<Self> {
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().ok()?;
+        Some(Self {
+            _permit: permit,
+            _per_ip: gw.0.shared.per_ip.enter(peer.ip(), usize::MAX)?,
+            _open: gw.0.shared.metrics.connection(Protocol::Http),
+        })
+    }
 }
 
 /// Open connections per client address.
@@ -101,21 +176,22 @@ impl Gateway {
         shutdown: Shutdown,
         metrics: Arc<Metrics>,
     ) -> Result<Self, TlsConfigError> {
-        let tls = crate::tls::client_config(config.dial.tls_ca_file.as_deref())?;
-        let connector = Connector::new(config.dial.clone(), tls, config.policy());
+        let connector = connector(&config)?;
         Ok(Self(Arc::new(Inner {
             dialer: Dialer::new(pool, connector, Arc::clone(&metrics)),
             config,
-            auth,
-            tasks: TaskTracker::new(),
-            shutdown,
-            metrics,
-            per_ip: Arc::default(),
+            shared: Arc::new(Shared {
+                auth: ArcSwap::from_pointee(auth),
+                tasks: TaskTracker::new(),
+                shutdown,
+                metrics,
+                per_ip: Arc::default(),
+            }),
         })))
     }
 
     pub fn metrics(&self) -> &Metrics {
-        &self.0.metrics
+        &self.0.shared.metrics
     }
 
     /// Where clients may go.
@@ -127,8 +203,9 @@ impl Gateway {
         &self.0.config
     }
 
-    pub fn auth(&self) -> &ClientAuth {
-        &self.0.auth
+    /// The accounts and allow-list in force now.
+    pub fn auth(&self) -> Arc<ClientAuth> {
+        self.0.shared.auth.load_full()
     }
 
     pub fn dialer(&self) -> &Dialer {
@@ -136,7 +213,7 @@ impl Gateway {
     }
 
     pub(crate) fn shutdown(&self) -> Shutdown {
-        self.0.shutdown.clone()
+        self.0.shared.shutdown.clone()
     }
 
     /// Runs a task that shutdown waits for (within the grace period).
@@ -144,13 +221,13 @@ impl Gateway {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.0.tasks.spawn(fut);
+        self.0.shared.tasks.spawn(fut);
     }
 
     /// Relays an established tunnel and reports its outcome.
     pub(crate) async fn relay<C: Io>(&self, client: C, est: Established) {
         let idle = self.0.config.server.idle_timeout;
-        let metrics = &self.0.metrics;
+        let metrics = &self.0.shared.metrics;
         let _active = metrics.tunnel();
         let stats = relay(client, est.io, idle, metrics).await;
         if let Some(fb) = stats.first_byte {
@@ -186,14 +263,14 @@ impl Gateway {
     ) {
         let _ = stream.set_nodelay(true);
         tracing::trace!(%peer, "accepted");
-        if !self.0.auth.is_allowed(peer.ip()) {
+        if !self.0.shared.auth.load().is_allowed(peer.ip()) {
             tracing::info!(%peer, "client not in server.allow; closed");
             return;
         }
         let max_per_ip = self.0.config.server.max_connections_per_ip;
-        let Some(per_ip) = self.0.per_ip.enter(peer.ip(), max_per_ip) else {
+        let Some(per_ip) = self.0.shared.per_ip.enter(peer.ip(), max_per_ip) else {
             tracing::debug!(%peer, max_per_ip, "client at server.max_connections_per_ip; closed");
-            self.0.metrics.request(
+            self.0.shared.metrics.request(
                 crate::metrics::RequestKind::Http,
                 Some(ErrorKind::ClientConnectionLimit),
             );
@@ -215,7 +292,7 @@ impl Gateway {
         let slot = ConnectionSlot {
             _permit: permit,
             _per_ip: per_ip,
-            _open: self.0.metrics.connection(protocol),
+            _open: self.0.shared.metrics.connection(protocol),
         };
         match protocol {
             Protocol::Socks5 => socks::serve_socks5(self, stream, peer).await,
@@ -227,7 +304,10 @@ impl Gateway {
                     "unrecognized protocol (expected HTTP, SOCKS5 or SOCKS4)",
                 );
                 tracing::debug!(%peer, "unrecognized first byte {:#04x}", first[0]);
-                self.0.metrics.request(RequestKind::Http, Some(e.kind));
+                self.0
+                    .shared
+                    .metrics
+                    .request(RequestKind::Http, Some(e.kind));
                 let mut stream = stream;
                 let _ = stream.write_all(&http::raw_error_response(&e)).await;
                 let _ = stream.shutdown().await;
@@ -239,7 +319,7 @@ impl Gateway {
 /// The bound listeners.
 #[derive(Debug)]
 pub struct Server {
-    gateway: Gateway,
+    live: Live,
     listeners: Vec<TcpListener>,
 }
 
@@ -253,7 +333,15 @@ impl Server {
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             listeners.push(l);
         }
-        Ok(Server { gateway, listeners })
+        Ok(Server {
+            live: Live(Arc::new(ArcSwap::new(gateway.0))),
+            listeners,
+        })
+    }
+
+    /// The handle a reload goes through.
+    pub fn live(&self) -> Live {
+        self.live.clone()
     }
 
     /// The addresses actually bound (port 0 resolved).
@@ -265,34 +353,39 @@ impl Server {
     }
 
     /// Accepts until shutdown, then drains within `server.shutdown_grace`.
-    pub async fn run(self) {
-        let gw = self.gateway;
-        let permits = Arc::new(Semaphore::new(gw.config().server.max_connections));
+    ///
+    /// Every connection, a CONNECT or SOCKS tunnel included, is a task of ours (hyper forgets
+    /// upgraded connections), so the drain waits for tunnels too. Returns how many were still
+    /// open when the grace period ran out (they end when the runtime stops).
+    pub async fn run(self) -> usize {
+        let live = self.live;
+        let permits = Arc::new(Semaphore::new(
+            live.gateway().config().server.max_connections,
+        ));
         let mut loops = tokio::task::JoinSet::new();
         for listener in self.listeners {
-            loops.spawn(accept_loop(gw.clone(), listener, Arc::clone(&permits)));
+            loops.spawn(accept_loop(live.clone(), listener, Arc::clone(&permits)));
         }
         while loops.join_next().await.is_some() {}
+        let gw = live.gateway();
         let grace = gw.config().server.shutdown_grace;
-        gw.0.tasks.close();
-        let open = gw.0.tasks.len();
+        let tasks = &gw.0.shared.tasks;
+        tasks.close();
+        let open = tasks.len();
         if open > 0 {
             tracing::info!(open, ?grace, "draining connections");
         }
-        if tokio::time::timeout(grace, gw.0.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                open = gw.0.tasks.len(),
-                "grace period over; closing the rest"
-            );
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            let left = tasks.len();
+            tracing::warn!(open = left, "grace period over; closing the rest");
+            return left;
         }
+        0
     }
 }
 
-async fn accept_loop(gw: Gateway, listener: TcpListener, permits: Arc<Semaphore>) {
-    let mut shutdown = gw.shutdown();
+async fn accept_loop(live: Live, listener: TcpListener, permits: Arc<Semaphore>) {
+    let mut shutdown = live.gateway().shutdown();
     loop {
         let permit = tokio::select! {
             p = Arc::clone(&permits).acquire_owned() => match p {
@@ -307,8 +400,8 @@ async fn accept_loop(gw: Gateway, listener: TcpListener, permits: Arc<Semaphore>
         };
         match accepted {
             Ok((stream, peer)) => {
-                let conn = gw.clone();
-                gw.spawn(conn.serve_connection(stream, peer, permit));
+                let gw = live.gateway();
+                gw.spawn(gw.clone().serve_connection(stream, peer, permit));
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly rather than spin.

@@ -22,10 +22,13 @@ use proxygate_core::ConfigErrors;
 use proxygate_sources::metrics::SourceMetrics;
 
 use crate::config::{LogFormat, RootConfig};
+use crate::reload::{Reloader, Signals};
 use crate::{EXIT_CONFIG, RunArgs};
 
 /// Builds the final config from file and flags; every problem is reported at once.
-fn resolve(args: &RunArgs) -> Result<(RootConfig, Vec<proxygate_core::Upstream>), ConfigErrors> {
+pub(crate) fn resolve(
+    args: &RunArgs,
+) -> Result<(RootConfig, Vec<proxygate_core::Upstream>), ConfigErrors> {
     let source = args
         .config
         .as_ref()
@@ -138,7 +141,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     };
     let pool = Pool::create(cfg.pool.strategy, cfg.pool.health());
     catalog.attach(pool.1.clone(), configured);
-    match runtime.block_on(serve(cfg, catalog, pool)) {
+    match runtime.block_on(serve(cfg, catalog, pool, args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -184,6 +187,7 @@ async fn serve(
     cfg: RootConfig,
     catalog: Catalog,
     (reader, writer): (PoolReader, PoolWriter),
+    args: RunArgs,
 ) -> anyhow::Result<()> {
     let mut auth = ClientAuth::open().with_allow(cfg.gateway.server.allow.clone());
     if let Some(path) = &cfg.gateway.auth.users_file {
@@ -341,16 +345,25 @@ async fn serve(
         .context("dial.tls_ca_file")?;
     let server = Server::bind(gateway).await?;
     // Handlers first: a SIGTERM right after "listening" must drain, not kill.
-    let signals = wait_for_signal();
-    let signals = tokio::spawn(async move {
-        signals.await;
-        tracing::info!("shutting down");
-        trigger.fire();
-    });
+    let reloader = Reloader {
+        args,
+        started: cfg.clone(),
+        live: server.live(),
+        catalog: Arc::clone(&catalog),
+        writer: writer.clone(),
+    };
+    let signals = Signals::register().context("signal handlers")?;
+    let signals = tokio::spawn(signals.run(reloader, trigger));
     for addr in server.local_addrs() {
         tracing::info!(strategy = %cfg.pool.strategy, upstreams = pool_size, "listening on {addr}");
     }
-    server.run().await;
+    let left = server.run().await;
+    if left > 0 {
+        tracing::info!(
+            closed = left,
+            "closed the connections left after the grace period"
+        );
+    }
     signals.abort();
     let _ = persister.await;
     // Once more after the drain: the last tunnels' outcomes are in.
@@ -362,24 +375,4 @@ async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Registers the SIGTERM and SIGINT handlers now; the future resolves on either.
-fn wait_for_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    async move {
-        match (term, int) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
 }

@@ -27,49 +27,49 @@ use proxygate_core::{Problem, Upstream};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-pub(crate) const DEFAULT_DATA_DIR: &str = "./data";
+pub const DEFAULT_DATA_DIR: &str = "./data";
 
 /// The whole configuration.
-#[derive(Debug, Clone)]
-pub(crate) struct RootConfig {
-    pub(crate) data_dir: PathBuf,
-    pub(crate) gateway: proxygate_gateway::Config,
-    pub(crate) pool: proxygate_pool::Config,
-    pub(crate) upstreams: UpstreamsConfig,
-    pub(crate) store: proxygate_store::Config,
-    pub(crate) admin: proxygate_admin::config::Config,
-    pub(crate) janitor: proxygate_admin::janitor::Config,
+#[derive(Debug, Clone, PartialEq)]
+pub struct RootConfig {
+    pub data_dir: PathBuf,
+    pub gateway: proxygate_gateway::Config,
+    pub pool: proxygate_pool::Config,
+    pub upstreams: UpstreamsConfig,
+    pub store: proxygate_store::Config,
+    pub admin: proxygate_admin::config::Config,
+    pub janitor: proxygate_admin::janitor::Config,
     /// Candidates from lists may point at private, loopback, link-local... addresses (labs
     /// and tests only).
-    pub(crate) allow_private_networks: bool,
-    pub(crate) sources: Vec<proxygate_sources::SourceConfig>,
-    pub(crate) checker: proxygate_sources::CheckerConfig,
-    pub(crate) refresh: proxygate_sources::RefreshConfig,
-    pub(crate) log: LogConfig,
+    pub allow_private_networks: bool,
+    pub sources: Vec<proxygate_sources::SourceConfig>,
+    pub checker: proxygate_sources::CheckerConfig,
+    pub refresh: proxygate_sources::RefreshConfig,
+    pub log: LogConfig,
 }
 
 /// `[upstreams]`: the operator's own upstreams.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub(crate) struct UpstreamsConfig {
+pub struct UpstreamsConfig {
     /// Upstream URLs. Prefer `files` for upstreams with passwords: keep secrets out of config.
-    pub(crate) urls: Vec<String>,
+    pub urls: Vec<String>,
     /// Files of one URL per line (`#` comments and blank lines skipped).
-    pub(crate) files: Vec<PathBuf>,
+    pub files: Vec<PathBuf>,
 }
 
 /// `[log]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub(crate) struct LogConfig {
+pub struct LogConfig {
     /// A tracing filter: `info`, `debug`, `proxygate_gateway=debug,info`... `RUST_LOG` wins.
-    pub(crate) level: String,
-    pub(crate) format: LogFormat,
+    pub level: String,
+    pub format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub(crate) enum LogFormat {
+pub enum LogFormat {
     #[default]
     Text,
     Json,
@@ -124,7 +124,7 @@ impl RootConfig {
     /// Reads a config file (syntax, keys, types; the semantic checks are
     /// [`RootConfig::validate`]'s, after command-line overrides). Sections with problems keep
     /// their defaults, so the semantic checks can still run on the rest.
-    pub(crate) fn load(path: &Path) -> (RootConfig, Vec<Problem>) {
+    pub fn load(path: &Path) -> (RootConfig, Vec<Problem>) {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(&text),
             Err(e) => (
@@ -135,7 +135,7 @@ impl RootConfig {
     }
 
     /// Parses TOML text, collecting the problems of every section.
-    pub(crate) fn parse(text: &str) -> (RootConfig, Vec<Problem>) {
+    pub fn parse(text: &str) -> (RootConfig, Vec<Problem>) {
         let mut cfg = RootConfig::default();
         let table: toml::Table = match text.parse() {
             Ok(t) => t,
@@ -181,7 +181,7 @@ impl RootConfig {
 
     /// Semantic checks of the final configuration, and the upstreams it names, which are
     /// returned parsed.
-    pub(crate) fn validate(&self) -> Result<Vec<Upstream>, Vec<Problem>> {
+    pub fn validate(&self) -> Result<Vec<Upstream>, Vec<Problem>> {
         let mut problems = self.gateway.validate();
         problems.extend(self.pool.validate());
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
@@ -226,7 +226,7 @@ impl RootConfig {
 
 /// The config a command (other than `run`) works with: the file's, or the embedded defaults
 /// without one, with `--data-dir` applied. With `check`, the semantic checks run too.
-pub(crate) fn for_command(
+pub fn for_command(
     file: Option<&Path>,
     data_dir: Option<&Path>,
     check: bool,
@@ -271,7 +271,7 @@ fn one_line(e: &toml::de::Error) -> String {
 
 /// Reads a file of upstream URLs: one per line, `#` comments and blank lines skipped. Every
 /// bad line is reported as `path:line: reason`.
-pub(crate) fn read_upstreams_file(path: &Path) -> Result<Vec<Upstream>, Vec<String>> {
+pub fn read_upstreams_file(path: &Path) -> Result<Vec<Upstream>, Vec<String>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
     parse_upstreams(&text).map_err(|errs| {
@@ -282,7 +282,7 @@ pub(crate) fn read_upstreams_file(path: &Path) -> Result<Vec<Upstream>, Vec<Stri
 }
 
 /// Parses upstream-list text; errors are `(line number, reason)`.
-pub(crate) fn parse_upstreams(text: &str) -> Result<Vec<Upstream>, Vec<(usize, String)>> {
+pub fn parse_upstreams(text: &str) -> Result<Vec<Upstream>, Vec<(usize, String)>> {
     let mut ok = Vec::new();
     let mut errs = Vec::new();
     for (i, line) in text.lines().enumerate() {

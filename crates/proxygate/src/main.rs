@@ -17,7 +17,8 @@
 
 mod app;
 mod commands;
-mod config;
+use proxygate::config;
+mod reload;
 mod remote;
 mod source_commands;
 mod sources;
@@ -101,7 +102,7 @@ enum Command {
     },
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct RunArgs {
     /// Config file (TOML). Without it the embedded defaults apply.
     #[arg(long, short = 'c', value_name = "FILE")]
