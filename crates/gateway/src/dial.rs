@@ -172,7 +172,7 @@ async fn tcp_connect(up: &Upstream) -> Result<TcpStream, GatewayError> {
 }
 
 /// `CONNECT target` through an HTTP(S) proxy.
-async fn http_connect(
+pub(crate) async fn http_connect(
     up: &Upstream,
     mut io: BoxedIo,
     target: &Target,
@@ -240,7 +240,7 @@ async fn http_connect(
 }
 
 /// A SOCKS tunnel through `up`.
-async fn socks_connect(
+pub(crate) async fn socks_connect(
     up: &Upstream,
     io: BoxedIo,
     target: &Target,

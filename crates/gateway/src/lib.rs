@@ -23,6 +23,8 @@ pub mod auth;
 pub mod config;
 pub mod dial;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod http;
 pub mod io;
 pub mod metrics;
@@ -35,4 +37,4 @@ pub mod tls;
 pub use config::Config;
 pub use error::GatewayError;
 pub use metrics::Metrics;
-pub use server::{Gateway, Server};
+pub use server::{Gateway, Live, Server, Staged};

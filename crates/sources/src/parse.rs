@@ -132,7 +132,9 @@ fn title(html: &str) -> String {
         .to_ascii_lowercase()
         .find("</title>")
         .unwrap_or(rest.len());
-    format!(": {:?}", rest[..end.min(120)].trim())
+    // At most 120 characters (not bytes: a title may be any UTF-8).
+    let title: String = rest[..end].trim().chars().take(120).collect();
+    format!(": {title:?}")
 }
 
 /// A candidate from its parts; `None` when they do not make an upstream.
@@ -602,6 +604,20 @@ mod tests {
         Ctx {
             source: "test",
             scheme,
+        }
+    }
+
+    /// Fuzzing found it (list_parsers): an HTML page whose title has a multi-byte character
+    /// across byte 120 panicked while the error message was cut to length.
+    #[test]
+    fn a_long_non_ascii_title_is_cut_on_a_character() {
+        let title = format!("{}\u{2019}{}", "a".repeat(119), "é".repeat(200));
+        let page = format!("<html><head><title>{title}</title></head><body>no list</body></html>");
+        for kind in [Kind::FreeProxyList, Kind::Generic, Kind::Proxyscrape] {
+            let e = parse(kind, page.as_bytes(), ctx(Scheme::Http), false).unwrap_err();
+            let t = e.to_string();
+            assert!(t.contains(&"a".repeat(119)), "{kind:?}: {t}");
+            assert!(t.chars().count() < 200, "{kind:?}: {t}");
         }
     }
 

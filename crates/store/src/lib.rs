@@ -15,6 +15,8 @@
 pub mod config;
 pub mod crypto;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod migrate;
 pub mod record;
 pub mod store;

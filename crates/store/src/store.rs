@@ -298,24 +298,7 @@ impl Store {
     }
 
     fn decode(&self, id: UpstreamId, bytes: &[u8]) -> Result<Record, Decode> {
-        let raw = RawRecord::decode(bytes).map_err(Decode::Corrupt)?;
-        let creds = match &raw.credentials {
-            Some(b64) => {
-                let envelope = BASE64
-                    .decode(b64)
-                    .map_err(|_| Decode::Crypto(OpenError::Malformed))?;
-                let plain = self
-                    .ring()
-                    .open(&context(id), &envelope)
-                    .map_err(Decode::Crypto)?;
-                Some(
-                    serde_json::from_slice::<PlainCredentials>(&plain)
-                        .map_err(|_| Decode::Crypto(OpenError::Malformed))?,
-                )
-            }
-            None => None,
-        };
-        raw.to_record(creds).map_err(Decode::Corrupt)
+        decode_record(&self.ring(), id, bytes)
     }
 
     /// A record's credentials envelope as stored (base64), for an export that keeps them
@@ -657,9 +640,33 @@ impl Store {
     }
 }
 
-enum Decode {
+pub(crate) enum Decode {
     Crypto(OpenError),
     Corrupt(String),
+}
+
+/// Record `id` as stored (JSON, credentials in a sealed envelope) back to the domain record:
+/// what a load runs on every stored record, and so what the fuzz target feeds.
+pub(crate) fn decode_record(
+    ring: &Keyring,
+    id: UpstreamId,
+    bytes: &[u8],
+) -> Result<Record, Decode> {
+    let raw = RawRecord::decode(bytes).map_err(Decode::Corrupt)?;
+    let creds = match &raw.credentials {
+        Some(b64) => {
+            let envelope = BASE64
+                .decode(b64)
+                .map_err(|_| Decode::Crypto(OpenError::Malformed))?;
+            let plain = ring.open(&context(id), &envelope).map_err(Decode::Crypto)?;
+            Some(
+                serde_json::from_slice::<PlainCredentials>(&plain)
+                    .map_err(|_| Decode::Crypto(OpenError::Malformed))?,
+            )
+        }
+        None => None,
+    };
+    raw.to_record(creds).map_err(Decode::Corrupt)
 }
 
 #[cfg(test)]

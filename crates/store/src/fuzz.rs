@@ -1,0 +1,77 @@
+//! Entry points of the fuzz targets (`fuzz/`), not an API: each takes arbitrary bytes and must
+//! return without panicking, whatever they hold.
+
+use std::sync::OnceLock;
+
+use proxygate_core::UpstreamId;
+
+use crate::crypto::{Key, KeyOrigin, Keyring, seal};
+use crate::record::context;
+
+fn ring() -> &'static Keyring {
+    static RING: OnceLock<Keyring> = OnceLock::new();
+    RING.get_or_init(|| Keyring::new(Key::from_bytes([7; 32]), KeyOrigin::Env))
+}
+
+/// A stored record as read back at load (JSON, then the credentials envelope). The first 8
+/// bytes pick the record id the envelope is bound to.
+pub fn sealed_record(data: &[u8]) {
+    let (id, bytes) = split_id(data);
+    let _ = crate::store::decode_record(ring(), id, bytes);
+}
+
+/// A raw envelope: under the fuzz key as is, and re-sealed, which must open to the same bytes.
+pub fn envelope(data: &[u8]) {
+    let (id, bytes) = split_id(data);
+    let _ = ring().open(&context(id), bytes);
+    let sealed = seal(ring().primary(), &context(id), bytes);
+    let opened = ring().open(&context(id), &sealed);
+    assert_eq!(opened.as_deref().map(Vec::as_slice), Ok(bytes));
+}
+
+fn split_id(data: &[u8]) -> (UpstreamId, &[u8]) {
+    let mut id = [0u8; 8];
+    let n = data.len().min(8);
+    id[..n].copy_from_slice(&data[..n]);
+    (UpstreamId(u64::from_be_bytes(id)), &data[n..])
+}
+
+/// A record with sealed credentials under the fuzz key, as [`sealed_record`] takes it (the
+/// seed of its corpus).
+pub fn sample_record() -> Vec<u8> {
+    use crate::record::{Origin, RawRecord, Record};
+    let upstream = match proxygate_core::Upstream::parse("socks5h://user:pass@192.0.2.9:1080") {
+        Ok(u) => u,
+        Err(e) => unreachable!("a fixed upstream: {e}"),
+    };
+    let id = UpstreamId(42);
+    let mut raw = RawRecord::from_record(&Record::new(upstream, Origin::Operator, 1));
+    let plain = br#"{"username":"user","password":"pass"}"#;
+    raw.credentials = Some(base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        seal(ring().primary(), &context(id), plain),
+    ));
+    let mut out = id.0.to_be_bytes().to_vec();
+    out.extend(raw.encode());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_and_the_committed_seed_decode_with_their_credentials() {
+        for bytes in [
+            sample_record(),
+            include_bytes!("../../fuzz/seeds/sealed_record/with_credentials").to_vec(),
+        ] {
+            let (id, rest) = split_id(&bytes);
+            let Ok(record) = crate::store::decode_record(ring(), id, rest) else {
+                panic!("does not decode: {}", String::from_utf8_lossy(rest));
+            };
+            let creds = record.upstream.credentials.unwrap();
+            assert_eq!(creds.password.expose(), "pass");
+        }
+    }
+}
