@@ -328,6 +328,11 @@ impl Gateway {
         self.child.wait().await.unwrap();
     }
 
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the gateway has exited")
+    }
+
     /// The config file the gateway runs with (rewrite it and [`Gateway::signal`] `HUP`).
     pub fn config_path(&self) -> PathBuf {
         self._dir.path().join("proxygate.toml")

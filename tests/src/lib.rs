@@ -29,6 +29,7 @@
 
 pub mod curl;
 pub mod fakes;
+pub mod faulty;
 pub mod gateway;
 pub mod lists;
 pub mod origin;

@@ -48,7 +48,64 @@ impl AdminMetrics {
         )?;
         info.set(1);
         registry.register(Box::new(info))?;
+        // The process's CPU seconds, open and max fds, resident and virtual memory, threads
+        // and start time (`process_*`, Linux): what leaks show up in.
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(AdminMetrics { store_flush })
+    }
+}
+
+/// Scrape-time metrics of the async runtime: `proxygate_runtime_alive_tasks` (every open
+/// connection and tunnel is a task or two, plus a fixed set of background ones; a count that
+/// only grows is a leak) and `proxygate_runtime_workers`.
+#[derive(Debug)]
+pub struct RuntimeCollector {
+    handle: tokio::runtime::Handle,
+    descs: Vec<Desc>,
+}
+
+const TASKS: &str = "proxygate_runtime_alive_tasks";
+const TASKS_HELP: &str = "Tasks alive in the async runtime (connections, tunnels, background \
+                          work).";
+const WORKERS: &str = "proxygate_runtime_workers";
+const WORKERS_HELP: &str = "Worker threads of the async runtime.";
+
+impl RuntimeCollector {
+    /// Collects from the runtime this is called on.
+    pub fn current() -> prometheus::Result<Self> {
+        let desc = |name: &str, help: &str| {
+            Desc::new(name.into(), help.into(), Vec::new(), Default::default())
+        };
+        Ok(Self {
+            handle: tokio::runtime::Handle::current(),
+            descs: vec![desc(TASKS, TASKS_HELP)?, desc(WORKERS, WORKERS_HELP)?],
+        })
+    }
+}
+
+impl Collector for RuntimeCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let m = self.handle.metrics();
+        vec![
+            family(
+                TASKS,
+                TASKS_HELP,
+                MetricType::GAUGE,
+                vec![gauge(m.num_alive_tasks() as f64)],
+            ),
+            family(
+                WORKERS,
+                WORKERS_HELP,
+                MetricType::GAUGE,
+                vec![gauge(m.num_workers() as f64)],
+            ),
+        ]
     }
 }
 

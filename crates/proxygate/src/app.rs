@@ -13,7 +13,7 @@ use proxygate_store::Store;
 use tracing_subscriber::EnvFilter;
 
 use proxygate_admin::api::{self, Actions, Api};
-use proxygate_admin::metrics::{AdminMetrics, PoolCollector};
+use proxygate_admin::metrics::{AdminMetrics, PoolCollector, RuntimeCollector};
 use proxygate_admin::persister::{self, persist};
 use proxygate_admin::sources::SourceActions;
 use proxygate_admin::stats::{self, StatsBook};
@@ -210,6 +210,9 @@ async fn serve(
     let registry = prometheus::Registry::new();
     let metrics = proxygate_gateway::Metrics::register(&registry).context("metrics")?;
     let admin_metrics = AdminMetrics::register(&registry).context("metrics")?;
+    registry
+        .register(Box::new(RuntimeCollector::current().context("metrics")?))
+        .context("metrics")?;
     registry
         .register(Box::new(
             PoolCollector::new(reader.clone(), catalog.disabled_counter()).context("metrics")?,
