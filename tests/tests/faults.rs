@@ -183,6 +183,44 @@ async fn upstream_case(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_upstream() {
+    upstream_case(
+        "socks5",
+        vec![Step::Hold],
+        "",
+        &[
+            (true, 504, "connection_read_timeout"),
+            (false, 504, "connection_read_timeout"),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_upstream() {
+    let origin = Origin::start().await;
+    let refusing = proxygate_tests::fakes::refusing_addr().await;
+    let good = FakeUpstream::start(Kind::Socks5, None).await;
+    let gw = Gateway::builder()
+        .upstream(format!("http://{refusing}"))
+        .upstream(good.url("socks5"))
+        .start()
+        .await;
+    still_serves(&gw, &origin, "type-socks5").await;
+    let base = levels(&gw).await;
+    for connect in [true, false, true, false] {
+        let r = curl_via(&gw, "type-http", connect, &origin.url()).await;
+        assert_eq!(r.status, 502, "{r:?}");
+        assert!(
+            r.header("proxy-status").contains("connection_refused"),
+            "{r:?}"
+        );
+        still_serves(&gw, &origin, "type-socks5").await;
+    }
+    back_to(&gw, base, 16).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_answering_garbage_to_connect() {
     upstream_case(
         "http",
