@@ -1,0 +1,562 @@
+#!/usr/bin/env python3
+"""proxygate against its peers, side by side, on loopback.
+
+Builds the topology from Debian and PyPI packages (installed if missing): an nginx origin;
+three tinyproxy and three microsocks upstreams; squid 5 with the three tinyproxies as
+round-robin parents (never_direct); haproxy in TCP mode balancing round robin over them
+(one frontend over the tinyproxies, one over the microsocks); pproxy 2.7.9 with one -r per
+upstream and -s rr (one instance per pool); proxygate (release build) with the same pools,
+round robin. Then it runs every scenario of pg-loadgen against every gateway that speaks it,
+interleaved, in two passes (the second in reverse order), and records per cell: requests per
+second, latency (p50/p99 from the client), the gateway's own CPU per completed request (its
+whole process tree, from /proc/PID/stat), its peak RSS, the machine's busy share, and whether
+the origin's request counter agrees with what the client saw. Prints a markdown table (and
+writes the raw figures as JSON with --json-out).
+
+    tests/bench/peers.py                      # 8 s per cell, two passes (~20 min)
+    tests/bench/peers.py --seconds 2 --passes 1 --peers proxygate,haproxy
+    tests/bench/peers.py --smoke              # 1 s per cell, one pass: CI's smoke test
+
+Loopback only; every process it starts is stopped at the end. Run it on an otherwise idle
+machine: the figures are ratios between gateways measured in the same run, and the absolute
+numbers mean little on a shared, noisy box.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# What every process here may open: the hard limit (peers are configured below it).
+import resource  # noqa: E402
+FD_LIMIT = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 200000)
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+HTTP_GATEWAYS = ["proxygate", "squid", "haproxy", "pproxy"]
+SOCKS_GATEWAYS = ["proxygate", "haproxy", "pproxy"]
+# scenario -> which pool (http: tinyproxy, socks: microsocks) and which gateways speak it
+SCENARIOS = {
+    "connect": ("http", HTTP_GATEWAYS),
+    "socks5": ("socks", SOCKS_GATEWAYS),
+    "in-tunnel": ("http", HTTP_GATEWAYS),
+    "keepalive": ("http", HTTP_GATEWAYS),
+    "absolute-new": ("http", HTTP_GATEWAYS),
+    "bulk": ("http", HTTP_GATEWAYS),
+    "idle": ("http", HTTP_GATEWAYS),
+}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, what, limit=20.0):
+    end = time.time() + limit
+    while time.time() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{what} did not listen on 127.0.0.1:{port}")
+
+
+def ensure_packages():
+    need = []
+    for binary, pkg in [("nginx", "nginx-light"), ("squid", "squid"), ("haproxy", "haproxy"),
+                        ("tinyproxy", "tinyproxy"), ("microsocks", "microsocks")]:
+        if not (shutil.which(binary) or Path(f"/usr/sbin/{binary}").exists()):
+            need.append(pkg)
+    if need:
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        log("installing", " ".join(need))
+        subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True)
+        subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "--no-install-recommends"] + need,
+                       check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                       stdout=subprocess.DEVNULL)
+    if not shutil.which("pproxy"):
+        log("installing pproxy 2.7.9")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
+                        "--disable-pip-version-check", "pproxy==2.7.9"], check=True)
+    try:
+        import uvloop  # noqa: F401
+        if not uvloop.__version__.startswith("0.21."):
+            raise SystemExit("pproxy 2.7.9 breaks with uvloop " + uvloop.__version__
+                             + ": pip install uvloop==0.21.0, or uninstall uvloop")
+    except ImportError:
+        pass
+
+
+def sbin(name):
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+class Topology:
+    """Every process of the run, stopped on exit."""
+
+    def __init__(self, work: Path, loadgen: Path, proxygate: Path):
+        self.work = work
+        self.loadgen = loadgen
+        self.proxygate = proxygate
+        self.procs = []
+        self.gateways = {}  # (name, pool) -> (port, Popen)
+
+    def spawn(self, name, argv, **kw):
+        logf = open(self.work / f"{name}.log", "w")
+        p = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                             **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + 10
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+    def origin(self, bulk_mib):
+        root = self.work / "www"
+        root.mkdir()
+        (root / "index.html").write_text("hello from the origin\n")
+        with open(root / "bulk", "wb") as f:
+            f.truncate(bulk_mib * 1024 * 1024)
+        self.origin_port = free_port()
+        self.status_port = free_port()
+        conf = self.work / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {self.work}/nginx.pid;
+error_log {self.work}/nginx-error.log warn;
+events {{ worker_connections {FD_LIMIT // 2}; }}
+worker_rlimit_nofile {FD_LIMIT};
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    sendfile on;
+    client_body_temp_path {self.work}/nginx-body;
+    proxy_temp_path {self.work}/nginx-proxy;
+    fastcgi_temp_path {self.work}/nginx-fastcgi;
+    uwsgi_temp_path {self.work}/nginx-uwsgi;
+    scgi_temp_path {self.work}/nginx-scgi;
+    server {{
+        listen 127.0.0.1:{self.origin_port} backlog=65535;
+        root {root};
+        location / {{ }}
+    }}
+    server {{
+        listen 127.0.0.1:{self.status_port};
+        location / {{ stub_status; }}
+    }}
+}}
+""")
+        self.spawn("nginx", [sbin("nginx"), "-c", str(conf)])
+        wait_port(self.origin_port, "nginx")
+
+    def origin_requests(self):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.status_port}/", timeout=5) as r:
+            lines = r.read().decode().splitlines()
+        # "Active connections: N" / "server accepts handled requests" / " a h r" / ...
+        return int(lines[2].split()[2])
+
+    def upstreams(self):
+        self.tinyproxies = []
+        for i in range(3):
+            port = free_port()
+            conf = self.work / f"tinyproxy{i}.conf"
+            conf.write_text(f"""Port {port}
+Listen 127.0.0.1
+Timeout 600
+MaxClients 10000
+LogLevel Critical
+Allow 127.0.0.1
+DisableViaHeader Yes
+""")
+            self.spawn(f"tinyproxy{i}", [sbin("tinyproxy"), "-d", "-c", str(conf)])
+            self.tinyproxies.append(port)
+        self.microsocks = []
+        for i in range(3):
+            port = free_port()
+            self.spawn(f"microsocks{i}", [sbin("microsocks"), "-i", "127.0.0.1", "-p", str(port)])
+            self.microsocks.append(port)
+        for p in self.tinyproxies + self.microsocks:
+            wait_port(p, "an upstream")
+
+    def start_gateways(self, names):
+        for name in names:
+            getattr(self, f"start_{name}")()
+
+    def start_proxygate(self):
+        for pool, ups, scheme in [("http", self.tinyproxies, "http"),
+                                  ("socks", self.microsocks, "socks5")]:
+            port = free_port()
+            conf = self.work / f"proxygate-{pool}.toml"
+            conf.write_text("""allow_private_networks = true
+sources = []
+[server]
+connect_ports = "*"
+max_connections = 100000
+max_connections_per_ip = 100000
+[pool]
+strategy = "round_robin"
+[log]
+level = "warn"
+""")
+            argv = [str(self.proxygate), "run", "--config", str(conf), "--listen",
+                    f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0", "--data-dir",
+                    str(self.work / f"proxygate-{pool}-data")]
+            for u in ups:
+                argv += ["--upstream", f"{scheme}://127.0.0.1:{u}"]
+            p = self.spawn(f"proxygate-{pool}", argv, env={**os.environ, "RUST_LOG": "warn"})
+            wait_port(port, "proxygate")
+            self.gateways[("proxygate", pool)] = (port, p)
+
+    def start_squid(self):
+        port = free_port()
+        d = self.work / "squid"
+        d.mkdir()
+        os.chmod(d, 0o777)
+        peers = "\n".join(
+            f"cache_peer 127.0.0.1 parent {u} 0 no-query no-digest round-robin name=t{i}"
+            for i, u in enumerate(self.tinyproxies))
+        conf = d / "squid.conf"
+        conf.write_text(f"""http_port 127.0.0.1:{port}
+{peers}
+never_direct allow all
+http_access allow all
+cache deny all
+cache_mem 8 MB
+access_log none
+cache_log {d}/cache.log
+pid_filename {d}/squid.pid
+coredump_dir {d}
+max_filedescriptors {FD_LIMIT}
+forwarded_for delete
+via off
+shutdown_lifetime 1 seconds
+""")
+        p = self.spawn("squid", [sbin("squid"), "-N", "-f", str(conf)])
+        wait_port(port, "squid", 30)
+        self.gateways[("squid", "http")] = (port, p)
+
+    def start_haproxy(self):
+        hport, sport = free_port(), free_port()
+        servers = lambda ups, tag: "\n".join(  # noqa: E731
+            f"    server {tag}{i} 127.0.0.1:{u}" for i, u in enumerate(ups))
+        conf = self.work / "haproxy.cfg"
+        conf.write_text(f"""global
+    maxconn {FD_LIMIT // 2 - 100}
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+frontend http_in
+    bind 127.0.0.1:{hport}
+    default_backend tinyproxies
+frontend socks_in
+    bind 127.0.0.1:{sport}
+    default_backend microsocks
+backend tinyproxies
+    balance roundrobin
+{servers(self.tinyproxies, "t")}
+backend microsocks
+    balance roundrobin
+{servers(self.microsocks, "m")}
+""")
+        p = self.spawn("haproxy", [sbin("haproxy"), "-db", "-f", str(conf)])
+        wait_port(hport, "haproxy")
+        self.gateways[("haproxy", "http")] = (hport, p)
+        self.gateways[("haproxy", "socks")] = (sport, p)
+
+    def start_pproxy(self):
+        for pool, ups, scheme in [("http", self.tinyproxies, "http"),
+                                  ("socks", self.microsocks, "socks5")]:
+            port = free_port()
+            argv = [shutil.which("pproxy"), "-l", f"{scheme}://127.0.0.1:{port}", "-s", "rr"]
+            for u in ups:
+                argv += ["-r", f"{scheme}://127.0.0.1:{u}"]
+            p = self.spawn(f"pproxy-{pool}", argv)
+            wait_port(port, "pproxy")
+            self.gateways[("pproxy", pool)] = (port, p)
+
+
+def tree(pid):
+    """pid and its descendants."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_ticks(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def rss_bytes(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def machine_ticks():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v), idle
+
+
+def run_cell(topo, gateway, scenario, seconds, args):
+    pool, _ = SCENARIOS[scenario]
+    port, proc = topo.gateways[(gateway, pool)]
+    pids = tree(proc.pid)
+    before_cpu = cpu_ticks(pids)
+    before_rss = rss_bytes(pids)
+    before_origin = topo.origin_requests()
+    m0 = machine_ticks()
+    concurrency = {"idle": 200, "bulk": 1}.get(scenario, args.concurrency)
+    argv = [str(topo.loadgen), "--proxy", f"127.0.0.1:{port}", "--origin",
+            f"127.0.0.1:{topo.origin_port}", "--scenario", scenario, "--json",
+            "--concurrency", str(concurrency), "--duration", f"{seconds}s",
+            "--path", "/index.html"]
+    if scenario == "idle":
+        argv += ["--tunnels", str(args.idle_tunnels)]
+    lg = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = before_rss
+    held_rss = None
+    established_at = None
+    os.set_blocking(lg.stderr.fileno(), False)
+    err_buf = ""
+    while lg.poll() is None:
+        time.sleep(0.1)
+        peak = max(peak, rss_bytes(tree(proc.pid)))
+        try:
+            chunk = lg.stderr.read()
+        except (OSError, TypeError):
+            chunk = None
+        if chunk:
+            err_buf += chunk
+        if scenario == "idle" and established_at is None and "established" in err_buf:
+            established_at = time.time()
+        if established_at and held_rss is None and time.time() - established_at > min(2, seconds / 2):
+            held_rss = rss_bytes(tree(proc.pid))
+    out, rest = lg.communicate()
+    err_buf += rest or ""
+    m1 = machine_ticks()
+    after_cpu = cpu_ticks(tree(proc.pid))
+    origin_seen = topo.origin_requests() - before_origin - 1  # less our own status request
+    try:
+        r = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise SystemExit(f"pg-loadgen failed for {gateway}/{scenario}: {err_buf}{out}")
+    done = r["completed"]
+    if scenario == "idle":
+        done = r.get("tunnels") or 0
+    cpu_s = (after_cpu - before_cpu) / CLK_TCK
+    busy = 1 - (m1[1] - m0[1]) / max(1, m1[0] - m0[0])
+    cell = {
+        "gateway": gateway,
+        "scenario": scenario,
+        "rps": r["rps"],
+        "completed": r["completed"],
+        "errors": sum(r["errors"].values()),
+        "error_kinds": r["errors"],
+        "p50_us": (r["latency_us"] or {}).get("p50"),
+        "p99_us": (r["latency_us"] or {}).get("p99"),
+        "cpu_us_per_req": cpu_s * 1e6 / done if done else None,
+        "peak_rss_mib": peak / 2**20,
+        "busy": busy,
+        "origin_seen": origin_seen,
+        "mbytes_per_s": r.get("mbytes_per_s"),
+    }
+    if scenario == "idle":
+        # Hand the tunnels back, then see how much of the memory the gateway returns.
+        cell["idle_tunnels"] = r.get("tunnels")
+        if held_rss is not None and args.idle_tunnels:
+            cell["rss_per_idle_tunnel_kib"] = (held_rss - before_rss) / args.idle_tunnels / 1024
+        time.sleep(args.settle)
+        after = rss_bytes(tree(proc.pid))
+        cell["rss_after_ratio"] = after / before_rss if before_rss else None
+    return cell
+
+
+def fmt_cell(c):
+    if c is None:
+        return "–"
+    if c["scenario"] == "idle":
+        kib = c.get("rss_per_idle_tunnel_kib")
+        ratio = c.get("rss_after_ratio")
+        return (f"{kib:.1f} KiB/tunnel, after {ratio:.1f}x" if kib is not None and ratio
+                else "n/a") + (f" [{c['errors']} err]" if c["errors"] else "")
+    if c["scenario"] == "bulk":
+        s = f"{c['mbytes_per_s']:.0f} MB/s"
+    else:
+        cpu = c["cpu_us_per_req"]
+        s = f"{c['rps']:.0f}/s ({cpu:.0f} µs) p99 {c['p99_us'] / 1000:.1f} ms" if cpu else \
+            f"{c['rps']:.0f}/s"
+    if c["errors"]:
+        s += f" [{c['errors']} err]"
+    return s
+
+
+def table(cells, gateways):
+    by = {}
+    for c in cells:
+        by.setdefault((c["scenario"], c["gateway"]), []).append(c)
+    lines = ["| scenario | " + " | ".join(gateways) + " |",
+             "|---|" + "---|" * len(gateways)]
+    for sc in SCENARIOS:
+        row = []
+        for g in gateways:
+            runs = by.get((sc, g), [])
+            row.append(" / ".join(fmt_cell(c) for c in runs) if runs else "–")
+        lines.append(f"| {sc} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def ratios(cells):
+    """Key ratios of proxygate against each peer (means over passes)."""
+    def mean(sc, g, key):
+        v = [c[key] for c in cells if c["scenario"] == sc and c["gateway"] == g and c.get(key)]
+        return sum(v) / len(v) if v else None
+    out = []
+    for sc, key, what in [("connect", "cpu_us_per_req", "CPU per tunnel"),
+                          ("connect", "rps", "tunnels/s"),
+                          ("socks5", "cpu_us_per_req", "CPU per SOCKS5 tunnel"),
+                          ("in-tunnel", "cpu_us_per_req", "CPU per in-tunnel request"),
+                          ("keepalive", "rps", "keep-alive req/s"),
+                          ("idle", "rss_per_idle_tunnel_kib", "RSS per idle tunnel")]:
+        ours = mean(sc, "proxygate", key)
+        for g in ["squid", "haproxy", "pproxy"]:
+            theirs = mean(sc, g, key)
+            if ours and theirs:
+                out.append(f"- {what}: proxygate / {g} = {ours / theirs:.2f}")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=8)
+    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=50)
+    ap.add_argument("--idle-tunnels", type=int, default=5000)
+    ap.add_argument("--settle", type=float, default=10, help="seconds after idle tunnels close")
+    ap.add_argument("--bulk-mib", type=int, default=256)
+    ap.add_argument("--peers", default="proxygate,squid,haproxy,pproxy")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--smoke", action="store_true",
+                    help="1 s per cell, one pass, 200 idle tunnels: checks the harness works")
+    ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    if args.smoke:
+        args.seconds, args.passes, args.idle_tunnels, args.settle, args.bulk_mib = 1, 1, 200, 1, 16
+    gateways = [g for g in args.peers.split(",") if g]
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    for s in scenarios:
+        if s not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {s}")
+    ensure_packages()
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--locked", "--release", "-p", "proxygate",
+                        "-p", "proxygate-loadgen"], cwd=REPO, check=True)
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release"
+    work = Path(tempfile.mkdtemp(prefix="pg-peers-"))
+    os.chmod(work, 0o755)
+    topo = Topology(work, target / "pg-loadgen", target / "proxygate")
+    cells = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, resource.getrlimit(
+            resource.RLIMIT_NOFILE)[1]))
+        topo.origin(args.bulk_mib)
+        topo.upstreams()
+        topo.start_gateways(gateways)
+        order = [(s, g) for s in scenarios for g in gateways if g in SCENARIOS[s][1]]
+        for p in range(args.passes):
+            for sc, g in (order if p % 2 == 0 else list(reversed(order))):
+                log(f"pass {p + 1}: {sc} via {g}")
+                c = run_cell(topo, g, sc, args.seconds, args)
+                c["pass"] = p + 1
+                cells.append(c)
+                log("   ", fmt_cell(c), f"(origin saw {c['origin_seen']}, busy {c['busy']:.0%})")
+    finally:
+        topo.stop()
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    versions = {
+        "squid": subprocess.run([sbin("squid"), "-v"], capture_output=True, text=True).stdout
+        .splitlines()[0],
+        "haproxy": subprocess.run([sbin("haproxy"), "-v"], capture_output=True, text=True).stdout
+        .splitlines()[0],
+        "pproxy": subprocess.run([shutil.which("pproxy") or "pproxy", "--version"],
+                                 capture_output=True, text=True).stdout.strip(),
+    }
+    print(f"## proxygate and its peers, {stamp}\n")
+    print(f"{os.cpu_count()} CPUs; {args.seconds:g} s per cell, {args.passes} pass(es), "
+          f"{args.concurrency} connections; {', '.join(versions.values())}. Each cell: "
+          "rate (gateway CPU µs per completed request) and the client's p99; one entry per pass.\n")
+    print(table(cells, gateways))
+    print()
+    print(ratios(cells))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"when": stamp, "versions": versions,
+                                                   "cells": cells}, indent=1))
+    bad = [c for c in cells if c["gateway"] == "proxygate" and (
+        c["errors"] or (c["completed"] == 0 and c["scenario"] != "idle"))]
+    if bad:
+        log("proxygate cells with errors:", json.dumps(bad, indent=1))
+        sys.exit(1)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
