@@ -316,7 +316,9 @@ async fn connection_limit_counts_open_tunnels() {
     let origin = Origin::start().await;
     let fake = FakeUpstream::start(Kind::Http, None).await;
     let gw = Gateway::builder()
-        .config("[server]\nmax_connections = 1")
+        // Several workers, whatever the CPUs: the share must reach the worker whose queue
+        // holds the waiting client.
+        .config("[server]\nmax_connections = 1\nworkers = 4")
         .upstream(fake.url("http"))
         .start()
         .await;

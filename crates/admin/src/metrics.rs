@@ -57,12 +57,14 @@ impl AdminMetrics {
     }
 }
 
-/// Scrape-time metrics of the async runtime: `proxygate_runtime_alive_tasks` (every open
-/// connection and tunnel is a task or two, plus a fixed set of background ones; a count that
-/// only grows is a leak) and `proxygate_runtime_workers`.
+/// Scrape-time metrics of the async runtimes (the control plane's and every data-plane
+/// worker's): `proxygate_runtime_alive_tasks` (every open connection and tunnel is a task or
+/// two, plus a fixed set of background ones; a count that only grows is a leak) and
+/// `proxygate_runtime_workers` (threads running tasks).
 #[derive(Debug)]
 pub struct RuntimeCollector {
-    handle: tokio::runtime::Handle,
+    control: tokio::runtime::Handle,
+    data: Arc<std::sync::Mutex<Vec<tokio::runtime::Handle>>>,
     descs: Vec<Desc>,
 }
 
@@ -73,13 +75,17 @@ const WORKERS: &str = "proxygate_runtime_workers";
 const WORKERS_HELP: &str = "Worker threads of the async runtime.";
 
 impl RuntimeCollector {
-    /// Collects from the runtime this is called on.
-    pub fn current() -> prometheus::Result<Self> {
+    /// Collects from the runtime this is called on and from the data-plane runtimes listed in
+    /// `data` (as they start).
+    pub fn new(
+        data: Arc<std::sync::Mutex<Vec<tokio::runtime::Handle>>>,
+    ) -> prometheus::Result<Self> {
         let desc = |name: &str, help: &str| {
             Desc::new(name.into(), help.into(), Vec::new(), Default::default())
         };
         Ok(Self {
-            handle: tokio::runtime::Handle::current(),
+            control: tokio::runtime::Handle::current(),
+            data,
             descs: vec![desc(TASKS, TASKS_HELP)?, desc(WORKERS, WORKERS_HELP)?],
         })
     }
@@ -91,19 +97,32 @@ impl Collector for RuntimeCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let m = self.handle.metrics();
+        let (mut tasks, mut workers) = {
+            let m = self.control.metrics();
+            (m.num_alive_tasks(), m.num_workers())
+        };
+        for h in self
+            .data
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            let m = h.metrics();
+            tasks += m.num_alive_tasks();
+            workers += m.num_workers();
+        }
         vec![
             family(
                 TASKS,
                 TASKS_HELP,
                 MetricType::GAUGE,
-                vec![gauge(m.num_alive_tasks() as f64)],
+                vec![gauge(tasks as f64)],
             ),
             family(
                 WORKERS,
                 WORKERS_HELP,
                 MetricType::GAUGE,
-                vec![gauge(m.num_workers() as f64)],
+                vec![gauge(workers as f64)],
             ),
         ]
     }

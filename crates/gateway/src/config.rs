@@ -22,6 +22,8 @@ pub const DEFAULT_MAX_TARGET_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1024;
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_REPLY_HEAD_BYTES: usize = 8 * 1024;
+/// The most data-plane threads `server.workers` may ask for.
+pub const MAX_WORKERS: usize = 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,6 +54,10 @@ pub struct ServerConfig {
     pub allow: Vec<IpNet>,
     /// Concurrent client connections; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Data-plane threads, each with its own single-threaded runtime and its own listener
+    /// socket per address (`SO_REUSEPORT`: the kernel spreads new connections over them). 0:
+    /// one per CPU.
+    pub workers: usize,
     /// Concurrent connections from one client address; more are closed at once.
     pub max_connections_per_ip: usize,
     /// Time for a client to send its request head or SOCKS handshake.
@@ -110,12 +116,23 @@ pub struct DialConfig {
     pub tls_ca_file: Option<PathBuf>,
 }
 
+impl ServerConfig {
+    /// The data-plane threads to run: `workers`, or one per CPU when it is 0.
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: vec![default_listen()],
             allow: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            workers: 0,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -179,6 +196,12 @@ impl Config {
         }
         if s.max_connections == 0 {
             problems.push(Problem::new("server.max_connections", "must be at least 1"));
+        }
+        if s.workers > MAX_WORKERS {
+            problems.push(Problem::new(
+                "server.workers",
+                format!("at most {MAX_WORKERS} (0: one per CPU)"),
+            ));
         }
         if s.max_header_bytes < 1024 {
             problems.push(Problem::new(

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
@@ -67,16 +67,21 @@ type Cache = Arc<Mutex<Option<Cached>>>;
 /// `permit` is the connection's slot of `server.max_connections`; a CONNECT tunnel, which
 /// outlives hyper's handling of the connection, keeps a share of it until the tunnel closes.
 pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S, peer: SocketAddr, permit: Permit) {
-    let server = gw.config().server.clone();
-    let limits = HeadLimits {
-        bytes: server.max_header_bytes,
-        headers: server.max_headers,
-        target: server.max_target_bytes,
+    let (limits, head_timeout) = {
+        let server = &gw.config().server;
+        let limits = HeadLimits {
+            bytes: server.max_header_bytes,
+            headers: server.max_headers,
+            target: server.max_target_bytes,
+        };
+        (limits, server.header_read_timeout)
     };
-    let head = tokio::time::timeout(
-        server.header_read_timeout,
+    // Boxed, like every part that ends before a tunnel starts: the connection's task then
+    // holds only what the tunnel needs for its whole life, not the largest state it passed.
+    let head = Box::pin(tokio::time::timeout(
+        head_timeout,
         read_first_head(&mut stream, limits),
-    )
+    ))
     .await
     .unwrap_or_else(|_| {
         Err(GatewayError::new(
@@ -96,6 +101,29 @@ pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S, peer: SocketAddr, per
             return;
         }
     };
+    if buffered.starts_with(b"CONNECT ") {
+        return connect_first(gw, stream, buffered, peer, permit, limits.headers).await;
+    }
+    Box::pin(serve_hyper(gw, stream, buffered, peer, permit)).await;
+}
+
+/// The connection from its first (non-CONNECT) request on, through hyper: kept alive,
+/// absolute-form requests forwarded, a later CONNECT upgraded.
+async fn serve_hyper<S: Io>(
+    gw: Gateway,
+    stream: S,
+    buffered: Bytes,
+    peer: SocketAddr,
+    permit: Permit,
+) {
+    let (keepalive, max_headers, max_buf) = {
+        let s = &gw.config().server;
+        (
+            s.keepalive_timeout,
+            s.max_headers,
+            s.max_header_bytes.max(HYPER_MIN_BUF),
+        )
+    };
     let mut shutdown = gw.shutdown();
     let io = TokioIo::new(Rewind::new(buffered, stream));
     let cache: Cache = Arc::default();
@@ -110,9 +138,9 @@ pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S, peer: SocketAddr, per
     // connection it is the idle limit (the first head, read above, had header_read_timeout).
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(server.keepalive_timeout)
-        .max_headers(server.max_headers)
-        .max_buf_size(server.max_header_bytes.max(HYPER_MIN_BUF));
+        .header_read_timeout(keepalive)
+        .max_headers(max_headers)
+        .max_buf_size(max_buf);
     let conn = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -247,8 +275,22 @@ async fn route_and_serve(
     peer: SocketAddr,
     permit: Permit,
 ) -> Result<Response<Body>, GatewayError> {
-    let creds = req
-        .headers()
+    let routing = authorize(gw, req.headers(), peer).await?;
+    if req.method() == Method::CONNECT {
+        connect(gw, req, routing, permit).await
+    } else {
+        forward(gw, cache, req, routing).await
+    }
+}
+
+/// Checks the client's `Proxy-Authorization` (when auth is on) and reads the routing hints
+/// of its username.
+async fn authorize(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Routing, GatewayError> {
+    let creds = headers
         .get(header::PROXY_AUTHORIZATION)
         .and_then(|v| parse_basic(v.as_bytes()));
     let (account, routing) = Routing::from_username(creds.as_ref().map(|c| c.username.as_str()))?;
@@ -270,11 +312,100 @@ async fn route_and_serve(
             },
         ));
     }
-    if req.method() == Method::CONNECT {
-        connect(gw, req, routing, permit).await
-    } else {
-        forward(gw, cache, req, routing).await
+    Ok(routing)
+}
+
+/// What the gateway answers a CONNECT it has established.
+const CONNECT_ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
+
+/// A connection whose first request is CONNECT, served without hyper: one tunnel per
+/// connection is the common case, and it needs no HTTP machinery past the head (already read
+/// and measured against the limits). The head is parsed once more into a request and checked
+/// as on hyper's path (strictness, auth, routing, destination policy); the tunnel is relayed in
+/// this task. Any failure is answered and the connection closed.
+async fn connect_first<S: Io>(
+    gw: Gateway,
+    mut stream: S,
+    head: Bytes,
+    peer: SocketAddr,
+    permit: Permit,
+    max_headers: usize,
+) {
+    let prepared = async {
+        let (req, head_len) = request_of(&head, max_headers)?;
+        strict::check(&req)?;
+        let framed = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+            || req.headers().contains_key(header::TRANSFER_ENCODING);
+        if framed {
+            return Err(GatewayError::new(
+                ErrorKind::ClientMalformed,
+                "a CONNECT request with a body",
+            ));
+        }
+        let routing = authorize(&gw, req.headers(), peer).await?;
+        let target = connect_target(&req)?;
+        gw.policy().tunnel(&target)?;
+        let est = gw.dialer().dial(&target, Purpose::Tunnel, routing).await?;
+        Ok((est, head_len))
+    };
+    match Box::pin(prepared).await {
+        Ok((est, head_len)) => {
+            gw.metrics().request(RequestKind::HttpConnect, None);
+            if stream.write_all(CONNECT_ESTABLISHED).await.is_err() {
+                crate::server::client_gone(est);
+                return;
+            }
+            // Bytes the client sent after the head (a TLS hello, optimistically) go first; a
+            // copy, so the head's read buffer is not held for the tunnel's life.
+            let early = Bytes::copy_from_slice(&head[head_len..]);
+            drop(head);
+            let client = Rewind::new(early, stream);
+            gw.relay(client, est).await;
+            drop(permit);
+        }
+        Err(e) => {
+            log_failure(&e);
+            gw.metrics().request(RequestKind::HttpConnect, Some(e.kind));
+            let _ = stream.write_all(&raw_error_response(&e)).await;
+            let _ = stream.shutdown().await;
+        }
     }
+}
+
+/// A complete request head as a request (no body) and the head's length.
+fn request_of(head: &[u8], max_headers: usize) -> Result<(Request<()>, usize), GatewayError> {
+    let malformed = |why: String| GatewayError::new(ErrorKind::ClientMalformed, why);
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let len = match parsed.parse(head) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err(malformed("truncated request head".into())),
+        Err(e) => return Err(malformed(format!("invalid request head: {e}"))),
+    };
+    let mut builder = Request::builder()
+        .method(parsed.method.unwrap_or_default())
+        .uri(parsed.path.unwrap_or_default())
+        .version(match parsed.version {
+            Some(0) => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        });
+    for h in parsed.headers.iter() {
+        builder = builder.header(h.name, h.value);
+    }
+    let req = builder
+        .body(())
+        .map_err(|e| malformed(format!("invalid request head: {e}")))?;
+    Ok((req, len))
+}
+
+/// The authority of a CONNECT request.
+fn connect_target<B>(req: &Request<B>) -> Result<Target, GatewayError> {
+    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    Target::parse_authority(authority)
+        .map_err(|e| GatewayError::new(ErrorKind::ClientMalformed, format!("CONNECT target: {e}")))
 }
 
 fn log_failure(e: &GatewayError) {
@@ -290,10 +421,7 @@ async fn connect(
     routing: Routing,
     permit: Permit,
 ) -> Result<Response<Body>, GatewayError> {
-    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
-    let target = Target::parse_authority(authority).map_err(|e| {
-        GatewayError::new(ErrorKind::ClientMalformed, format!("CONNECT target: {e}"))
-    })?;
+    let target = connect_target(&req)?;
     gw.policy().tunnel(&target)?;
     let established = gw.dialer().dial(&target, Purpose::Tunnel, routing).await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -592,9 +720,14 @@ pub fn error_response(e: &GatewayError) -> Response<Body> {
 pub(crate) fn raw_error_response(e: &GatewayError) -> Vec<u8> {
     let status = e.http_status();
     let body = format!("proxygate: {e}\n");
+    let challenge = if e.kind == ErrorKind::ClientAuth {
+        "Proxy-Authenticate: Basic realm=\"proxygate\"\r\n"
+    } else {
+        ""
+    };
     format!(
-        "HTTP/1.1 {} {}\r\nProxy-Status: {}\r\nContent-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {} {}\r\nProxy-Status: {}\r\n{challenge}Content-Type: text/plain; \
+         charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
         e.proxy_status(),

@@ -1,15 +1,21 @@
 //! Bidirectional relay with an idle timeout, byte counts and time to first byte.
 //!
-//! Each direction copies until EOF and then half-closes its writer; the relay ends when both
-//! directions are done, when either fails, or when no byte has moved either way for the idle
-//! timeout.
+//! One future drives both directions over the two streams it owns (no split halves and their
+//! locks). Each direction copies until EOF and then half-closes its writer; the relay ends when
+//! both directions are done, when either fails, or when no byte has moved either way for the
+//! idle timeout.
+//!
+//! Buffers exist only while data moves: a direction takes a buffer when it reads and gives it
+//! back as soon as a read finds nothing waiting and everything read has been written. An idle
+//! tunnel holds no buffer at all, which is most of what it would otherwise cost in memory.
 
-use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 use crate::Metrics;
 
@@ -40,23 +46,6 @@ pub struct RelayStats {
     pub end: RelayEnd,
 }
 
-struct Shared {
-    start: Instant,
-    /// Milliseconds after `start` of the last byte moved.
-    last_activity_ms: AtomicU64,
-    /// Microseconds after `start` of the first byte down, plus one (0: none yet).
-    first_byte_us: AtomicU64,
-    up: AtomicU64,
-    down: AtomicU64,
-}
-
-impl Shared {
-    fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_activity_ms.store(ms, Ordering::Relaxed);
-    }
-}
-
 /// Relays between `client` and `upstream` until both close, one fails, or `idle` passes
 /// without traffic. Bytes are added to `metrics` as they move.
 pub async fn relay<C, U>(client: C, upstream: U, idle: Duration, metrics: &Metrics) -> RelayStats
@@ -64,119 +53,269 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let shared = Shared {
-        start: Instant::now(),
-        last_activity_ms: AtomicU64::new(0),
-        first_byte_us: AtomicU64::new(0),
-        up: AtomicU64::new(0),
-        down: AtomicU64::new(0),
+    let start = Instant::now();
+    let (up_total, down_total) = metrics.byte_counters();
+    let mut r = Relay {
+        client,
+        upstream,
+        up: Pump::new(RelayEnd::ClientError, RelayEnd::UpstreamError),
+        down: Pump::new(RelayEnd::UpstreamError, RelayEnd::ClientError),
+        idle,
+        last_activity: start,
+        watchdog: Box::pin(tokio::time::sleep_until(start + idle)),
+        start,
+        first_byte: None,
+        totals: (up_total, down_total),
     };
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut ur, mut uw) = tokio::io::split(upstream);
-    let upward = copy(&mut cr, &mut uw, &shared, Direction::Up, metrics);
-    let downward = copy(&mut ur, &mut cw, &shared, Direction::Down, metrics);
-    let watchdog = async {
-        loop {
-            let last = Duration::from_millis(shared.last_activity_ms.load(Ordering::Relaxed));
-            let deadline = shared.start + last + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    };
-    tokio::pin!(upward, downward, watchdog);
-    let (mut up_done, mut down_done) = (false, false);
-    let end = loop {
-        tokio::select! {
-            r = &mut upward, if !up_done => {
-                up_done = true;
-                if let Err(end) = r { break end; }
-            }
-            r = &mut downward, if !down_done => {
-                down_done = true;
-                if let Err(end) = r { break end; }
-            }
-            () = &mut watchdog => break RelayEnd::Idle,
-        }
-        if up_done && down_done {
-            break RelayEnd::Closed;
-        }
-    };
-    let fb = shared.first_byte_us.load(Ordering::Relaxed);
+    let end = std::future::poll_fn(|cx| r.poll(cx)).await;
     RelayStats {
-        bytes_up: shared.up.load(Ordering::Relaxed),
-        bytes_down: shared.down.load(Ordering::Relaxed),
-        first_byte: (fb > 0).then(|| Duration::from_micros(fb - 1)),
+        bytes_up: r.up.bytes,
+        bytes_down: r.down.bytes,
+        first_byte: r.first_byte,
         end,
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    Up,
-    Down,
+struct Relay<'m, C, U> {
+    client: C,
+    upstream: U,
+    up: Pump,
+    down: Pump,
+    idle: Duration,
+    last_activity: Instant,
+    watchdog: Pin<Box<Sleep>>,
+    start: Instant,
+    first_byte: Option<Duration>,
+    /// `proxygate_bytes_total{direction="up"|"down"}`, added to every [`REPORT_EVERY`] bytes
+    /// and when the relay ends (or is dropped at shutdown): one shared atomic add per step,
+    /// not per read.
+    totals: (&'m prometheus::IntCounter, &'m prometheus::IntCounter),
 }
 
-async fn copy<R, W>(
-    r: &mut R,
-    w: &mut W,
-    shared: &Shared,
-    dir: Direction,
-    metrics: &Metrics,
-) -> Result<(), RelayEnd>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let (up_total, down_total) = metrics.byte_counters();
-    let (read_fault, write_fault, counter, total) = match dir {
-        Direction::Up => (
-            RelayEnd::ClientError,
-            RelayEnd::UpstreamError,
-            &shared.up,
-            up_total,
-        ),
-        Direction::Down => (
-            RelayEnd::UpstreamError,
-            RelayEnd::ClientError,
-            &shared.down,
-            down_total,
-        ),
-    };
-    let mut buf = vec![0u8; BUF_SIZE];
-    loop {
-        let n = r.read(&mut buf).await.map_err(|_| read_fault)?;
-        if n == 0 {
-            // Half-close: the peer sees EOF, the other direction goes on.
-            let _ = w.shutdown().await;
-            return Ok(());
-        }
-        if dir == Direction::Down && counter.load(Ordering::Relaxed) == 0 {
-            let us = u64::try_from(shared.start.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
-            let _ = shared.first_byte_us.compare_exchange(
-                0,
-                us + 1,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-        }
-        write_all(w, &buf[..n]).await.map_err(|_| write_fault)?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        total.inc_by(n as u64);
-        shared.touch();
+impl<C, U> Drop for Relay<'_, C, U> {
+    fn drop(&mut self) {
+        self.totals
+            .0
+            .inc_by(std::mem::take(&mut self.up.unreported));
+        self.totals
+            .1
+            .inc_by(std::mem::take(&mut self.down.unreported));
     }
 }
 
-async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> io::Result<()> {
-    w.write_all(data).await?;
-    w.flush().await
+impl<C, U> Relay<'_, C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        let (up_before, down_before) = (self.up.bytes, self.down.bytes);
+        let up = self.up.poll(cx, &mut self.client, &mut self.upstream);
+        let down = self.down.poll(cx, &mut self.upstream, &mut self.client);
+        if self.up.bytes != up_before || self.down.bytes != down_before {
+            self.last_activity = Instant::now();
+            if down_before == 0 && self.down.bytes > 0 {
+                self.first_byte = Some(self.last_activity - self.start);
+            }
+            if self.up.unreported >= REPORT_EVERY {
+                self.totals
+                    .0
+                    .inc_by(std::mem::take(&mut self.up.unreported));
+            }
+            if self.down.unreported >= REPORT_EVERY {
+                self.totals
+                    .1
+                    .inc_by(std::mem::take(&mut self.down.unreported));
+            }
+        }
+        match (up, down) {
+            (Poll::Ready(Err(end)), _) | (_, Poll::Ready(Err(end))) => return Poll::Ready(end),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(RelayEnd::Closed),
+            _ => {}
+        }
+        // The watchdog sleeps until the idle limit counted from the last activity it knows of;
+        // activity since then only moves the deadline when it fires (no timer reset per read).
+        while self.watchdog.as_mut().poll(cx).is_ready() {
+            let deadline = self.last_activity + self.idle;
+            if Instant::now() >= deadline {
+                return Poll::Ready(RelayEnd::Idle);
+            }
+            self.watchdog.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+}
+
+/// One direction: read from one stream, write to the other.
+struct Pump {
+    /// Taken while data moves, dropped when the reader has nothing and all is written.
+    buf: Option<Box<[u8]>>,
+    /// Written up to `pos`, read up to `len`.
+    pos: usize,
+    len: usize,
+    /// The reader reached EOF.
+    eof: bool,
+    /// EOF was passed on (the writer half-closed): this direction is done.
+    done: bool,
+    bytes: u64,
+    /// Bytes not yet added to the global counter (added every so often, and at the end).
+    unreported: u64,
+    read_fault: RelayEnd,
+    write_fault: RelayEnd,
+}
+
+/// Bytes a direction moves before it adds them to the global counter (and at its end).
+const REPORT_EVERY: u64 = 256 * 1024;
+
+impl Pump {
+    fn new(read_fault: RelayEnd, write_fault: RelayEnd) -> Self {
+        Self {
+            buf: None,
+            pos: 0,
+            len: 0,
+            eof: false,
+            done: false,
+            bytes: 0,
+            unreported: 0,
+            read_fault,
+            write_fault,
+        }
+    }
+
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<Result<(), RelayEnd>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            // Write out what was read.
+            while self.pos < self.len {
+                let Some(buf) = &self.buf else { break };
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &buf[self.pos..self.len]))
+                    .map_err(|_| self.write_fault)?;
+                if n == 0 {
+                    return Poll::Ready(Err(self.write_fault));
+                }
+                self.pos += n;
+                self.bytes += n as u64;
+                self.unreported += n as u64;
+            }
+            if self.pos == self.len && self.pos > 0 {
+                ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(|_| self.write_fault)?;
+                self.pos = 0;
+                self.len = 0;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *w).poll_shutdown(cx)).map_err(|_| self.write_fault)?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            // Read more: into the buffer, taken now if there is none.
+            let buf = self
+                .buf
+                .get_or_insert_with(|| vec![0u8; BUF_SIZE].into_boxed_slice());
+            let mut rb = ReadBuf::new(buf);
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        self.eof = true;
+                        self.buf = None;
+                    } else {
+                        self.len = n;
+                    }
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(self.read_fault)),
+                Poll::Pending => {
+                    // Nothing waiting and nothing unwritten: an idle direction holds no buffer.
+                    self.buf = None;
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    #[tokio::test]
+    async fn moves_megabytes_both_ways_through_small_pipes_with_half_close() {
+        // 256-byte pipes: every write fills them, so both directions keep parking on writes
+        // with data in hand, and reads find nothing now and then (buffers let go and taken
+        // again).
+        let (client, mut client_peer) = duplex(256);
+        let (upstream, mut upstream_peer) = duplex(256);
+        let metrics = Metrics::unregistered();
+        let task = tokio::spawn(async move {
+            let stats = relay(client, upstream, Duration::from_secs(5), &metrics).await;
+            let (up, down) = metrics.byte_counters();
+            (stats, up.get(), down.get())
+        });
+        let up: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let down: Vec<u8> = (0..700_000u32).map(|i| (i * 13 % 241) as u8).collect();
+        let (mut cr, mut cw) = tokio::io::split(&mut client_peer);
+        let (mut ur, mut uw) = tokio::io::split(&mut upstream_peer);
+        let (want_up, want_down) = (up.clone(), down.clone());
+        let ((), (), got_up, got_down) = tokio::join!(
+            async {
+                cw.write_all(&up).await.unwrap();
+                // Half-close upward: the upstream sees EOF, downward goes on.
+                cw.shutdown().await.unwrap();
+            },
+            async {
+                uw.write_all(&down).await.unwrap();
+                uw.shutdown().await.unwrap();
+            },
+            async {
+                let mut got = Vec::new();
+                ur.read_to_end(&mut got).await.unwrap();
+                got
+            },
+            async {
+                let mut got = Vec::new();
+                cr.read_to_end(&mut got).await.unwrap();
+                got
+            },
+        );
+        assert!(got_up == want_up, "upward bytes differ");
+        assert!(got_down == want_down, "downward bytes differ");
+        let (stats, up_total, down_total) = task.await.unwrap();
+        assert_eq!(stats.end, RelayEnd::Closed);
+        assert_eq!((stats.bytes_up, stats.bytes_down), (1_000_000, 700_000));
+        // The global counters got every byte (in steps and at the end).
+        assert_eq!((up_total, down_total), (1_000_000, 700_000));
+    }
+
+    #[tokio::test]
+    async fn a_failing_side_ends_the_relay_with_its_name() {
+        let (client, client_peer) = duplex(64);
+        let (upstream, mut upstream_peer) = duplex(64);
+        let task = tokio::spawn(async move {
+            relay(
+                client,
+                upstream,
+                Duration::from_secs(5),
+                &Metrics::unregistered(),
+            )
+            .await
+        });
+        upstream_peer.write_all(b"hello").await.unwrap();
+        // The client is gone: writing to it fails.
+        drop(client_peer);
+        let stats = task.await.unwrap();
+        assert_eq!(stats.end, RelayEnd::ClientError);
+    }
 
     #[tokio::test]
     async fn copies_both_ways_and_counts() {

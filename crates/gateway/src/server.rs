@@ -316,27 +316,77 @@ impl Gateway {
     }
 }
 
-/// The bound listeners.
+/// The runtimes serving connections (one per data-plane thread), for metrics.
+pub type Runtimes = Arc<Mutex<Vec<tokio::runtime::Handle>>>;
+
+/// The bound listeners: for each data-plane worker, one socket per `server.listen` address.
 #[derive(Debug)]
 pub struct Server {
     live: Live,
-    listeners: Vec<TcpListener>,
+    /// `listeners[worker][address]`.
+    listeners: Vec<Vec<std::net::TcpListener>>,
+    addrs: Vec<SocketAddr>,
+    runtimes: Runtimes,
+}
+
+/// Backlog of each listening socket (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: i32 = 4096;
+
+fn listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(BACKLOG)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
 }
 
 impl Server {
-    /// Binds every `server.listen` address.
+    /// Binds every `server.listen` address, once per data-plane worker
+    /// (`server.workers`).
+    ///
+    /// With several workers the sockets share the port through `SO_REUSEPORT`, which would
+    /// also let them share it with another process that set it: a probe bind without it first
+    /// makes sure the address is free (and resolves port 0 to the port the group takes).
     pub async fn bind(gateway: Gateway) -> io::Result<Server> {
-        let mut listeners = Vec::new();
+        let workers = gateway.config().server.worker_threads();
+        let mut listeners: Vec<Vec<std::net::TcpListener>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        let mut addrs = Vec::new();
         for addr in &gateway.config().server.listen {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-            listeners.push(l);
+            let in_use =
+                |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"));
+            let actual = if workers > 1 {
+                let probe = listener(*addr, false).map_err(in_use)?;
+                let actual = probe.local_addr()?;
+                drop(probe);
+                actual
+            } else {
+                *addr
+            };
+            for (i, per_worker) in listeners.iter_mut().enumerate() {
+                let l = listener(actual, workers > 1).map_err(in_use)?;
+                if i == 0 {
+                    addrs.push(l.local_addr()?);
+                }
+                per_worker.push(l);
+            }
         }
         Ok(Server {
             live: Live(Arc::new(ArcSwap::new(gateway.0))),
             listeners,
+            addrs,
+            runtimes: Runtimes::default(),
         })
+    }
+
+    /// The addresses actually bound (port 0 resolved).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs.clone()
     }
 
     /// The handle a reload goes through.
@@ -344,30 +394,54 @@ impl Server {
         self.live.clone()
     }
 
-    /// The addresses actually bound (port 0 resolved).
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
+    /// The data-plane runtimes (filled as [`Server::run`] starts them).
+    pub fn runtimes(&self) -> Runtimes {
+        Arc::clone(&self.runtimes)
     }
 
     /// Accepts until shutdown, then drains within `server.shutdown_grace`.
     ///
-    /// Every connection, a CONNECT or SOCKS tunnel included, is a task of ours (hyper forgets
-    /// upgraded connections), so the drain waits for tunnels too. Returns how many were still
-    /// open when the grace period ran out (they end when the runtime stops).
+    /// Each worker is a thread with a single-threaded runtime that accepts on its own sockets
+    /// and runs the connections it accepted start to end: no cross-thread wake-ups on the data
+    /// path. Every connection, a CONNECT or SOCKS tunnel included, is a task of ours (hyper
+    /// forgets upgraded connections), so the drain waits for tunnels too. Returns how many
+    /// were still open when the grace period ran out; they are closed as their worker's
+    /// runtime stops.
     pub async fn run(self) -> usize {
-        let live = self.live;
-        let permits = Arc::new(Semaphore::new(
-            live.gateway().config().server.max_connections,
-        ));
-        let mut loops = tokio::task::JoinSet::new();
-        for listener in self.listeners {
-            loops.spawn(accept_loop(live.clone(), listener, Arc::clone(&permits)));
+        let gw = self.live.gateway();
+        let permits = Arc::new(Semaphore::new(gw.config().server.max_connections));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut threads = Vec::new();
+        for (i, sockets) in self.listeners.into_iter().enumerate() {
+            let (live, permits, stopped) =
+                (self.live.clone(), Arc::clone(&permits), stopped.clone());
+            let runtimes = Arc::clone(&self.runtimes);
+            let spawned = std::thread::Builder::new()
+                .name(format!("proxygate-net-{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(worker = i, "cannot start a data-plane runtime: {e}");
+                            return;
+                        }
+                    };
+                    runtimes
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(rt.handle().clone());
+                    rt.block_on(worker(live, sockets, permits, stopped));
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::error!(worker = i, "cannot start a data-plane thread: {e}"),
+            }
         }
-        while loops.join_next().await.is_some() {}
-        let gw = live.gateway();
+        gw.shutdown().wait().await;
+        let gw = self.live.gateway();
         let grace = gw.config().server.shutdown_grace;
         let tasks = &gw.0.shared.tasks;
         tasks.close();
@@ -375,40 +449,78 @@ impl Server {
         if open > 0 {
             tracing::info!(open, ?grace, "draining connections");
         }
-        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        let left = if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             let left = tasks.len();
             tracing::warn!(open = left, "grace period over; closing the rest");
-            return left;
-        }
-        0
+            left
+        } else {
+            0
+        };
+        let _ = stop.send(true);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        left
     }
 }
 
+/// One data-plane worker: accepts on its sockets until shutdown, then keeps running the
+/// connections it holds until the drain is over (`stopped`).
+async fn worker(
+    live: Live,
+    sockets: Vec<std::net::TcpListener>,
+    permits: Arc<Semaphore>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut loops = tokio::task::JoinSet::new();
+    for socket in sockets {
+        match TcpListener::from_std(socket) {
+            Ok(l) => {
+                loops.spawn(accept_loop(live.clone(), l, Arc::clone(&permits)));
+            }
+            Err(e) => tracing::error!("cannot use a listening socket: {e}"),
+        }
+    }
+    while loops.join_next().await.is_some() {}
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// Accepts on one socket until shutdown. A connection is accepted first and then waits for its
+/// share of `server.max_connections` (the semaphore is fair: first come, first served) before
+/// the next accept: a worker holds at most one connection waiting, the rest stay in the
+/// kernel's queue. (Taking the share first would let a worker whose queue is empty sit on the
+/// last free share while another worker's queue holds the client that should get it.)
 async fn accept_loop(live: Live, listener: TcpListener, permits: Arc<Semaphore>) {
     let mut shutdown = live.gateway().shutdown();
     loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&permits).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            () = shutdown.wait() => return,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = shutdown.wait() => return,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                let gw = live.gateway();
-                gw.spawn(gw.clone().serve_connection(stream, peer, permit));
-            }
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 // EMFILE and friends: back off briefly rather than spin.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
             }
-        }
+        };
+        let permit = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                p = Arc::clone(&permits).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                () = shutdown.wait() => return,
+            },
+        };
+        let gw = live.gateway();
+        gw.spawn(gw.clone().serve_connection(stream, peer, permit));
     }
 }
 

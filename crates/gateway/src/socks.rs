@@ -50,7 +50,13 @@ enum HandshakeError {
 pub async fn serve_socks5<S: Io>(gw: Gateway, stream: S, peer: SocketAddr) {
     let mut reader = BufReader::new(stream);
     let timeout = gw.config().server.header_read_timeout;
-    let handshake = tokio::time::timeout(timeout, socks5_handshake(&gw, &mut reader, peer)).await;
+    // Boxed: the connection's task holds, for the tunnel's whole life, only what the tunnel
+    // needs, not the handshake's and the dial's states.
+    let handshake = Box::pin(tokio::time::timeout(
+        timeout,
+        socks5_handshake(&gw, &mut reader, peer),
+    ))
+    .await;
     let refused = |kind| gw.metrics().request(RequestKind::Socks5, Some(kind));
     let request = match handshake {
         Ok(Ok(r)) => r,
@@ -79,7 +85,7 @@ pub async fn serve_socks4<S: Io>(gw: Gateway, stream: S) {
     let mut reader = BufReader::new(stream);
     let timeout = gw.config().server.header_read_timeout;
     let refused = |kind| gw.metrics().request(RequestKind::Socks4, Some(kind));
-    let request = match tokio::time::timeout(timeout, socks4_request(&mut reader)).await {
+    let request = match Box::pin(tokio::time::timeout(timeout, socks4_request(&mut reader))).await {
         Ok(Ok(r)) => r,
         Ok(Err(HandshakeError::Reply(_, e))) => {
             tracing::debug!(error = %e, "socks4 request refused");
@@ -158,9 +164,7 @@ async fn connect_and_relay<S: Io>(
         .and_then(|()| Routing::from_username(username));
     let dialed = match routed {
         Ok((_, routing)) => {
-            gw.dialer()
-                .dial(&request.target, Purpose::Tunnel, routing)
-                .await
+            Box::pin(gw.dialer().dial(&request.target, Purpose::Tunnel, routing)).await
         }
         Err(e) => Err(e),
     };

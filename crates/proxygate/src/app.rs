@@ -211,9 +211,6 @@ async fn serve(
     let metrics = proxygate_gateway::Metrics::register(&registry).context("metrics")?;
     let admin_metrics = AdminMetrics::register(&registry).context("metrics")?;
     registry
-        .register(Box::new(RuntimeCollector::current().context("metrics")?))
-        .context("metrics")?;
-    registry
         .register(Box::new(
             PoolCollector::new(reader.clone(), catalog.disabled_counter()).context("metrics")?,
         ))
@@ -328,7 +325,7 @@ async fn serve(
         catalog: Arc::clone(&catalog),
         store: Arc::clone(&store),
         pool: reader.clone(),
-        registry,
+        registry: registry.clone(),
         stats,
         actions: Arc::clone(&actions),
         token,
@@ -347,6 +344,11 @@ async fn serve(
     let gateway = Gateway::new(cfg.gateway.clone(), auth, reader.clone(), shutdown, metrics)
         .context("dial.tls_ca_file")?;
     let server = Server::bind(gateway).await?;
+    registry
+        .register(Box::new(
+            RuntimeCollector::new(server.runtimes()).context("metrics")?,
+        ))
+        .context("metrics")?;
     // Handlers first: a SIGTERM right after "listening" must drain, not kill.
     let reloader = Reloader {
         args,

@@ -7,7 +7,7 @@
 //! connection: open connections finish under the settings they were accepted with, new ones get
 //! the new settings, and accounts and the allow-list apply from every client's next check.
 //!
-//! Live: `[server]` (but `listen` and `max_connections`), `[auth]`, `[dial]`,
+//! Live: `[server]` (but `listen`, `max_connections` and `workers`), `[auth]`, `[dial]`,
 //! `allow_private_networks` for client destinations, `[upstreams]` and the files it names,
 //! `pool.strategy` (unless an operator set one) and `pool.session_ttl`. The rest (the data
 //! dir, listeners, the admin API, the store, list sources, the checker, the janitor, logging,
@@ -113,6 +113,7 @@ pub(crate) fn needs_restart(started: &RootConfig, new: &RootConfig) -> Vec<&'sta
         a.max_connections != b.max_connections,
         "server.max_connections",
     );
+    differs(a.workers != b.workers, "server.workers");
     let mut pool = new.pool.clone();
     pool.strategy = started.pool.strategy;
     pool.session_ttl = started.pool.session_ttl;
