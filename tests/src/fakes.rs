@@ -39,7 +39,17 @@ pub struct FakeUpstream {
     creds: Option<(String, String)>,
     seen: Arc<Mutex<Seen>>,
     connections: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Counts a connection open until dropped.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 static NEXT_EGRESS: AtomicU8 = AtomicU8::new(2);
@@ -98,11 +108,17 @@ impl FakeUpstream {
             reveal: behavior.reveal,
         };
         let count = Arc::clone(&connections);
+        let open = Arc::new(AtomicUsize::new(0));
+        let open_count = Arc::clone(&open);
         let task = tokio::spawn(async move {
+            // The connections die with the fake, as they do with a proxy that goes down:
+            // dropping the fake aborts this task, and with it every connection it serves.
+            let mut served = tokio::task::JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                while served.try_join_next().is_some() {}
                 let n = count.fetch_add(1, Ordering::SeqCst);
                 if behavior.fail_every_other && n % 2 == 1 {
                     drop(stream);
@@ -110,7 +126,10 @@ impl FakeUpstream {
                 }
                 let ctx = ctx.clone();
                 let kind = kind.clone();
-                tokio::spawn(async move {
+                open_count.fetch_add(1, Ordering::SeqCst);
+                let guard = OpenGuard(Arc::clone(&open_count));
+                served.spawn(async move {
+                    let _guard = guard;
                     if !behavior.delay.is_zero() {
                         tokio::time::sleep(behavior.delay).await;
                     }
@@ -133,6 +152,7 @@ impl FakeUpstream {
             creds,
             seen,
             connections,
+            open,
             task,
         }
     }
@@ -156,6 +176,11 @@ impl FakeUpstream {
 
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections being served now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 }
 

@@ -1,7 +1,8 @@
 //! An origin server that tells what it saw, in response headers:
 //! `x-peer` (the connecting address: which upstream dialed it), `x-method`, `x-target` (the
 //! request target as received), `x-host`, `x-header-names` (every header name, comma
-//! separated), `x-body-len`; the body echoes the request body.
+//! separated), `x-body-len`, `x-origin` (its own address: which origin answered); the body
+//! echoes the request body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -42,7 +43,7 @@ impl Origin {
                 count.fetch_add(1, Ordering::SeqCst);
                 let tls = tls.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| echo(req, peer));
+                    let service = hyper::service::service_fn(move |req| echo(req, peer, addr));
                     let builder = hyper::server::conn::http1::Builder::new();
                     match tls {
                         Some(acceptor) => {
@@ -86,6 +87,7 @@ impl Drop for Origin {
 async fn echo(
     req: Request<Incoming>,
     peer: SocketAddr,
+    me: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().to_string();
     let target = req.uri().to_string();
@@ -107,6 +109,7 @@ async fn echo(
         .unwrap_or_default();
     let resp = Response::builder()
         .header("x-peer", peer.ip().to_string())
+        .header("x-origin", me.to_string())
         .header("x-method", method)
         .header("x-target", target)
         .header("x-host", host)

@@ -125,7 +125,13 @@ async fn metrics_count_the_traffic_and_pass_promtool() {
         "every refused attempt was retried"
     );
     assert!(sample(&text, "proxygate_bytes_total{direction=\"down\"}") > 0.0);
-    assert!(sample(&text, "proxygate_upstream_connect_seconds_count") >= 8.0);
+    // Forwarded requests reuse kept upstream connections (one per worker at most here), the
+    // tunnels each open one.
+    let connects = sample(&text, "proxygate_upstream_connect_seconds_count");
+    assert!(
+        (3.0..8.0).contains(&connects),
+        "{connects} upstream connections"
+    );
     assert!(sample(&text, "proxygate_upstream_first_byte_seconds_count") >= 7.0);
     assert_eq!(
         sample(&text, "proxygate_pool_upstreams{state=\"healthy\"}"),

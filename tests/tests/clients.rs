@@ -64,22 +64,33 @@ async fn reqwest_bodies_and_keep_alive_through_http_upstream() {
     assert_eq!(r.bytes().await.unwrap().len(), 50_000);
 
     // Keep-alive: curl sends five requests on one client connection; the gateway keeps its
-    // upstream connection for all of them.
+    // upstream connection for all of them (the one the PUT above left is reused: at most one
+    // new one).
     let (before, origin_before) = (fake.connections(), origin.connections());
     let urls: Vec<String> = (0..5).map(|i| format!("{}/ka/{i}", origin.url())).collect();
     let mut args = vec!["-x", gw.http_proxy().leak() as &str];
     args.extend(urls.iter().map(String::as_str));
     let r = curl(&args).await;
     assert_eq!((r.exit_code, r.status), (0, 200), "{r:?}");
-    assert_eq!(
-        fake.connections() - before,
-        1,
-        "upstream connection not reused"
+    assert!(
+        fake.connections() - before <= 1,
+        "upstream connection not reused: {} new",
+        fake.connections() - before
     );
-    assert_eq!(origin.connections() - origin_before, 1);
-    // (The fake records only the first request of a connection, then relays.)
+    assert!(origin.connections() - origin_before <= 1);
+    // The upstream wants credentials, so the requests went in a tunnel to the origin (the
+    // credentials only in the CONNECT, never on a kept connection where they could reach the
+    // origin). (The fake records only the first request of a connection, then relays.)
     let seen = fake.seen();
-    assert_eq!(seen.requests.last().unwrap(), &format!("GET {}", urls[0]));
+    assert_eq!(
+        seen.requests.last().unwrap(),
+        &format!("CONNECT {}", origin.addr)
+    );
+    assert_eq!(r.header("x-target"), "/ka/4");
+    assert!(
+        !r.header("x-header-names").contains("proxy-authorization"),
+        "{r:?}"
+    );
     assert!(
         seen.auth
             .iter()

@@ -48,6 +48,14 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// A gateway whose idle upstream connections expire within a second, so that what it keeps
+/// for reuse is gone by the time `back_to` looks for leaks.
+fn gateway() -> proxygate_tests::gateway::Builder {
+    Gateway::builder().config(
+        "[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"\nretry_deadline = \"5s\"\nkeep_idle = \"1s\"",
+    )
+}
+
 async fn tasks(gw: &Gateway) -> usize {
     let (_, text) = gw.admin_get("/metrics").await;
     text.lines()
@@ -148,7 +156,7 @@ async fn upstream_case(
     let gw = Gateway::builder()
         .config(&format!(
             "[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"\nretry_deadline = \
-             \"5s\"\nmax_attempts = 2\n{dial}"
+             \"5s\"\nmax_attempts = 2\nkeep_idle = \"1s\"\n{dial}"
         ))
         .upstream(format!("{scheme}://{}", faulty.addr))
         .upstream(good_url)
@@ -201,7 +209,7 @@ async fn a_refusing_upstream() {
     let origin = Origin::start().await;
     let refusing = proxygate_tests::fakes::refusing_addr().await;
     let good = FakeUpstream::start(Kind::Socks5, None).await;
-    let gw = Gateway::builder()
+    let gw = gateway()
         .upstream(format!("http://{refusing}"))
         .upstream(good.url("socks5"))
         .start()
@@ -324,7 +332,7 @@ async fn an_upstream_resetting_mid_tunnel() {
     ])
     .await;
     let origin = Origin::start().await;
-    let gw = Gateway::builder()
+    let gw = gateway()
         .upstream(format!("http://{}", faulty.addr))
         .start()
         .await;
@@ -383,7 +391,7 @@ async fn slow_readers_hold_bounded_memory_and_vanishing_ones_free_everything() {
     let (hose, open) = firehose().await;
     let fake = FakeUpstream::start(Kind::Http, None).await;
     let origin = Origin::start().await;
-    let gw = Gateway::builder().upstream(fake.url("http")).start().await;
+    let gw = gateway().upstream(fake.url("http")).start().await;
     still_serves(&gw, &origin, "type-http").await;
     let base = levels(&gw).await;
     // Twenty tunnels to a source that never stops; their clients read nothing.
@@ -462,7 +470,7 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<String> {
 async fn hostile_clients_leak_nothing_and_others_are_served() {
     let fake = FakeUpstream::start(Kind::Http, None).await;
     let origin = Origin::start().await;
-    let gw = Gateway::builder()
+    let gw = gateway()
         .config("[server]\nheader_read_timeout = \"2s\"\nmax_connections_per_ip = 40")
         .upstream(fake.url("http"))
         .start()

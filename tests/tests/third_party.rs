@@ -45,9 +45,19 @@ async fn tinyproxy_as_http_upstream() {
     let r = curl(&["-p", "-x", &wrong.http_proxy(), &origin.url()]).await;
     assert_eq!(r.status, 502, "{r:?}");
     assert!(r.header("proxy-status").contains("upstream_auth"), "{r:?}");
+    // A plain-HTTP request through an upstream that wants credentials goes in a tunnel
+    // (`dial.tunnel_plain_http = "auto"`): the bad password is the upstream's fault, said so.
+    let r = curl(&["-x", &wrong.http_proxy(), &origin.url()]).await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(r.header("proxy-status").contains("upstream_auth"), "{r:?}");
     // In absolute form tinyproxy answers a bad password with 401 (not 407), which an origin
     // could have said too: it is passed through as the upstream's answer.
-    let r = curl(&["-x", &wrong.http_proxy(), &origin.url()]).await;
+    let absolute = Gateway::builder()
+        .config("[dial]\ntunnel_plain_http = \"never\"\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"")
+        .upstream(format!("http://tiny:nope@{}", tp.addr))
+        .start()
+        .await;
+    let r = curl(&["-x", &absolute.http_proxy(), &origin.url()]).await;
     assert_eq!(r.status, 401, "{r:?}");
     assert!(r.header("server").starts_with("tinyproxy"), "{r:?}");
 }

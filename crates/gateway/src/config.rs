@@ -22,6 +22,8 @@ pub const DEFAULT_MAX_TARGET_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1024;
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_REPLY_HEAD_BYTES: usize = 8 * 1024;
+pub const DEFAULT_KEEP_IDLE: Duration = Duration::from_secs(30);
+pub const DEFAULT_KEEP_IDLE_MAX: usize = 16;
 /// The most data-plane threads `server.workers` may ask for.
 pub const MAX_WORKERS: usize = 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -114,6 +116,48 @@ pub struct DialConfig {
     pub max_reply_head_bytes: usize,
     /// Extra PEM certificates trusted for HTTPS upstreams, besides the Mozilla roots.
     pub tls_ca_file: Option<PathBuf>,
+    /// Which upstream an absolute-form request goes through: `connection` (the upstream the
+    /// client connection's first request took, while it stays usable: one exit per client
+    /// connection) or `request` (every request picks by the strategy).
+    pub rotate: Rotate,
+    /// How long an idle upstream connection is kept for a later absolute-form request to the
+    /// same origin through the same upstream (any client connection of the same worker);
+    /// `0s`: never reused, a new upstream connection per request.
+    #[serde(with = "humantime_serde")]
+    pub keep_idle: Duration,
+    /// Idle upstream connections kept per (upstream, origin), per worker.
+    pub keep_idle_max: usize,
+    /// When plain-HTTP requests through an HTTP(S) upstream go in a CONNECT tunnel to the
+    /// origin (origin-form requests, the connection kept and reused like any other) rather than
+    /// in absolute form to the proxy.
+    pub tunnel_plain_http: TunnelPlain,
+}
+
+/// `dial.tunnel_plain_http`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelPlain {
+    /// With reuse on (`keep_idle` > 0): through an upstream that wants credentials (so that a
+    /// kept connection never carries them: a proxy that pipes a kept-alive connection to its
+    /// first origin would hand them to the origin) and through one seen closing its connection
+    /// after every request. An upstream that refuses such a tunnel gets absolute form again.
+    #[default]
+    Auto,
+    /// Never: absolute form; connections to upstreams that want credentials are not kept.
+    Never,
+    /// Always (unless the upstream refuses the tunnel).
+    Always,
+}
+
+/// `dial.rotate`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rotate {
+    /// A client connection keeps the upstream its first request took.
+    #[default]
+    Connection,
+    /// Every request picks its upstream.
+    Request,
 }
 
 impl ServerConfig {
@@ -160,6 +204,10 @@ impl Default for DialConfig {
             retry_deadline: DEFAULT_RETRY_DEADLINE,
             max_reply_head_bytes: DEFAULT_MAX_REPLY_HEAD_BYTES,
             tls_ca_file: None,
+            rotate: Rotate::Connection,
+            keep_idle: DEFAULT_KEEP_IDLE,
+            keep_idle_max: DEFAULT_KEEP_IDLE_MAX,
+            tunnel_plain_http: TunnelPlain::Auto,
         }
     }
 }

@@ -514,34 +514,9 @@ impl Dialer {
         purpose: Purpose,
         budget: &mut Budget,
     ) -> Result<Established, GatewayError> {
-        while budget.tried.len() < budget.max_attempts {
-            let r = &budget.routing;
-            let Some(mut lease) = self.pool.select_route(
-                &r.route,
-                r.session_key.as_deref(),
-                r.strategy,
-                &budget.tried,
-            ) else {
-                break;
-            };
-            if lease.is_panic_mode() {
-                tracing::info!(
-                    upstream = %lease.upstream(),
-                    panic_selections = self.pool.panic_selections(),
-                    "no selectable upstream left: trying the least bad one (panic mode)"
-                );
-            }
-            // Held for the whole dial and tunnel: keep the upstream, not the pool's snapshot.
-            lease.detach();
-            let strategy = r.strategy.unwrap_or_else(|| self.pool.strategy());
-            self.metrics.attempt(strategy, !budget.tried.is_empty());
-            budget.tried.push(lease.id());
-            let attempt = self.attempt(lease.upstream(), target, purpose);
-            let err = match tokio::time::timeout_at(budget.deadline, attempt).await {
-                Ok(Ok((io, outcome, to_http_proxy))) => {
-                    if let Some(connect) = outcome.connect {
-                        self.metrics.established(connect, outcome.handshake);
-                    }
+        while let Some(lease) = self.pick(budget, None) {
+            match self.connect(&lease, target, purpose, budget).await {
+                Ok((io, outcome, to_http_proxy)) => {
                     return Ok(Established {
                         io,
                         lease,
@@ -549,22 +524,82 @@ impl Dialer {
                         outcome,
                     });
                 }
-                Ok(Err(e)) => e,
-                Err(_) => GatewayError::new(
-                    ErrorKind::UpstreamHandshakeTimeout,
-                    format!(
-                        "{}: retry deadline ({:?}) passed",
-                        lease.upstream(),
-                        self.connector.config().retry_deadline
-                    ),
-                ),
-            };
-            let retry = budget.fail(lease, err);
-            if !retry {
-                break;
+                Err(e) => {
+                    if !budget.fail(lease, e) {
+                        break;
+                    }
+                }
             }
         }
         Err(budget.exhausted())
+    }
+
+    /// The next upstream to try within `budget`: `prefer` when it is still in the pool, out of
+    /// backoff and not tried yet (a client connection keeping its upstream), else one the
+    /// strategy picks. `None` when the budget's attempts are spent or nothing fits. The lease
+    /// counts as an attempt.
+    pub fn pick(&self, budget: &mut Budget, prefer: Option<UpstreamId>) -> Option<Lease> {
+        if budget.tried.len() >= budget.max_attempts {
+            return None;
+        }
+        let r = &budget.routing;
+        let preferred = prefer
+            .filter(|id| !budget.tried.contains(id))
+            .and_then(|id| self.pool.lease(id));
+        let mut lease = match preferred {
+            Some(l) => l,
+            None => self.pool.select_route(
+                &r.route,
+                r.session_key.as_deref(),
+                r.strategy,
+                &budget.tried,
+            )?,
+        };
+        if lease.is_panic_mode() {
+            tracing::info!(
+                upstream = %lease.upstream(),
+                panic_selections = self.pool.panic_selections(),
+                "no selectable upstream left: trying the least bad one (panic mode)"
+            );
+        }
+        // Held for the whole dial and tunnel: keep the upstream, not the pool's snapshot.
+        lease.detach();
+        let strategy = r.strategy.unwrap_or_else(|| self.pool.strategy());
+        self.metrics.attempt(strategy, !budget.tried.is_empty());
+        budget.tried.push(lease.id());
+        Some(lease)
+    }
+
+    /// One attempt through `lease`'s upstream to `target`, within the budget's deadline:
+    /// the connection (TLS included), and the proxy handshake unless `purpose` is
+    /// [`Purpose::Forward`] through an HTTP upstream. Returns the stream, the measurements and
+    /// whether the stream goes to an HTTP proxy (absolute-form requests) rather than the
+    /// target.
+    pub async fn connect(
+        &self,
+        lease: &Lease,
+        target: &Target,
+        purpose: Purpose,
+        budget: &Budget,
+    ) -> Result<(BoxedIo, Outcome, bool), GatewayError> {
+        let attempt = self.attempt(lease.upstream(), target, purpose);
+        match tokio::time::timeout_at(budget.deadline, attempt).await {
+            Ok(Ok((io, outcome, to_http_proxy))) => {
+                if let Some(connect) = outcome.connect {
+                    self.metrics.established(connect, outcome.handshake);
+                }
+                Ok((io, outcome, to_http_proxy))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(GatewayError::new(
+                ErrorKind::UpstreamHandshakeTimeout,
+                format!(
+                    "{}: retry deadline ({:?}) passed",
+                    lease.upstream(),
+                    self.connector.config().retry_deadline
+                ),
+            )),
+        }
     }
 
     async fn attempt(

@@ -15,7 +15,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -32,9 +32,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::GatewayError;
 mod body;
+mod reuse;
 mod strict;
 
 use crate::auth::{ClientCredentials, Refused, basic_value, parse_basic};
+use crate::config::{Rotate, TunnelPlain};
 use crate::dial::{Budget, Purpose, Routing};
 use crate::io::{BoxedIo, Io, Rewind};
 use crate::metrics::RequestKind;
@@ -50,17 +52,9 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// hyper's smallest accepted read buffer.
 const HYPER_MIN_BUF: usize = 8192;
 
-/// An upstream connection kept for the next request of the same client connection.
-struct Cached {
-    id: UpstreamId,
-    /// The routing it was chosen for; another routing chooses afresh.
-    routing: Routing,
-    /// `None` for an HTTP proxy (any target goes over it); the tunnel's target otherwise.
-    target: Option<Target>,
-    sender: SendRequest<Body>,
-}
-
-type Cache = Arc<Mutex<Option<Cached>>>;
+/// For `dial.rotate = "connection"`: the upstream a client connection's forwarded requests
+/// went through, and the routing it was picked for (another routing picks afresh).
+type Sticky = Arc<Mutex<Option<(UpstreamId, Routing)>>>;
 
 /// Serves one HTTP client connection.
 ///
@@ -126,7 +120,7 @@ async fn serve_hyper<S: Io>(
     };
     let mut shutdown = gw.shutdown();
     let io = TokioIo::new(Rewind::new(buffered, stream));
-    let cache: Cache = Arc::default();
+    let cache: Sticky = Arc::default();
     let service = hyper::service::service_fn(move |req| {
         let gw = gw.clone();
         let cache = Arc::clone(&cache);
@@ -231,7 +225,7 @@ fn closed() -> GatewayError {
 
 async fn handle(
     gw: Gateway,
-    cache: Cache,
+    cache: Sticky,
     req: Request<Incoming>,
     peer: SocketAddr,
     permit: Permit,
@@ -270,7 +264,7 @@ async fn handle(
 /// Authenticates, reads the routing hints, and serves the request.
 async fn route_and_serve(
     gw: &Gateway,
-    cache: &Cache,
+    cache: &Sticky,
     req: Request<Incoming>,
     peer: SocketAddr,
     permit: Permit,
@@ -441,7 +435,7 @@ async fn connect(
 
 async fn forward(
     gw: &Gateway,
-    cache: &Cache,
+    sticky: &Sticky,
     req: Request<Incoming>,
     routing: Routing,
 ) -> Result<Response<Body>, GatewayError> {
@@ -488,17 +482,42 @@ async fn forward(
     );
     // A request without a body can be sent again through another upstream.
     let replayable = body.is_end_stream();
+    // Only a request that may be sent twice takes a kept connection: one that turns out
+    // closed is then sent again on a new one. Others always get a new connection.
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
     let mut body = Some(body);
     let mut budget = gw.dialer().budget(routing);
-    let dial_cfg = &gw.config().dial;
+    let cfg = Reuse::of(&gw.config().dial, replayable && idempotent);
+    let prefer = match cfg.rotate {
+        Rotate::Connection => sticky
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .filter(|(_, r)| r == budget.routing())
+            .map(|(id, _)| id),
+        Rotate::Request => None,
+    };
     let bytes_up = Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Set when the client's own body turned out malformed (a bad chunk size...): what failed
     // then is the client's request, not the upstream.
     let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A kept connection that turned out closed: the same upstream, on a new connection.
+    let mut again = None;
 
     loop {
-        let (mut sender, lease, to_http_proxy, fresh, mut outcome) =
-            upstream_sender(gw, cache, &target, &mut budget).await?;
+        let Upstream {
+            mut sender,
+            lease,
+            tunnel,
+            fresh,
+            kept_since,
+            conn,
+            mut outcome,
+        } = upstream_sender(gw, &target, &mut budget, prefer, again.take(), &cfg).await?;
+        let to_http_proxy = !tunnel;
         let mut headers = parts.headers.clone();
         let uri = if to_http_proxy {
             if let Some(c) = &lease.upstream().credentials {
@@ -532,63 +551,80 @@ async fn forward(
         // another rather than holding the client for the whole response timeout.
         let probing = replayable && fresh && to_http_proxy;
         let per_try = if probing {
-            dial_cfg.handshake_timeout
+            cfg.handshake_timeout
         } else {
-            dial_cfg.response_timeout
+            cfg.response_timeout
         };
         let t0 = Instant::now();
-        let err = match tokio::time::timeout(per_try, sender.send_request(upstream_req)).await {
-            Ok(Ok(response))
-                if to_http_proxy
-                    && response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED =>
-            {
-                GatewayError::new(
-                    ErrorKind::UpstreamAuth,
-                    format!("{}: rejected our credentials (407)", lease.upstream()),
-                )
-            }
-            Ok(Ok(mut response)) => {
-                let id = lease.id();
-                outcome.first_byte = Some(t0.elapsed());
-                gw.metrics().first_byte(t0.elapsed());
-                if let Ok(mut slot) = cache.lock() {
-                    *slot = Some(Cached {
-                        id,
-                        routing: budget.routing().clone(),
-                        target: (!to_http_proxy).then_some(target),
-                        sender,
-                    });
+        let err =
+            match tokio::time::timeout(per_try, sender.send_request(upstream_req)).await {
+                Ok(Ok(response))
+                    if to_http_proxy
+                        && response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED =>
+                {
+                    GatewayError::new(
+                        ErrorKind::UpstreamAuth,
+                        format!("{}: rejected our credentials (407)", lease.upstream()),
+                    )
                 }
-                strip_hop_by_hop(response.headers_mut());
-                // The outcome (with bytes each way) is reported when the body ends.
-                return Ok(
-                    response.map(|b| body::Reported::new(b, lease, outcome, bytes_up).boxed())
-                );
-            }
-            Ok(Err(_)) if !fresh && replayable => {
-                // A kept-alive connection the upstream had closed meanwhile: not its fault;
-                // send again on a fresh connection.
-                drop(lease);
-                continue;
-            }
-            Ok(Err(e)) if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
-                GatewayError::new(
-                    ErrorKind::ClientMalformed,
-                    format!("invalid request body: {e}"),
-                )
-            }
-            Ok(Err(e)) => {
-                GatewayError::new(ErrorKind::UpstreamIo, format!("{}: {e}", lease.upstream()))
-            }
-            Err(_) if probing => GatewayError::new(
-                ErrorKind::UpstreamHandshakeTimeout,
-                format!("{}: no response within {per_try:?}", lease.upstream()),
-            ),
-            Err(_) => GatewayError::new(
-                ErrorKind::TargetTimeout,
-                format!("no response within {per_try:?}"),
-            ),
-        };
+                Ok(Ok(mut response)) => {
+                    let id = lease.id();
+                    outcome.first_byte = Some(t0.elapsed());
+                    gw.metrics().first_byte(t0.elapsed());
+                    if cfg.rotate == Rotate::Connection
+                        && let Ok(mut s) = sticky.lock()
+                    {
+                        *s = Some((id, budget.routing().clone()));
+                    }
+                    // A connection to an HTTP proxy that wants credentials is not kept: a sloppy
+                    // proxy pipes a kept-alive connection to the first request's origin (pproxy
+                    // does), and the credentials of the next request would reach the origin.
+                    let secret = to_http_proxy && lease.upstream().credentials.is_some();
+                    let keep = (cfg.keep_idle > Duration::ZERO && !secret && !closes(&response))
+                        .then(|| body::Keep {
+                            upstream: id,
+                            target: target.clone(),
+                            sender,
+                            conn,
+                            tunnel,
+                            max: cfg.keep_idle_max,
+                        });
+                    if keep.is_none() && to_http_proxy && closes(&response) {
+                        reuse::closing(id, Instant::now());
+                    }
+                    strip_hop_by_hop(response.headers_mut());
+                    // The outcome (with bytes each way) is reported when the body ends, and the
+                    // connection kept then.
+                    return Ok(response
+                        .map(|b| body::Reported::new(b, lease, outcome, bytes_up, keep).boxed()));
+                }
+                Ok(Err(_)) if !fresh && replayable => {
+                    // A kept connection the other side had closed meanwhile: not the upstream's
+                    // fault; send again on a new connection through it.
+                    if let Some(since) = kept_since {
+                        reuse::found_closed(lease.id(), tunnel, since, Instant::now());
+                    }
+                    again = Some(lease);
+                    continue;
+                }
+                Ok(Err(e)) if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
+                    GatewayError::new(
+                        ErrorKind::ClientMalformed,
+                        format!("invalid request body: {e}"),
+                    )
+                }
+                Ok(Err(e)) => {
+                    GatewayError::new(ErrorKind::UpstreamIo, format!("{}: {e}", lease.upstream()))
+                }
+                Err(_) if probing => GatewayError::new(
+                    ErrorKind::UpstreamHandshakeTimeout,
+                    format!("{}: no response within {per_try:?}", lease.upstream()),
+                ),
+                Err(_) => GatewayError::new(
+                    ErrorKind::TargetTimeout,
+                    format!("no response within {per_try:?}"),
+                ),
+            };
         // Report (and remember) the failure whether or not it can be retried: a request whose
         // body is gone is answered with this very error.
         let retry = budget.fail(lease, err);
@@ -598,53 +634,175 @@ async fn forward(
     }
 }
 
-/// The kept upstream connection if it fits this request, or a new one from the budget.
-/// Returns the sender, its lease, whether it goes to an HTTP proxy, whether it is fresh, and
-/// the connect measurements of a fresh one.
-async fn upstream_sender(
-    gw: &Gateway,
-    cache: &Cache,
-    target: &Target,
-    budget: &mut Budget,
-) -> Result<(SendRequest<Body>, Lease, bool, bool, Outcome), GatewayError> {
-    let cached = cache.lock().ok().and_then(|mut slot| slot.take());
-    if let Some(mut c) = cached {
-        let fits = c.target.as_ref().is_none_or(|t| t == target) && &c.routing == budget.routing();
-        if fits
-            && c.sender.ready().await.is_ok()
-            && let Some(mut lease) = gw.dialer().pool().lease(c.id)
-        {
-            lease.detach();
-            let to_http_proxy = c.target.is_none();
-            return Ok((c.sender, lease, to_http_proxy, false, Outcome::default()));
-        }
-        tracing::debug!(
-            fits,
-            closed = c.sender.is_closed(),
-            "kept upstream connection not reused"
-        );
-    }
-    loop {
-        let est = gw
-            .dialer()
-            .dial_within(target, Purpose::Forward, budget)
-            .await?;
-        match client_handshake(est.io, gw.config().dial.max_reply_head_bytes).await {
-            Ok(sender) => {
-                return Ok((sender, est.lease, est.to_http_proxy, true, est.outcome));
-            }
-            Err(e) => {
-                if !budget.fail(est.lease, e) {
-                    return Err(budget.exhausted());
-                }
-            }
+/// What `forward` reads of `[dial]` per request.
+struct Reuse {
+    rotate: Rotate,
+    keep_idle: Duration,
+    keep_idle_max: usize,
+    tunnel_plain_http: TunnelPlain,
+    handshake_timeout: Duration,
+    response_timeout: Duration,
+    max_reply_head_bytes: usize,
+    /// This request may take a kept connection.
+    may_take: bool,
+}
+
+impl Reuse {
+    fn of(d: &crate::config::DialConfig, may_take: bool) -> Self {
+        Self {
+            rotate: d.rotate,
+            keep_idle: d.keep_idle,
+            keep_idle_max: d.keep_idle_max,
+            tunnel_plain_http: d.tunnel_plain_http,
+            handshake_timeout: d.handshake_timeout,
+            response_timeout: d.response_timeout,
+            max_reply_head_bytes: d.max_reply_head_bytes,
+            may_take: may_take && d.keep_idle > Duration::ZERO,
         }
     }
 }
 
+/// Whether the upstream said it closes this connection after the response.
+fn closes<B>(response: &Response<B>) -> bool {
+    let says = |token: &str| {
+        response
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            })
+    };
+    says("close") || (response.version() == Version::HTTP_10 && !says("keep-alive"))
+}
+
+/// An upstream connection for one request.
+struct Upstream {
+    sender: SendRequest<Body>,
+    lease: Lease,
+    /// A tunnel to the origin (origin-form requests), not a connection to an HTTP proxy.
+    tunnel: bool,
+    /// Opened for this request (not kept from an earlier one).
+    fresh: bool,
+    /// When a kept connection was put back.
+    kept_since: Option<Instant>,
+    /// Names the connection for the pool of kept ones.
+    conn: u64,
+    /// The connect measurements of a fresh connection.
+    outcome: Outcome,
+}
+
+/// The connection a request goes on: through the upstream the budget picks (`prefer`ring a
+/// client connection's own), a kept one to the same origin if there is one, else a new one;
+/// with `again`, a new one through that lease's upstream.
+async fn upstream_sender(
+    gw: &Gateway,
+    target: &Target,
+    budget: &mut Budget,
+    prefer: Option<UpstreamId>,
+    mut again: Option<Lease>,
+    cfg: &Reuse,
+) -> Result<Upstream, GatewayError> {
+    loop {
+        let retrying = again.is_some();
+        let lease = match again.take() {
+            Some(l) => l,
+            None => gw
+                .dialer()
+                .pick(budget, prefer)
+                .ok_or_else(|| budget.exhausted())?,
+        };
+        let id = lease.id();
+        let now = Instant::now();
+        if cfg.may_take
+            && !retrying
+            && let Some(mut kept) = reuse::take(id, target, cfg.keep_idle, now)
+        {
+            if kept.sender.ready().await.is_ok() {
+                return Ok(Upstream {
+                    sender: kept.sender,
+                    lease,
+                    tunnel: kept.tunnel,
+                    fresh: false,
+                    kept_since: Some(kept.since),
+                    conn: kept.conn,
+                    outcome: Outcome::default(),
+                });
+            }
+            reuse::found_closed(id, kept.tunnel, kept.since, Instant::now());
+        }
+        let http = lease.upstream().scheme.is_http();
+        let tunnel = !http || tunnels_plain_http(cfg, &lease, now);
+        let purpose = if tunnel {
+            Purpose::Tunnel
+        } else {
+            Purpose::Forward
+        };
+        let dialed = match gw.dialer().connect(&lease, target, purpose, budget).await {
+            // It will not tunnel to a plain-HTTP port: absolute-form through it, as before.
+            Err(e) if http && tunnel && e.kind == ErrorKind::UpstreamRefused => {
+                reuse::refuses_tunnels(id, now);
+                gw.dialer()
+                    .connect(&lease, target, Purpose::Forward, budget)
+                    .await
+            }
+            other => other,
+        };
+        let failed = match dialed {
+            Ok((io, outcome, to_http_proxy)) => {
+                let conn = reuse::conn_id();
+                match client_handshake(io, cfg.max_reply_head_bytes, conn).await {
+                    Ok(sender) => {
+                        return Ok(Upstream {
+                            sender,
+                            lease,
+                            tunnel: !to_http_proxy,
+                            fresh: true,
+                            kept_since: None,
+                            conn,
+                            outcome,
+                        });
+                    }
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        if !budget.fail(lease, failed) {
+            return Err(budget.exhausted());
+        }
+    }
+}
+
+/// Whether a plain-HTTP request through this HTTP(S) upstream goes in a CONNECT tunnel to
+/// its origin (see `dial.tunnel_plain_http`).
+fn tunnels_plain_http(cfg: &Reuse, lease: &Lease, now: Instant) -> bool {
+    let known = reuse::known(lease.id(), now);
+    if known.refuses_tunnels {
+        return false;
+    }
+    match cfg.tunnel_plain_http {
+        TunnelPlain::Never => false,
+        TunnelPlain::Always => true,
+        TunnelPlain::Auto => {
+            cfg.keep_idle > Duration::ZERO
+                && (known.closes || lease.upstream().credentials.is_some())
+        }
+    }
+}
+
+/// Drops this worker's idle upstream connections older than `keep_idle` (run now and then).
+pub(crate) fn sweep_kept(keep_idle: Duration) {
+    reuse::sweep(keep_idle, Instant::now());
+}
+
+/// Opens an HTTP/1 client connection on `io`, driven by a task of this worker; when it ends,
+/// the pool of kept connections hears of it (as `conn`).
 async fn client_handshake(
     io: BoxedIo,
     max_reply_head: usize,
+    conn_id: u64,
 ) -> Result<SendRequest<Body>, GatewayError> {
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .max_buf_size(max_reply_head.max(HYPER_MIN_BUF))
@@ -655,6 +813,7 @@ async fn client_handshake(
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream http connection ended with an error");
         }
+        reuse::ended(conn_id, Instant::now());
     });
     Ok(sender)
 }

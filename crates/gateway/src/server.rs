@@ -484,9 +484,23 @@ async fn worker(
             Err(e) => tracing::error!("cannot use a listening socket: {e}"),
         }
     }
+    // Idle upstream connections kept on this worker go when they are too old to reuse.
+    let sweeper = tokio::spawn({
+        let live = live.clone();
+        async move {
+            loop {
+                tokio::time::sleep(SWEEP_EVERY).await;
+                crate::http::sweep_kept(live.gateway().config().dial.keep_idle);
+            }
+        }
+    });
     while loops.join_next().await.is_some() {}
     let _ = stopped.wait_for(|stop| *stop).await;
+    sweeper.abort();
 }
+
+/// How often a worker drops its expired idle upstream connections.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Accepts on one socket until shutdown. A connection is accepted first and then waits for its
 /// share of `server.max_connections` (the semaphore is fair: first come, first served) before

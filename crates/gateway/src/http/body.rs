@@ -10,7 +10,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use proxygate_core::{ErrorKind, Outcome};
+use hyper::client::conn::http1::SendRequest;
+use proxygate_core::{ErrorKind, Outcome, Target, UpstreamId};
 use proxygate_pool::Lease;
 
 /// Counts the data bytes that pass through `inner` into `count`; flags `failed` when the
@@ -62,22 +63,64 @@ impl Body for Counted {
     }
 }
 
-/// The upstream's response body; reports the outcome when it ends, fails, or is dropped.
-#[derive(Debug)]
+/// The upstream's response body; reports the outcome when it ends, fails, or is dropped,
+/// and gives its upstream connection back for reuse when it ended cleanly.
 pub(crate) struct Reported {
     inner: Incoming,
     lease: Option<Lease>,
     outcome: Outcome,
     up: Arc<AtomicU64>,
+    keep: Option<Keep>,
+}
+
+impl std::fmt::Debug for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reported")
+            .field("outcome", &self.outcome)
+            .field("keep", &self.keep.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An upstream connection to keep once its response has been read to the end.
+pub(crate) struct Keep {
+    pub(crate) upstream: UpstreamId,
+    pub(crate) target: Target,
+    pub(crate) sender: SendRequest<super::Body>,
+    pub(crate) conn: u64,
+    pub(crate) tunnel: bool,
+    pub(crate) max: usize,
 }
 
 impl Reported {
-    pub(crate) fn new(inner: Incoming, lease: Lease, outcome: Outcome, up: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(
+        inner: Incoming,
+        lease: Lease,
+        outcome: Outcome,
+        up: Arc<AtomicU64>,
+        keep: Option<Keep>,
+    ) -> Self {
         Self {
             inner,
             lease: Some(lease),
             outcome,
             up,
+            keep,
+        }
+    }
+
+    /// The response was read to its end: its connection can carry another request.
+    fn give_back(&mut self) {
+        if let Some(k) = self.keep.take() {
+            super::reuse::put(
+                k.upstream,
+                k.target,
+                k.sender,
+                k.conn,
+                k.tunnel,
+                k.max,
+                std::time::Instant::now(),
+            );
         }
     }
 
@@ -106,8 +149,14 @@ impl Body for Reported {
                 }
             }
             // The upstream broke off the body it had started: its fault.
-            Poll::Ready(Some(Err(_))) => self.report(Some(ErrorKind::UpstreamIo)),
-            Poll::Ready(None) => self.report(None),
+            Poll::Ready(Some(Err(_))) => {
+                self.keep = None;
+                self.report(Some(ErrorKind::UpstreamIo));
+            }
+            Poll::Ready(None) => {
+                self.report(None);
+                self.give_back();
+            }
             Poll::Pending => {}
         }
         polled
@@ -127,5 +176,9 @@ impl Drop for Reported {
         // The client stopped reading (or the body was empty and never polled): the upstream
         // answered, which is all it owed us.
         self.report(None);
+        // Reusable only if nothing of the body is left unread on it.
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
     }
 }

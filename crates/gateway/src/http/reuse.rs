@@ -1,0 +1,328 @@
+//! Upstream connections kept for later absolute-form requests.
+//!
+//! A connection is kept per (upstream, origin): whatever the upstream does with a kept-alive
+//! connection (a careful proxy parses every request; a sloppy one pipes the connection to the
+//! first request's origin for good, as pproxy does), a request on it only ever goes to the
+//! origin it was opened for. Kept per data-plane worker (a thread-local map: the worker's
+//! connections never leave its thread, and no lock is taken), at most
+//! `dial.keep_idle_max` per key, for `dial.keep_idle`.
+//!
+//! The pool also learns which HTTP upstreams close their connection after every absolute-form
+//! request (tinyproxy does, without saying `Connection: close`): a kept connection found closed
+//! soon after it was put back, twice, marks the upstream, and its later plain-HTTP requests go
+//! through CONNECT tunnels to the origin, which the origin keeps alive. An upstream that refuses
+//! such a tunnel is marked too and gets absolute-form again.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::http1::SendRequest;
+use proxygate_core::{Target, UpstreamId};
+
+use super::Body;
+
+/// An upstream connection and what it carries.
+pub(crate) struct Kept {
+    pub(crate) sender: SendRequest<Body>,
+    /// Names the connection (see [`conn_id`]).
+    pub(crate) conn: u64,
+    /// It is a tunnel to the origin (requests in origin form), not a connection to an HTTP
+    /// proxy (requests in absolute form).
+    pub(crate) tunnel: bool,
+    pub(crate) since: Instant,
+}
+
+type Key = (UpstreamId, Target);
+
+/// A kept connection found closed this soon after it was put back means its upstream closes
+/// after every request.
+const CLOSED_SOON: Duration = Duration::from_secs(2);
+/// Times an upstream must be seen closing before requests through it go in tunnels.
+const CLOSINGS_TO_LEARN: u32 = 2;
+/// How long what was learned about an upstream holds.
+const LEARNED_FOR: Duration = Duration::from_secs(600);
+
+#[derive(Default)]
+struct Pool {
+    idle: HashMap<Key, Vec<Kept>>,
+    upstreams: HashMap<UpstreamId, Learned>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Learned {
+    closings: u32,
+    /// It refused a CONNECT to a plain-HTTP origin.
+    refuses_tunnels: bool,
+    at: Instant,
+}
+
+thread_local! {
+    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+    static NEXT_CONN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A name for a new upstream connection, unique on this worker.
+pub(crate) fn conn_id() -> u64 {
+    NEXT_CONN.with(|n| {
+        let id = n.get().wrapping_add(1);
+        n.set(id);
+        id
+    })
+}
+
+/// Upstream connection `conn` of this worker ended. If it was kept (idle) here, the other side
+/// closed it: it goes, and an HTTP upstream that closes right after its responses is learned
+/// from it at once, not only when a later request finds it closed.
+pub(crate) fn ended(conn: u64, now: Instant) {
+    with(|pool| {
+        let mut found = None;
+        pool.idle.retain(|(upstream, _), list| {
+            if let Some(i) = list.iter().position(|k| k.conn == conn) {
+                let k = list.remove(i);
+                found = Some((*upstream, k.tunnel, k.since));
+            }
+            !list.is_empty()
+        });
+        if let Some((upstream, tunnel, since)) = found {
+            learn_closed(pool, upstream, tunnel, since, now);
+        }
+    });
+}
+
+fn with<T>(f: impl FnOnce(&mut Pool) -> T) -> T {
+    POOL.with(|p| f(&mut p.borrow_mut()))
+}
+
+/// A kept connection to `target` through `upstream` not known to be closed (the newest
+/// first), if one is younger than `keep_idle`. The caller waits for it to be ready (a response
+/// just read may still be winding down on it) and treats a failure there as a closed one.
+pub(crate) fn take(
+    upstream: UpstreamId,
+    target: &Target,
+    keep_idle: Duration,
+    now: Instant,
+) -> Option<Kept> {
+    with(|pool| {
+        let key = (upstream, target.clone());
+        let list = pool.idle.get_mut(&key)?;
+        let mut found = None;
+        let mut closed = Vec::new();
+        while let Some(k) = list.pop() {
+            if now.duration_since(k.since) >= keep_idle {
+                continue;
+            }
+            if !k.sender.is_closed() {
+                found = Some(k);
+                break;
+            }
+            // Closed by the other side while idle.
+            closed.push((k.tunnel, k.since));
+        }
+        if list.is_empty() {
+            pool.idle.remove(&key);
+        }
+        for (tunnel, since) in closed {
+            learn_closed(pool, upstream, tunnel, since, now);
+        }
+        found
+    })
+}
+
+/// Keeps an upstream connection whose last response ended cleanly.
+pub(crate) fn put(
+    upstream: UpstreamId,
+    target: Target,
+    sender: SendRequest<Body>,
+    conn: u64,
+    tunnel: bool,
+    max: usize,
+    now: Instant,
+) {
+    if sender.is_closed() {
+        // Closed as soon as the response ended.
+        with(|pool| learn_closed(pool, upstream, tunnel, now, now));
+        return;
+    }
+    if max == 0 {
+        return;
+    }
+    with(|pool| {
+        let list = pool.idle.entry((upstream, target)).or_default();
+        if list.len() >= max {
+            // The oldest goes: it is the likeliest to have been closed.
+            list.remove(0);
+        }
+        list.push(Kept {
+            sender,
+            conn,
+            tunnel,
+            since: now,
+        });
+    });
+}
+
+fn learn_closed(pool: &mut Pool, upstream: UpstreamId, tunnel: bool, since: Instant, now: Instant) {
+    if !tunnel && now.duration_since(since) < CLOSED_SOON {
+        let l = pool.upstreams.entry(upstream).or_insert(Learned {
+            closings: 0,
+            refuses_tunnels: false,
+            at: now,
+        });
+        l.closings += 1;
+        l.at = now;
+    }
+}
+
+/// A connection kept since `since` turned out closed when it was used: an HTTP upstream that
+/// closes right after every response is learned from it.
+pub(crate) fn found_closed(upstream: UpstreamId, tunnel: bool, since: Instant, now: Instant) {
+    with(|pool| learn_closed(pool, upstream, tunnel, since, now));
+}
+
+/// The upstream said it closes the connection after the response (`Connection: close`).
+pub(crate) fn closing(upstream: UpstreamId, now: Instant) {
+    with(|pool| {
+        let l = pool.upstreams.entry(upstream).or_insert(Learned {
+            closings: 0,
+            refuses_tunnels: false,
+            at: now,
+        });
+        l.closings += 1;
+        l.at = now;
+    });
+}
+
+/// What was learned about an HTTP upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Known {
+    /// It was seen closing its connection after every absolute-form request.
+    pub(crate) closes: bool,
+    /// It refused a CONNECT tunnel to a plain-HTTP origin.
+    pub(crate) refuses_tunnels: bool,
+}
+
+/// What was learned about `upstream` lately.
+pub(crate) fn known(upstream: UpstreamId, now: Instant) -> Known {
+    with(|pool| {
+        pool.upstreams
+            .get(&upstream)
+            .filter(|l| now.duration_since(l.at) < LEARNED_FOR)
+            .map(|l| Known {
+                closes: l.closings >= CLOSINGS_TO_LEARN,
+                refuses_tunnels: l.refuses_tunnels,
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// The upstream answered a tunnel to a plain-HTTP origin with a refusal: absolute-form again.
+pub(crate) fn refuses_tunnels(upstream: UpstreamId, now: Instant) {
+    with(|pool| {
+        let l = pool.upstreams.entry(upstream).or_insert(Learned {
+            closings: 0,
+            refuses_tunnels: true,
+            at: now,
+        });
+        l.refuses_tunnels = true;
+        l.at = now;
+    });
+}
+
+/// Drops the kept connections older than `keep_idle` or closed, and what was learned long ago.
+/// Run now and then on every worker, so idle connections do not outlive their use.
+pub(crate) fn sweep(keep_idle: Duration, now: Instant) {
+    with(|pool| {
+        pool.idle.retain(|_, list| {
+            list.retain(|k| now.duration_since(k.since) < keep_idle && !k.sender.is_closed());
+            !list.is_empty()
+        });
+        pool.upstreams
+            .retain(|_, l| now.duration_since(l.at) < LEARNED_FOR);
+    });
+}
+
+/// Connections kept now on this worker.
+#[cfg(test)]
+pub(crate) fn kept() -> usize {
+    with(|pool| pool.idle.values().map(Vec::len).sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::rt::TokioIo;
+
+    async fn sender() -> (SendRequest<Body>, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        (sender, theirs)
+    }
+
+    fn target(s: &str) -> Target {
+        Target::parse_authority(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_serves_only_its_upstream_and_origin() {
+        let now = Instant::now();
+        let idle = Duration::from_secs(30);
+        let (a, _pa) = sender().await;
+        put(UpstreamId(1), target("a.example:80"), a, 1, false, 4, now);
+        assert!(take(UpstreamId(2), &target("a.example:80"), idle, now).is_none());
+        assert!(take(UpstreamId(1), &target("b.example:80"), idle, now).is_none());
+        assert!(take(UpstreamId(1), &target("a.example:8080"), idle, now).is_none());
+        let got = take(UpstreamId(1), &target("a.example:80"), idle, now).unwrap();
+        assert!(!got.tunnel);
+        // Taken: nobody else gets it.
+        assert!(take(UpstreamId(1), &target("a.example:80"), idle, now).is_none());
+        let _ = got.sender;
+    }
+
+    #[tokio::test]
+    async fn kept_connections_expire_and_are_bounded() {
+        let now = Instant::now();
+        let t = target("c.example:80");
+        let mut peers = Vec::new();
+        for _ in 0..5 {
+            let (s, p) = sender().await;
+            peers.push(p);
+            put(UpstreamId(3), t.clone(), s, conn_id(), true, 3, now);
+        }
+        assert_eq!(kept(), 3);
+        let later = now + Duration::from_secs(31);
+        assert!(take(UpstreamId(3), &t, Duration::from_secs(30), later).is_none());
+        assert_eq!(kept(), 0);
+        let (s, _p) = sender().await;
+        put(UpstreamId(3), t.clone(), s, conn_id(), true, 3, now);
+        sweep(Duration::from_secs(30), later);
+        assert_eq!(kept(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_is_known_to_close_after_two_closings_and_to_refuse_tunnels() {
+        let now = Instant::now();
+        let idle = Duration::from_secs(30);
+        let t = target("d.example:80");
+        let up = UpstreamId(4);
+        assert_eq!(known(up, now), Known::default());
+        for _ in 0..2 {
+            let (s, peer) = sender().await;
+            put(up, t.clone(), s, conn_id(), false, 4, now);
+            // The upstream closes the idle connection.
+            drop(peer);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(take(up, &t, idle, now + Duration::from_millis(50)).is_none());
+        }
+        assert!(known(up, now).closes);
+        assert!(!known(up, now).refuses_tunnels);
+        refuses_tunnels(up, now);
+        assert!(known(up, now).refuses_tunnels);
+        // Learned things are forgotten in time.
+        sweep(idle, now + LEARNED_FOR);
+        assert_eq!(known(up, now + LEARNED_FOR), Known::default());
+    }
+}

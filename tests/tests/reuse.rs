@@ -1,0 +1,283 @@
+//! Upstream connection reuse for absolute-form requests: kept connections serve later
+//! clients, only ever for their own (upstream, origin); requests with bodies and other
+//! non-idempotent ones get a new connection; kept connections expire; credentials never ride a
+//! kept connection; an upstream that closes after every request (tinyproxy) is learned and
+//! gets a tunnel per origin; `dial.rotate` says whether a client connection keeps its upstream.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failed step must fail the test loudly"
+)]
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use proxygate_tests::curl::{CurlResponse, curl};
+use proxygate_tests::fakes::{FakeUpstream, Kind};
+use proxygate_tests::gateway::Gateway;
+use proxygate_tests::origin::Origin;
+use proxygate_tests::third_party::ThirdParty;
+
+/// One data-plane worker, so that every client connection meets the same kept connections and
+/// the counts below are exact (kept connections are per worker).
+const ONE_WORKER: &str = "[server]\nworkers = 1";
+
+fn dial(extra: &str) -> String {
+    format!("[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"\n{extra}")
+}
+
+/// A GET on a new client connection (curl).
+async fn get(gw: &Gateway, url: &str) -> CurlResponse {
+    let r = curl(&["-x", &gw.http_proxy(), url]).await;
+    assert_eq!(r.status, 200, "{url}: {r:?}\n{}", gw.logs());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_connections_serve_later_clients_and_only_their_own_origin() {
+    // The fake relays a kept-alive connection blindly to the origin of its first request
+    // (as pproxy does): the worst case for reuse.
+    let fake = FakeUpstream::start(Kind::Http, None).await;
+    let (a, b) = (Origin::start().await, Origin::start().await);
+    let gw = Gateway::builder()
+        .config(ONE_WORKER)
+        .upstream(fake.url("http"))
+        .start()
+        .await;
+    for round in 0..4 {
+        for o in [&a, &b] {
+            let url = format!("{}/r{round}", o.url());
+            let r = get(&gw, &url).await;
+            assert_eq!(r.header("x-origin"), o.addr.to_string(), "wrong origin");
+            assert_eq!(r.header("x-target"), url);
+            assert_eq!(r.header("x-peer"), fake.egress.to_string());
+        }
+    }
+    // Eight requests from eight client connections: one upstream connection per origin.
+    assert_eq!(fake.connections(), 2);
+    assert_eq!((a.connections(), b.connections()), (1, 1));
+
+    // With two workers, requests still never reach another origin.
+    let gw2 = Gateway::builder()
+        .config("[server]\nworkers = 2")
+        .upstream(fake.url("http"))
+        .start()
+        .await;
+    for i in 0..12 {
+        let o = if i % 3 == 0 { &a } else { &b };
+        let url = format!("{}/w{i}", o.url());
+        let r = get(&gw2, &url).await;
+        assert_eq!(r.header("x-origin"), o.addr.to_string(), "wrong origin");
+        assert_eq!(r.header("x-target"), url);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_bodies_and_non_idempotent_ones_get_a_new_connection() {
+    let fake = FakeUpstream::start(Kind::Http, None).await;
+    let origin = Origin::start().await;
+    let gw = Gateway::builder()
+        .config(ONE_WORKER)
+        .upstream(fake.url("http"))
+        .start()
+        .await;
+    let url = format!("{}/x", origin.url());
+    get(&gw, &url).await;
+    assert_eq!(fake.connections(), 1);
+    // POST (no body): never on a kept connection, which could turn out closed after the request
+    // went out, and a POST must not be sent twice.
+    let r = curl(&["-x", &gw.http_proxy(), "-X", "POST", &url]).await;
+    assert_eq!((r.status, r.header("x-method")), (200, "POST"), "{r:?}");
+    assert_eq!(fake.connections(), 2);
+    // PUT with a body: a new one too.
+    let r = curl(&["-x", &gw.http_proxy(), "-T", "-", &url]).await;
+    assert_eq!((r.status, r.header("x-method")), (200, "PUT"), "{r:?}");
+    assert_eq!(fake.connections(), 3);
+    // And their connections are kept afterwards: GETs go on them.
+    for _ in 0..3 {
+        get(&gw, &url).await;
+    }
+    assert_eq!(fake.connections(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_connections_expire_and_keep_idle_zero_turns_reuse_off() {
+    let fake = FakeUpstream::start(Kind::Http, None).await;
+    let origin = Origin::start().await;
+    let gw = Gateway::builder()
+        .config(ONE_WORKER)
+        .config(&dial("keep_idle = \"1s\""))
+        .upstream(fake.url("http"))
+        .start()
+        .await;
+    let url = format!("{}/x", origin.url());
+    get(&gw, &url).await;
+    get(&gw, &url).await;
+    assert_eq!(fake.connections(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    get(&gw, &url).await;
+    assert_eq!(fake.connections(), 2, "an expired connection was reused");
+    // The sweeper closes what expired even when nothing asks for it again.
+    proxygate_tests::eventually(Duration::from_secs(10), || (fake.open() == 0).then_some(())).await;
+
+    let fake = FakeUpstream::start(Kind::Http, None).await;
+    let off = Gateway::builder()
+        .config(ONE_WORKER)
+        .config(&dial("keep_idle = \"0s\""))
+        .upstream(fake.url("http"))
+        .start()
+        .await;
+    for _ in 0..3 {
+        get(&off, &url).await;
+    }
+    assert_eq!(fake.connections(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_ride_a_kept_connection() {
+    let fake = FakeUpstream::start(Kind::Http, Some(("u", "secret"))).await;
+    let origin = Origin::start().await;
+    let gw = Gateway::builder()
+        .config(ONE_WORKER)
+        .upstream(fake.url("http"))
+        .start()
+        .await;
+    let url = format!("{}/c", origin.url());
+    for _ in 0..4 {
+        let r = get(&gw, &url).await;
+        // In a tunnel to the origin: origin form, and no credentials of anyone.
+        assert_eq!(r.header("x-target"), "/c");
+        assert!(
+            !r.header("x-header-names").contains("proxy-authorization"),
+            "{r:?}"
+        );
+        assert!(
+            !r.header("x-header-names").contains("authorization"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(fake.connections(), 1);
+    assert_eq!(
+        fake.seen().requests,
+        vec![format!("CONNECT {}", origin.addr)]
+    );
+
+    // In absolute form (`never`), such connections are not kept at all.
+    let fake = FakeUpstream::start(Kind::Http, Some(("u", "secret"))).await;
+    let never = Gateway::builder()
+        .config(ONE_WORKER)
+        .config(&dial("tunnel_plain_http = \"never\""))
+        .upstream(fake.url("http"))
+        .start()
+        .await;
+    for _ in 0..3 {
+        let r = get(&never, &url).await;
+        assert_eq!(r.header("x-target"), url);
+        assert!(
+            !r.header("x-header-names").contains("proxy-authorization"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(fake.connections(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_closing_after_every_request_is_learned_and_tunnelled() {
+    let origin = Origin::start().await;
+    let tp = ThirdParty::tinyproxy_open().await;
+    let url = format!("{}/t", origin.url());
+
+    // Absolute form only: tinyproxy closes after every request, so every request costs an
+    // upstream and an origin connection.
+    let never = Gateway::builder()
+        .config(ONE_WORKER)
+        .config(&dial("tunnel_plain_http = \"never\""))
+        .upstream(format!("http://{}", tp.addr))
+        .start()
+        .await;
+    let before = origin.connections();
+    for _ in 0..6 {
+        let r = get(&never, &url).await;
+        assert_eq!(r.header("x-origin"), origin.addr.to_string());
+    }
+    assert_eq!(origin.connections() - before, 6);
+
+    // By default the gateway learns it (two closings) and opens a tunnel to the origin
+    // through it, which the origin keeps alive.
+    let auto = Gateway::builder()
+        .config(ONE_WORKER)
+        .upstream(format!("http://{}", tp.addr))
+        .start()
+        .await;
+    let other = Origin::start().await;
+    let before = origin.connections();
+    for i in 0..20 {
+        let r = get(&auto, &url).await;
+        assert_eq!(r.header("x-origin"), origin.addr.to_string());
+        if i % 4 == 0 {
+            // Another origin between: its own tunnel.
+            let r = get(&auto, &format!("{}/o", other.url())).await;
+            assert_eq!(r.header("x-origin"), other.addr.to_string());
+            assert_eq!(r.header("x-target"), "/o");
+        }
+    }
+    let used = origin.connections() - before;
+    // Two absolute-form requests to learn from, then the tunnel.
+    assert!(used <= 3, "20 requests took {used} origin connections");
+    assert!(other.connections() <= 3, "{}", other.connections());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_per_client_connection_or_per_request() {
+    let origin = Origin::start().await;
+    let mut fakes = Vec::new();
+    for _ in 0..3 {
+        fakes.push(FakeUpstream::start(Kind::Http, None).await);
+    }
+    let exits = async |rotate: &str| {
+        let mut b = Gateway::builder().config(ONE_WORKER).config(&format!(
+            "{}\n[pool]\nstrategy = \"round_robin\"",
+            dial(rotate)
+        ));
+        for f in &fakes {
+            b = b.upstream(f.url("http"));
+        }
+        let gw = b.start().await;
+        // One client connection (curl reuses it), nine requests on it; every response's head.
+        let mut args = vec![
+            "-s".to_owned(),
+            "-x".to_owned(),
+            gw.http_proxy(),
+            "-D".to_owned(),
+            "-".to_owned(),
+            "-o".to_owned(),
+            "/dev/null".to_owned(),
+        ];
+        for i in 0..9 {
+            args.push(format!("{}/rot{i}", origin.url()));
+        }
+        let out = tokio::process::Command::new("curl")
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        let heads = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        let peers: Vec<&str> = heads
+            .lines()
+            .filter_map(|l| l.strip_prefix("x-peer:"))
+            .map(str::trim)
+            .collect();
+        assert_eq!(peers.len(), 9, "{heads}");
+        let seen: HashSet<String> = peers.iter().map(|p| (*p).to_owned()).collect();
+        seen
+    };
+    assert_eq!(
+        exits("").await.len(),
+        1,
+        "rotate = connection is the default"
+    );
+    assert_eq!(exits("rotate = \"connection\"").await.len(), 1);
+    assert_eq!(exits("rotate = \"request\"").await.len(), 3);
+}
