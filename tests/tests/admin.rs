@@ -252,6 +252,11 @@ async fn strategy_reputation_health_and_stats_from_the_cli() {
     assert!((sum - f["score"].as_f64().unwrap()).abs() < 1e-9, "{e}");
     assert_eq!(f["reputation"], e["reputation"]);
     assert!(e["why"].as_array().unwrap().len() >= 2, "{e}");
+    // What weighted_random draws by: the reputation discounted by the success rate.
+    let weight = e["selection_weight"].as_u64().unwrap();
+    let rate = f["success_rate"].as_f64().unwrap_or(1.0);
+    let want = (f["reputation"].as_f64().unwrap() * rate.powi(4)).round() as u64;
+    assert_eq!(weight, want, "{e}");
     let out = cli(&["reputation", &id, "--admin", &admin]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
@@ -261,6 +266,7 @@ async fn strategy_reputation_health_and_stats_from_the_cli() {
         "consecutive failures",
         "why:",
         "-> reputation",
+        "selection weight",
     ] {
         assert!(text.contains(want), "{want:?} missing:\n{text}");
     }

@@ -166,6 +166,9 @@ pub struct Explained {
     /// What "healthy" requires (`pool.healthy_reputation`, `pool.max_consecutive_failures`).
     pub healthy_reputation: u8,
     pub max_consecutive_failures: u32,
+    /// What `weighted_random` draws it by: `round(reputation * success_rate ^
+    /// pool.weight_success_exponent)`, 0-100.
+    pub selection_weight: u8,
     /// Why it stands where it does, most important first.
     pub why: Vec<String>,
     /// Response-time percentiles over its measured life.
@@ -708,7 +711,13 @@ impl Catalog {
             }
         };
         let formula = explain(&inputs, &self.health.reputation);
+        let selection_weight = proxygate_pool::selection_weight(
+            formula.reputation,
+            inputs.success_rate,
+            self.health.weight_success_exponent,
+        );
         Ok(Explained {
+            selection_weight,
             why: reasons(&row, &formula, &self.health),
             upstream: row,
             formula,

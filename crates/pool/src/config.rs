@@ -40,6 +40,9 @@ pub struct Config {
     /// pick in 16 at most), so one bad sample does not exile it for good.
     #[serde(with = "humantime_serde")]
     pub remeasure_after: Duration,
+    /// weighted_random draws each upstream by `reputation * success_rate ^ this` (see
+    /// [`crate::selection_weight`]); 0 draws by reputation alone.
+    pub weight_success_exponent: f64,
     /// How often the orders used by best_reputation and fastest_response are refreshed.
     #[serde(with = "humantime_serde")]
     pub reindex_interval: Duration,
@@ -61,6 +64,7 @@ impl Default for Config {
             ema_alpha: h.ema_alpha,
             failure_cost: h.failure_cost,
             remeasure_after: h.remeasure_after,
+            weight_success_exponent: h.weight_success_exponent,
             reindex_interval: DEFAULT_REINDEX_INTERVAL,
             session_ttl: DEFAULT_SESSION_TTL,
             reputation: ReputationConfig::default(),
@@ -80,6 +84,7 @@ impl Config {
             ema_alpha: self.ema_alpha,
             failure_cost: self.failure_cost,
             remeasure_after: self.remeasure_after,
+            weight_success_exponent: self.weight_success_exponent,
         }
     }
 
@@ -104,6 +109,12 @@ impl Config {
         }
         if !(self.ema_alpha > 0.0 && self.ema_alpha <= 1.0) {
             problems.push(Problem::new("pool.ema_alpha", "must be in (0, 1]"));
+        }
+        if !(0.0..=16.0).contains(&self.weight_success_exponent) {
+            problems.push(Problem::new(
+                "pool.weight_success_exponent",
+                "must be in [0, 16]",
+            ));
         }
         Problem::check_nonzero("pool.session_ttl", self.session_ttl, &mut problems);
         Problem::check_nonzero("pool.remeasure_after", self.remeasure_after, &mut problems);

@@ -21,7 +21,7 @@ use proxygate_core::{Outcome, Side};
 
 use crate::hot::{Hot, HotRef};
 use crate::latency::Latency;
-use crate::reputation::{Inputs, ReputationConfig, reputation};
+use crate::reputation::{Inputs, ReputationConfig, reputation, selection_weight};
 
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(30);
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(600);
@@ -30,6 +30,7 @@ pub const DEFAULT_MAX_CONSECUTIVE_FAILURES: u32 = 3;
 pub const DEFAULT_EMA_ALPHA: f64 = 0.2;
 pub const DEFAULT_FAILURE_COST: Duration = Duration::from_secs(1);
 pub const DEFAULT_REMEASURE_AFTER: Duration = Duration::from_secs(60);
+pub const DEFAULT_WEIGHT_SUCCESS_EXPONENT: f64 = 4.0;
 
 /// Health policy, and how the greedy strategies weigh what health measured.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +54,8 @@ pub struct HealthConfig {
     /// that nobody has used for this long (or ever), now and then, so one bad sample does not
     /// exile it for good.
     pub remeasure_after: Duration,
+    /// `weighted_random` draws by `reputation * success_rate ^ this` ([`selection_weight`]).
+    pub weight_success_exponent: f64,
 }
 
 impl Default for HealthConfig {
@@ -66,6 +69,7 @@ impl Default for HealthConfig {
             ema_alpha: DEFAULT_EMA_ALPHA,
             failure_cost: DEFAULT_FAILURE_COST,
             remeasure_after: DEFAULT_REMEASURE_AFTER,
+            weight_success_exponent: DEFAULT_WEIGHT_SUCCESS_EXPONENT,
         }
     }
 }
@@ -261,8 +265,20 @@ impl Health {
         };
         let hot = h.hot();
         hot.set_probation(saved.consecutive_failures > 0 || saved.successes == 0);
-        hot.set_reputation(reputation(&h.inputs(), &cfg.reputation));
+        h.set_reputation(cfg);
         h
+    }
+
+    /// Recomputes the reputation and the selection weight from the inputs as they stand.
+    fn set_reputation(&self, cfg: &HealthConfig) {
+        let rep = reputation(&self.inputs(), &cfg.reputation);
+        let hot = self.hot();
+        hot.set_reputation(rep);
+        hot.set_weight(selection_weight(
+            rep,
+            self.success_rate(),
+            cfg.weight_success_exponent,
+        ));
     }
 
     /// The hot part, in the pool's table.
@@ -343,6 +359,11 @@ impl Health {
 
     pub fn reputation(&self) -> u8 {
         self.hot().reputation()
+    }
+
+    /// What `weighted_random` draws it by: see [`selection_weight`].
+    pub fn selection_weight(&self) -> u8 {
+        self.hot().weight()
     }
 
     pub fn success_rate(&self) -> Option<f64> {
@@ -452,8 +473,7 @@ impl Health {
             }
             Some(_) => return Counted::Ignored,
         };
-        let rep = reputation(&self.inputs(), &cfg.reputation);
-        hot.set_reputation(rep);
+        self.set_reputation(cfg);
         self.dirty.store(true, Ordering::Relaxed);
         if was_on_probation {
             self.last_check_ms.store(now_ms.max(1), Ordering::Relaxed);

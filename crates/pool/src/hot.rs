@@ -52,6 +52,13 @@ const LAST_USED_SHIFT: u32 = 24;
 const LAST_USED_MAX: u64 = (1 << (64 - LAST_USED_SHIFT)) - 1;
 const INITIAL_STATE: u64 = ((INITIAL_REPUTATION as u64) << REPUTATION_SHIFT) | PROBATION;
 
+// The second word: the end of a backoff in ms since the pool's epoch (bits 0-55: two million
+// years) and the selection weight (bits 56-62, 0-100; see `reputation::selection_weight`).
+const BACKOFF_MASK: u64 = (1 << 56) - 1;
+const WEIGHT_SHIFT: u32 = 56;
+const WEIGHT_MASK: u64 = 0x7F << WEIGHT_SHIFT;
+const INITIAL_WORD2: u64 = (INITIAL_REPUTATION as u64) << WEIGHT_SHIFT;
+
 /// What a pick reads and writes of one upstream, in 16 bytes (a million take 16 MB). Times
 /// are milliseconds since the pool's epoch.
 ///
@@ -68,14 +75,15 @@ pub(crate) struct Hot {
 impl Hot {
     fn new() -> Hot {
         Hot {
-            backoff_until_ms: AtomicU64::new(0),
+            backoff_until_ms: AtomicU64::new(INITIAL_WORD2),
             state: AtomicU64::new(INITIAL_STATE),
         }
     }
 
     /// Back to a new upstream's state (a reused slot).
     fn reset(&self) {
-        self.backoff_until_ms.store(0, Ordering::Relaxed);
+        self.backoff_until_ms
+            .store(INITIAL_WORD2, Ordering::Relaxed);
         self.state.store(INITIAL_STATE, Ordering::Relaxed);
     }
 
@@ -127,11 +135,31 @@ impl Hot {
     }
 
     pub(crate) fn backoff_until_ms(&self) -> u64 {
-        self.backoff_until_ms.load(Ordering::Relaxed)
+        self.backoff_until_ms.load(Ordering::Relaxed) & BACKOFF_MASK
     }
 
     pub(crate) fn set_backoff_until_ms(&self, until: u64) {
-        self.backoff_until_ms.store(until, Ordering::Relaxed);
+        let until = until.min(BACKOFF_MASK);
+        let _ = self
+            .backoff_until_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                Some((w & WEIGHT_MASK) | until)
+            });
+    }
+
+    /// What `weighted_random` draws this upstream by (0-100).
+    pub(crate) fn weight(&self) -> u8 {
+        let bits = (self.backoff_until_ms.load(Ordering::Relaxed) & WEIGHT_MASK) >> WEIGHT_SHIFT;
+        u8::try_from(bits).unwrap_or(u8::MAX)
+    }
+
+    pub(crate) fn set_weight(&self, weight: u8) {
+        let bits = u64::from(weight.min(100)) << WEIGHT_SHIFT;
+        let _ = self
+            .backoff_until_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                Some((w & !WEIGHT_MASK) | bits)
+            });
     }
 
     /// One more in flight, used at `now_ms`.
@@ -284,6 +312,29 @@ impl Drop for HotRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weight_and_backoff_share_a_word_without_touching_each_other() {
+        let hot = Hot::new();
+        assert_eq!(
+            (hot.weight(), hot.backoff_until_ms()),
+            (INITIAL_REPUTATION, 0)
+        );
+        hot.set_backoff_until_ms(123_456_789);
+        hot.set_weight(4);
+        assert_eq!((hot.weight(), hot.backoff_until_ms()), (4, 123_456_789));
+        hot.set_weight(100);
+        hot.set_backoff_until_ms(0);
+        assert_eq!((hot.weight(), hot.backoff_until_ms()), (100, 0));
+        // Beyond the field: clamped, never spilling into the weight.
+        hot.set_backoff_until_ms(u64::MAX);
+        assert_eq!((hot.weight(), hot.backoff_until_ms()), (100, BACKOFF_MASK));
+        hot.reset();
+        assert_eq!(
+            (hot.weight(), hot.backoff_until_ms()),
+            (INITIAL_REPUTATION, 0)
+        );
+    }
 
     #[test]
     fn slots_are_stable_reused_and_reset() {

@@ -36,6 +36,6 @@ pub(crate) fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 pub use pool::{Lease, Pool, PoolReader, PoolWriter};
-pub use reputation::ReputationConfig;
+pub use reputation::{ReputationConfig, selection_weight};
 pub use snapshot::{Entry, Snapshot};
 pub use strategy::{Strategy, UnknownStrategy};

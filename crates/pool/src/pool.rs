@@ -797,6 +797,47 @@ mod tests {
     }
 
     #[test]
+    fn weighted_random_discounts_upstreams_that_fail_every_other_attempt() {
+        for n in [3, 300] {
+            let (r, _w, ids) = default_pool(n, Strategy::WeightedRandom);
+            let flaky = ids[0];
+            fail_every_other(&r, flaky);
+            let snap = r.snapshot();
+            let h = &snap.get(flaky).unwrap().health;
+            // The reputation operators see stays the documented formula's...
+            let rep = h.reputation();
+            assert!((60..=80).contains(&rep), "reputation {rep}");
+            // ...but the draw weighs what a failed attempt costs.
+            let weight = h.selection_weight();
+            assert!((1..=8).contains(&weight), "weight {weight}");
+            let picks = 60_000;
+            let c = counts(&r, picks);
+            let share = c.get(&flaky).copied().unwrap_or(0) as f64 / picks as f64;
+            let total: f64 = snap
+                .entries()
+                .iter()
+                .map(|e| f64::from(e.health.selection_weight().max(1)))
+                .sum();
+            let want = f64::from(weight) / total;
+            assert!(share > 0.0, "pool {n}: the flaky upstream starved");
+            assert!(
+                (share - want).abs() < 0.01 + want / 2.0,
+                "pool {n}: share {share:.4}, weight says {want:.4}"
+            );
+            // By reputation alone (exponent 0) it would get about rep / sum of reputations.
+            let by_rep: f64 = snap
+                .entries()
+                .iter()
+                .map(|e| f64::from(e.health.reputation()))
+                .sum();
+            assert!(
+                share < f64::from(rep) / by_rep / 4.0,
+                "pool {n}: {share:.4}"
+            );
+        }
+    }
+
+    #[test]
     fn fastest_response_charges_each_failure() {
         for n in [3, 300] {
             let (r, w, ids) = default_pool(n, Strategy::FastestResponse);

@@ -139,10 +139,49 @@ pub fn explain(i: &Inputs, cfg: &ReputationConfig) -> Explanation {
     }
 }
 
+/// What `weighted_random` draws an upstream by: its reputation times the measured probability
+/// that an attempt through it works, raised to `exponent`:
+///
+/// ```text
+/// weight = round(reputation * success_rate ^ exponent)     # 0-100; no data yet: reputation
+/// ```
+///
+/// The reputation alone keeps an upstream that fails every other attempt near 70 (its success
+/// term is 0, its latency and experience terms are full), so a draw by reputation sends it
+/// about 0.7 of a perfect upstream's share and pays a failed attempt for every second one.
+/// With the default exponent of 4 the same upstream weighs 70 * 0.5^4 ≈ 4: it still serves,
+/// about 1/25 as often as a perfect one, and a failed attempt costs a client rarely. An
+/// exponent of 0 draws by reputation alone.
+pub fn selection_weight(reputation: u8, success_rate: Option<f64>, exponent: f64) -> u8 {
+    let p = success_rate.unwrap_or(1.0);
+    let p = if p.is_nan() { 0.0 } else { p.clamp(0.0, 1.0) };
+    let w = f64::from(reputation.min(100)) * p.powf(exponent.max(0.0));
+    if w.is_nan() {
+        0
+    } else {
+        w.round().clamp(0.0, 100.0) as u8
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn selection_weight_discounts_what_fails() {
+        // No data: the reputation.
+        assert_eq!(selection_weight(50, None, 4.0), 50);
+        // Always works: the reputation.
+        assert_eq!(selection_weight(97, Some(1.0), 4.0), 97);
+        // Fails every other attempt: about 4 instead of 70.
+        assert_eq!(selection_weight(70, Some(0.5), 4.0), 4);
+        // Never works: nothing.
+        assert_eq!(selection_weight(20, Some(0.0), 4.0), 0);
+        // Exponent 0: the reputation alone.
+        assert_eq!(selection_weight(70, Some(0.5), 0.0), 70);
+        assert_eq!(selection_weight(70, Some(f64::NAN), 4.0), 0);
+    }
 
     fn cfg() -> ReputationConfig {
         ReputationConfig::default()
@@ -245,6 +284,15 @@ mod tests {
         fn more_failures_never_raise_it(i in inputs(), extra in 1u32..50) {
             let worse = Inputs { consecutive_failures: i.consecutive_failures + extra, ..i };
             prop_assert!(reputation(&worse, &cfg()) <= reputation(&i, &cfg()));
+        }
+
+        #[test]
+        fn weight_never_exceeds_reputation_and_falls_with_success(
+            rep in 0u8..=100, p in 0.0f64..=1.0, drop in 0.0f64..=1.0, exp in 0.0f64..8.0
+        ) {
+            let w = selection_weight(rep, Some(p), exp);
+            prop_assert!(w <= rep);
+            prop_assert!(selection_weight(rep, Some((p - drop).max(0.0)), exp) <= w);
         }
 
         #[test]

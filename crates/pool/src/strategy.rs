@@ -481,7 +481,7 @@ fn weighted<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     if view.len() <= EXACT_MAX {
         weighted_exact(view, ctx)
     } else {
-        probe(view, ctx, |c| fastrand::u8(0..100) < c.hot.reputation())
+        probe(view, ctx, |c| fastrand::u8(0..100) < c.hot.weight())
     }
 }
 
@@ -497,10 +497,10 @@ fn probe<'a>(
         .find(|c| view.ok(ctx, *c) && accept(*c))
 }
 
-/// Exact weighted draw over a small pool. Reputation 0 still gets weight 1 among the
-/// selectable, so a pool of all-zero upstreams is not treated as empty.
+/// Exact weighted draw over a small pool. Weight 0 still counts as 1 among the selectable, so
+/// a pool of all-zero upstreams is not treated as empty.
 fn weighted_exact<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
-    let weight = |c: Cand<'_>| u32::from(c.hot.reputation()).max(1);
+    let weight = |c: Cand<'_>| u32::from(c.hot.weight()).max(1);
     let total: u32 = view.iter().filter(|c| view.ok(ctx, *c)).map(weight).sum();
     if total == 0 {
         return None;

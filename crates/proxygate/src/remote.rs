@@ -325,6 +325,12 @@ pub(crate) fn render_explained(v: &Value) -> String {
         opt(&v["healthy_reputation"]),
         opt(&v["max_consecutive_failures"])
     );
+    let _ = writeln!(
+        out,
+        "  selection weight {} (weighted_random draws by reputation x success rate ^ \
+         pool.weight_success_exponent)",
+        opt(&v["selection_weight"])
+    );
     out.push_str("\nwhy:\n");
     for w in v["why"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "  - {}", w.as_str().unwrap_or_default());
