@@ -28,6 +28,11 @@ async fn farm(good_kind: Kind, good_scheme: &str) -> (Origin, FakeUpstream, Blac
              retry_deadline = \"3s\"\nmax_attempts = 3\n\
              [pool]\nbackoff_base = \"50ms\"\nbackoff_max = \"200ms\"",
         )
+        // Round robin: the dead upstreams keep their turn once their backoff ends, which is
+        // what is checked below (weighted_random draws an upstream that never worked about
+        // once in a hundred picks, by design).
+        .arg("--strategy")
+        .arg("round_robin")
         .upstream(format!("http://{refusing}"))
         .upstream(format!("{good_scheme}://{}", hole.addr))
         .upstream(good.url(good_scheme))

@@ -250,3 +250,156 @@ async fn a_third_dead_still_near_perfect() {
         assert!(rate >= floor, "{strategy} under {floor} %:\n{report}");
     }
 }
+
+/// One CONNECT tunnel and a GET through it on a new client connection: the time to the first
+/// byte of the response, or `None` if it failed.
+async fn tunnel_ttfb(
+    gateway: std::net::SocketAddr,
+    origin: std::net::SocketAddr,
+) -> Option<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t0 = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(gateway).await.ok()?;
+    s.write_all(format!("CONNECT {origin} HTTP/1.1\r\nHost: {origin}\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).await.ok()? == 0 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 200") {
+        return None;
+    }
+    s.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {origin}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let n = s.read(&mut b).await.ok()?;
+    let ttfb = t0.elapsed();
+    (n == 1 && b[0] == b'H').then_some(ttfb)
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Hedged connects on a farm with a slow upstream (its CONNECT answered after 2 s) and two
+/// black-holed ones among twelve good ones, round robin (so the slow one keeps its share of
+/// first attempts, a fifteenth: weighted_random would learn to avoid it, and the tail would
+/// be too thin to see): 400 CONNECT tunnels, 8 at a time, hedging off and on. Prints p50/p99/max time to first byte and the attempts each cost; asserts that the tail
+/// is cut (the slow upstream's 2 s no longer reach the p99), that hedges stay within their
+/// budget, and that every tunnel works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedged_connects_cut_the_tail() {
+    const TUNNELS: usize = 400;
+    let origin = Origin::start().await;
+    let mut keep = Vec::new();
+    let mut urls = Vec::new();
+    for _ in 0..12 {
+        let f = FakeUpstream::start(Kind::Http, None).await;
+        urls.push(f.url("http"));
+        keep.push(f);
+    }
+    let slow = FakeUpstream::start_with(
+        Kind::Http,
+        None,
+        Behavior {
+            delay: Duration::from_secs(2),
+            ..Behavior::default()
+        },
+    )
+    .await;
+    urls.push(slow.url("http"));
+    let holes = [Blackhole::start().await, Blackhole::start().await];
+    for h in &holes {
+        urls.push(format!("http://{}", h.addr));
+    }
+    let mut report = String::new();
+    let mut p99s = Vec::new();
+    for ratio in ["0", "0.1"] {
+        let mut b = Gateway::builder()
+            .config(&format!(
+                "[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"3s\"\n\
+             retry_deadline = \"10s\"\nmax_attempts = 3\nhedge_ratio = {ratio}\n\
+             hedge_min_delay = \"100ms\""
+            ))
+            .arg("--strategy")
+            .arg("round_robin");
+        for u in &urls {
+            b = b.upstream(u.clone());
+        }
+        let gw = b.start().await;
+        // Warm-up: every upstream tried once; the slow one's first attempt (new upstreams are
+        // on probation, one attempt at a time) succeeds after 2 s, the black holes go into
+        // backoff.
+        for _ in 0..30 {
+            tunnel_ttfb(gw.addr, origin.addr).await;
+        }
+        proxygate_tests::eventually(Duration::from_secs(10), || {
+            (slow.connections() > 0).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let (_, before) = gw.admin_get("/metrics").await;
+        let next = Arc::new(AtomicUsize::new(0));
+        let times = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (next, times, addr, origin) =
+                (Arc::clone(&next), Arc::clone(&times), gw.addr, origin.addr);
+            tasks.push(tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::SeqCst) < TUNNELS {
+                    let t = tunnel_ttfb(addr, origin).await;
+                    times.lock().unwrap().push(t);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (_, after) = gw.admin_get("/metrics").await;
+        let delta = |s: &str| metric(&after, s) - metric(&before, s);
+        let attempts = delta("proxygate_upstream_attempts_total ");
+        let won = delta("proxygate_upstream_hedges_total{result=\"won\"} ");
+        let lost = delta("proxygate_upstream_hedges_total{result=\"lost\"} ");
+        let times = times.lock().unwrap().clone();
+        let failed = times.iter().filter(|t| t.is_none()).count();
+        let mut ok: Vec<Duration> = times.into_iter().flatten().collect();
+        ok.sort();
+        let pct = |q: f64| ok[((ok.len() as f64 * q) as usize).min(ok.len() - 1)];
+        let (p50, p99, max) = (pct(0.5), pct(0.99), ok[ok.len() - 1]);
+        let line = format!(
+            "hedge_ratio {ratio:<4} p50 {:6.1} ms  p99 {:7.1} ms  max {:7.1} ms  attempts {attempts} \
+             ({:.2} per tunnel)  hedges won {won} lost {lost}  failed {failed}\n",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3,
+            attempts / TUNNELS as f64,
+        );
+        eprint!("{line}");
+        report.push_str(&line);
+        assert_eq!(failed, 0, "{report}\n{}", gw.logs());
+        if ratio == "0" {
+            assert_eq!(won + lost, 0.0, "hedged with hedging off:\n{report}");
+        } else {
+            assert!(won > 0.0, "no hedge won:\n{report}");
+            // The budget: a tenth of the attempts, plus what was banked at the start.
+            assert!(
+                won + lost <= attempts * 0.1 + 10.0,
+                "hedges over budget:\n{report}"
+            );
+        }
+        p99s.push(p99);
+    }
+    // Without hedging the slow upstream's 2 s sit in the tail; with it they are cut short.
+    assert!(p99s[0] >= Duration::from_millis(1500), "{report}");
+    assert!(p99s[1] < p99s[0] / 2, "the tail was not cut:\n{report}");
+}

@@ -24,6 +24,9 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_REPLY_HEAD_BYTES: usize = 8 * 1024;
 pub const DEFAULT_KEEP_IDLE: Duration = Duration::from_secs(30);
 pub const DEFAULT_KEEP_IDLE_MAX: usize = 16;
+pub const DEFAULT_HEDGE_RATIO: f64 = 0.1;
+pub const DEFAULT_HEDGE_MIN_DELAY: Duration = Duration::from_millis(100);
+pub const DEFAULT_HEDGE_MAX_DELAY: Duration = Duration::from_secs(3);
 /// The most data-plane threads `server.workers` may ask for.
 pub const MAX_WORKERS: usize = 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -131,6 +134,16 @@ pub struct DialConfig {
     /// origin (origin-form requests, the connection kept and reused like any other) rather than
     /// in absolute form to the proxy.
     pub tunnel_plain_http: TunnelPlain,
+    /// Hedged connects (CONNECT and SOCKS tunnels): an attempt whose upstream handshake has not
+    /// completed within the pool's recent p95 of handshake time (bounded by `hedge_min_delay`
+    /// and `hedge_max_delay`) gets a second attempt on another upstream; whichever completes
+    /// first serves. At most one hedge per request, and at most this share of attempts
+    /// (a budget, so a slow pool is not doubled); 0 turns hedging off.
+    pub hedge_ratio: f64,
+    #[serde(with = "humantime_serde")]
+    pub hedge_min_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub hedge_max_delay: Duration,
 }
 
 /// `dial.tunnel_plain_http`.
@@ -208,6 +221,9 @@ impl Default for DialConfig {
             keep_idle: DEFAULT_KEEP_IDLE,
             keep_idle_max: DEFAULT_KEEP_IDLE_MAX,
             tunnel_plain_http: TunnelPlain::Auto,
+            hedge_ratio: DEFAULT_HEDGE_RATIO,
+            hedge_min_delay: DEFAULT_HEDGE_MIN_DELAY,
+            hedge_max_delay: DEFAULT_HEDGE_MAX_DELAY,
         }
     }
 }
@@ -294,6 +310,21 @@ impl Config {
         if self.dial.max_attempts == 0 {
             problems.push(Problem::new("dial.max_attempts", "must be at least 1"));
         }
+        if !(0.0..=1.0).contains(&self.dial.hedge_ratio) {
+            problems.push(Problem::new("dial.hedge_ratio", "must be in [0, 1]"));
+        }
+        if self.dial.hedge_min_delay.is_zero() {
+            problems.push(Problem::new(
+                "dial.hedge_min_delay",
+                "must be longer than 0",
+            ));
+        }
+        if self.dial.hedge_max_delay < self.dial.hedge_min_delay {
+            problems.push(Problem::new(
+                "dial.hedge_max_delay",
+                "must be at least dial.hedge_min_delay",
+            ));
+        }
         for (key, path) in [
             ("auth.users_file", &self.auth.users_file),
             ("dial.tls_ca_file", &self.dial.tls_ca_file),
@@ -347,6 +378,8 @@ mod tests {
         c.dial.max_attempts = 0;
         c.dial.connect_timeout = Duration::ZERO;
         c.dial.tls_ca_file = Some("/nonexistent/ca.pem".into());
+        c.dial.hedge_ratio = 1.5;
+        c.dial.hedge_max_delay = Duration::from_millis(10);
         let keys: Vec<_> = c.validate().into_iter().map(|p| p.key).collect();
         assert_eq!(
             keys,
@@ -354,6 +387,8 @@ mod tests {
                 "server.max_connections",
                 "dial.connect_timeout",
                 "dial.max_attempts",
+                "dial.hedge_ratio",
+                "dial.hedge_max_delay",
                 "dial.tls_ca_file"
             ]
         );

@@ -13,9 +13,11 @@
 //! upstream refusing service. (Implementations disagree on 500/503, so those count as the
 //! upstream's.)
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use proxygate_core::{ErrorKind, Host, Outcome, Route, Scheme, Target, Upstream, UpstreamId};
@@ -405,6 +407,8 @@ pub struct Budget {
     max_attempts: usize,
     deadline: tokio::time::Instant,
     last: Option<GatewayError>,
+    /// A hedge was started for this request (at most one is).
+    hedged: bool,
 }
 
 impl Budget {
@@ -461,7 +465,77 @@ pub struct Dialer {
     pool: PoolReader,
     connector: Connector,
     metrics: Arc<Metrics>,
+    hedging: Arc<Hedging>,
 }
+
+/// What hedged connects go by, shared by every clone of a dialer.
+#[derive(Debug, Default)]
+struct Hedging {
+    /// A running estimate of the p95 of the time successful attempts took to an established
+    /// tunnel (connect and handshake), in µs as `f64` bits; 0 before any.
+    p95_us: AtomicU64,
+    /// Hedge credit in thousandths of a hedge: each attempt earns `dial.hedge_ratio` of one, a
+    /// hedge spends one, and at most [`HEDGE_BURST`] are banked.
+    credit: AtomicI64,
+}
+
+/// Hedges banked at most (credit earned while none was needed).
+const HEDGE_BURST: i64 = 10;
+/// How far one sample moves the p95 estimate: up by `0.95 * STEP` when above it, down by
+/// `0.05 * STEP` when not, which settles where 5 % of samples are above it.
+const P95_STEP: f64 = 0.05;
+
+impl Hedging {
+    /// Feeds one successful attempt's time to an established tunnel.
+    fn observe(&self, took: Duration) {
+        let t = took.as_secs_f64() * 1e6;
+        let cur = f64::from_bits(self.p95_us.load(Ordering::Relaxed));
+        let next = if cur <= 0.0 || !cur.is_finite() {
+            t
+        } else if t > cur {
+            cur * (1.0 + 0.95 * P95_STEP)
+        } else {
+            cur * (1.0 - 0.05 * P95_STEP)
+        };
+        self.p95_us.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// How long an attempt may take before it is hedged: the recent p95, within the bounds
+    /// (the upper bound before anything was measured).
+    fn delay(&self, cfg: &DialConfig) -> Duration {
+        let p95 = f64::from_bits(self.p95_us.load(Ordering::Relaxed));
+        if p95 <= 0.0 || !p95.is_finite() {
+            return cfg.hedge_max_delay;
+        }
+        Duration::from_secs_f64(p95 / 1e6).clamp(cfg.hedge_min_delay, cfg.hedge_max_delay)
+    }
+
+    /// One attempt's worth of credit.
+    fn earn(&self, ratio: f64) {
+        let add = (ratio * 1000.0) as i64;
+        let _ = self
+            .credit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                Some((c + add).min(HEDGE_BURST * 1000))
+            });
+    }
+
+    /// Spends one hedge's credit, if there is that much.
+    fn spend(&self) -> bool {
+        self.credit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                (c >= 1000).then_some(c - 1000)
+            })
+            .is_ok()
+    }
+
+    fn refund(&self) {
+        self.credit.fetch_add(1000, Ordering::Relaxed);
+    }
+}
+
+/// One attempt's result, with its lease.
+type Attempt = (Lease, Result<(BoxedIo, Outcome, bool), GatewayError>);
 
 impl Dialer {
     pub fn new(pool: PoolReader, connector: Connector, metrics: Arc<Metrics>) -> Self {
@@ -469,6 +543,7 @@ impl Dialer {
             pool,
             connector,
             metrics,
+            hedging: Arc::default(),
         }
     }
 
@@ -491,6 +566,7 @@ impl Dialer {
             max_attempts: cfg.max_attempts as usize,
             deadline: tokio::time::Instant::now() + cfg.retry_deadline,
             last: None,
+            hedged: false,
         }
     }
 
@@ -514,9 +590,24 @@ impl Dialer {
         purpose: Purpose,
         budget: &mut Budget,
     ) -> Result<Established, GatewayError> {
+        let ratio = self.connector.config().hedge_ratio;
         while let Some(lease) = self.pick(budget, None) {
-            match self.connect(&lease, target, purpose, budget).await {
+            let (lease, result) = if purpose == Purpose::Tunnel && ratio > 0.0 {
+                self.hedging.earn(ratio);
+                // A sticky session asked for its exit: never hedged onto another.
+                if budget.hedged || budget.routing.session_key.is_some() {
+                    let r = self.connect(&lease, target, purpose, budget).await;
+                    (lease, r)
+                } else {
+                    self.hedged(lease, target, budget).await
+                }
+            } else {
+                let r = self.connect(&lease, target, purpose, budget).await;
+                (lease, r)
+            };
+            match result {
                 Ok((io, outcome, to_http_proxy)) => {
+                    self.observe(&outcome);
                     return Ok(Established {
                         io,
                         lease,
@@ -532,6 +623,100 @@ impl Dialer {
             }
         }
         Err(budget.exhausted())
+    }
+
+    /// A tunnel attempt through `lease`, hedged: if it has not completed within the recent p95
+    /// of attempts (`dial.hedge_min_delay`..`dial.hedge_max_delay`) and the hedge budget
+    /// allows, a second attempt starts on another upstream, and the first of them to succeed
+    /// serves. The other goes on in the background until it ends, its tunnel (if any) is
+    /// closed, and its outcome is reported to its upstream as it was. A failure of one waits
+    /// for the other. Nothing has reached the client yet: this is all before the first byte.
+    async fn hedged(&self, lease: Lease, target: &Target, budget: &mut Budget) -> Attempt {
+        let cfg = self.connector.config();
+        let mut first = Box::pin(self.owned_attempt(lease, target.clone(), budget.deadline));
+        if let Ok(done) = tokio::time::timeout(self.hedging.delay(cfg), &mut first).await {
+            return done;
+        }
+        if !self.hedging.spend() {
+            return first.await;
+        }
+        let Some(lease2) = self.pick(budget, None) else {
+            self.hedging.refund();
+            return first.await;
+        };
+        budget.hedged = true;
+        tracing::debug!(
+            hedge = %lease2.upstream(),
+            "attempt slower than the pool's recent p95: hedging on another upstream"
+        );
+        let mut second = Box::pin(self.owned_attempt(lease2, target.clone(), budget.deadline));
+        tokio::select! {
+            (lease, r) = &mut first => match r {
+                Ok(ok) => {
+                    self.metrics.hedge(false);
+                    self.finish_in_background(second);
+                    (lease, Ok(ok))
+                }
+                Err(e) => {
+                    budget.fail(lease, e);
+                    let done = second.await;
+                    if done.1.is_ok() {
+                        self.metrics.hedge(true);
+                    }
+                    done
+                }
+            },
+            (lease, r) = &mut second => match r {
+                Ok(ok) => {
+                    self.metrics.hedge(true);
+                    self.finish_in_background(first);
+                    (lease, Ok(ok))
+                }
+                Err(e) => {
+                    budget.fail(lease, e);
+                    let done = first.await;
+                    if done.1.is_ok() {
+                        self.metrics.hedge(false);
+                    }
+                    done
+                }
+            },
+        }
+    }
+
+    /// An attempt that owns what it needs, so the loser of a hedge can finish on its own.
+    fn owned_attempt(
+        &self,
+        lease: Lease,
+        target: Target,
+        deadline: tokio::time::Instant,
+    ) -> impl Future<Output = Attempt> + Send + 'static {
+        let this = self.clone();
+        async move {
+            let r = this
+                .connect_until(&lease, &target, Purpose::Tunnel, deadline)
+                .await;
+            (lease, r)
+        }
+    }
+
+    /// Lets the attempt that lost a hedge run to its end: a tunnel it opens is closed at once,
+    /// and its outcome (success with its times, or its failure) goes to its upstream.
+    fn finish_in_background(&self, attempt: impl Future<Output = Attempt> + Send + 'static) {
+        let metrics = Arc::clone(&self.metrics);
+        tokio::spawn(async move {
+            let (lease, r) = attempt.await;
+            match r {
+                Ok((io, outcome, _)) => {
+                    drop(io);
+                    lease.report(&outcome);
+                }
+                Err(e) => {
+                    metrics.failure(e.kind);
+                    lease.report(&Outcome::failed(e.kind));
+                }
+            }
+        });
     }
 
     /// The next upstream to try within `budget`: `prefer` when it is still in the pool, out of
@@ -582,8 +767,32 @@ impl Dialer {
         purpose: Purpose,
         budget: &Budget,
     ) -> Result<(BoxedIo, Outcome, bool), GatewayError> {
+        let r = self
+            .connect_until(lease, target, purpose, budget.deadline)
+            .await;
+        if let Ok((_, outcome, _)) = &r {
+            self.observe(outcome);
+        }
+        r
+    }
+
+    /// Feeds the hedging p95 with what a client waited for: the attempts that served (the
+    /// loser of a hedge does not count, or the tail hedging cuts would set the delay).
+    fn observe(&self, outcome: &Outcome) {
+        if let (Some(connect), Some(handshake)) = (outcome.connect, outcome.handshake) {
+            self.hedging.observe(connect + handshake);
+        }
+    }
+
+    async fn connect_until(
+        &self,
+        lease: &Lease,
+        target: &Target,
+        purpose: Purpose,
+        deadline: tokio::time::Instant,
+    ) -> Result<(BoxedIo, Outcome, bool), GatewayError> {
         let attempt = self.attempt(lease.upstream(), target, purpose);
-        match tokio::time::timeout_at(budget.deadline, attempt).await {
+        match tokio::time::timeout_at(deadline, attempt).await {
             Ok(Ok((io, outcome, to_http_proxy))) => {
                 if let Some(connect) = outcome.connect {
                     self.metrics.established(connect, outcome.handshake);
@@ -621,5 +830,63 @@ impl Dialer {
         let io = self.connector.handshake(up, io, target).await?;
         outcome.handshake = Some(t0.elapsed().saturating_sub(connect));
         Ok((io, outcome, false))
+    }
+}
+
+#[cfg(test)]
+mod hedging_tests {
+    use super::*;
+
+    fn cfg() -> DialConfig {
+        DialConfig::default()
+    }
+
+    #[test]
+    fn the_delay_follows_the_p95_within_its_bounds() {
+        let h = Hedging::default();
+        // Nothing measured: the upper bound.
+        assert_eq!(h.delay(&cfg()), cfg().hedge_max_delay);
+        // 95 % of attempts at 200 ms, 5 % at 1 s: the estimate settles between them.
+        for i in 0..20_000 {
+            let ms = if i % 20 == 0 { 1000 } else { 200 };
+            h.observe(Duration::from_millis(ms));
+        }
+        let d = h.delay(&cfg());
+        assert!(
+            d > Duration::from_millis(190) && d < Duration::from_millis(1100),
+            "{d:?}"
+        );
+        // All fast: the lower bound.
+        for _ in 0..20_000 {
+            h.observe(Duration::from_millis(1));
+        }
+        assert_eq!(h.delay(&cfg()), cfg().hedge_min_delay);
+        // All very slow: the upper bound.
+        for _ in 0..20_000 {
+            h.observe(Duration::from_secs(30));
+        }
+        assert_eq!(h.delay(&cfg()), cfg().hedge_max_delay);
+    }
+
+    #[test]
+    fn hedges_are_a_bounded_share_of_attempts() {
+        let h = Hedging::default();
+        assert!(!h.spend(), "no credit before any attempt");
+        let mut hedges = 0;
+        for _ in 0..1000 {
+            h.earn(0.1);
+            if h.spend() {
+                hedges += 1;
+            }
+        }
+        assert_eq!(hedges, 100);
+        // Credit banks up to a burst, no more.
+        for _ in 0..10_000 {
+            h.earn(0.1);
+        }
+        let burst = std::iter::from_fn(|| h.spend().then_some(())).count();
+        assert_eq!(burst as i64, HEDGE_BURST);
+        h.refund();
+        assert!(h.spend());
     }
 }

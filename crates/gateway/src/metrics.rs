@@ -103,6 +103,8 @@ pub struct Metrics {
     retries: IntCounter,
     failures: Vec<IntCounter>,
     selections: Vec<IntCounter>,
+    /// Hedged connects: `[won, lost]` (the hedge served, or the first attempt did).
+    hedges: [IntCounter; 2],
 }
 
 /// What the registry collects from (the series of [`Metrics`] are their children).
@@ -188,6 +190,12 @@ impl Metrics {
             "proxygate_upstream_retries_total",
             "Attempts that retried a client request on another upstream.",
         )?;
+        let hedges = counters(
+            "proxygate_upstream_hedges_total",
+            "Hedged connects: a second attempt started because the first was slower than the \
+             pool's recent p95; won: the hedge served the client, lost: the first attempt did.",
+            &["result"],
+        )?;
         let outcomes = || std::iter::once("ok").chain(ErrorKind::ALL.iter().map(|e| e.as_str()));
         let collectors: Collectors = vec![
             Box::new(connections.clone()),
@@ -202,6 +210,7 @@ impl Metrics {
             Box::new(first_byte.clone()),
             Box::new(attempts.clone()),
             Box::new(retries.clone()),
+            Box::new(hedges.clone()),
         ];
         let m = Metrics {
             connections: Protocol::ALL
@@ -230,6 +239,10 @@ impl Metrics {
             first_byte,
             attempts,
             retries,
+            hedges: [
+                hedges.with_label_values(&["won"]),
+                hedges.with_label_values(&["lost"]),
+            ],
         };
         Ok((m, collectors))
     }
@@ -276,6 +289,11 @@ impl Metrics {
     }
 
     /// An attempt failed with `kind`.
+    /// A hedged connect ended: `won` when the hedge served the client.
+    pub fn hedge(&self, won: bool) {
+        self.hedges[usize::from(!won)].inc();
+    }
+
     pub fn failure(&self, kind: ErrorKind) {
         self.failures[kind.index()].inc();
     }
@@ -328,7 +346,7 @@ mod tests {
         let before = count(&registry);
         assert_eq!(
             before,
-            4 + 5 * OUTCOMES + 2 + ErrorKind::ALL.len() + Strategy::ALL.len() + 2 + 3 + 2
+            4 + 5 * OUTCOMES + 2 + ErrorKind::ALL.len() + Strategy::ALL.len() + 2 + 3 + 2 + 2
         );
         m.request(RequestKind::Socks4, Some(ErrorKind::Internal));
         m.request(RequestKind::HttpConnect, None);
