@@ -69,6 +69,9 @@ pub struct Behavior {
     pub fail_every_other: bool,
     /// What an HTTP fake adds to the absolute-form requests it forwards.
     pub reveal: Reveal,
+    /// An HTTP fake answers `403` to a CONNECT to this host (its ACL, or a site banning its
+    /// address), and serves every other.
+    pub refuse_host: Option<&'static str>,
 }
 
 /// Headers an HTTP fake adds when it forwards a request: what a judge classifies.
@@ -106,6 +109,7 @@ impl FakeUpstream {
             creds: creds.clone(),
             seen: Arc::clone(&seen),
             reveal: behavior.reveal,
+            refuse_host: behavior.refuse_host,
         };
         let count = Arc::clone(&connections);
         let open = Arc::new(AtomicUsize::new(0));
@@ -196,6 +200,7 @@ struct Ctx {
     creds: Option<(String, String)>,
     seen: Arc<Mutex<Seen>>,
     reveal: Reveal,
+    refuse_host: Option<&'static str>,
 }
 
 impl Ctx {
@@ -292,6 +297,12 @@ async fn http_proxy<S: AsyncRead + AsyncWrite + Unpin>(ctx: Ctx, mut s: S) {
     let Some((host, port)) = authority.rsplit_once(':') else {
         return;
     };
+    if method == "CONNECT" && ctx.refuse_host == Some(host) {
+        let _ = s
+            .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            .await;
+        return;
+    }
     let Some(mut out) = ctx.dial(host, port.parse().unwrap_or(0)).await else {
         let _ = s
             .write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")

@@ -169,6 +169,9 @@ pub struct Explained {
     /// What `weighted_random` draws it by: `round(reputation * success_rate ^
     /// pool.weight_success_exponent)`, 0-100.
     pub selection_weight: u8,
+    /// The target sites where it is blocked now (selection avoids it there), most recent
+    /// failure first; empty when no gateway runs.
+    pub blocked_sites: Vec<proxygate_pool::sites::Blocked>,
     /// Why it stands where it does, most important first.
     pub why: Vec<String>,
     /// Response-time percentiles over its measured life.
@@ -716,8 +719,14 @@ impl Catalog {
             inputs.success_rate,
             self.health.weight_success_exponent,
         );
+        let blocked_sites = self
+            .live
+            .as_ref()
+            .map(|l| l.pool.reader().blocked_sites(id, std::time::Instant::now()))
+            .unwrap_or_default();
         Ok(Explained {
             selection_weight,
+            blocked_sites,
             why: reasons(&row, &formula, &self.health),
             upstream: row,
             formula,

@@ -67,6 +67,8 @@ pub struct Established {
     pub to_http_proxy: bool,
     /// Connect and handshake times, for the outcome.
     pub outcome: Outcome,
+    /// What it leads to (whose site a tunnel that ends before a byte came back failed for).
+    pub target: Target,
 }
 
 impl std::fmt::Debug for Established {
@@ -402,6 +404,10 @@ impl Routing {
 #[derive(Debug)]
 pub struct Budget {
     metrics: Arc<Metrics>,
+    pool: PoolReader,
+    /// The target's site (see `proxygate_pool::sites`), worked out when first needed.
+    target: Target,
+    site: Option<String>,
     routing: Routing,
     tried: Vec<UpstreamId>,
     max_attempts: usize,
@@ -417,6 +423,11 @@ impl Budget {
     pub fn fail(&mut self, lease: Lease, err: GatewayError) -> bool {
         tracing::debug!(upstream = %lease.upstream(), error = %err, "attempt failed");
         self.metrics.failure(err.kind);
+        if err.kind == ErrorKind::UpstreamRefused {
+            // It refused this destination: blocked there, perhaps not elsewhere.
+            let site = self.site().to_owned();
+            self.pool.site_failed(lease.id(), &site, Instant::now());
+        }
         if !self.tried.contains(&lease.id()) {
             self.tried.push(lease.id());
         }
@@ -428,6 +439,13 @@ impl Budget {
 
     pub fn routing(&self) -> &Routing {
         &self.routing
+    }
+
+    /// The target's site: its registrable domain, or the address.
+    pub fn site(&mut self) -> &str {
+        let target = &self.target;
+        self.site
+            .get_or_insert_with(|| proxygate_pool::sites::site_of(&target.host.to_string()))
     }
 
     fn has_time(&self) -> bool {
@@ -557,10 +575,13 @@ impl Dialer {
 
     /// A fresh retry budget for one client request: `dial.max_attempts` upstreams within
     /// `dial.retry_deadline` from now.
-    pub fn budget(&self, routing: Routing) -> Budget {
+    pub fn budget(&self, routing: Routing, target: &Target) -> Budget {
         let cfg = self.connector.config();
         Budget {
             metrics: Arc::clone(&self.metrics),
+            pool: self.pool.clone(),
+            target: target.clone(),
+            site: None,
             routing,
             tried: Vec::new(),
             max_attempts: cfg.max_attempts as usize,
@@ -577,7 +598,7 @@ impl Dialer {
         purpose: Purpose,
         routing: Routing,
     ) -> Result<Established, GatewayError> {
-        self.dial_within(target, purpose, &mut self.budget(routing))
+        self.dial_within(target, purpose, &mut self.budget(routing, target))
             .await
     }
 
@@ -613,6 +634,7 @@ impl Dialer {
                         lease,
                         to_http_proxy,
                         outcome,
+                        target: target.clone(),
                     });
                 }
                 Err(e) => {
@@ -740,6 +762,11 @@ impl Dialer {
                 &budget.tried,
             )?,
         };
+        // Upstreams blocked for this site are passed over while others are left (a sticky
+        // session keeps its exit: it asked for it).
+        if budget.routing.session_key.is_none() && self.pool.site_entries() > 0 {
+            lease = self.avoid_blocked(lease, budget);
+        }
         if lease.is_panic_mode() {
             tracing::info!(
                 upstream = %lease.upstream(),
@@ -749,10 +776,39 @@ impl Dialer {
         }
         // Held for the whole dial and tunnel: keep the upstream, not the pool's snapshot.
         lease.detach();
-        let strategy = r.strategy.unwrap_or_else(|| self.pool.strategy());
+        let strategy = budget
+            .routing
+            .strategy
+            .unwrap_or_else(|| self.pool.strategy());
         self.metrics.attempt(strategy, !budget.tried.is_empty());
         budget.tried.push(lease.id());
         Some(lease)
+    }
+
+    /// `lease`, or (when its upstream is blocked for the budget's site) another the strategy
+    /// picks that is not, trying a few; the last pick when every one was blocked.
+    fn avoid_blocked(&self, mut lease: Lease, budget: &mut Budget) -> Lease {
+        const REPICKS: usize = 4;
+        let now = Instant::now();
+        let site = budget.site().to_owned();
+        if !self.pool.site_blocked(lease.id(), &site, now) {
+            return lease;
+        }
+        let mut avoid = budget.tried.clone();
+        for _ in 0..REPICKS {
+            avoid.push(lease.id());
+            let r = &budget.routing;
+            match self.pool.select_route(&r.route, None, r.strategy, &avoid) {
+                Some(next) => {
+                    lease = next;
+                    if !self.pool.site_blocked(lease.id(), &site, now) {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+        lease
     }
 
     /// One attempt through `lease`'s upstream to `target`, within the budget's deadline:

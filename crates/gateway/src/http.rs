@@ -489,7 +489,7 @@ async fn forward(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
     let mut body = Some(body);
-    let mut budget = gw.dialer().budget(routing);
+    let mut budget = gw.dialer().budget(routing, &target);
     let cfg = Reuse::of(&gw.config().dial, replayable && idempotent);
     let prefer = match cfg.rotate {
         Rotate::Connection => sticky
@@ -570,6 +570,7 @@ async fn forward(
                 Ok(Ok(mut response)) => {
                     let id = lease.id();
                     outcome.first_byte = Some(t0.elapsed());
+                    note_site(gw, id, response.status(), &mut budget);
                     gw.metrics().first_byte(t0.elapsed());
                     if cfg.rotate == Rotate::Connection
                         && let Ok(mut s) = sticky.lock()
@@ -631,6 +632,19 @@ async fn forward(
         if !(replayable && retry) {
             return Err(budget.exhausted());
         }
+    }
+}
+
+/// What an absolute-form answer says of its upstream at the target's site: 403 and 429 are a
+/// site turning the upstream's address away; a success or a redirect, that it works there.
+fn note_site(gw: &Gateway, id: UpstreamId, status: StatusCode, budget: &mut Budget) {
+    let pool = gw.dialer().pool();
+    if status == StatusCode::FORBIDDEN || status == StatusCode::TOO_MANY_REQUESTS {
+        let site = budget.site().to_owned();
+        pool.site_failed(id, &site, Instant::now());
+    } else if (status.is_success() || status.is_redirection()) && pool.site_entries() > 0 {
+        let site = budget.site().to_owned();
+        pool.site_worked(id, &site, Instant::now());
     }
 }
 

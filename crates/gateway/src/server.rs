@@ -250,6 +250,20 @@ impl Gateway {
             end = ?stats.end,
             "tunnel closed"
         );
+        // The target closing or resetting the tunnel before a byte came back, though the
+        // client spoke: the site turned this upstream away. Bytes back: it works there.
+        let pool = self.0.dialer.pool();
+        let turned_away = stats.first_byte.is_none()
+            && stats.bytes_up > 0
+            && matches!(stats.end, RelayEnd::Closed | RelayEnd::UpstreamError);
+        if turned_away || (stats.first_byte.is_some() && pool.site_entries() > 0) {
+            let site = proxygate_pool::sites::site_of(&est.target.host.to_string());
+            if turned_away {
+                pool.site_failed(est.lease.id(), &site, std::time::Instant::now());
+            } else {
+                pool.site_worked(est.lease.id(), &site, std::time::Instant::now());
+            }
+        }
         est.lease.report(&outcome);
     }
 

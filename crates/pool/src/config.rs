@@ -43,6 +43,12 @@ pub struct Config {
     /// weighted_random draws each upstream by `reputation * success_rate ^ this` (see
     /// [`crate::selection_weight`]); 0 draws by reputation alone.
     pub weight_success_exponent: f64,
+    /// Failures in a row for one target site (its registrable domain) through one upstream
+    /// after which selection avoids that upstream for that site...
+    pub site_block_after: u32,
+    /// ...for this long after the last of them.
+    #[serde(with = "humantime_serde")]
+    pub site_block_for: Duration,
     /// How often the orders used by best_reputation and fastest_response are refreshed.
     #[serde(with = "humantime_serde")]
     pub reindex_interval: Duration,
@@ -65,6 +71,8 @@ impl Default for Config {
             failure_cost: h.failure_cost,
             remeasure_after: h.remeasure_after,
             weight_success_exponent: h.weight_success_exponent,
+            site_block_after: h.sites.block_after,
+            site_block_for: h.sites.block_for,
             reindex_interval: DEFAULT_REINDEX_INTERVAL,
             session_ttl: DEFAULT_SESSION_TTL,
             reputation: ReputationConfig::default(),
@@ -85,6 +93,10 @@ impl Config {
             failure_cost: self.failure_cost,
             remeasure_after: self.remeasure_after,
             weight_success_exponent: self.weight_success_exponent,
+            sites: crate::sites::SiteConfig {
+                block_after: self.site_block_after,
+                block_for: self.site_block_for,
+            },
         }
     }
 
@@ -116,6 +128,10 @@ impl Config {
                 "must be in [0, 16]",
             ));
         }
+        if self.site_block_after == 0 {
+            problems.push(Problem::new("pool.site_block_after", "must be at least 1"));
+        }
+        Problem::check_nonzero("pool.site_block_for", self.site_block_for, &mut problems);
         Problem::check_nonzero("pool.session_ttl", self.session_ttl, &mut problems);
         Problem::check_nonzero("pool.remeasure_after", self.remeasure_after, &mut problems);
         Problem::check_nonzero(

@@ -56,6 +56,8 @@ pub struct HealthConfig {
     pub remeasure_after: Duration,
     /// `weighted_random` draws by `reputation * success_rate ^ this` ([`selection_weight`]).
     pub weight_success_exponent: f64,
+    /// When an upstream counts as blocked for a site.
+    pub sites: crate::sites::SiteConfig,
 }
 
 impl Default for HealthConfig {
@@ -70,6 +72,7 @@ impl Default for HealthConfig {
             failure_cost: DEFAULT_FAILURE_COST,
             remeasure_after: DEFAULT_REMEASURE_AFTER,
             weight_success_exponent: DEFAULT_WEIGHT_SUCCESS_EXPONENT,
+            sites: crate::sites::SiteConfig::default(),
         }
     }
 }

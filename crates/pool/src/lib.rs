@@ -10,6 +10,8 @@
 //!   whole pool since the last look ([`latency::Recent`]).
 //! - `hot`: the hot table, the part of every upstream's health a pick reads, contiguous.
 //! - [`sessions`]: the sticky-session table (session key -> pinned upstream, with a TTL).
+//! - [`sites`]: per-(upstream, target site) failures, so selection avoids an upstream where it
+//!   is blocked while it serves elsewhere.
 //! - [`strategy`]: [`Strategy`], the six selection strategies and their pick algorithms.
 //! - [`pool`]: [`Pool`] with its [`PoolReader`] (select, hot path) and [`PoolWriter`] (replace
 //!   the set of upstreams, switch strategy), and the [`Lease`] that reports an attempt's
@@ -24,6 +26,7 @@ pub mod latency;
 pub mod pool;
 pub mod reputation;
 pub mod sessions;
+pub mod sites;
 pub mod snapshot;
 pub mod strategy;
 

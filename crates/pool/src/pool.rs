@@ -16,6 +16,7 @@ use proxygate_core::{Outcome, Route, Upstream, UpstreamId};
 use crate::health::Counted;
 use crate::latency::Window;
 use crate::sessions::Sessions;
+use crate::sites::{Blocked, SiteBook};
 use crate::snapshot::{Counter, SHARDS, Shard, Shared, shard_index};
 use crate::strategy::{PickCtx, pick};
 use crate::{Entry, HealthConfig, Snapshot, Strategy};
@@ -35,6 +36,8 @@ pub struct Pool {
     sessions: Sessions,
     session_ttl_ms: AtomicU64,
     shared: Arc<Shared>,
+    /// Per-(upstream, site) failures.
+    sites: SiteBook,
     /// Held while a new snapshot is built from the current one and published, so two writers
     /// (a replace and the reindexer) never publish over each other's work.
     writing: Mutex<()>,
@@ -80,6 +83,7 @@ impl Pool {
             sessions: Sessions::default(),
             session_ttl_ms: AtomicU64::new(DEFAULT_SESSION_TTL_MS),
             shared: Arc::new(Shared::new(health)),
+            sites: SiteBook::default(),
             writing: Mutex::new(()),
         });
         (PoolReader(Arc::clone(&pool)), PoolWriter(pool))
@@ -101,6 +105,42 @@ impl Pool {
 }
 
 impl PoolReader {
+    /// `id` failed for `site` (see [`crate::sites`]).
+    pub fn site_failed(&self, id: UpstreamId, site: &str, now: Instant) {
+        self.0.sites.failed(id, site, self.0.millis(now));
+    }
+
+    /// `id` worked for `site`.
+    pub fn site_worked(&self, id: UpstreamId, site: &str, now: Instant) {
+        self.0.sites.worked(id, site, self.0.millis(now));
+    }
+
+    /// Whether selection should avoid `id` for `site` now.
+    pub fn site_blocked(&self, id: UpstreamId, site: &str, now: Instant) -> bool {
+        self.0
+            .sites
+            .is_blocked(id, site, self.0.millis(now), &self.0.shared.health.sites)
+    }
+
+    /// The sites where `id` is blocked now.
+    pub fn blocked_sites(&self, id: UpstreamId, now: Instant) -> Vec<Blocked> {
+        self.0
+            .sites
+            .blocked_sites(id, self.0.millis(now), &self.0.shared.health.sites)
+    }
+
+    /// (Upstream, site) entries kept now.
+    pub fn site_entries(&self) -> usize {
+        self.0.sites.len()
+    }
+
+    /// Forgets per-site outcomes that no longer matter (run now and then).
+    pub fn sweep_sites(&self, now: Instant) {
+        self.0
+            .sites
+            .sweep(self.0.millis(now), &self.0.shared.health.sites);
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.0.snapshot.load()

@@ -277,6 +277,16 @@ async fn serve(
             async {}
         },
     ));
+    // Per-site outcomes that no longer block anything are forgotten, a minute at a time.
+    let sites = reader.clone();
+    tokio::spawn(every(
+        std::time::Duration::from_secs(60),
+        shutdown.clone(),
+        move || {
+            sites.sweep_sites(std::time::Instant::now());
+            async {}
+        },
+    ));
     let flushes = admin_metrics.store_flush.clone();
     let persister = tokio::spawn(persister::run(
         cfg.store.stats_flush_interval,

@@ -331,6 +331,20 @@ pub(crate) fn render_explained(v: &Value) -> String {
          pool.weight_success_exponent)",
         opt(&v["selection_weight"])
     );
+    let blocked = v["blocked_sites"].as_array().cloned().unwrap_or_default();
+    if !blocked.is_empty() {
+        out.push_str("\nblocked at (selection avoids it there):\n");
+        for b in &blocked {
+            let _ = writeln!(
+                out,
+                "  {:<30} {} failures in a row ({} in all), last {} s ago",
+                b["site"].as_str().unwrap_or_default(),
+                opt(&b["consecutive"]),
+                opt(&b["failures"]),
+                b["since_ms"].as_u64().unwrap_or(0) / 1000
+            );
+        }
+    }
     out.push_str("\nwhy:\n");
     for w in v["why"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "  - {}", w.as_str().unwrap_or_default());
