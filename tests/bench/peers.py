@@ -37,22 +37,38 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# What every process here may open: the hard limit (peers are configured below it).
+# What every process here may open: the hard limit, raised when we may (root), so that 10,000
+# tunnels (two descriptors each in a gateway) fit; peers are configured below it.
 import resource  # noqa: E402
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (200000, 200000))
+except (ValueError, OSError):
+    pass
 FD_LIMIT = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 200000)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 HTTP_GATEWAYS = ["proxygate", "squid", "haproxy", "pproxy"]
 SOCKS_GATEWAYS = ["proxygate", "haproxy", "pproxy"]
+# "direct" is no gateway: the client goes to one upstream itself (the first tinyproxy or
+# microsocks), the baseline a gateway's added latency and throughput are measured against.
 # scenario -> which pool (http: tinyproxy, socks: microsocks) and which gateways speak it
 SCENARIOS = {
-    "connect": ("http", HTTP_GATEWAYS),
-    "socks5": ("socks", SOCKS_GATEWAYS),
-    "in-tunnel": ("http", HTTP_GATEWAYS),
+    "connect": ("http", HTTP_GATEWAYS + ["direct"]),
+    "socks5": ("socks", SOCKS_GATEWAYS + ["direct"]),
+    "in-tunnel": ("http", HTTP_GATEWAYS + ["direct"]),
     "keepalive": ("http", HTTP_GATEWAYS),
     "absolute-new": ("http", HTTP_GATEWAYS),
-    "bulk": ("http", HTTP_GATEWAYS),
+    "bulk": ("http", HTTP_GATEWAYS + ["direct"]),
+    "in-tunnel-1k": ("http", HTTP_GATEWAYS + ["direct"]),
     "idle": ("http", HTTP_GATEWAYS),
+}
+# What pg-loadgen runs for a scenario of ours, when it is not the scenario of the same name.
+LOADGEN = {
+    # Open loop: requests inside open tunnels, one due every millisecond; latency counts from
+    # when each was due. p50 against "direct" is the latency the gateway adds. (A new tunnel
+    # per request at this rate saturates this 2-core box's client, upstreams and origin: the
+    # percentiles then measure their queues, not the gateway.)
+    "in-tunnel-1k": ["--scenario", "in-tunnel", "--rate", "1000"],
 }
 
 
@@ -197,19 +213,25 @@ LogLevel Critical
 Allow 127.0.0.1
 DisableViaHeader Yes
 """)
-            self.spawn(f"tinyproxy{i}", [sbin("tinyproxy"), "-d", "-c", str(conf)])
+            p = self.spawn(f"tinyproxy{i}", [sbin("tinyproxy"), "-d", "-c", str(conf)])
             self.tinyproxies.append(port)
+            if i == 0:
+                self.gateways[("direct", "http")] = (port, p)
         self.microsocks = []
         for i in range(3):
             port = free_port()
-            self.spawn(f"microsocks{i}", [sbin("microsocks"), "-i", "127.0.0.1", "-p", str(port)])
+            p = self.spawn(f"microsocks{i}",
+                           [sbin("microsocks"), "-i", "127.0.0.1", "-p", str(port)])
             self.microsocks.append(port)
+            if i == 0:
+                self.gateways[("direct", "socks")] = (port, p)
         for p in self.tinyproxies + self.microsocks:
             wait_port(p, "an upstream")
 
     def start_gateways(self, names):
         for name in names:
-            getattr(self, f"start_{name}")()
+            if name != "direct":
+                getattr(self, f"start_{name}")()
 
     def start_proxygate(self):
         for pool, ups, scheme in [("http", self.tinyproxies, "http"),
@@ -366,9 +388,9 @@ def run_cell(topo, gateway, scenario, seconds, args):
     m0 = machine_ticks()
     concurrency = {"idle": 200, "bulk": 1}.get(scenario, args.concurrency)
     argv = [str(topo.loadgen), "--proxy", f"127.0.0.1:{port}", "--origin",
-            f"127.0.0.1:{topo.origin_port}", "--scenario", scenario, "--json",
+            f"127.0.0.1:{topo.origin_port}", "--json",
             "--concurrency", str(concurrency), "--duration", f"{seconds}s",
-            "--path", "/index.html"]
+            "--path", "/index.html"] + LOADGEN.get(scenario, ["--scenario", scenario])
     if scenario == "idle":
         argv += ["--tunnels", str(args.idle_tunnels)]
     lg = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -413,6 +435,7 @@ def run_cell(topo, gateway, scenario, seconds, args):
         "error_kinds": r["errors"],
         "p50_us": (r["latency_us"] or {}).get("p50"),
         "p99_us": (r["latency_us"] or {}).get("p99"),
+        "p999_us": (r["latency_us"] or {}).get("p99.9"),
         "cpu_us_per_req": cpu_s * 1e6 / done if done else None,
         "peak_rss_mib": peak / 2**20,
         "busy": busy,
@@ -430,6 +453,36 @@ def run_cell(topo, gateway, scenario, seconds, args):
     return cell
 
 
+def soak(topo, requests, scenario="keepalive"):
+    """`requests` requests through proxygate in one run (closed loop, 50 connections), RSS
+    sampled every second: memory must stay flat and no request may fail."""
+    port, proc = topo.gateways[("proxygate", SCENARIOS[scenario][0])]
+    before_origin = topo.origin_requests()
+    argv = [str(topo.loadgen), "--proxy", f"127.0.0.1:{port}", "--origin",
+            f"127.0.0.1:{topo.origin_port}", "--json", "--concurrency", "50",
+            "--duration", "1800s", "--requests", str(requests), "--path", "/index.html",
+            "--scenario", scenario]
+    t0 = time.time()
+    lg = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    samples = []
+    while lg.poll() is None:
+        time.sleep(1)
+        samples.append((time.time() - t0, rss_bytes(tree(proc.pid))))
+    out, _ = lg.communicate()
+    r = json.loads(out.strip().splitlines()[-1])
+    origin_seen = topo.origin_requests() - before_origin - 1
+    # Memory once the run is warm (after a tenth of it) against its end and its peak.
+    warm = [m for t, m in samples if t >= samples[-1][0] / 10] or [m for _, m in samples]
+    return {
+        "scenario": scenario, "requests": requests, "completed": r["completed"],
+        "errors": r["errors"], "rps": r["rps"], "seconds": round(time.time() - t0, 1),
+        "origin_seen": origin_seen,
+        "rss_warm_mib": warm[0] / 2**20, "rss_end_mib": warm[-1] / 2**20,
+        "rss_peak_mib": max(warm) / 2**20,
+        "p50_us": (r["latency_us"] or {}).get("p50"), "p99_us": (r["latency_us"] or {}).get("p99"),
+    }
+
+
 def fmt_cell(c):
     if c is None:
         return "–"
@@ -440,6 +493,10 @@ def fmt_cell(c):
                 else "n/a") + (f" [{c['errors']} err]" if c["errors"] else "")
     if c["scenario"] == "bulk":
         s = f"{c['mbytes_per_s']:.0f} MB/s"
+    elif c["scenario"] == "in-tunnel-1k":
+        s = f"p50 {c['p50_us'] / 1000:.3f} ms, p99 {c['p99_us'] / 1000:.2f} ms"
+        if c["gateway"] != "direct" and c["cpu_us_per_req"]:
+            s += f" ({c['cpu_us_per_req']:.0f} µs)"
     else:
         cpu = c["cpu_us_per_req"]
         s = f"{c['rps']:.0f}/s ({cpu:.0f} µs) p99 {c['p99_us'] / 1000:.1f} ms" if cpu else \
@@ -470,6 +527,13 @@ def ratios(cells):
         v = [c[key] for c in cells if c["scenario"] == sc and c["gateway"] == g and c.get(key)]
         return sum(v) / len(v) if v else None
     out = []
+    for sc, key, what, fmt in [("in-tunnel-1k", "p50_us", "p50 at 1,000 req/s, added to direct",
+                                lambda a, b: f"{(a - b) / 1000:+.2f} ms"),
+                               ("bulk", "mbytes_per_s", "bulk throughput, share of direct",
+                                lambda a, b: f"{a / b:.0%}")]:
+        ours, direct = mean(sc, "proxygate", key), mean(sc, "direct", key)
+        if ours and direct:
+            out.append(f"- {what}: {fmt(ours, direct)}")
     for sc, key, what in [("connect", "cpu_us_per_req", "CPU per tunnel"),
                           ("connect", "rps", "tunnels/s"),
                           ("socks5", "cpu_us_per_req", "CPU per SOCKS5 tunnel"),
@@ -492,7 +556,9 @@ def main():
     ap.add_argument("--idle-tunnels", type=int, default=5000)
     ap.add_argument("--settle", type=float, default=10, help="seconds after idle tunnels close")
     ap.add_argument("--bulk-mib", type=int, default=256)
-    ap.add_argument("--peers", default="proxygate,squid,haproxy,pproxy")
+    ap.add_argument("--peers", default="proxygate,squid,haproxy,pproxy,direct")
+    ap.add_argument("--soak", type=int, default=0, metavar="N",
+                    help="then N keep-alive requests through proxygate, memory sampled")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--smoke", action="store_true",
                     help="1 s per cell, one pass, 200 idle tunnels: checks the harness works")
@@ -536,6 +602,11 @@ def main():
                 c["pass"] = p + 1
                 cells.append(c)
                 log("   ", fmt_cell(c), f"(origin saw {c['origin_seen']}, busy {c['busy']:.0%})")
+        soaked = None
+        if args.soak:
+            log(f"soak: {args.soak} keep-alive requests through proxygate")
+            soaked = soak(topo, args.soak)
+            log("   ", soaked)
     finally:
         topo.stop()
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -550,15 +621,26 @@ def main():
     print(f"## proxygate and its peers, {stamp}\n")
     print(f"{os.cpu_count()} CPUs; {args.seconds:g} s per cell, {args.passes} pass(es), "
           f"{args.concurrency} connections; {', '.join(versions.values())}. Each cell: "
-          "rate (gateway CPU µs per completed request) and the client's p99; one entry per pass.\n")
+          "rate (gateway CPU µs per completed request) and the client's p99; one entry per pass. "
+          "`direct`: no gateway, the client goes to the first upstream itself (its CPU is the "
+          "upstream's). `in-tunnel-1k`: open loop, 1,000 req/s inside open tunnels, latency "
+          "from when each was due.\n")
     print(table(cells, gateways))
     print()
     print(ratios(cells))
+    if soaked:
+        print(f"\nSoak: {soaked['completed']:,} of {soaked['requests']:,} keep-alive requests "
+              f"through proxygate in {soaked['seconds']} s ({soaked['rps']:.0f}/s), errors "
+              f"{sum(soaked['errors'].values())}, the origin saw {soaked['origin_seen']:,}; "
+              f"RSS {soaked['rss_warm_mib']:.1f} MiB once warm, {soaked['rss_peak_mib']:.1f} "
+              f"MiB at most, {soaked['rss_end_mib']:.1f} MiB at the end.")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"when": stamp, "versions": versions,
-                                                   "cells": cells}, indent=1))
+                                                   "cells": cells, "soak": soaked}, indent=1))
     bad = [c for c in cells if c["gateway"] == "proxygate" and (
         c["errors"] or (c["completed"] == 0 and c["scenario"] != "idle"))]
+    if soaked and (sum(soaked["errors"].values()) or soaked["completed"] != soaked["requests"]):
+        bad.append(soaked)
     if bad:
         log("proxygate cells with errors:", json.dumps(bad, indent=1))
         sys.exit(1)
