@@ -28,6 +28,16 @@ fn dial(extra: &str) -> String {
     format!("[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"\n{extra}")
 }
 
+/// A one-worker gateway (see [`ONE_WORKER`]) over `fake`, with `[dial]` keys `extra`.
+async fn through(fake: &FakeUpstream, extra: &str) -> Gateway {
+    Gateway::builder()
+        .config(ONE_WORKER)
+        .config(&dial(extra))
+        .upstream(fake.url("http"))
+        .start()
+        .await
+}
+
 /// A GET on a new client connection (curl).
 async fn get(gw: &Gateway, url: &str) -> CurlResponse {
     let r = curl(&["-x", &gw.http_proxy(), url]).await;
@@ -41,11 +51,7 @@ async fn kept_connections_serve_later_clients_and_only_their_own_origin() {
     // (as pproxy does): the worst case for reuse.
     let fake = FakeUpstream::start(Kind::Http, None).await;
     let (a, b) = (Origin::start().await, Origin::start().await);
-    let gw = Gateway::builder()
-        .config(ONE_WORKER)
-        .upstream(fake.url("http"))
-        .start()
-        .await;
+    let gw = through(&fake, "").await;
     for round in 0..4 {
         for o in [&a, &b] {
             let url = format!("{}/r{round}", o.url());
@@ -78,11 +84,7 @@ async fn kept_connections_serve_later_clients_and_only_their_own_origin() {
 async fn requests_with_bodies_and_non_idempotent_ones_get_a_new_connection() {
     let fake = FakeUpstream::start(Kind::Http, None).await;
     let origin = Origin::start().await;
-    let gw = Gateway::builder()
-        .config(ONE_WORKER)
-        .upstream(fake.url("http"))
-        .start()
-        .await;
+    let gw = through(&fake, "").await;
     let url = format!("{}/x", origin.url());
     get(&gw, &url).await;
     assert_eq!(fake.connections(), 1);
@@ -106,12 +108,7 @@ async fn requests_with_bodies_and_non_idempotent_ones_get_a_new_connection() {
 async fn kept_connections_expire_and_keep_idle_zero_turns_reuse_off() {
     let fake = FakeUpstream::start(Kind::Http, None).await;
     let origin = Origin::start().await;
-    let gw = Gateway::builder()
-        .config(ONE_WORKER)
-        .config(&dial("keep_idle = \"1s\""))
-        .upstream(fake.url("http"))
-        .start()
-        .await;
+    let gw = through(&fake, "keep_idle = \"1s\"").await;
     let url = format!("{}/x", origin.url());
     get(&gw, &url).await;
     get(&gw, &url).await;
@@ -123,12 +120,7 @@ async fn kept_connections_expire_and_keep_idle_zero_turns_reuse_off() {
     proxygate_tests::eventually(Duration::from_secs(10), || (fake.open() == 0).then_some(())).await;
 
     let fake = FakeUpstream::start(Kind::Http, None).await;
-    let off = Gateway::builder()
-        .config(ONE_WORKER)
-        .config(&dial("keep_idle = \"0s\""))
-        .upstream(fake.url("http"))
-        .start()
-        .await;
+    let off = through(&fake, "keep_idle = \"0s\"").await;
     for _ in 0..3 {
         get(&off, &url).await;
     }
@@ -139,11 +131,7 @@ async fn kept_connections_expire_and_keep_idle_zero_turns_reuse_off() {
 async fn credentials_never_ride_a_kept_connection() {
     let fake = FakeUpstream::start(Kind::Http, Some(("u", "secret"))).await;
     let origin = Origin::start().await;
-    let gw = Gateway::builder()
-        .config(ONE_WORKER)
-        .upstream(fake.url("http"))
-        .start()
-        .await;
+    let gw = through(&fake, "").await;
     let url = format!("{}/c", origin.url());
     for _ in 0..4 {
         let r = get(&gw, &url).await;
@@ -166,12 +154,7 @@ async fn credentials_never_ride_a_kept_connection() {
 
     // In absolute form (`never`), such connections are not kept at all.
     let fake = FakeUpstream::start(Kind::Http, Some(("u", "secret"))).await;
-    let never = Gateway::builder()
-        .config(ONE_WORKER)
-        .config(&dial("tunnel_plain_http = \"never\""))
-        .upstream(fake.url("http"))
-        .start()
-        .await;
+    let never = through(&fake, "tunnel_plain_http = \"never\"").await;
     for _ in 0..3 {
         let r = get(&never, &url).await;
         assert_eq!(r.header("x-target"), url);

@@ -672,37 +672,26 @@ impl Dialer {
             "attempt slower than the pool's recent p95: hedging on another upstream"
         );
         let mut second = Box::pin(self.owned_attempt(lease2, target.clone(), budget.deadline));
-        tokio::select! {
-            (lease, r) = &mut first => match r {
-                Ok(ok) => {
-                    self.metrics.hedge(false);
-                    self.finish_in_background(second);
-                    (lease, Ok(ok))
+        // Whichever ends first: a success serves; a failure waits for the other.
+        let (done, hedge_ended_first) = tokio::select! {
+            done = &mut first => (done, false),
+            done = &mut second => (done, true),
+        };
+        let other = if hedge_ended_first { first } else { second };
+        match done {
+            (lease, Ok(ok)) => {
+                self.metrics.hedge(hedge_ended_first);
+                self.finish_in_background(other);
+                (lease, Ok(ok))
+            }
+            (lease, Err(e)) => {
+                budget.fail(lease, e);
+                let done = other.await;
+                if done.1.is_ok() {
+                    self.metrics.hedge(!hedge_ended_first);
                 }
-                Err(e) => {
-                    budget.fail(lease, e);
-                    let done = second.await;
-                    if done.1.is_ok() {
-                        self.metrics.hedge(true);
-                    }
-                    done
-                }
-            },
-            (lease, r) = &mut second => match r {
-                Ok(ok) => {
-                    self.metrics.hedge(true);
-                    self.finish_in_background(first);
-                    (lease, Ok(ok))
-                }
-                Err(e) => {
-                    budget.fail(lease, e);
-                    let done = first.await;
-                    if done.1.is_ok() {
-                        self.metrics.hedge(false);
-                    }
-                    done
-                }
-            },
+                done
+            }
         }
     }
 

@@ -162,15 +162,20 @@ pub(crate) fn put(
     });
 }
 
+/// What is known of `upstream`, fresh as of `now`.
+fn learned(pool: &mut Pool, upstream: UpstreamId, now: Instant) -> &mut Learned {
+    let l = pool.upstreams.entry(upstream).or_insert(Learned {
+        closings: 0,
+        refuses_tunnels: false,
+        at: now,
+    });
+    l.at = now;
+    l
+}
+
 fn learn_closed(pool: &mut Pool, upstream: UpstreamId, tunnel: bool, since: Instant, now: Instant) {
     if !tunnel && now.duration_since(since) < CLOSED_SOON {
-        let l = pool.upstreams.entry(upstream).or_insert(Learned {
-            closings: 0,
-            refuses_tunnels: false,
-            at: now,
-        });
-        l.closings += 1;
-        l.at = now;
+        learned(pool, upstream, now).closings += 1;
     }
 }
 
@@ -182,15 +187,7 @@ pub(crate) fn found_closed(upstream: UpstreamId, tunnel: bool, since: Instant, n
 
 /// The upstream said it closes the connection after the response (`Connection: close`).
 pub(crate) fn closing(upstream: UpstreamId, now: Instant) {
-    with(|pool| {
-        let l = pool.upstreams.entry(upstream).or_insert(Learned {
-            closings: 0,
-            refuses_tunnels: false,
-            at: now,
-        });
-        l.closings += 1;
-        l.at = now;
-    });
+    with(|pool| learned(pool, upstream, now).closings += 1);
 }
 
 /// What was learned about an HTTP upstream.
@@ -218,15 +215,7 @@ pub(crate) fn known(upstream: UpstreamId, now: Instant) -> Known {
 
 /// The upstream answered a tunnel to a plain-HTTP origin with a refusal: absolute-form again.
 pub(crate) fn refuses_tunnels(upstream: UpstreamId, now: Instant) {
-    with(|pool| {
-        let l = pool.upstreams.entry(upstream).or_insert(Learned {
-            closings: 0,
-            refuses_tunnels: true,
-            at: now,
-        });
-        l.refuses_tunnels = true;
-        l.at = now;
-    });
+    with(|pool| learned(pool, upstream, now).refuses_tunnels = true);
 }
 
 /// Drops the kept connections older than `keep_idle` or closed, and what was learned long ago.
