@@ -145,3 +145,120 @@ async fn upstreams_blocked_by_one_site_are_avoided_there_only() {
     assert!(text.contains("blocked at"), "{text}");
     assert!(text.contains("localhost"), "{text}");
 }
+
+/// An origin that turns some upstreams' addresses away: `403` (`close: false`) or a closed
+/// connection before a byte (`close: true`) to a request from `banned`, a `200` with `x-peer`
+/// to others.
+async fn picky_origin(
+    banned: Vec<std::net::IpAddr>,
+    close: bool,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, peer)) = listener.accept().await {
+            let banned = banned.contains(&peer.ip());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = match (banned, close) {
+                    (true, true) => return,
+                    (true, false) => {
+                        "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_owned()
+                    }
+                    (false, _) => format!(
+                        "HTTP/1.1 200 OK\r\nx-peer: {}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                        peer.ip()
+                    ),
+                };
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// The other two ways an upstream fails for a site: an absolute-form answer 403 (through HTTP
+/// upstreams that forward the request) and the target closing a tunnel before a byte came
+/// back. Each blocked upstream is turned away twice, then avoided for that site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_or_a_tunnel_closed_before_a_byte_counts_against_the_upstream_there() {
+    for close in [false, true] {
+        let mut fakes = Vec::new();
+        for _ in 0..4 {
+            fakes.push(FakeUpstream::start(Kind::Http, None).await);
+        }
+        let banned: Vec<std::net::IpAddr> = fakes[..2].iter().map(|f| f.egress).collect();
+        let (origin, _task) = picky_origin(banned.clone(), close).await;
+        let mut b = Gateway::builder()
+            .config(
+                "[dial]\nkeep_idle = \"0s\"\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"",
+            )
+            .arg("--strategy")
+            .arg("round_robin");
+        for f in &fakes {
+            b = b.upstream(f.url("http"));
+        }
+        let gw = b.start().await;
+        let proxy = gw.http_proxy();
+        let url = format!("http://{origin}/");
+        // CONNECT tunnels when the target closes them; absolute form for the 403s.
+        let get = |proxy: String, url: String| async move {
+            if close {
+                curl(&["-p", "-x", &proxy, &url]).await
+            } else {
+                curl(&["-x", &proxy, &url]).await
+            }
+        };
+        let mut turned_away = 0;
+        for _ in 0..40 {
+            let r = get(proxy.clone(), url.clone()).await;
+            // (Through a tunnel the status is the CONNECT's; the empty reply shows as curl's
+            // exit code and no answer from the origin.)
+            if r.status != 200 || r.exit_code != 0 || r.header("x-peer").is_empty() {
+                turned_away += 1;
+            }
+            if turned_away >= 4 {
+                break;
+            }
+        }
+        assert_eq!(turned_away, 4, "close {close}: each banned upstream twice");
+        for _ in 0..20 {
+            let r = get(proxy.clone(), url.clone()).await;
+            assert_eq!(
+                (r.status, r.exit_code),
+                (200, 0),
+                "close {close}: a banned upstream again: {r:?}"
+            );
+            assert!(
+                !banned.iter().any(|ip| r.header("x-peer") == ip.to_string()),
+                "{r:?}"
+            );
+        }
+        let list = gw.api("/api/v1/upstreams").await;
+        for f in &fakes[..2] {
+            let row = list["upstreams"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["address"] == f.addr.to_string())
+                .unwrap()
+                .clone();
+            let e = gw
+                .api(&format!(
+                    "/api/v1/upstreams/{}",
+                    row["id"].as_str().unwrap()
+                ))
+                .await;
+            assert_eq!(e["blocked_sites"][0]["site"], "127.0.0.1", "{e}");
+        }
+    }
+}
