@@ -766,7 +766,8 @@ async fn upstream_sender(
         let failed = match dialed {
             Ok((io, outcome, to_http_proxy)) => {
                 let conn = reuse::conn_id();
-                match client_handshake(io, cfg.max_reply_head_bytes, conn).await {
+                let key = (id, target.clone());
+                match client_handshake(io, cfg.max_reply_head_bytes, key, conn).await {
                     Ok(sender) => {
                         return Ok(Upstream {
                             sender,
@@ -816,6 +817,7 @@ pub(crate) fn sweep_kept(keep_idle: Duration) {
 async fn client_handshake(
     io: BoxedIo,
     max_reply_head: usize,
+    key: reuse::Key,
     conn_id: u64,
 ) -> Result<SendRequest<Body>, GatewayError> {
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
@@ -827,7 +829,7 @@ async fn client_handshake(
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream http connection ended with an error");
         }
-        reuse::ended(conn_id, Instant::now());
+        reuse::ended(&key, conn_id, Instant::now());
     });
     Ok(sender)
 }

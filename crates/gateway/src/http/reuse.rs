@@ -33,7 +33,8 @@ pub(crate) struct Kept {
     pub(crate) since: Instant,
 }
 
-type Key = (UpstreamId, Target);
+/// (upstream, origin).
+pub(crate) type Key = (UpstreamId, Target);
 
 /// A kept connection found closed this soon after it was put back means its upstream closes
 /// after every request.
@@ -46,8 +47,14 @@ const LEARNED_FOR: Duration = Duration::from_secs(600);
 #[derive(Default)]
 struct Pool {
     idle: HashMap<Key, Vec<Kept>>,
+    /// Connections in `idle`, all keys together.
+    kept: usize,
     upstreams: HashMap<UpstreamId, Learned>,
 }
+
+/// Idle upstream connections one worker keeps at most, all (upstream, origin) pairs together:
+/// each holds a descriptor, and a client touring many origins must not pile them up.
+pub(crate) const KEPT_PER_WORKER: usize = 1024;
 
 #[derive(Debug, Clone, Copy)]
 struct Learned {
@@ -62,6 +69,10 @@ thread_local! {
     static NEXT_CONN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
+fn with<T>(f: impl FnOnce(&mut Pool) -> T) -> T {
+    POOL.with(|p| f(&mut p.borrow_mut()))
+}
+
 /// A name for a new upstream connection, unique on this worker.
 pub(crate) fn conn_id() -> u64 {
     NEXT_CONN.with(|n| {
@@ -71,27 +82,25 @@ pub(crate) fn conn_id() -> u64 {
     })
 }
 
-/// Upstream connection `conn` of this worker ended. If it was kept (idle) here, the other side
-/// closed it: it goes, and an HTTP upstream that closes right after its responses is learned
-/// from it at once, not only when a later request finds it closed.
-pub(crate) fn ended(conn: u64, now: Instant) {
+/// Upstream connection `conn` (to `key`'s origin through its upstream) of this worker ended.
+/// If it was kept (idle) here, the other side closed it: it goes, and an HTTP upstream that
+/// closes right after its responses is learned from it at once, not only when a later request
+/// finds it closed.
+pub(crate) fn ended(key: &Key, conn: u64, now: Instant) {
     with(|pool| {
-        let mut found = None;
-        pool.idle.retain(|(upstream, _), list| {
-            if let Some(i) = list.iter().position(|k| k.conn == conn) {
-                let k = list.remove(i);
-                found = Some((*upstream, k.tunnel, k.since));
-            }
-            !list.is_empty()
-        });
-        if let Some((upstream, tunnel, since)) = found {
-            learn_closed(pool, upstream, tunnel, since, now);
+        let Some(list) = pool.idle.get_mut(key) else {
+            return;
+        };
+        let Some(i) = list.iter().position(|k| k.conn == conn) else {
+            return;
+        };
+        let k = list.remove(i);
+        if list.is_empty() {
+            pool.idle.remove(key);
         }
+        pool.kept -= 1;
+        learn_closed(pool, key.0, k.tunnel, k.since, now);
     });
-}
-
-fn with<T>(f: impl FnOnce(&mut Pool) -> T) -> T {
-    POOL.with(|p| f(&mut p.borrow_mut()))
 }
 
 /// A kept connection to `target` through `upstream` not known to be closed (the newest
@@ -108,6 +117,7 @@ pub(crate) fn take(
         let list = pool.idle.get_mut(&key)?;
         let mut found = None;
         let mut closed = Vec::new();
+        let before = list.len();
         while let Some(k) = list.pop() {
             if now.duration_since(k.since) >= keep_idle {
                 continue;
@@ -119,9 +129,11 @@ pub(crate) fn take(
             // Closed by the other side while idle.
             closed.push((k.tunnel, k.since));
         }
+        let gone = before - list.len();
         if list.is_empty() {
             pool.idle.remove(&key);
         }
+        pool.kept -= gone;
         for (tunnel, since) in closed {
             learn_closed(pool, upstream, tunnel, since, now);
         }
@@ -148,11 +160,17 @@ pub(crate) fn put(
         return;
     }
     with(|pool| {
+        if pool.kept >= KEPT_PER_WORKER {
+            // Full: this one closes (the kept ones are at least as fresh as it is useful).
+            return;
+        }
         let list = pool.idle.entry((upstream, target)).or_default();
         if list.len() >= max {
             // The oldest goes: it is the likeliest to have been closed.
             list.remove(0);
+            pool.kept -= 1;
         }
+        pool.kept += 1;
         list.push(Kept {
             sender,
             conn,
@@ -226,6 +244,7 @@ pub(crate) fn sweep(keep_idle: Duration, now: Instant) {
             list.retain(|k| now.duration_since(k.since) < keep_idle && !k.sender.is_closed());
             !list.is_empty()
         });
+        pool.kept = pool.idle.values().map(Vec::len).sum();
         pool.upstreams
             .retain(|_, l| now.duration_since(l.at) < LEARNED_FOR);
     });
@@ -234,7 +253,11 @@ pub(crate) fn sweep(keep_idle: Duration, now: Instant) {
 /// Connections kept now on this worker.
 #[cfg(test)]
 pub(crate) fn kept() -> usize {
-    with(|pool| pool.idle.values().map(Vec::len).sum())
+    with(|pool| {
+        let n = pool.idle.values().map(Vec::len).sum();
+        assert_eq!(n, pool.kept, "the running count drifted");
+        n
+    })
 }
 
 #[cfg(test)]
@@ -288,6 +311,40 @@ mod tests {
         let (s, _p) = sender().await;
         put(UpstreamId(3), t.clone(), s, conn_id(), true, 3, now);
         sweep(Duration::from_secs(30), later);
+        assert_eq!(kept(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_worker_keeps_a_bounded_number_and_forgets_what_the_other_side_closed() {
+        let now = Instant::now();
+        let mut peers = Vec::new();
+        for i in 0..KEPT_PER_WORKER + 5 {
+            let (s, p) = sender().await;
+            peers.push(p);
+            put(
+                UpstreamId(9),
+                target(&format!("o{i}.example:80")),
+                s,
+                conn_id(),
+                false,
+                4,
+                now,
+            );
+        }
+        assert_eq!(kept(), KEPT_PER_WORKER);
+        // The other side closes one: it goes at once, and the closing is learned.
+        let t = target("o0.example:80");
+        let conn = with(|pool| pool.idle[&(UpstreamId(9), t.clone())][0].conn);
+        ended(
+            &(UpstreamId(9), t.clone()),
+            conn,
+            now + Duration::from_millis(10),
+        );
+        assert_eq!(kept(), KEPT_PER_WORKER - 1);
+        assert!(take(UpstreamId(9), &t, Duration::from_secs(30), now).is_none());
+        // Unknown connections and keys are nothing.
+        ended(&(UpstreamId(9), t), conn, now);
+        sweep(Duration::from_secs(30), now + Duration::from_secs(31));
         assert_eq!(kept(), 0);
     }
 
