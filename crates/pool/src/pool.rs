@@ -668,13 +668,20 @@ mod tests {
                     }
                 });
             }
+            // The pickers stop even when a replace panics: the test fails instead of hanging.
+            struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+            let _stop = Stop(&done);
             for k in 1..200 {
                 w.replace(set(k % 7));
                 if k % 10 == 0 {
                     w.reindex();
                 }
             }
-            done.store(true, Ordering::Relaxed);
         });
         assert_eq!(
             r.0.shared.slab.in_use(),

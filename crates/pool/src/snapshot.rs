@@ -368,11 +368,16 @@ impl Snapshot {
         by_lat.sort_by(|a, b| lat[*a as usize].total_cmp(&lat[*b as usize]));
         let remeasure_after = crate::millis(cfg.remeasure_after);
         let hot = |pos: u32| self.members.hot(self.members.slot_of(pos as usize));
-        let mut due: Vec<u32> = (0..n)
+        // The keys are read once, then sorted: picks change the live ones meanwhile, and a
+        // sort whose comparisons read them could see an inconsistent order (which the
+        // standard sort detects and panics on: it did, once in ~50 runs of
+        // picks_race_replaces_safely, and would have stopped the gateway's reindexer).
+        let mut due: Vec<(u64, u32)> = (0..n)
             .filter(|pos| crate::strategy::is_due(hot(*pos), now_ms, remeasure_after))
+            .map(|pos| (hot(pos).lru_ms(), pos))
             .collect();
-        due.sort_by_key(|pos| hot(*pos).lru_ms());
-        self.due = due;
+        due.sort_unstable();
+        self.due = due.into_iter().map(|(_, pos)| pos).collect();
         self.due_claimed = Counter::default();
         self.reputation_sorted = by_rep.iter().map(|i| reps[*i as usize]).collect();
         self.by_reputation = by_rep;
