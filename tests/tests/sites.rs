@@ -262,3 +262,95 @@ async fn a_403_or_a_tunnel_closed_before_a_byte_counts_against_the_upstream_ther
         }
     }
 }
+
+/// A TLS site that refuses some upstreams' addresses the way TLS does: its first answer to the
+/// client's handshake is an alert record. Others get a handshake record carrying their address.
+async fn tls_refusing_origin(
+    banned: Vec<std::net::IpAddr>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, peer)) = listener.accept().await {
+            let banned = banned.contains(&peer.ip());
+            tokio::spawn(async move {
+                let mut hello = [0u8; 6];
+                if s.read_exact(&mut hello).await.is_err() {
+                    return;
+                }
+                let answer = if banned {
+                    vec![0x15, 3, 3, 0, 2, 2, 0x28]
+                } else {
+                    let mut a = vec![0x16];
+                    a.extend_from_slice(peer.ip().to_string().as_bytes());
+                    a
+                };
+                let _ = s.write_all(&answer).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// One tunnel through the gateway to `target`: a ClientHello's first bytes, and the target's
+/// whole answer.
+async fn tls_attempt(proxy: std::net::SocketAddr, target: std::net::SocketAddr) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "{head:?}");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s.write_all(&[0x16, 3, 1, 0, 1, 1]).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.read_to_end(&mut answer),
+    )
+    .await;
+    answer
+}
+
+/// TLS failing inside the tunnel: the site answers the client's handshake with an alert. Each
+/// refused upstream is turned away twice there, then avoided for that site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_alert_in_answer_to_the_handshake_counts_against_the_upstream_there() {
+    let mut fakes = Vec::new();
+    for _ in 0..4 {
+        fakes.push(FakeUpstream::start(Kind::Http, None).await);
+    }
+    let banned: Vec<std::net::IpAddr> = fakes[..2].iter().map(|f| f.egress).collect();
+    let (origin, _task) = tls_refusing_origin(banned.clone()).await;
+    let mut b = Gateway::builder().arg("--strategy").arg("round_robin");
+    for f in &fakes {
+        b = b.upstream(f.url("http"));
+    }
+    let gw = b.start().await;
+    let mut alerts = 0;
+    for _ in 0..40 {
+        if tls_attempt(gw.addr, origin).await.first() == Some(&0x15) {
+            alerts += 1;
+        }
+        if alerts >= 4 {
+            break;
+        }
+    }
+    assert_eq!(alerts, 4, "each refused upstream twice");
+    for _ in 0..20 {
+        let answer = tls_attempt(gw.addr, origin).await;
+        assert_eq!(answer.first(), Some(&0x16), "a refused upstream again");
+        let via = String::from_utf8_lossy(&answer[1..]).into_owned();
+        assert!(!banned.iter().any(|ip| via == ip.to_string()), "{via}");
+    }
+}

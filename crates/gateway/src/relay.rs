@@ -43,7 +43,19 @@ pub struct RelayStats {
     pub bytes_down: u64,
     /// From the start of the relay to the first byte from the upstream.
     pub first_byte: Option<Duration>,
+    /// The first byte each way (client to upstream, upstream to client): enough to tell a TLS
+    /// handshake (0x16) answered by an alert (0x15).
+    pub first_up: Option<u8>,
+    pub first_down: Option<u8>,
     pub end: RelayEnd,
+}
+
+impl RelayStats {
+    /// The target answered the client's TLS handshake with an alert record as its very first
+    /// bytes: it refused the handshake (an SNI or address block, a protocol mismatch).
+    pub fn tls_refused(&self) -> bool {
+        self.first_up == Some(0x16) && self.first_down == Some(0x15)
+    }
 }
 
 /// Relays between `client` and `upstream` until both close, one fails, or `idle` passes
@@ -72,6 +84,8 @@ where
         bytes_up: r.up.bytes,
         bytes_down: r.down.bytes,
         first_byte: r.first_byte,
+        first_up: r.up.first,
+        first_down: r.down.first,
         end,
     }
 }
@@ -158,6 +172,8 @@ struct Pump {
     /// EOF was passed on (the writer half-closed): this direction is done.
     done: bool,
     bytes: u64,
+    /// The first byte read.
+    first: Option<u8>,
     /// Bytes not yet added to the global counter (added every so often, and at the end).
     unreported: u64,
     read_fault: RelayEnd,
@@ -176,6 +192,7 @@ impl Pump {
             eof: false,
             done: false,
             bytes: 0,
+            first: None,
             unreported: 0,
             read_fault,
             write_fault,
@@ -230,6 +247,9 @@ impl Pump {
                         self.eof = true;
                         self.buf = None;
                     } else {
+                        if self.first.is_none() {
+                            self.first = rb.filled().first().copied();
+                        }
                         self.len = n;
                     }
                 }
@@ -295,6 +315,41 @@ mod tests {
         assert_eq!((stats.bytes_up, stats.bytes_down), (1_000_000, 700_000));
         // The global counters got every byte (in steps and at the end).
         assert_eq!((up_total, down_total), (1_000_000, 700_000));
+    }
+
+    #[tokio::test]
+    async fn a_tls_handshake_answered_by_an_alert_is_seen() {
+        let (client, mut client_peer) = duplex(64);
+        let (upstream, mut upstream_peer) = duplex(64);
+        let task = tokio::spawn(async move {
+            relay(
+                client,
+                upstream,
+                Duration::from_secs(5),
+                &Metrics::unregistered(),
+            )
+            .await
+        });
+        // A ClientHello's record header, answered by a fatal handshake_failure alert.
+        client_peer.write_all(&[0x16, 3, 1, 0, 1, 1]).await.unwrap();
+        let mut hello = [0u8; 6];
+        upstream_peer.read_exact(&mut hello).await.unwrap();
+        upstream_peer
+            .write_all(&[0x15, 3, 3, 0, 2, 2, 0x28])
+            .await
+            .unwrap();
+        drop(upstream_peer);
+        let mut alert = Vec::new();
+        client_peer.read_to_end(&mut alert).await.unwrap();
+        drop(client_peer);
+        let stats = task.await.unwrap();
+        assert_eq!((stats.first_up, stats.first_down), (Some(0x16), Some(0x15)));
+        assert!(stats.tls_refused());
+        let served = RelayStats {
+            first_down: Some(0x16),
+            ..stats
+        };
+        assert!(!served.tls_refused());
     }
 
     #[tokio::test]

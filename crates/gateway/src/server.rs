@@ -251,11 +251,13 @@ impl Gateway {
             "tunnel closed"
         );
         // The target closing or resetting the tunnel before a byte came back, though the
-        // client spoke: the site turned this upstream away. Bytes back: it works there.
+        // client spoke, or answering the client's TLS handshake with an alert: the site
+        // turned this upstream away. Other bytes back: it works there.
         let pool = self.0.dialer.pool();
-        let turned_away = stats.first_byte.is_none()
+        let turned_away = (stats.first_byte.is_none()
             && stats.bytes_up > 0
-            && matches!(stats.end, RelayEnd::Closed | RelayEnd::UpstreamError);
+            && matches!(stats.end, RelayEnd::Closed | RelayEnd::UpstreamError))
+            || stats.tls_refused();
         if turned_away || (stats.first_byte.is_some() && pool.site_entries() > 0) {
             let site = proxygate_pool::sites::site_of(&est.target.host.to_string());
             if turned_away {
