@@ -72,7 +72,31 @@ pub struct Behavior {
     /// An HTTP fake answers `403` to a CONNECT to this host (its ACL, or a site banning its
     /// address), and serves every other.
     pub refuse_host: Option<&'static str>,
+    /// Dial out from this address rather than one of its own: several fakes with the same
+    /// egress are one box on several ports (one exit IP).
+    pub egress: Option<IpAddr>,
+    /// An HTTP fake forwards the headers its client named in `Connection` (hop-by-hop, which a
+    /// proxy must remove): it leaks its client's headers.
+    pub keep_hop_headers: bool,
+    /// How the fake tampers with what it carries.
+    pub tamper: Tamper,
 }
+
+/// A tampering proxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Tamper {
+    #[default]
+    None,
+    /// A man in the middle: an HTTP fake answers a CONNECT itself and ends the client's TLS
+    /// with a certificate of its own CA (then holds the connection).
+    SwapCertificate,
+    /// An HTTP fake appends a script to the HTML bodies of the absolute-form responses it
+    /// forwards.
+    InjectBody,
+}
+
+/// What [`Tamper::InjectBody`] adds.
+pub const INJECTED: &str = "<script src=\"http://ads.invalid/x.js\"></script>";
 
 /// Headers an HTTP fake adds when it forwards a request: what a judge classifies.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -100,7 +124,7 @@ impl FakeUpstream {
     ) -> FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let egress = next_egress();
+        let egress = behavior.egress.unwrap_or_else(next_egress);
         let creds: Option<(String, String)> = creds.map(|(u, p)| (u.to_owned(), p.to_owned()));
         let seen = Arc::new(Mutex::new(Seen::default()));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -110,6 +134,10 @@ impl FakeUpstream {
             seen: Arc::clone(&seen),
             reveal: behavior.reveal,
             refuse_host: behavior.refuse_host,
+            keep_hop_headers: behavior.keep_hop_headers,
+            tamper: behavior.tamper,
+            rogue: (behavior.tamper == Tamper::SwapCertificate)
+                .then(|| crate::tls::TestPki::new().acceptor()),
         };
         let count = Arc::clone(&connections);
         let open = Arc::new(AtomicUsize::new(0));
@@ -201,6 +229,10 @@ struct Ctx {
     seen: Arc<Mutex<Seen>>,
     reveal: Reveal,
     refuse_host: Option<&'static str>,
+    keep_hop_headers: bool,
+    tamper: Tamper,
+    /// The man in the middle's own TLS server ([`Tamper::SwapCertificate`]).
+    rogue: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Ctx {
@@ -316,12 +348,39 @@ async fn http_proxy<S: AsyncRead + AsyncWrite + Unpin>(ctx: Ctx, mut s: S) {
         {
             return;
         }
+        if let Some(rogue) = &ctx.rogue {
+            drop(out);
+            if let Ok(mut tls) = rogue.accept(s).await {
+                let mut sink = [0u8; 1024];
+                while matches!(tls.read(&mut sink).await, Ok(n) if n > 0) {}
+            }
+            return;
+        }
     } else {
-        // Forward the head as received, minus our own credentials, plus what this proxy
-        // reveals.
+        // Forward the head as received, minus our own credentials and (as a proxy must) the
+        // hop-by-hop headers its client named in Connection, plus what this proxy reveals.
+        let hop: Vec<String> = head
+            .split("\r\n")
+            .filter_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("connection").then(|| v.to_owned())
+            })
+            .flat_map(|v| {
+                v.split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|t| t != "close" && t != "keep-alive")
+            .collect();
         let mut forwarded: String = head
             .split_inclusive("\r\n")
             .filter(|l| !l.to_ascii_lowercase().starts_with("proxy-authorization:"))
+            .filter(|l| {
+                ctx.keep_hop_headers
+                    || !l
+                        .split_once(':')
+                        .is_some_and(|(k, _)| hop.contains(&k.trim().to_ascii_lowercase()))
+            })
             .collect();
         let added = match ctx.reveal {
             Reveal::Nothing => "",
@@ -332,11 +391,55 @@ async fn http_proxy<S: AsyncRead + AsyncWrite + Unpin>(ctx: Ctx, mut s: S) {
         if out.write_all(forwarded.as_bytes()).await.is_err() {
             return;
         }
+        if ctx.tamper == Tamper::InjectBody {
+            if !rest.is_empty() && out.write_all(&rest).await.is_err() {
+                return;
+            }
+            inject(s, out).await;
+            return;
+        }
     }
     if !rest.is_empty() && out.write_all(&rest).await.is_err() {
         return;
     }
     pipe(s, out).await;
+}
+
+/// Relays one response (read to its end: the client asked for `Connection: close`) with
+/// [`INJECTED`] appended to its body and its length fixed.
+async fn inject<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, mut out: TcpStream) {
+    let mut resp = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        out.read_to_end(&mut resp),
+    )
+    .await;
+    if !matches!(read, Ok(Ok(_))) {
+        return;
+    }
+    let Some(i) = resp.windows(4).position(|w| w == b"\r\n\r\n") else {
+        let _ = s.write_all(&resp).await;
+        return;
+    };
+    let head = String::from_utf8_lossy(&resp[..i]).into_owned();
+    // Ad injectors go for pages, not APIs.
+    if !head
+        .to_ascii_lowercase()
+        .contains("content-type: text/html")
+    {
+        let _ = s.write_all(&resp).await;
+        return;
+    }
+    let mut body = resp[i + 4..].to_vec();
+    body.extend_from_slice(INJECTED.as_bytes());
+    let mut new_head: String = head
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("content-length:"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    new_head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let _ = s.write_all(new_head.as_bytes()).await;
+    let _ = s.write_all(&body).await;
 }
 
 async fn socks5(ctx: Ctx, mut s: TcpStream) {

@@ -130,6 +130,10 @@ impl Drop for ListServer {
     }
 }
 
+/// What the judge's `/static` serves, always.
+pub const STATIC_PAGE: &str =
+    "<!doctype html><html><head><title>Example</title></head><body><p>static</p></body></html>";
+
 /// A judge: `/get...` answers httpbin's JSON (`origin` is `X-Forwarded-For, peer` when the
 /// request carried one, as httpbin.org behind its balancer shows), `/azenv` an azenv page.
 pub struct Judge {
@@ -173,6 +177,8 @@ impl Judge {
                         "url": req.uri().to_string(),
                     });
                     response(200, "application/json", body.to_string())
+                } else if req.uri().path() == "/static" {
+                    response(200, "text/html", STATIC_PAGE.into())
                 } else if req.uri().path().starts_with("/azenv") {
                     let mut body = format!(
                         "<html><head><title>AZ Environment variables 1.04</title></head><body><pre>\nREMOTE_ADDR = {}\nREMOTE_PORT = {}\nREQUEST_METHOD = GET\n",
@@ -198,6 +204,11 @@ impl Judge {
     /// The httpbin-style judge URL.
     pub fn httpbin_url(&self) -> String {
         format!("http://{}/get?show_env=1", self.addr)
+    }
+
+    /// A static page (the checker's `integrity_url`).
+    pub fn static_url(&self) -> String {
+        format!("http://{}/static", self.addr)
     }
 
     pub fn azenv_url(&self) -> String {

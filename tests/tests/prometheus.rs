@@ -186,7 +186,7 @@ async fn every_dashboard_and_rule_expression_returns_data() {
     let lists = ListServer::fixed(vec![("/list.txt", 200, "text/plain", body)]).await;
     let gw = Gateway::builder()
         .config(&format!(
-            "allow_private_networks = true\n[[sources]]\nname = \"fixture\"\nkind = \"generic\"\nurl = {:?}\n[checker]\njudge_urls = [{:?}]\ntimeout = \"1s\"\n[store]\nstats_flush_interval = \"1s\"\n",
+            "allow_private_networks = true\n[[sources]]\nname = \"fixture\"\nkind = \"generic\"\nurl = {:?}\n[checker]\njudge_urls = [{:?}]\ntimeout = \"1s\"\ntls_judge_url = \"\"\nintegrity_url = \"\"\n[store]\nstats_flush_interval = \"1s\"\n",
             lists.url("/list.txt"),
             judge.httpbin_url()
         ))

@@ -109,10 +109,15 @@ async fn sticky_sessions_hold_and_move() {
         let r = curl(&["-x", &socks, &url]).await;
         assert_eq!(peer(&r), pinned, "SOCKS5 sees the same session");
     }
-    // Sessions without a pin spread over the pool.
+    // Sessions without a pin spread over the pool, and a new session never gets the exit its
+    // client's previous session had (pool.new_session_exit = "different").
     let mut spread = HashSet::new();
+    let mut previous = pinned.clone();
     for i in 0..12 {
         let r = curl(&["-x", &proxy, "-U", &format!("alice-session-x{i}:pw"), &url]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_ne!(peer(&r), previous, "new session {i} got the previous exit");
+        previous = peer(&r);
         spread.insert(peer(&r));
     }
     assert!(spread.len() > 1, "{spread:?}");

@@ -47,10 +47,12 @@ async fn fake(reveal: Reveal) -> FakeUpstream {
     .await
 }
 
-/// The `[checker]` of these tests: the local judge, short timeouts.
+/// The `[checker]` of these tests: the local judge, short timeouts, no integrity references
+/// (the trust tests have theirs).
 fn checker(judge: &Judge) -> String {
     format!(
-        "[checker]\njudge_urls = [{:?}, {:?}]\ntimeout = \"1s\"\nrecheck_every = \"1s\"\n",
+        "[checker]\njudge_urls = [{:?}, {:?}]\ntimeout = \"1s\"\nrecheck_every = \"1s\"\n\
+         tls_judge_url = \"\"\nintegrity_url = \"\"\n",
         judge.httpbin_url(),
         judge.azenv_url()
     )

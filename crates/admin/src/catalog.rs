@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use proxygate_core::{Upstream, UpstreamId};
+use proxygate_core::{Tier, Upstream, UpstreamId};
 use proxygate_pool::latency::Latency;
 use proxygate_pool::reputation::{Explanation, Inputs, explain};
-use proxygate_pool::{Entry, HealthConfig, PoolWriter, Saved, State, Strategy};
+use proxygate_pool::{Entry, HealthConfig, Identity, PoolWriter, Saved, State, Strategy};
 use proxygate_store::{CheckRecord, Origin, Record, Stats, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +79,60 @@ pub struct Catalog {
     disabled: Arc<AtomicUsize>,
     /// Every upstream's last check through itself.
     checks: HashMap<UpstreamId, CheckRecord>,
+    /// When a list upstream is `verified`.
+    trust: TrustPolicy,
+}
+
+/// The start of the reason of a quarantined upstream: disabled for tampering, released by an
+/// operator only (`proxygate pool enable`), never by a later check.
+pub const QUARANTINED: &str = "quarantined: ";
+
+/// When a list upstream earns the `verified` tier: `checks` integrity checks passed in a row
+/// (no leak, nothing tampered) over at least `after_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrustPolicy {
+    pub after_ms: u64,
+    pub checks: u32,
+}
+
+impl Default for TrustPolicy {
+    fn default() -> Self {
+        TrustPolicy {
+            after_ms: 24 * 3_600_000,
+            checks: 3,
+        }
+    }
+}
+
+/// An upstream's trust tier at `now` (Unix ms): `operator` for the operator's own (the config,
+/// `pool add`, `pool import`), `verified` for a list upstream whose integrity checks passed as
+/// `policy` asks, else `untrusted`. An exit seen leaking by its last check is `untrusted`
+/// whoever added it (demoted).
+pub fn tier_of(r: &Record, check: Option<&CheckRecord>, policy: &TrustPolicy, now: u64) -> Tier {
+    if check.is_some_and(|c| c.leak.is_some() || c.tampered.is_some()) {
+        return Tier::Untrusted;
+    }
+    match r.origin {
+        Origin::Operator | Origin::Config => Tier::Operator,
+        Origin::Source => match check {
+            Some(c)
+                if c.integrity_passes >= policy.checks
+                    && c.integrity_since_unix_ms
+                        .is_some_and(|t| now.saturating_sub(t) >= policy.after_ms) =>
+            {
+                Tier::Verified
+            }
+            _ => Tier::Untrusted,
+        },
+    }
+}
+
+/// Whether a record is disabled for tampering.
+pub fn is_quarantined(r: &Record) -> bool {
+    r.disabled
+        && r.disabled_reason
+            .as_deref()
+            .is_some_and(|w| w.starts_with(QUARANTINED))
 }
 
 /// The running gateway's side.
@@ -148,7 +202,18 @@ pub struct Row {
     pub anonymity: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_ip: Option<String>,
-    /// Why the janitor disabled it.
+    /// How many pool members exit from the same IP (itself included), when it serves and its
+    /// exit is known: selection treats them as one exit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_group_size: Option<usize>,
+    /// Its trust tier: operator, verified or untrusted.
+    pub tier: &'static str,
+    /// What its exit leaked at the last check (it is demoted to untrusted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leak: Option<String>,
+    /// Integrity checks passed in a row.
+    pub integrity_passes: u32,
+    /// Why the janitor disabled it (or quarantined it: "quarantined: ...").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disabled_reason: Option<String>,
     /// What its list claimed of its anonymity (`anonymity` is the checker's verdict).
@@ -349,6 +414,7 @@ impl Catalog {
             health,
             disabled: Arc::default(),
             checks,
+            trust: TrustPolicy::default(),
         };
         c.disabled.store(c.disabled(), Ordering::Relaxed);
         Ok(c)
@@ -410,12 +476,38 @@ impl Catalog {
         self.live.is_some()
     }
 
+    /// [`Catalog::set_trust`], builder style (before the pool is attached).
+    #[must_use]
+    pub fn with_trust(mut self, trust: TrustPolicy) -> Catalog {
+        self.trust = trust;
+        self
+    }
+
+    /// When list upstreams become `verified` (`checker.verify_after`, `checker.verify_checks`);
+    /// republishes, so tiers follow at once.
+    pub fn set_trust(&mut self, trust: TrustPolicy) {
+        self.trust = trust;
+        self.publish();
+    }
+
+    /// What the pool is told of `r`: its exit as last checked, its tier now.
+    fn identity(&self, r: &Record, now: u64) -> Identity {
+        let check = self.checks.get(&r.upstream.id());
+        Identity {
+            exit: check
+                .and_then(|c| c.exit_ip.as_deref())
+                .and_then(|ip| ip.parse().ok()),
+            tier: tier_of(r, check, &self.trust, now),
+        }
+    }
+
     /// Publishes the enabled records to the live pool. Upstreams new to it start from their
-    /// stored stats; the others keep their live ones.
+    /// stored stats; the others keep their live ones. Every one takes its current identity.
     fn publish(&self) {
         self.disabled.store(self.disabled(), Ordering::Relaxed);
         let Some(live) = &self.live else { return };
-        let items: Vec<(Upstream, Option<Saved>)> = {
+        let now = unix_ms();
+        let items: Vec<(Upstream, Option<Saved>, Identity)> = {
             let snap = live.pool.reader().snapshot();
             self.records
                 .values()
@@ -426,7 +518,7 @@ impl Catalog {
                         Some(_) => None,
                         None => self.store.stats(id).ok().map(|s| to_saved(&s)),
                     };
-                    (r.upstream.clone(), saved)
+                    (r.upstream.clone(), saved, self.identity(r, now))
                 })
                 .collect()
         };
@@ -670,6 +762,14 @@ impl Catalog {
             last_check_passed: check.map(|c| c.passed),
             anonymity: check.and_then(|c| c.anonymity.clone()),
             exit_ip: check.and_then(|c| c.exit_ip.clone()),
+            exit_group_size: self.live.as_ref().and_then(|l| {
+                check.and_then(|c| c.exit_ip.as_ref())?;
+                let n = l.pool.reader().snapshot().exit_group_of(id).len();
+                (n > 0).then_some(n)
+            }),
+            tier: tier_of(r, check, &self.trust, unix_ms()).as_str(),
+            leak: check.and_then(|c| c.leak.clone()),
+            integrity_passes: check.map_or(0, |c| c.integrity_passes),
             disabled_reason: r.disabled_reason.clone(),
             listed_anonymity: r.listed_anonymity.clone(),
         }
@@ -762,12 +862,51 @@ impl Catalog {
         for c in checked {
             let id = c.upstream.id();
             let mut check = c.check;
-            check.failing_since_unix_ms = match (c.passed, self.checks.get(&id)) {
+            let prev = self.checks.get(&id);
+            check.failing_since_unix_ms = match (c.passed, prev) {
                 (true, _) => None,
                 (false, Some(prev)) => prev.failing_since_unix_ms.or(Some(check.checked_unix_ms)),
                 (false, None) => Some(check.checked_unix_ms),
             };
+            // The integrity streak: a leak or tampering ends it, a clean pass extends it, a
+            // check that could not run the integrity steps leaves it as it was.
+            let (passes, since) = prev.map_or((0, None), |p| {
+                (p.integrity_passes, p.integrity_since_unix_ms)
+            });
+            (check.integrity_passes, check.integrity_since_unix_ms) =
+                if check.leak.is_some() || check.tampered.is_some() {
+                    (0, None)
+                } else if c.integrity_ok {
+                    (
+                        passes.saturating_add(1),
+                        since.or(Some(check.checked_unix_ms)),
+                    )
+                } else {
+                    (passes, since)
+                };
+            let before = self
+                .records
+                .get(&id)
+                .map(|r| (self.identity(r, now), r.disabled));
+            if let Some(t) = &check.tampered
+                && let Some(r) = self.records.get_mut(&id)
+                && !is_quarantined(r)
+            {
+                let why = format!("{QUARANTINED}{t}");
+                self.store.set_disabled_because(id, true, Some(&why))?;
+                tracing::warn!(upstream = %r.upstream, "upstream quarantined: {t}");
+                r.disabled = true;
+                r.disabled_reason = Some(why);
+                out.quarantined += 1;
+                changed = true;
+            }
+            if let (Some(l), Some(r)) = (&check.leak, self.records.get(&id))
+                && prev.is_none_or(|p| p.leak.is_none())
+            {
+                tracing::warn!(upstream = %r.upstream, "upstream demoted to untrusted: it {l}");
+            }
             match self.records.get_mut(&id) {
+                Some(r) if is_quarantined(r) => {}
                 Some(r) if c.passed && r.disabled && r.disabled_reason.is_some() => {
                     self.store.set_disabled_because(id, false, None)?;
                     r.disabled = false;
@@ -787,15 +926,20 @@ impl Catalog {
                 }
                 None => continue,
             }
+            self.checks.insert(id, check.clone());
+            if let Some((ident, disabled)) = before
+                && let Some(r) = self.records.get(&id)
+                && !r.disabled
+                && (disabled || self.identity(r, now) != ident)
+            {
+                changed = true;
+            }
             checks.push((id, check));
         }
         self.store
             .put_checks(checks.iter().map(|(id, c)| (*id, c)))?;
         self.store.flush()?;
         out.checks = checks.len();
-        for (id, c) in checks {
-            self.checks.insert(id, c);
-        }
         if changed {
             self.publish();
         }
@@ -978,6 +1122,8 @@ impl Catalog {
 #[derive(Debug, Clone)]
 pub struct Checked {
     pub upstream: Upstream,
+    /// Every configured integrity step ran and passed.
+    pub integrity_ok: bool,
     /// The source that listed it (`None`: a re-check of a pool member).
     pub source: Option<String>,
     /// The anonymity the source claimed for it.
@@ -991,6 +1137,8 @@ pub struct Checked {
 pub struct Merged {
     /// New upstreams that joined the pool.
     pub imported: usize,
+    /// Upstreams quarantined for tampering.
+    pub quarantined: usize,
     /// Upstreams the janitor had disabled, enabled again by a passing check.
     pub reenabled: usize,
     /// Checks recorded.
@@ -1056,6 +1204,7 @@ mod tests {
     fn checked(url: &str, passed: bool, at: u64) -> Checked {
         Checked {
             upstream: Upstream::parse(url).unwrap(),
+            integrity_ok: passed,
             source: Some("list".into()),
             listed_anonymity: Some("anonymous".into()),
             passed,
@@ -1186,5 +1335,98 @@ mod tests {
         let v = c.set_strategy(None).unwrap();
         assert_eq!(v.set_by, "config");
         assert_eq!(reader.strategy(), Strategy::RoundRobin);
+    }
+
+    #[test]
+    fn tiers_follow_integrity_and_leaks_demote() {
+        let r = Record::new(
+            Upstream::parse("http://8.8.8.8:80").unwrap(),
+            Origin::Source,
+            0,
+        );
+        let op = Record::new(r.upstream.clone(), Origin::Operator, 0);
+        let policy = TrustPolicy {
+            after_ms: 1000,
+            checks: 2,
+        };
+        let check = |passes, since| CheckRecord {
+            integrity_passes: passes,
+            integrity_since_unix_ms: since,
+            ..CheckRecord::default()
+        };
+        assert_eq!(tier_of(&r, None, &policy, 5000), Tier::Untrusted);
+        assert_eq!(tier_of(&op, None, &policy, 5000), Tier::Operator);
+        // Enough passes but not for long enough; long enough but too few; both.
+        assert_eq!(
+            tier_of(&r, Some(&check(5, Some(4500))), &policy, 5000),
+            Tier::Untrusted
+        );
+        assert_eq!(
+            tier_of(&r, Some(&check(1, Some(0))), &policy, 5000),
+            Tier::Untrusted
+        );
+        assert_eq!(
+            tier_of(&r, Some(&check(2, Some(4000))), &policy, 5000),
+            Tier::Verified
+        );
+        let leaking = CheckRecord {
+            leak: Some("reveals".into()),
+            ..check(9, Some(0))
+        };
+        assert_eq!(tier_of(&r, Some(&leaking), &policy, 5000), Tier::Untrusted);
+        assert_eq!(tier_of(&op, Some(&leaking), &policy, 5000), Tier::Untrusted);
+    }
+
+    #[test]
+    fn tampering_quarantines_for_good_and_identities_reach_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, reader) = catalog(dir.path());
+        let mut c = c.with_trust(TrustPolicy {
+            after_ms: 0,
+            checks: 2,
+        });
+        let url = "http://8.8.8.8:80";
+        let id = Upstream::parse(url).unwrap().id();
+        let with_exit = |passed, at, exit: &str| {
+            let mut k = checked(url, passed, at);
+            k.check.exit_ip = Some(exit.into());
+            k
+        };
+        c.merge_checked(vec![with_exit(true, 10, "203.0.113.7")], true)
+            .unwrap();
+        let e = Arc::clone(reader.snapshot().get(id).unwrap());
+        assert_eq!(e.exit(), Some("203.0.113.7".parse().unwrap()));
+        assert_eq!(
+            e.tier(),
+            Tier::Untrusted,
+            "one integrity pass is not enough"
+        );
+        c.merge_checked(vec![with_exit(true, 20, "203.0.113.8")], false)
+            .unwrap();
+        let e = Arc::clone(reader.snapshot().get(id).unwrap());
+        assert_eq!(e.tier(), Tier::Verified);
+        assert_eq!(
+            e.exit(),
+            Some("203.0.113.8".parse().unwrap()),
+            "exit followed"
+        );
+        assert_eq!(c.show(id).unwrap().tier, "verified");
+        // Tampering: quarantined, out of the pool, and a later passing check does not bring
+        // it back; an operator does.
+        let mut bad = with_exit(false, 30, "203.0.113.8");
+        bad.check.tampered = Some("TLS: swapped".into());
+        let m = c.merge_checked(vec![bad], false).unwrap();
+        assert_eq!(m.quarantined, 1);
+        assert!(reader.snapshot().get(id).is_none());
+        let row = c.show(id).unwrap();
+        assert!(row.disabled_reason.unwrap().starts_with(QUARANTINED));
+        assert_eq!(row.tier, "untrusted");
+        let m = c
+            .merge_checked(vec![with_exit(true, 40, "203.0.113.8")], false)
+            .unwrap();
+        assert_eq!(m.reenabled, 0);
+        assert!(reader.snapshot().get(id).is_none());
+        c.set_disabled(id, false).unwrap();
+        assert!(reader.snapshot().get(id).is_some());
     }
 }

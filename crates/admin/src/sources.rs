@@ -77,6 +77,12 @@ pub struct CheckLine {
     pub anonymity: Option<String>,
     pub exit_ip: Option<String>,
     pub error: Option<String>,
+    /// What the exit leaked (it is demoted to untrusted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leak: Option<String>,
+    /// How it tampered (it is quarantined).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tampered: Option<String>,
 }
 
 /// Where the pool's upstreams come from, and how it checks them.
@@ -317,6 +323,8 @@ impl SourcesRuntime {
                     r.latency_ms.unwrap_or(0) as f64 / 1000.0,
                 );
                 self.report_to_pool(r);
+                self.metrics
+                    .findings(r.tampered.is_some(), r.leak.is_some());
                 if !r.inconclusive {
                     merged.push((
                         *i,
@@ -478,6 +486,8 @@ impl SourcesRuntime {
                 r.latency_ms.unwrap_or(0) as f64 / 1000.0,
             );
             self.report_to_pool(r);
+            self.metrics
+                .findings(r.tampered.is_some(), r.leak.is_some());
             if let Some(up) = by_id.get(&r.id) {
                 summary.results.push(CheckLine {
                     id: r.id.to_string(),
@@ -487,6 +497,8 @@ impl SourcesRuntime {
                     anonymity: r.anonymity.map(|a| a.to_string()),
                     exit_ip: r.exit_ip.map(|ip| ip.to_string()),
                     error: r.detail.clone(),
+                    leak: r.leak.clone(),
+                    tampered: r.tampered.clone(),
                 });
                 if !r.inconclusive {
                     merged.push(checked(up.clone(), None, r));
@@ -593,6 +605,36 @@ impl SourcesRuntime {
         .await;
     }
 
+    /// The leak audit: every `checker.audit_every`, every enabled member is checked again,
+    /// busy or idle (judge, leaks, integrity), until shutdown. Off when `audit_every` is 0.
+    pub async fn run_audits(self: Arc<Self>, shutdown: Shutdown) {
+        let period = self.checker.config().audit_every;
+        if period.is_zero() {
+            return;
+        }
+        let me = Arc::clone(&self);
+        crate::every(period, shutdown, move || {
+            let me = Arc::clone(&me);
+            async move {
+                match me.recheck(&[], &|_, _, _| {}).await {
+                    Ok(s) => {
+                        let leaking = s.results.iter().filter(|l| l.leak.is_some()).count();
+                        let tampering = s.results.iter().filter(|l| l.tampered.is_some()).count();
+                        tracing::info!(
+                            checked = s.checked,
+                            passed = s.passed,
+                            leaking,
+                            tampering,
+                            "leak audit done"
+                        );
+                    }
+                    Err(e) => tracing::error!("leak audit: {e}"),
+                }
+            }
+        })
+        .await;
+    }
+
     /// Every source: its config, its stored quality and what that earns it, how many of its
     /// upstreams are still alive 24 h after they came, and the share of served traffic
     /// through its upstreams that succeeded.
@@ -672,6 +714,7 @@ fn yields(st: &SourceStats) -> Vec<Yield> {
 fn checked(upstream: Upstream, source: Option<String>, r: &CheckResult) -> Checked {
     Checked {
         upstream,
+        integrity_ok: r.integrity_ok && r.leak.is_none() && r.tampered.is_none(),
         source,
         listed_anonymity: None,
         passed: r.passed,
@@ -684,6 +727,10 @@ fn checked(upstream: Upstream, source: Option<String>, r: &CheckResult) -> Check
             judge: r.judge.clone(),
             error: r.detail.clone(),
             failing_since_unix_ms: None,
+            leak: r.leak.clone(),
+            tampered: r.tampered.clone(),
+            integrity_passes: 0,
+            integrity_since_unix_ms: None,
         },
     }
 }

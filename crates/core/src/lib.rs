@@ -28,7 +28,7 @@ pub mod upstream;
 pub use config::{ConfigErrors, Problem};
 pub use error::{ErrorKind, Side};
 pub use outcome::Outcome;
-pub use route::{Route, RouteError};
+pub use route::{Route, RouteError, Tier};
 pub use secret::Secret;
 pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use target::{Host, Target, TargetParseError};

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! username = account *( "-" key "-" value )
-//! key      = "session" | "ttl" | "country" | "type" | "strategy" | "minrep"
+//! key      = "session" | "ttl" | "country" | "type" | "strategy" | "minrep" | "tier"
 //! ```
 //!
 //! For example `alice-session-s42-country-us-type-socks5-minrep-70`. The account is everything
@@ -14,6 +14,69 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::Scheme;
+
+/// How far an upstream is trusted not to tamper with traffic, least first: `untrusted` (fresh
+/// from a public list), `verified` (a list upstream that passed the checker's integrity checks
+/// for a while), `operator` (added by the operator: the config, `pool add`, `pool import`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Tier {
+    #[default]
+    Untrusted,
+    Verified,
+    Operator,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 3] = [Tier::Untrusted, Tier::Verified, Tier::Operator];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Untrusted => "untrusted",
+            Tier::Verified => "verified",
+            Tier::Operator => "operator",
+        }
+    }
+
+    /// The tier as a small number (0 = untrusted), for atomics.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_code(code: u8) -> Tier {
+        Tier::ALL
+            .get(usize::from(code))
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+impl std::str::FromStr for Tier {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Tier::ALL
+            .into_iter()
+            .find(|t| t.as_str().eq_ignore_ascii_case(s))
+            .ok_or(())
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Tier {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|()| {
+            serde::de::Error::custom(format!(
+                "unknown trust tier {s:?} (expected untrusted, verified or operator)"
+            ))
+        })
+    }
+}
 
 /// What a client asked for, besides its destination.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -30,12 +93,16 @@ pub struct Route {
     pub strategy: Option<String>,
     /// `minrep-<n>`: only upstreams with at least this reputation.
     pub min_reputation: Option<u8>,
+    /// `tier-<name>`: only upstreams trusted at least this much ([`Tier`]).
+    pub min_tier: Option<Tier>,
 }
 
 /// Why a username's hints were refused. The message names the hint, never a password.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
-    #[error("unknown routing hint {0:?} (known: session, ttl, country, type, strategy, minrep)")]
+    #[error(
+        "unknown routing hint {0:?} (known: session, ttl, country, type, strategy, minrep, tier)"
+    )]
     UnknownHint(String),
     #[error("routing hint {0:?} has no value")]
     MissingValue(String),
@@ -57,7 +124,15 @@ const MAX_TTL_SECS: u64 = 86_400;
 impl Route {
     /// Whether this route lets every upstream serve (no country, type or reputation filter).
     pub fn is_unfiltered(&self) -> bool {
-        self.country.is_none() && self.scheme.is_none() && self.min_reputation.is_none()
+        self.country.is_none()
+            && self.scheme.is_none()
+            && self.min_reputation.is_none()
+            && self.tier_filter().is_none()
+    }
+
+    /// The minimum tier when it excludes anything (`untrusted` admits every upstream).
+    pub fn tier_filter(&self) -> Option<Tier> {
+        self.min_tier.filter(|t| *t > Tier::Untrusted)
     }
 
     /// Splits a username into its account and its routing hints.
@@ -116,6 +191,12 @@ impl Route {
                         .ok_or_else(|| invalid("0 to 100"))?;
                     set(&mut route.min_reputation, n, repeated)?;
                 }
+                "tier" => {
+                    let tier = value
+                        .parse::<Tier>()
+                        .map_err(|()| invalid("untrusted, verified or operator"))?;
+                    set(&mut route.min_tier, tier, repeated)?;
+                }
                 other => return Err(RouteError::UnknownHint(other.to_owned())),
             }
         }
@@ -124,7 +205,7 @@ impl Route {
 
     /// Whether any filter (country, type, minrep) restricts the upstreams.
     pub fn has_filters(&self) -> bool {
-        self.country.is_some() || self.scheme.is_some() || self.min_reputation.is_some()
+        !self.is_unfiltered()
     }
 }
 
@@ -150,6 +231,10 @@ impl fmt::Display for Route {
         }
         if let Some(m) = self.min_reputation {
             write!(f, "{sep}minrep={m}")?;
+            sep = " ";
+        }
+        if let Some(t) = self.tier_filter() {
+            write!(f, "{sep}tier={t}")?;
         }
         Ok(())
     }
@@ -163,7 +248,7 @@ mod tests {
     #[test]
     fn parses_every_hint() {
         let (account, r) = Route::parse(
-            "alice-session-s42-country-us-type-socks5-minrep-70-ttl-60-strategy-random",
+            "alice-session-s42-country-us-type-socks5-minrep-70-ttl-60-strategy-random-tier-verified",
         )
         .unwrap();
         assert_eq!(account, "alice");
@@ -173,7 +258,14 @@ mod tests {
         assert_eq!(r.min_reputation, Some(70));
         assert_eq!(r.ttl, Some(Duration::from_secs(60)));
         assert_eq!(r.strategy.as_deref(), Some("random"));
-        assert_eq!(r.to_string(), "country=US type=socks5 minrep=70");
+        assert_eq!(r.min_tier, Some(Tier::Verified));
+        assert_eq!(
+            r.to_string(),
+            "country=US type=socks5 minrep=70 tier=verified"
+        );
+        let (_, any) = Route::parse("a-tier-untrusted").unwrap();
+        assert!(any.is_unfiltered(), "untrusted admits every upstream");
+        assert!(Tier::Untrusted < Tier::Verified && Tier::Verified < Tier::Operator);
     }
 
     #[test]
@@ -194,6 +286,7 @@ mod tests {
             ("a-ttl-0", "1 to 86400"),
             ("a-session-x-session-y", "given twice"),
             ("a-session-a/b", "letters"),
+            ("a-tier-gold", "untrusted, verified or operator"),
         ] {
             let err = Route::parse(u).unwrap_err().to_string();
             assert!(err.contains(want), "{u}: {err}");

@@ -144,6 +144,9 @@ pub struct DialConfig {
     pub hedge_min_delay: Duration,
     #[serde(with = "humantime_serde")]
     pub hedge_max_delay: Duration,
+    /// The least trust tier of the upstreams a client is routed through when its username
+    /// names none (`-tier-verified`): untrusted (every upstream), verified or operator.
+    pub min_tier: proxygate_core::Tier,
 }
 
 /// `dial.tunnel_plain_http`.
@@ -224,6 +227,7 @@ impl Default for DialConfig {
             hedge_ratio: DEFAULT_HEDGE_RATIO,
             hedge_min_delay: DEFAULT_HEDGE_MIN_DELAY,
             hedge_max_delay: DEFAULT_HEDGE_MAX_DELAY,
+            min_tier: proxygate_core::Tier::Untrusted,
         }
     }
 }

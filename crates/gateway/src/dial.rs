@@ -469,6 +469,16 @@ impl Budget {
                 ErrorKind::NoUpstream,
                 format!("no upstream matches {}", self.routing.route),
             ),
+            None if tried == 0
+                && self.routing.session_key.is_some()
+                && !self.pool.snapshot().is_empty() =>
+            {
+                GatewayError::new(
+                    ErrorKind::NoUpstream,
+                    "no upstream left for this new session: every one exits from the address \
+                     this client's previous session had (pool.new_session_exit = different)",
+                )
+            }
             None if tried == 0 => {
                 GatewayError::new(ErrorKind::NoUpstream, "no upstream in the pool")
             }
@@ -575,8 +585,11 @@ impl Dialer {
 
     /// A fresh retry budget for one client request: `dial.max_attempts` upstreams within
     /// `dial.retry_deadline` from now.
-    pub fn budget(&self, routing: Routing, target: &Target) -> Budget {
+    pub fn budget(&self, mut routing: Routing, target: &Target) -> Budget {
         let cfg = self.connector.config();
+        if routing.route.min_tier.is_none() {
+            routing.route.min_tier = Some(cfg.min_tier);
+        }
         Budget {
             metrics: Arc::clone(&self.metrics),
             pool: self.pool.clone(),
@@ -741,7 +754,7 @@ impl Dialer {
         let r = &budget.routing;
         let preferred = prefer
             .filter(|id| !budget.tried.contains(id))
-            .and_then(|id| self.pool.lease(id));
+            .and_then(|id| self.pool.lease_fitting(id, &r.route));
         let mut lease = match preferred {
             Some(l) => l,
             None => self.pool.select_route(

@@ -55,6 +55,9 @@ pub struct Config {
     /// How long a sticky session (`session-<id>` hint) keeps its upstream; `ttl-<s>` overrides.
     #[serde(with = "humantime_serde")]
     pub session_ttl: Duration,
+    /// What a client asking for a new session gets: `different` (never the exit IP its
+    /// previous session had; refused when no other is left), `prefer_different`, `any`.
+    pub new_session_exit: crate::NewSessionExit,
     pub reputation: ReputationConfig,
 }
 
@@ -75,6 +78,7 @@ impl Default for Config {
             site_block_for: h.sites.block_for,
             reindex_interval: DEFAULT_REINDEX_INTERVAL,
             session_ttl: DEFAULT_SESSION_TTL,
+            new_session_exit: crate::NewSessionExit::default(),
             reputation: ReputationConfig::default(),
         }
     }

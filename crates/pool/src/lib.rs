@@ -9,6 +9,8 @@
 //! - [`latency`]: response-time histograms per upstream ([`latency::Latency`]) and of the
 //!   whole pool since the last look ([`latency::Recent`]).
 //! - `hot`: the hot table, the part of every upstream's health a pick reads, contiguous.
+//! - [`identity`]: exit IPs and trust tiers; exit groups, which round robin, sticky
+//!   sessions and new sessions treat as one upstream.
 //! - [`sessions`]: the sticky-session table (session key -> pinned upstream, with a TTL).
 //! - [`sites`]: per-(upstream, target site) failures, so selection avoids an upstream where it
 //!   is blocked while it serves elsewhere.
@@ -22,6 +24,7 @@
 pub mod config;
 pub mod health;
 pub(crate) mod hot;
+pub mod identity;
 pub mod latency;
 pub mod pool;
 pub mod reputation;
@@ -32,6 +35,7 @@ pub mod strategy;
 
 pub use config::Config;
 pub use health::{Health, HealthConfig, Saved, State};
+pub use identity::{Identity, NewSessionExit};
 
 /// `d` in whole milliseconds, saturating: the pool's clock and its policy times are
 /// milliseconds.

@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use proxygate_core::{Outcome, Route, Upstream, UpstreamId};
 
 use crate::health::Counted;
+use crate::identity::{Identity, NewSessionExit};
 use crate::latency::Window;
 use crate::sessions::Sessions;
 use crate::sites::{Blocked, SiteBook};
@@ -35,6 +36,8 @@ pub struct Pool {
     panic_selections: AtomicU64,
     sessions: Sessions,
     session_ttl_ms: AtomicU64,
+    /// [`NewSessionExit`], as its code.
+    new_session_exit: AtomicU8,
     shared: Arc<Shared>,
     /// Per-(upstream, site) failures.
     sites: SiteBook,
@@ -82,6 +85,7 @@ impl Pool {
             panic_selections: AtomicU64::new(0),
             sessions: Sessions::default(),
             session_ttl_ms: AtomicU64::new(DEFAULT_SESSION_TTL_MS),
+            new_session_exit: AtomicU8::new(NewSessionExit::default().code()),
             shared: Arc::new(Shared::new(health)),
             sites: SiteBook::default(),
             writing: Mutex::new(()),
@@ -165,6 +169,16 @@ impl PoolReader {
         Some(Lease::take(&snap, slot, now_ms, false))
     }
 
+    /// [`PoolReader::lease`], when the upstream also fits `route` (a client connection
+    /// keeping its upstream while its routing may have changed).
+    pub fn lease_fitting(&self, id: UpstreamId, route: &Route) -> Option<Lease> {
+        let pool = &self.0;
+        let now_ms = pool.millis(Instant::now());
+        let snap = pool.snapshot.load();
+        let slot = leasable(&snap, id, route, now_ms)?;
+        Some(Lease::take(&snap, slot, now_ms, false))
+    }
+
     /// Picks an upstream not in `exclude`, or `None` when every upstream is excluded (or the
     /// pool is empty).
     pub fn select(&self, exclude: &[UpstreamId]) -> Option<Lease> {
@@ -173,14 +187,17 @@ impl PoolReader {
 
     /// [`PoolReader::select`] at a given time.
     pub fn select_at(&self, exclude: &[UpstreamId], now: Instant) -> Option<Lease> {
-        self.select_with(&Route::default(), None, exclude, now, true)
+        self.select_with(&Route::default(), None, exclude, now, true, None)
     }
 
     /// Picks an upstream that satisfies the route's filters (country, type, minimum
-    /// reputation) and is not in `exclude`, with `strategy` or else the pool's. With a
-    /// session key, the session's pinned upstream is kept while it is selectable and fits;
-    /// otherwise the pick is pinned for the route's TTL or the pool's session TTL. `None` when
-    /// no upstream fits at all.
+    /// reputation, tier) and is not in `exclude`, with `strategy` or else the pool's.
+    ///
+    /// With a session key (`client NUL id`, see [`crate::sessions`]): the session's pinned
+    /// upstream is kept while it is selectable and fits; when it is not, another member of its
+    /// exit group (the same exit IP) takes over before any other upstream. A new session
+    /// avoids the exit of its client's previous one as `pool.new_session_exit` says. The pick
+    /// is pinned for the route's TTL or the pool's session TTL. `None` when no upstream fits.
     pub fn select_route(
         &self,
         route: &Route,
@@ -190,27 +207,70 @@ impl PoolReader {
     ) -> Option<Lease> {
         let now = Instant::now();
         let Some(key) = session_key else {
-            return self.select_with(route, strategy, exclude, now, true);
+            return self.select_with(route, strategy, exclude, now, true, None);
         };
         let pool = &self.0;
         let now_ms = pool.millis(now);
-        if let Some(id) = pool.sessions.get(key, now_ms)
-            && !exclude.contains(&id)
-        {
-            let snap = pool.snapshot.load();
-            if let Some(slot) = leasable(&snap, id, route, now_ms) {
+        let pinned = pool.sessions.get(key, now_ms);
+        let snap = pool.snapshot.load();
+        if let Some((id, group)) = pinned {
+            if !exclude.contains(&id)
+                && let Some(slot) = leasable(&snap, id, route, now_ms)
+            {
                 return Some(Lease::take(&snap, slot, now_ms, false));
             }
+            // The same exit through another member of its group keeps the session's address.
+            let same_exit = snap.exits().members_of(group).iter().find_map(|pos| {
+                let e = snap.entries().get(*pos as usize)?;
+                if exclude.contains(&e.id) || e.exit_group() != group {
+                    return None;
+                }
+                leasable(&snap, e.id, route, now_ms)
+            });
+            if let Some(slot) = same_exit {
+                let lease = Lease::take(&snap, slot, now_ms, false);
+                self.pin(key, &lease, route, now_ms);
+                return Some(lease);
+            }
         }
-        // A pin serves the session for its whole TTL: never an exploratory pick.
-        let lease = self.select_with(route, strategy, exclude, now, false)?;
+        // A new session avoids its client's previous exit; a session that lost its exit
+        // takes whatever is left. A pin serves for its whole TTL: never an exploratory pick.
+        let policy = self.new_session_exit();
+        let avoid = match (pinned, policy) {
+            (None, NewSessionExit::Different | NewSessionExit::PreferDifferent) => pool
+                .sessions
+                .last_exit(crate::sessions::client_of(key), now_ms),
+            _ => None,
+        };
+        let lease = match self.select_with(route, strategy, exclude, now, false, avoid) {
+            Some(l) => l,
+            None if avoid.is_some() && policy == NewSessionExit::PreferDifferent => {
+                self.select_with(route, strategy, exclude, now, false, None)?
+            }
+            None => return None,
+        };
+        self.pin(key, &lease, route, now_ms);
+        Some(lease)
+    }
+
+    fn pin(&self, key: &str, lease: &Lease, route: &Route, now_ms: u64) {
+        let pool = &self.0;
         let ttl = route.ttl.map_or_else(
             || pool.session_ttl_ms.load(Ordering::Relaxed),
             crate::millis,
         );
-        pool.sessions
-            .pin(key, lease.id(), now_ms.saturating_add(ttl), now_ms);
-        Some(lease)
+        pool.sessions.pin(
+            key,
+            lease.id(),
+            lease.entry().exit_group(),
+            now_ms.saturating_add(ttl),
+            now_ms,
+        );
+    }
+
+    /// What a new session may get (`pool.new_session_exit`).
+    pub fn new_session_exit(&self) -> NewSessionExit {
+        NewSessionExit::from_code(self.0.new_session_exit.load(Ordering::Relaxed))
     }
 
     /// Records a check of upstream `id`, made through itself outside any lease (the checker),
@@ -247,12 +307,14 @@ impl PoolReader {
         exclude: &[UpstreamId],
         now: Instant,
         may_remeasure: bool,
+        avoid_exit: Option<u64>,
     ) -> Option<Lease> {
         let pool = &self.0;
         let snap = pool.snapshot.load();
         let now_ms = pool.millis(now);
         let ctx = PickCtx {
             exclude,
+            avoid_exit,
             route,
             now_ms,
             cursors: &pool.cursors,
@@ -264,7 +326,7 @@ impl PoolReader {
         let (slot, panic_mode) = match pick(strategy, &snap, &ctx) {
             Some(s) => (s, false),
             None => {
-                let pos = least_bad(snap.entries(), exclude, route)?;
+                let pos = least_bad(snap.entries(), exclude, route, avoid_exit)?;
                 pool.panic_selections.fetch_add(1, Ordering::Relaxed);
                 (snap.members().slot_of(pos), true)
             }
@@ -275,7 +337,8 @@ impl PoolReader {
 
 /// Whether an upstream satisfies a route's filters.
 pub(crate) fn fits(route: &Route, e: &Entry) -> bool {
-    route.scheme.is_none_or(|s| s == e.upstream.scheme)
+    route.tier_filter().is_none_or(|t| e.tier() >= t)
+        && route.scheme.is_none_or(|s| s == e.upstream.scheme)
         && route
             .country
             .as_deref()
@@ -296,11 +359,20 @@ fn leasable(snap: &Snapshot, id: UpstreamId, route: &Route, now_ms: u64) -> Opti
 
 /// Panic mode: the position of the non-excluded entry whose backoff ends first (the better
 /// reputation among equals).
-fn least_bad(entries: &[Arc<Entry>], exclude: &[UpstreamId], route: &Route) -> Option<usize> {
+fn least_bad(
+    entries: &[Arc<Entry>],
+    exclude: &[UpstreamId],
+    route: &Route,
+    avoid_exit: Option<u64>,
+) -> Option<usize> {
     entries
         .iter()
         .enumerate()
-        .filter(|(_, e)| !exclude.contains(&e.id) && fits(route, e))
+        .filter(|(_, e)| {
+            !exclude.contains(&e.id)
+                && fits(route, e)
+                && avoid_exit.is_none_or(|g| e.exit_group() != g)
+        })
         .min_by_key(|(_, e)| {
             (
                 e.health.backoff_until_ms(),
@@ -318,10 +390,11 @@ impl PoolWriter {
             .publish(|previous| Some(Snapshot::build(upstreams, previous, shared)));
     }
 
-    /// [`PoolWriter::replace`], where upstreams new to the pool start from saved stats.
+    /// [`PoolWriter::replace`], where upstreams new to the pool start from saved stats, and
+    /// each takes the identity given (exit IP, tier).
     pub fn replace_saved(
         &self,
-        upstreams: impl IntoIterator<Item = (Upstream, Option<crate::health::Saved>)>,
+        upstreams: impl IntoIterator<Item = (Upstream, Option<crate::health::Saved>, Identity)>,
     ) {
         let shared = &self.0.shared;
         self.0
@@ -351,6 +424,13 @@ impl PoolWriter {
         self.0
             .session_ttl_ms
             .store(crate::millis(ttl), Ordering::Relaxed);
+    }
+
+    /// What a new session may get (`pool.new_session_exit`).
+    pub fn set_new_session_exit(&self, policy: NewSessionExit) {
+        self.0
+            .new_session_exit
+            .store(policy.code(), Ordering::Relaxed);
     }
 
     /// Switches the strategy; selections already made are unaffected.
@@ -500,8 +580,8 @@ mod tests {
         };
         let new = Upstream::parse("socks5://10.9.9.9:1080").unwrap();
         w.replace_saved([
-            (live.clone(), Some(saved.clone())),
-            (new.clone(), Some(saved)),
+            (live.clone(), Some(saved.clone()), Identity::default()),
+            (new.clone(), Some(saved), Identity::default()),
         ]);
         let snap = r.snapshot();
         let h = &snap.get(live.id()).unwrap().health;
@@ -1341,5 +1421,171 @@ mod tests {
         drop(a);
         b.report(&Outcome::default());
         assert_eq!(r.snapshot().entries()[0].health.in_flight(), 0);
+    }
+
+    /// Upstreams `0..n`, exits as given (`None`: unknown), tiers as given.
+    fn with_identities(
+        strategy: Strategy,
+        idents: &[(Option<&str>, proxygate_core::Tier)],
+    ) -> (PoolReader, PoolWriter) {
+        let (r, w) = Pool::create(strategy, strict());
+        w.replace_saved(idents.iter().enumerate().map(|(i, (exit, tier))| {
+            let identity = Identity {
+                exit: exit.map(|e| e.parse().unwrap()),
+                tier: *tier,
+            };
+            (up(i), None, identity)
+        }));
+        (r, w)
+    }
+
+    #[test]
+    fn round_robin_cycles_over_exit_groups() {
+        use proxygate_core::Tier::Untrusted as U;
+        // Five upstreams on one box (one exit), two alone, one of unknown exit.
+        let box1 = Some("203.0.113.1");
+        let (r, _w) = with_identities(
+            Strategy::RoundRobin,
+            &[
+                (box1, U),
+                (box1, U),
+                (Some("203.0.113.2"), U),
+                (box1, U),
+                (box1, U),
+                (Some("203.0.113.3"), U),
+                (box1, U),
+                (None, U),
+            ],
+        );
+        let c = counts(&r, 4000);
+        let boxed: usize = [0, 1, 3, 4, 6].iter().map(|i| c[&up(*i).id()]).sum();
+        // Four groups, a quarter each; the box's share spread evenly over its members.
+        assert_eq!(boxed, 1000, "{c:?}");
+        for i in [2, 5, 7] {
+            assert_eq!(c[&up(i).id()], 1000, "{c:?}");
+        }
+        for i in [0, 1, 3, 4, 6] {
+            assert_eq!(c[&up(i).id()], 200, "{c:?}");
+        }
+        let snap = r.snapshot();
+        assert_eq!(snap.exit_group_of(up(3).id()).len(), 5);
+        assert_eq!(snap.exit_group_of(up(7).id()), [up(7).id()]);
+    }
+
+    #[test]
+    fn a_session_keeps_its_exit_through_another_member() {
+        use proxygate_core::Tier::Untrusted as U;
+        let (r, _w) = with_identities(
+            Strategy::WeightedRandom,
+            &[
+                (Some("203.0.113.1"), U),
+                (Some("203.0.113.1"), U),
+                (Some("203.0.113.2"), U),
+                (Some("203.0.113.3"), U),
+            ],
+        );
+        // Sessions of fresh clients until one lands on the shared exit; its upstream dies,
+        // and the session moves to the other member of that exit, never to another exit.
+        let route = Route::default();
+        for i in 0..200 {
+            let key = format!("bob{i}\0s");
+            let l = r.select_route(&route, Some(&key), None, &[]).unwrap();
+            let exit = r.snapshot().get(l.id()).unwrap().exit();
+            if exit != Some("203.0.113.1".parse().unwrap()) {
+                l.report(&ok(5));
+                continue;
+            }
+            let id = l.id();
+            l.report(&Outcome::failed(ErrorKind::UpstreamIo));
+            let next = r.select_route(&route, Some(&key), None, &[]).unwrap();
+            assert_ne!(next.id(), id);
+            assert_eq!(r.snapshot().get(next.id()).unwrap().exit(), exit);
+            return;
+        }
+        panic!("no session landed on the shared exit");
+    }
+
+    #[test]
+    fn a_new_session_never_gets_the_exit_its_client_just_had() {
+        use proxygate_core::Tier::Untrusted as U;
+        // best_reputation would pick one exit every time (they all score alike).
+        let (r, w) = with_identities(
+            Strategy::BestReputation,
+            &[
+                (Some("203.0.113.1"), U),
+                (Some("203.0.113.1"), U),
+                (Some("203.0.113.2"), U),
+            ],
+        );
+        let route = Route::default();
+        let exit_of = |l: &Lease| r.snapshot().get(l.id()).unwrap().exit();
+        let mut prev = None;
+        for i in 0..100 {
+            let l = r
+                .select_route(&route, Some(&format!("carol\0s{i}")), None, &[])
+                .unwrap();
+            let exit = exit_of(&l);
+            assert_ne!(
+                Some(exit),
+                prev,
+                "session {i} got its client's previous exit"
+            );
+            prev = Some(exit);
+        }
+        // Another client is not held to carol's exits.
+        let l = r.select_route(&route, Some("dave\0s0"), None, &[]).unwrap();
+        drop(l);
+        // One exit left: `different` refuses, `prefer_different` and `any` serve it.
+        let (r1, w1) = with_identities(Strategy::RoundRobin, &[(Some("203.0.113.9"), U)]);
+        assert!(r1.select_route(&route, Some("e\0a"), None, &[]).is_some());
+        assert!(r1.select_route(&route, Some("e\0b"), None, &[]).is_none());
+        w1.set_new_session_exit(NewSessionExit::PreferDifferent);
+        assert!(r1.select_route(&route, Some("e\0c"), None, &[]).is_some());
+        w1.set_new_session_exit(NewSessionExit::Any);
+        assert!(r1.select_route(&route, Some("e\0d"), None, &[]).is_some());
+        // An existing session is never refused its own pin.
+        w1.set_new_session_exit(NewSessionExit::Different);
+        assert!(r1.select_route(&route, Some("e\0d"), None, &[]).is_some());
+        drop(w);
+    }
+
+    #[test]
+    fn tier_hints_filter_every_strategy() {
+        use proxygate_core::Tier::{Operator, Untrusted, Verified};
+        let (r, w) = with_identities(
+            Strategy::WeightedRandom,
+            &[
+                (None, Untrusted),
+                (None, Verified),
+                (None, Operator),
+                (None, Untrusted),
+            ],
+        );
+        let verified = Route::parse("a-tier-verified").unwrap().1;
+        let operator = Route::parse("a-tier-operator").unwrap().1;
+        for s in Strategy::ALL {
+            w.set_strategy(s);
+            for _ in 0..50 {
+                let l = r.select_route(&verified, None, None, &[]).unwrap();
+                assert!(l.id() == up(1).id() || l.id() == up(2).id(), "{s}");
+                let l = r.select_route(&operator, None, None, &[]).unwrap();
+                assert_eq!(l.id(), up(2).id(), "{s}");
+            }
+        }
+        // The tier is updated in place on republish: the entry (and its health) stays.
+        let before = Arc::clone(r.snapshot().get(up(0).id()).unwrap());
+        w.replace_saved((0..4).map(|i| {
+            (
+                up(i),
+                None,
+                Identity {
+                    exit: None,
+                    tier: Operator,
+                },
+            )
+        }));
+        let after = Arc::clone(r.snapshot().get(up(0).id()).unwrap());
+        assert!(Arc::ptr_eq(&before, &after));
+        assert_eq!(after.tier(), Operator);
     }
 }

@@ -1,4 +1,8 @@
-//! Sticky sessions: a session key pinned to one upstream until its TTL runs out.
+//! Sticky sessions: a session key pinned to one upstream (and its exit group) until its TTL
+//! runs out, and each client's last session exit (so a new session can avoid it).
+//!
+//! A session key is `client NUL session-id` (the gateway uses the account as the client):
+//! [`client_of`] is the part before the NUL.
 //!
 //! Sharded maps behind short mutexes (never held across an await): a lookup or a pin locks
 //! one of [`SHARDS`] shards for a hash-map operation. Expired pins are dropped when met, and a
@@ -16,13 +20,22 @@ pub const SWEEP_EVERY: u32 = 1024;
 #[derive(Debug, Clone, Copy)]
 struct Pin {
     id: UpstreamId,
+    /// The exit group of `id` when pinned ([`crate::identity::group_key`]).
+    group: u64,
     expires_ms: u64,
 }
 
 #[derive(Debug, Default)]
 struct Shard {
     pins: HashMap<String, Pin>,
+    /// Client to the exit group of its latest session, until that session's pin expires.
+    last_exit: HashMap<String, (u64, u64)>,
     since_sweep: u32,
+}
+
+/// The client part of a session key (`client NUL id`).
+pub fn client_of(key: &str) -> &str {
+    key.split('\0').next().unwrap_or(key)
 }
 
 /// The session table.
@@ -47,11 +60,12 @@ impl Sessions {
         &self.shards[h % SHARDS]
     }
 
-    /// The upstream `key` is pinned to, if the pin has not expired at `now_ms`.
-    pub fn get(&self, key: &str, now_ms: u64) -> Option<UpstreamId> {
+    /// The upstream `key` is pinned to and its exit group, if the pin has not expired at
+    /// `now_ms`.
+    pub fn get(&self, key: &str, now_ms: u64) -> Option<(UpstreamId, u64)> {
         let mut shard = self.shard(key).lock().ok()?;
         match shard.pins.get(key) {
-            Some(p) if p.expires_ms > now_ms => Some(p.id),
+            Some(p) if p.expires_ms > now_ms => Some((p.id, p.group)),
             Some(_) => {
                 shard.pins.remove(key);
                 None
@@ -60,16 +74,43 @@ impl Sessions {
         }
     }
 
-    /// Pins `key` to `id` until `expires_ms`.
-    pub fn pin(&self, key: &str, id: UpstreamId, expires_ms: u64, now_ms: u64) {
+    /// Pins `key` to `id` (of exit group `group`) until `expires_ms`, and remembers that
+    /// exit as its client's latest until then.
+    pub fn pin(&self, key: &str, id: UpstreamId, group: u64, expires_ms: u64, now_ms: u64) {
+        let pin = Pin {
+            id,
+            group,
+            expires_ms,
+        };
+        self.with_shard(key, now_ms, |s| {
+            s.pins.insert(key.to_owned(), pin);
+        });
+        let client = client_of(key);
+        self.with_shard(client, now_ms, |s| {
+            s.last_exit.insert(client.to_owned(), (group, expires_ms));
+        });
+    }
+
+    /// The exit group of `client`'s latest session, while that session's pin lasts.
+    pub fn last_exit(&self, client: &str, now_ms: u64) -> Option<u64> {
+        let shard = self.shard(client).lock().ok()?;
+        shard
+            .last_exit
+            .get(client)
+            .filter(|(_, expires)| *expires > now_ms)
+            .map(|(g, _)| *g)
+    }
+
+    fn with_shard(&self, key: &str, now_ms: u64, f: impl FnOnce(&mut Shard)) {
         let Ok(mut shard) = self.shard(key).lock() else {
             return;
         };
-        shard.pins.insert(key.to_owned(), Pin { id, expires_ms });
+        f(&mut shard);
         shard.since_sweep += 1;
         if shard.since_sweep >= SWEEP_EVERY {
             shard.since_sweep = 0;
             shard.pins.retain(|_, p| p.expires_ms > now_ms);
+            shard.last_exit.retain(|_, (_, expires)| *expires > now_ms);
         }
     }
 
@@ -93,9 +134,11 @@ mod tests {
     #[test]
     fn pins_expire() {
         let s = Sessions::default();
-        s.pin("a", UpstreamId(1), 100, 0);
-        assert_eq!(s.get("a", 99), Some(UpstreamId(1)));
-        assert_eq!(s.get("a", 100), None);
+        s.pin("c\0a", UpstreamId(1), 7, 100, 0);
+        assert_eq!(s.get("c\0a", 99), Some((UpstreamId(1), 7)));
+        assert_eq!(s.last_exit("c", 99), Some(7));
+        assert_eq!(s.get("c\0a", 100), None);
+        assert_eq!(s.last_exit("c", 100), None);
         assert!(s.is_empty(), "an expired pin is dropped when met");
     }
 
@@ -103,8 +146,14 @@ mod tests {
     fn sweeps_expired_pins() {
         let s = Sessions::default();
         for i in 0..(SWEEP_EVERY as usize * SHARDS * 2) {
-            s.pin(&format!("k{i}"), UpstreamId(1), 10, 20);
+            s.pin(&format!("c{i}\0k"), UpstreamId(1), 1, 10, 20);
         }
         assert!(s.len() < SWEEP_EVERY as usize * SHARDS, "{}", s.len());
+        let clients: usize = s
+            .shards
+            .iter()
+            .map(|sh| sh.lock().unwrap().last_exit.len())
+            .sum();
+        assert!(clients < SWEEP_EVERY as usize * SHARDS, "{clients}");
     }
 }

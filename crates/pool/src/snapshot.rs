@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use proxygate_core::{Route, Scheme, Upstream, UpstreamId};
+use proxygate_core::{Route, Scheme, Tier, Upstream, UpstreamId};
 
 use crate::health::Saved;
 use crate::hot::{self, Directory, Hot, Slab};
+use crate::identity::{ExitGroups, Identity, IdentityCell};
 use crate::{Health, HealthConfig};
 
 /// One upstream and its live health.
@@ -28,12 +29,29 @@ pub struct Entry {
     pub health: Health,
     pub id: UpstreamId,
     pub upstream: Upstream,
+    /// Its exit IP and trust tier, as last published.
+    pub(crate) identity: IdentityCell,
     /// The pool's clock and policy, so a lease needs nothing but its entry (no shared
     /// reference count touched per pick).
     pub(crate) shared: Arc<Shared>,
 }
 
 impl Entry {
+    /// Its trust tier.
+    pub fn tier(&self) -> Tier {
+        self.identity.tier()
+    }
+
+    /// The exit IP the checker's judge saw, when known.
+    pub fn exit(&self) -> Option<std::net::IpAddr> {
+        self.identity.exit()
+    }
+
+    /// Its exit group's key ([`crate::identity::group_key`]).
+    pub fn exit_group(&self) -> u64 {
+        self.identity.group()
+    }
+
     /// How long ago this upstream was last handed out, if ever (in this process).
     pub fn since_last_use(&self, now: Instant) -> Option<std::time::Duration> {
         let last = self.health.last_used_ms();
@@ -213,6 +231,8 @@ pub struct Snapshot {
     /// Indexes into `entries` by country and by scheme, for filtered picks. They depend only
     /// on the upstreams, so reindexed snapshots share them.
     meta: Arc<MetaIndex>,
+    /// The members' exit groups (shared by reindexed snapshots).
+    exits: Arc<ExitGroups>,
 }
 
 /// Upstreams by metadata, as hot-table slots (a probe reads the slot without a position
@@ -267,19 +287,26 @@ impl Snapshot {
         previous: &Snapshot,
         shared: &Arc<Shared>,
     ) -> Snapshot {
-        Snapshot::build_saved(upstreams.into_iter().map(|u| (u, None)), previous, shared)
+        Snapshot::build_saved(
+            upstreams
+                .into_iter()
+                .map(|u| (u, None, Identity::default())),
+            previous,
+            shared,
+        )
     }
 
     /// [`Snapshot::build`], where an upstream not in `previous` starts from its saved stats
-    /// when it has some.
+    /// when it has some, and every upstream takes the identity given (entries carried over
+    /// are updated in place).
     pub fn build_saved(
-        upstreams: impl IntoIterator<Item = (Upstream, Option<Saved>)>,
+        upstreams: impl IntoIterator<Item = (Upstream, Option<Saved>, Identity)>,
         previous: &Snapshot,
         shared: &Arc<Shared>,
     ) -> Snapshot {
         let mut entries = Vec::new();
         let mut by_id = HashMap::new();
-        for (upstream, saved) in upstreams {
+        for (upstream, saved, identity) in upstreams {
             let id = upstream.id();
             if by_id.contains_key(&id) {
                 continue;
@@ -287,6 +314,7 @@ impl Snapshot {
             let entry = match previous.get(id) {
                 // Same proxy, same account: keep its health, but take the new password.
                 Some(old) if old.upstream == upstream && Arc::ptr_eq(&old.shared, shared) => {
+                    old.identity.set(id, identity);
                     Arc::clone(old)
                 }
                 _ => {
@@ -298,6 +326,7 @@ impl Snapshot {
                             Some(s) => Health::restore_in(hot, &s, &shared.health),
                             None => Health::new(hot),
                         },
+                        identity: IdentityCell::new(id, identity),
                         shared: Arc::clone(shared),
                     })
                 }
@@ -321,6 +350,9 @@ impl Snapshot {
         });
         let mut snap = Snapshot {
             meta: Arc::new(MetaIndex::build(&members)),
+            exits: Arc::new(ExitGroups::build(
+                members.entries.iter().map(|e| e.identity.group()),
+            )),
             shards: (0..SHARDS)
                 .map(|_| {
                     Arc::new(Shard {
@@ -349,6 +381,7 @@ impl Snapshot {
             due: Vec::new(),
             due_claimed: Counter::default(),
             meta: Arc::clone(&self.meta),
+            exits: Arc::clone(&self.exits),
         };
         snap.reindex(cfg, now_ms);
         snap
@@ -432,6 +465,23 @@ impl Snapshot {
 
     pub fn entries(&self) -> &[Arc<Entry>] {
         &self.members.entries
+    }
+
+    pub(crate) fn exits(&self) -> &ExitGroups {
+        &self.exits
+    }
+
+    /// The members that exit from the same IP as `id` (itself included); just itself when its
+    /// exit is unknown or its own.
+    pub fn exit_group_of(&self, id: UpstreamId) -> Vec<UpstreamId> {
+        let Some(e) = self.get(id) else {
+            return Vec::new();
+        };
+        self.exits
+            .members_of(e.exit_group())
+            .iter()
+            .map(|pos| self.members.entries[*pos as usize].id)
+            .collect()
     }
 
     pub(crate) fn members(&self) -> &Members {

@@ -149,6 +149,8 @@ impl fmt::Display for Strategy {
 /// What a pick needs besides the snapshot.
 pub(crate) struct PickCtx<'a> {
     pub(crate) exclude: &'a [UpstreamId],
+    /// An exit group not to pick from (a new session's client's previous exit).
+    pub(crate) avoid_exit: Option<u64>,
     pub(crate) route: &'a Route,
     pub(crate) now_ms: u64,
     /// Round-robin cursors, one per lease shard.
@@ -182,11 +184,13 @@ enum Over<'a> {
     Table(u32),
 }
 
-/// Whether deciding if a candidate fits needs its entry: an exclusion, or a country or scheme
-/// filter that the candidate list (if any) does not guarantee.
+/// Whether deciding if a candidate fits needs its entry: an exclusion, an exit to avoid, a
+/// tier, or a country or scheme filter that the candidate list (if any) does not guarantee.
 fn needs_entry(ctx: &PickCtx<'_>, list: Option<Candidates<'_>>) -> bool {
     let route = ctx.route;
     !ctx.exclude.is_empty()
+        || ctx.avoid_exit.is_some()
+        || route.tier_filter().is_some()
         || route.country.is_some() && !matches!(list, Some(Candidates::Country(_)))
         || route.scheme.is_some() && !matches!(list, Some(Candidates::Scheme(_)))
 }
@@ -289,7 +293,9 @@ impl<'a> View<'a> {
             && c.hot.reputation() >= self.min_reputation
             && (!self.needs_entry
                 || self.entry(c).is_some_and(|e| {
-                    !ctx.exclude.contains(&e.id) && crate::pool::fits(ctx.route, e)
+                    !ctx.exclude.contains(&e.id)
+                        && crate::pool::fits(ctx.route, e)
+                        && ctx.avoid_exit.is_none_or(|g| e.exit_group() != g)
                 }))
     }
 
@@ -330,6 +336,7 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
         Strategy::RoundRobin | Strategy::LeastRecentlyUsed if !ctx.exclude.is_empty() => {
             weighted(&view, ctx)
         }
+        Strategy::RoundRobin if snap.exits().is_shared() => round_robin_groups(snap, &view, ctx),
         Strategy::RoundRobin => {
             // In entry order (not slot order), so the cycle follows the pool's list.
             let view = match view.over {
@@ -374,6 +381,35 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
         Strategy::FastestResponse => walk(snap.by_latency(), &view, ctx),
     };
     found.or_else(|| fallback(&view, ctx)).map(|c| c.slot)
+}
+
+/// Round robin over exit groups (see [`crate::identity`]): this thread's cursor walks the
+/// groups, and a group serves its members in turn, so an exit listed on several ports gets one
+/// turn per cycle like any other. Every filter is checked on the entry.
+fn round_robin_groups<'a>(
+    snap: &'a Snapshot,
+    view: &View<'a>,
+    ctx: &PickCtx<'_>,
+) -> Option<Cand<'a>> {
+    let groups = snap.exits();
+    let n = groups.len();
+    let whole = view.whole(ctx);
+    let whole = View {
+        needs_entry: true,
+        ..whole
+    };
+    let shard = shard_index();
+    let start = ctx
+        .cursors
+        .get(shard)
+        .map_or(0, |c| c.0.fetch_add(1, Ordering::Relaxed))
+        + shard * n / SHARDS;
+    (0..n).find_map(|i| {
+        groups
+            .in_turn(start.wrapping_add(i) % n)
+            .map(|pos| whole.at(pos as usize))
+            .find(|c| whole.ok(ctx, *c))
+    })
 }
 
 /// The fastest_response order: the expected time to a working connection, in ms. Attempts

@@ -171,7 +171,8 @@ fn open_catalog(
     if let Some(to) = report.rotation_pending {
         tracing::warn!("a key rotation to key {to} is unfinished: run `proxygate key rotate`");
     }
-    let mut catalog = Catalog::load(Arc::new(store), cfg.pool.health())?;
+    let mut catalog =
+        Catalog::load(Arc::new(store), cfg.pool.health()).map(|c| c.with_trust(cfg.trust()))?;
     let (changed, removed) = catalog.sync_config(upstreams)?;
     tracing::info!(
         data_dir = %cfg.data_dir.display(),
@@ -194,6 +195,7 @@ async fn serve(
         auth = auth.with_users(ClientAuth::load_users(path).context("auth.users_file")?);
     }
     writer.set_session_ttl(cfg.pool.session_ttl);
+    writer.set_new_session_exit(cfg.pool.new_session_exit);
     let pool_size = reader.snapshot().len();
     if pool_size == 0 && cfg.sources.is_empty() {
         tracing::warn!(
@@ -242,6 +244,7 @@ async fn serve(
         );
     }
     tokio::spawn(Arc::clone(&sources).run_rechecks(shutdown.clone()));
+    tokio::spawn(Arc::clone(&sources).run_audits(shutdown.clone()));
     let (swept, janitor) = (Arc::clone(&catalog), cfg.janitor.clone());
     tokio::spawn(every(janitor.interval, shutdown.clone(), move || {
         let (swept, janitor) = (Arc::clone(&swept), janitor.clone());

@@ -197,7 +197,9 @@ pub(crate) fn pool(args: PoolArgs) -> ExitCode {
                     path.display()
                 );
             }
-            match Catalog::load(Arc::new(store), cfg.pool.health()) {
+            match Catalog::load(Arc::new(store), cfg.pool.health())
+                .map(|c| c.with_trust(cfg.trust()))
+            {
                 Ok(mut catalog) => print(&ops::execute(&mut catalog, &op)),
                 Err(e) => {
                     eprintln!("proxygate: {e}");

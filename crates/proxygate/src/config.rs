@@ -121,6 +121,14 @@ const SECTIONS: [&str; 14] = [
 ];
 
 impl RootConfig {
+    /// When list upstreams earn the `verified` tier (`checker.verify_after`, `verify_checks`).
+    pub fn trust(&self) -> proxygate_admin::catalog::TrustPolicy {
+        proxygate_admin::catalog::TrustPolicy {
+            after_ms: u64::try_from(self.checker.verify_after.as_millis()).unwrap_or(u64::MAX),
+            checks: self.checker.verify_checks,
+        }
+    }
+
     /// Reads a config file (syntax, keys, types; the semantic checks are
     /// [`RootConfig::validate`]'s, after command-line overrides). Sections with problems keep
     /// their defaults, so the semantic checks can still run on the rest.

@@ -89,6 +89,7 @@ impl Reloader {
         let accounts = auth.accounts();
         self.live.apply(staged, auth);
         self.writer.set_session_ttl(cfg.pool.session_ttl);
+        self.writer.set_new_session_exit(cfg.pool.new_session_exit);
         Ok(Applied {
             upstreams_changed: synced.0,
             upstreams_removed: synced.1,
@@ -117,6 +118,7 @@ pub(crate) fn needs_restart(started: &RootConfig, new: &RootConfig) -> Vec<&'sta
     let mut pool = new.pool.clone();
     pool.strategy = started.pool.strategy;
     pool.session_ttl = started.pool.session_ttl;
+    pool.new_session_exit = started.pool.new_session_exit;
     differs(
         pool != started.pool,
         "[pool] (other than strategy and session_ttl)",

@@ -259,6 +259,11 @@ pub(crate) fn render_explained(v: &Value) -> String {
         "last_health_check_unix_ms",
         "anonymity",
         "exit_ip",
+        "exit_group_size",
+        "tier",
+        "leak",
+        "integrity_passes",
+        "disabled_reason",
     ] {
         if let Some(x) = v.get(key) {
             let _ = writeln!(out, "{key:<26} {}", opt(x));

@@ -113,7 +113,9 @@ enum Reach {
 fn reach(cfg: &RootConfig) -> Result<Reach, ExitCode> {
     let env_key = std::env::var(proxygate_store::KEY_ENV).ok();
     match Store::open(&cfg.data_dir, env_key.as_deref()) {
-        Ok((store, _)) => match Catalog::load(Arc::new(store), cfg.pool.health()) {
+        Ok((store, _)) => match Catalog::load(Arc::new(store), cfg.pool.health())
+            .map(|c| c.with_trust(cfg.trust()))
+        {
             Ok(c) => Ok(Reach::Here(Arc::new(Mutex::new(c)))),
             Err(e) => {
                 eprintln!("proxygate: {e}");
@@ -407,7 +409,11 @@ pub(crate) fn render_checks(v: &Value) -> String {
                 .map_or("-".into(), |ms| format!("{ms}ms")),
             cell(&r["anonymity"]),
             cell(&r["exit_ip"]),
-            r["error"].as_str().unwrap_or("")
+            match (r["error"].as_str(), r["leak"].as_str()) {
+                (Some(e), _) => e.to_owned(),
+                (None, Some(l)) => format!("leak (demoted to untrusted): it {l}"),
+                (None, None) => String::new(),
+            }
         );
     }
     let _ = writeln!(

@@ -12,6 +12,13 @@
 //! (a proxy that shows it is transparent), which revealing headers the judge adds by itself,
 //! and which judges answer at all. A judge that is down is skipped rather than blamed on the
 //! proxies; with none answering, checks fail as `no judge` without costing upstreams.
+//!
+//! A check also looks for **leaks** ([`judge::leak`]: our address, the client's hop-by-hop
+//! headers or `Proxy-Authorization` reaching the judge) and, once the judge step passed, for
+//! **tampering** ([`crate::integrity`]): the TLS judge's certificate through the upstream
+//! against the one seen directly, and a static page's body through it against a direct
+//! fetch. Calibration takes those references too; a step without a reference (the site did
+//! not answer directly, the page is not static) is skipped, never blamed on the upstream.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -28,6 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::candidate::Anonymity;
 use crate::config::CheckerConfig;
+use crate::integrity::{self, Reference};
 use crate::judge::{self, JudgeUrl, View};
 
 /// Largest judge answer read.
@@ -90,6 +98,39 @@ pub struct CheckResult {
     pub latency_ms: Option<u64>,
     /// Whether the failure was ours (no judge answering), not the upstream's.
     pub inconclusive: bool,
+    /// What the exit leaked ([`judge::leak`]), when it did.
+    pub leak: Option<String>,
+    /// How it tampered with traffic, when it did: the upstream is to be quarantined.
+    pub tampered: Option<String>,
+    /// Every configured integrity step ran and passed (what `verified` is earned by).
+    pub integrity_ok: bool,
+}
+
+impl CheckResult {
+    fn failed(id: UpstreamId, outcome: Outcome, judge: Option<String>, detail: String) -> Self {
+        CheckResult {
+            id,
+            outcome,
+            passed: false,
+            exit_ip: None,
+            anonymity: None,
+            judge,
+            detail: Some(detail),
+            latency_ms: None,
+            inconclusive: false,
+            leak: None,
+            tampered: None,
+            integrity_ok: false,
+        }
+    }
+}
+
+/// What the integrity steps found.
+#[derive(Debug, Default)]
+struct Integrity {
+    tampered: Option<String>,
+    /// Every configured step with a reference ran and passed.
+    ok: bool,
 }
 
 /// What [`Checker::calibrate`] learned of one judge.
@@ -108,6 +149,12 @@ pub struct Checker {
     ours: RwLock<Vec<IpAddr>>,
     calibration: RwLock<Vec<Calibration>>,
     next_judge: AtomicUsize,
+    /// The integrity steps' targets (when configured) and what direct fetches showed.
+    tls_judge: Option<JudgeUrl>,
+    integrity_url: Option<JudgeUrl>,
+    /// TLS through an upstream: sees any certificate, to compare it ([`integrity`]).
+    observing: Option<tokio_rustls::TlsConnector>,
+    reference: RwLock<Reference>,
 }
 
 impl std::fmt::Debug for Checker {
@@ -143,7 +190,13 @@ impl Checker {
             .iter()
             .filter_map(|u| JudgeUrl::parse(u).ok())
             .collect();
+        let parse = |u: &str| (!u.is_empty()).then(|| JudgeUrl::parse(u).ok()).flatten();
+        let observing = observing_connector(Arc::clone(tls.crypto_provider()));
         Checker {
+            tls_judge: parse(&cfg.tls_judge_url).filter(|j| j.tls),
+            integrity_url: parse(&cfg.integrity_url).filter(|j| !j.tls),
+            observing,
+            reference: RwLock::new(Reference::default()),
             calibration: RwLock::new(vec![
                 Calibration {
                     up: true,
@@ -191,6 +244,7 @@ impl Checker {
         }
         ours.sort();
         ours.dedup();
+        self.calibrate_integrity().await;
         let up = cal.iter().filter(|c| c.up).count();
         if let Ok(mut o) = self.ours.write() {
             *o = ours;
@@ -199,6 +253,169 @@ impl Checker {
             *c = cal;
         }
         up
+    }
+
+    /// Takes the integrity references directly: the TLS judge's certificate, and the
+    /// integrity page's body when two fetches of it agree (a page that changes per fetch
+    /// cannot show injection).
+    async fn calibrate_integrity(&self) {
+        let limit = self.cfg.timeout * 2;
+        let mut leaf = None;
+        if let Some(j) = &self.tls_judge {
+            match tokio::time::timeout(limit, self.direct_leaf(j)).await {
+                Ok(Ok(l)) => leaf = Some(l),
+                Ok(Err(e)) => tracing::warn!(
+                    judge = j.url,
+                    "TLS judge does not answer directly ({e}): certificates are not compared"
+                ),
+                Err(_) => tracing::warn!(
+                    judge = j.url,
+                    "TLS judge does not answer directly (timed out): certificates are not \
+                     compared"
+                ),
+            }
+        }
+        let mut body = None;
+        if let Some(u) = &self.integrity_url {
+            let fetch = || tokio::time::timeout(limit, self.direct_body(u));
+            match (fetch().await, fetch().await) {
+                (Ok(Ok(a)), Ok(Ok(b))) if a == b => body = Some(a.to_vec()),
+                (Ok(Ok(_)), Ok(Ok(_))) => tracing::warn!(
+                    url = u.url,
+                    "checker.integrity_url changes from one fetch to the next: bodies are not \
+                     compared (give a static page)"
+                ),
+                _ => tracing::warn!(
+                    url = u.url,
+                    "checker.integrity_url does not answer 200 directly: bodies are not compared"
+                ),
+            }
+        }
+        if let Ok(mut r) = self.reference.write() {
+            if let Some(l) = leaf {
+                r.add_leaf(l);
+            }
+            r.body = body;
+        }
+    }
+
+    /// The TLS judge's leaf certificate as a direct, validated connection sees it.
+    async fn direct_leaf(&self, j: &JudgeUrl) -> Result<[u8; 32], String> {
+        let tcp = tokio::net::TcpStream::connect((j.host.to_string(), j.port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let name = server_name(j).map_err(|f| f.detail)?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        leaf_of(tls.get_ref().1).ok_or_else(|| "no certificate".into())
+    }
+
+    /// The integrity page as a direct fetch gets it (200 only).
+    async fn direct_body(&self, u: &JudgeUrl) -> Result<Bytes, String> {
+        let tcp = tokio::net::TcpStream::connect((u.host.to_string(), u.port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        match request(Box::new(tcp), u, false, None, false).await {
+            Ok((200, body)) => Ok(body),
+            Ok((status, _)) => Err(format!("answered {status}")),
+            Err(f) => Err(f.detail),
+        }
+    }
+
+    /// The integrity steps through `up`, each within `checker.timeout`.
+    async fn integrity(&self, up: &Upstream) -> Integrity {
+        let reference = self.reference.read().map(|r| r.clone()).unwrap_or_default();
+        let limit = self.cfg.timeout;
+        let mut steps = 0;
+        let mut passed = 0;
+        if let (Some(j), Some(obs), false) = (
+            &self.tls_judge,
+            &self.observing,
+            reference.leaves.is_empty(),
+        ) {
+            steps += 1;
+            if let Ok(Ok(leaf)) = tokio::time::timeout(limit, self.leaf_through(up, j, obs)).await {
+                if reference.knows_leaf(&leaf) {
+                    passed += 1;
+                } else {
+                    // The site may have rotated its certificate: ask it directly once more.
+                    let again = tokio::time::timeout(limit, self.direct_leaf(j)).await;
+                    if let Ok(Ok(direct)) = again {
+                        if let Ok(mut r) = self.reference.write() {
+                            r.add_leaf(direct);
+                        }
+                        if direct == leaf {
+                            passed += 1;
+                        }
+                    }
+                    if passed == 0 {
+                        let seen = reference.leaves.last().map(integrity::short);
+                        return Integrity {
+                            tampered: Some(format!(
+                                "TLS: {}'s certificate through it (sha256 {}) is not the one \
+                                 it serves directly ({}): a man in the middle",
+                                j.host,
+                                integrity::short(&leaf),
+                                seen.unwrap_or_default()
+                            )),
+                            ok: false,
+                        };
+                    }
+                }
+            }
+        }
+        if let (Some(u), Some(direct)) = (&self.integrity_url, &reference.body) {
+            steps += 1;
+            if let Ok(Ok((200, body))) = tokio::time::timeout(limit, self.get_through(up, u)).await
+            {
+                if let Some(why) = integrity::compare_body(direct, &body) {
+                    return Integrity {
+                        tampered: Some(format!("HTTP: {} came back altered: {why}", u.url)),
+                        ok: false,
+                    };
+                }
+                passed += 1;
+            }
+        }
+        Integrity {
+            tampered: None,
+            ok: steps > 0 && passed == steps,
+        }
+    }
+
+    /// The TLS judge's leaf certificate as seen through `up`'s tunnel.
+    async fn leaf_through(
+        &self,
+        up: &Upstream,
+        j: &JudgeUrl,
+        obs: &tokio_rustls::TlsConnector,
+    ) -> Result<[u8; 32], Failure> {
+        let io = self.connect.open(up).await?;
+        let io = self.connect.handshake(up, io, &j.target()).await?;
+        let tls = obs
+            .connect(server_name(j)?, io)
+            .await
+            .map_err(|e| Failure::new(ErrorKind::UpstreamTls, format!("TLS through it: {e}")))?;
+        leaf_of(tls.get_ref().1)
+            .ok_or_else(|| Failure::new(ErrorKind::UpstreamTls, "no certificate through it"))
+    }
+
+    /// A GET of `u` through `up`: absolute form through HTTP upstreams, else a tunnel.
+    async fn get_through(&self, up: &Upstream, u: &JudgeUrl) -> Result<(u16, Bytes), Failure> {
+        let io = self.connect.open(up).await?;
+        if up.scheme.is_http() {
+            let auth = up
+                .credentials
+                .as_ref()
+                .map(|c| basic(c.username.expose(), c.password.expose()));
+            request(io, u, true, auth.as_deref(), false).await
+        } else {
+            let io = self.connect.handshake(up, io, &u.target()).await?;
+            request(io, u, false, None, false).await
+        }
     }
 
     /// Our own addresses as the judges saw them.
@@ -229,20 +446,18 @@ impl Checker {
         } else {
             io
         };
-        let (status, body) = request(io, j, false, None).await.map_err(|f| f.detail)?;
+        let (status, body) = request(io, j, false, None, false)
+            .await
+            .map_err(|f| f.detail)?;
         if status != 200 {
             return Err(format!("answered {status}"));
         }
-        judge::read(&body).ok_or_else(|| "not a judge answer (httpbin JSON or azenv)".into())
+        judge::read(&String::from_utf8_lossy(&body))
+            .ok_or_else(|| "not a judge answer (httpbin JSON or azenv)".into())
     }
 
     async fn tls(&self, j: &JudgeUrl, io: Stream) -> Result<Stream, Failure> {
-        use rustls::pki_types::ServerName;
-        let name = match &j.host {
-            proxygate_core::Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
-            proxygate_core::Host::Domain(d) => ServerName::try_from(d.clone())
-                .map_err(|_| Failure::new(ErrorKind::Internal, "invalid judge name"))?,
-        };
+        let name = server_name(j)?;
         let tls =
             self.tls.connect(name, io).await.map_err(|e| {
                 Failure::new(ErrorKind::UpstreamTls, format!("TLS to the judge: {e}"))
@@ -255,15 +470,13 @@ impl Checker {
         let id = up.id();
         let Some((i, judge)) = self.judge() else {
             return CheckResult {
-                id,
-                outcome: Outcome::failed(ErrorKind::Internal),
-                passed: false,
-                exit_ip: None,
-                anonymity: None,
-                judge: None,
-                detail: Some("no judge answers: nothing can be checked".into()),
-                latency_ms: None,
                 inconclusive: true,
+                ..CheckResult::failed(
+                    id,
+                    Outcome::failed(ErrorKind::Internal),
+                    None,
+                    "no judge answers: nothing can be checked".into(),
+                )
             };
         };
         let t0 = Instant::now();
@@ -289,8 +502,25 @@ impl Checker {
                     .ok()
                     .and_then(|c| c.get(i).map(|c| c.baseline.clone()))
                     .unwrap_or_default();
-                let anonymity = judge::classify(&view, &self.our_addresses(), &baseline);
-                let passed = anonymity >= self.cfg.min_anonymity;
+                let ours = self.our_addresses();
+                let anonymity = judge::classify(&view, &ours, &baseline);
+                let forwarded = up.scheme.is_http() && !judge.tls;
+                let leak = judge::leak(&view, &ours, forwarded);
+                let anonymous_enough = anonymity >= self.cfg.min_anonymity;
+                let integrity = if anonymous_enough {
+                    self.integrity(up).await
+                } else {
+                    Integrity::default()
+                };
+                let passed = anonymous_enough && integrity.tampered.is_none();
+                let detail = match (&integrity.tampered, anonymous_enough) {
+                    (Some(t), _) => Some(format!("tampering: {t}")),
+                    (None, false) => Some(format!(
+                        "{anonymity}, below checker.min_anonymity ({})",
+                        self.cfg.min_anonymity
+                    )),
+                    (None, true) => None,
+                };
                 CheckResult {
                     id,
                     outcome,
@@ -298,29 +528,17 @@ impl Checker {
                     exit_ip: view.exit_ip,
                     anonymity: Some(anonymity),
                     judge: Some(judge.url.clone()),
-                    detail: (!passed).then(|| {
-                        format!(
-                            "{anonymity}, below checker.min_anonymity ({})",
-                            self.cfg.min_anonymity
-                        )
-                    }),
+                    detail,
                     latency_ms: Some(latency),
                     inconclusive: false,
+                    leak,
+                    tampered: integrity.tampered,
+                    integrity_ok: integrity.ok,
                 }
             }
             Err(f) => {
                 outcome.error = Some(f.kind);
-                CheckResult {
-                    id,
-                    outcome,
-                    passed: false,
-                    exit_ip: None,
-                    anonymity: None,
-                    judge: Some(judge.url.clone()),
-                    detail: Some(f.detail),
-                    latency_ms: None,
-                    inconclusive: false,
-                }
+                CheckResult::failed(id, outcome, Some(judge.url.clone()), f.detail)
             }
         }
     }
@@ -342,7 +560,7 @@ impl Checker {
                 .credentials
                 .as_ref()
                 .map(|c| basic(c.username.expose(), c.password.expose()));
-            let answer = request(io, judge, true, auth.as_deref()).await?;
+            let answer = request(io, judge, true, auth.as_deref(), true).await?;
             outcome.first_byte = Some(t0.elapsed().saturating_sub(connect));
             answer
         } else {
@@ -354,7 +572,7 @@ impl Checker {
             } else {
                 io
             };
-            request(io, judge, false, None).await?
+            request(io, judge, false, None, false).await?
         };
         match status {
             200 => {}
@@ -371,7 +589,7 @@ impl Checker {
                 ));
             }
         }
-        judge::read(&body).ok_or_else(|| {
+        judge::read(&String::from_utf8_lossy(&body)).ok_or_else(|| {
             Failure::new(
                 ErrorKind::UpstreamProtocol,
                 format!("{up}: the answer is not the judge's (a block or error page)"),
@@ -430,14 +648,46 @@ fn basic(user: &str, pass: &str) -> String {
     )
 }
 
+/// The name a TLS connection to `j` presents.
+fn server_name(j: &JudgeUrl) -> Result<rustls::pki_types::ServerName<'static>, Failure> {
+    use rustls::pki_types::ServerName;
+    Ok(match &j.host {
+        proxygate_core::Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
+        proxygate_core::Host::Domain(d) => ServerName::try_from(d.clone())
+            .map_err(|_| Failure::new(ErrorKind::Internal, "invalid judge name"))?,
+    })
+}
+
+/// The SHA-256 of a TLS connection's leaf certificate.
+fn leaf_of(conn: &rustls::ClientConnection) -> Option<[u8; 32]> {
+    conn.peer_certificates()?
+        .first()
+        .map(|c| integrity::fingerprint(c.as_ref()))
+}
+
+/// The observing TLS connector ([`integrity::observing_tls`]) over a provider.
+fn observing_connector(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Option<tokio_rustls::TlsConnector> {
+    match integrity::observing_tls(provider) {
+        Ok(c) => Some(tokio_rustls::TlsConnector::from(Arc::new(c))),
+        Err(e) => {
+            tracing::error!("TLS for the integrity check: {e}; certificates not compared");
+            None
+        }
+    }
+}
+
 /// Sends one GET for `judge` over `io` (absolute form through an HTTP proxy, with its
-/// credentials), and reads the answer: status and body (capped).
+/// credentials; with `canary`, a hop-by-hop header the proxy must remove, see
+/// [`judge::CANARY`]), and reads the answer: status and body (capped).
 async fn request(
     io: Stream,
     judge: &JudgeUrl,
     absolute: bool,
     proxy_auth: Option<&str>,
-) -> Result<(u16, String), Failure> {
+    canary: bool,
+) -> Result<(u16, Bytes), Failure> {
     let io_err = |what: &str, e: &dyn std::fmt::Display| {
         Failure::new(ErrorKind::UpstreamIo, format!("judge request: {what}: {e}"))
     };
@@ -454,8 +704,16 @@ async fn request(
     let mut req = http::Request::get(uri)
         .header(http::header::HOST, judge.host_header())
         .header(http::header::USER_AGENT, crate::config::DEFAULT_USER_AGENT)
-        .header(http::header::ACCEPT, "*/*")
-        .header(http::header::CONNECTION, "close");
+        .header(http::header::ACCEPT, "*/*");
+    req = if canary {
+        req.header(
+            http::header::CONNECTION,
+            format!("close, {}", judge::CANARY),
+        )
+        .header(judge::CANARY, "1")
+    } else {
+        req.header(http::header::CONNECTION, "close")
+    };
     if let Some(auth) = proxy_auth {
         req = req.header(http::header::PROXY_AUTHORIZATION, auth);
     }
@@ -473,11 +731,14 @@ async fn request(
         .map_err(|e| io_err("body", &e))?
         .to_bytes();
     conn.abort();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, body))
 }
 
-/// How long a batch of checks takes at most (a bound for progress displays).
+/// How long a batch of checks takes at most (a bound for progress displays): the judge step
+/// and each configured integrity step have `checker.timeout` each.
 pub fn worst_case(n: usize, cfg: &CheckerConfig) -> Duration {
     let rounds = n.div_ceil(cfg.concurrency.max(1)) as u32;
-    cfg.timeout * rounds
+    let steps =
+        1 + u32::from(!cfg.tls_judge_url.is_empty()) + u32::from(!cfg.integrity_url.is_empty());
+    cfg.timeout * steps * rounds
 }

@@ -34,6 +34,14 @@ pub const DEFAULT_MAX_PER_SOURCE: usize = 100_000;
 pub const DEFAULT_USER_AGENT: &str = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 \
                                       (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
 
+/// The integrity checks' references of the embedded defaults: IANA's example page, static, over
+/// TLS (its certificate) and over plain HTTP (its body).
+pub const DEFAULT_TLS_JUDGE: &str = "https://example.com/";
+pub const DEFAULT_INTEGRITY_URL: &str = "http://example.com/";
+pub const DEFAULT_AUDIT_EVERY: Duration = Duration::from_secs(6 * 3600);
+pub const DEFAULT_VERIFY_AFTER: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_VERIFY_CHECKS: u32 = 3;
+
 /// The public judges of the embedded defaults: httpbin-style JSON and an azenv page.
 pub const DEFAULT_JUDGES: [&str; 2] = ["http://httpbin.org/get?show_env=1", "http://azenv.net/"];
 
@@ -179,6 +187,25 @@ pub struct CheckerConfig {
     /// How often the re-check scheduler looks for members due (ended backoffs, idle ones).
     #[serde(with = "humantime_serde")]
     pub recheck_every: Duration,
+    /// Integrity, TLS: an `https://` URL fetched through each upstream; the certificate the
+    /// upstream's tunnel shows must be the one a direct connection gets, or the upstream is
+    /// quarantined (a man in the middle). Empty: not checked.
+    pub tls_judge_url: String,
+    /// Integrity, plain HTTP: an `http://` URL of a static page fetched through each upstream;
+    /// the body must be byte for byte the one a direct fetch gets, or the upstream is
+    /// quarantined (it injects). Empty: not checked.
+    pub integrity_url: String,
+    /// The leak audit: every pool member, busy or idle, is re-checked this often (judge and
+    /// integrity); an exit that reveals the gateway's address or forwards the client's proxy
+    /// headers is demoted to `untrusted`. `0s`: no audit (members are still checked when
+    /// idle or back from a backoff).
+    #[serde(with = "humantime_serde")]
+    pub audit_every: Duration,
+    /// A list upstream becomes `verified` once its integrity checks have all passed, at least
+    /// `verify_checks` of them, over at least this long.
+    #[serde(with = "humantime_serde")]
+    pub verify_after: Duration,
+    pub verify_checks: u32,
 }
 
 impl Default for CheckerConfig {
@@ -190,6 +217,11 @@ impl Default for CheckerConfig {
             min_anonymity: Anonymity::Transparent,
             recheck_idle: DEFAULT_RECHECK_IDLE,
             recheck_every: DEFAULT_RECHECK_EVERY,
+            tls_judge_url: DEFAULT_TLS_JUDGE.into(),
+            integrity_url: DEFAULT_INTEGRITY_URL.into(),
+            audit_every: DEFAULT_AUDIT_EVERY,
+            verify_after: DEFAULT_VERIFY_AFTER,
+            verify_checks: DEFAULT_VERIFY_CHECKS,
         }
     }
 }
@@ -299,6 +331,31 @@ pub fn validate(
              before they serve)",
         ));
     }
+    if !checker.tls_judge_url.is_empty()
+        && !crate::judge::JudgeUrl::parse(&checker.tls_judge_url).is_ok_and(|j| j.tls)
+    {
+        problems.push(Problem::new(
+            "checker.tls_judge_url",
+            format!(
+                "{:?} is not an https:// URL with a host (or \"\" to skip the check)",
+                checker.tls_judge_url
+            ),
+        ));
+    }
+    if !checker.integrity_url.is_empty()
+        && !crate::judge::JudgeUrl::parse(&checker.integrity_url).is_ok_and(|j| !j.tls)
+    {
+        problems.push(Problem::new(
+            "checker.integrity_url",
+            format!(
+                "{:?} is not an http:// URL with a host (or \"\" to skip the check)",
+                checker.integrity_url
+            ),
+        ));
+    }
+    if checker.verify_checks == 0 {
+        problems.push(Problem::new("checker.verify_checks", "must be at least 1"));
+    }
     if checker.concurrency == 0 {
         problems.push(Problem::new("checker.concurrency", "must be at least 1"));
     }
@@ -379,6 +436,9 @@ mod tests {
         s[1].interval = Duration::ZERO;
         let checker = CheckerConfig {
             judge_urls: vec!["not a url".into()],
+            tls_judge_url: "http://example.com/".into(),
+            integrity_url: "https://example.com/".into(),
+            verify_checks: 0,
             concurrency: 0,
             ..CheckerConfig::default()
         };
@@ -396,6 +456,9 @@ mod tests {
                 "sources[1].scheme",
                 "sources[2].name",
                 "checker.judge_urls[0]",
+                "checker.tls_judge_url",
+                "checker.integrity_url",
+                "checker.verify_checks",
                 "checker.concurrency"
             ]
         );

@@ -201,6 +201,34 @@ pub fn read(body: &str) -> Option<View> {
     Some(view)
 }
 
+/// The header a check through an HTTP proxy sends for the proxy alone: it is named in
+/// `Connection`, so a proxy must remove it (RFC 9110, 7.6.1). A judge that sees it was sent a
+/// client's hop-by-hop headers.
+pub const CANARY: &str = "x-proxygate-canary";
+
+/// What a view through a proxy leaks that it must not: the gateway's own address (`ours`
+/// anywhere in the answer), or, for a request the proxy forwarded itself (`forwarded`), the
+/// client's hop-by-hop headers (the [`CANARY`]) or its `Proxy-Authorization`. `None`: nothing.
+pub fn leak(view: &View, ours: &[IpAddr], forwarded: bool) -> Option<String> {
+    if view.addresses.iter().any(|a| ours.contains(a)) {
+        return Some("reveals the gateway's own address to the sites it reaches".into());
+    }
+    if !forwarded {
+        return None;
+    }
+    let has = |name: &str| view.headers.iter().any(|(k, _)| k == name);
+    if has("proxy-authorization") {
+        return Some("forwards the client's Proxy-Authorization to the sites it reaches".into());
+    }
+    if has(CANARY) {
+        return Some(
+            "forwards the client's hop-by-hop headers (one named in Connection reached the judge)"
+                .into(),
+        );
+    }
+    None
+}
+
 /// The verdict on a view through a proxy, given our own addresses (as the judge saw a direct
 /// request) and the revealing headers a direct request already showed (the judge's own
 /// infrastructure may add `X-Forwarded-For` to everything).
@@ -271,6 +299,33 @@ mod tests {
         assert_eq!(classify(&elite, &ours, &baseline), Anonymity::Elite);
         assert_eq!(read("{\"unexpected\": true}"), None);
         assert_eq!(read("<html>Access denied</html>"), None);
+    }
+
+    #[test]
+    fn leaks_are_named() {
+        let ours = [ip("198.51.100.10")];
+        let clean = read(r#"{"headers":{"Host":"j"},"origin":"203.0.113.5"}"#).unwrap();
+        assert_eq!(leak(&clean, &ours, true), None);
+        let transparent =
+            read(r#"{"headers":{"X-Forwarded-For":"198.51.100.10"},"origin":"203.0.113.5"}"#)
+                .unwrap();
+        assert!(
+            leak(&transparent, &ours, false)
+                .unwrap()
+                .contains("own address")
+        );
+        let canary =
+            read(r#"{"headers":{"X-Proxygate-Canary":"1"},"origin":"203.0.113.5"}"#).unwrap();
+        assert!(leak(&canary, &ours, true).unwrap().contains("hop-by-hop"));
+        // Through a tunnel the request is the client's own: nothing to strip.
+        assert_eq!(leak(&canary, &ours, false), None);
+        let auth =
+            "<pre>\nREMOTE_ADDR = 203.0.113.5\nHTTP_PROXY_AUTHORIZATION = Basic eDp5\n</pre>";
+        assert!(
+            leak(&read(auth).unwrap(), &ours, true)
+                .unwrap()
+                .contains("Proxy-Authorization")
+        );
     }
 
     #[test]

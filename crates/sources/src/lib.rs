@@ -8,6 +8,7 @@
 //! - [`candidate`]: [`Candidate`], [`Anonymity`].
 //! - [`parse`]: the list formats, pure; broken bodies are errors, never empty lists.
 //! - [`fetch`]: [`fetch::Fetcher`]: requests, paging, retries, caps, the private-address filter.
+//! - [`integrity`]: certificate and body comparisons that catch tampering upstreams.
 //! - [`judge`]: judge answers (httpbin, azenv) and the anonymity verdict, pure.
 //! - [`checker`]: [`checker::Checker`]: a check through the upstream itself, over the gateway's
 //!   dialers ([`checker::Connect`]).
@@ -19,6 +20,7 @@ pub mod candidate;
 pub mod checker;
 pub mod config;
 pub mod fetch;
+pub mod integrity;
 pub mod judge;
 pub mod metrics;
 pub mod parse;

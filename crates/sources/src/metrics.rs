@@ -18,6 +18,8 @@ pub struct SourceMetrics {
     up: IntGaugeVec,
     last_success: IntGaugeVec,
     check_seconds: Histogram,
+    quarantined: prometheus::IntCounter,
+    leaks: prometheus::IntCounter,
 }
 
 impl SourceMetrics {
@@ -64,6 +66,16 @@ impl SourceMetrics {
                     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0,
                 ]),
             )?,
+            quarantined: prometheus::IntCounter::new(
+                "proxygate_upstream_quarantined_total",
+                "Checks that caught an upstream tampering (a swapped TLS certificate, an altered \
+                 body): it is quarantined until an operator enables it.",
+            )?,
+            leaks: prometheus::IntCounter::new(
+                "proxygate_upstream_leaks_total",
+                "Checks that saw an exit leak the gateway's address or the client's proxy \
+                 headers: it is demoted to untrusted.",
+            )?,
         };
         for name in names {
             for result in ["ok", "failed"] {
@@ -86,6 +98,8 @@ impl SourceMetrics {
         registry.register(Box::new(m.up.clone()))?;
         registry.register(Box::new(m.last_success.clone()))?;
         registry.register(Box::new(m.check_seconds.clone()))?;
+        registry.register(Box::new(m.quarantined.clone()))?;
+        registry.register(Box::new(m.leaks.clone()))?;
         Ok(m)
     }
 
@@ -120,6 +134,16 @@ impl SourceMetrics {
         self.checks.with_label_values(&[source, result]).inc();
         if !inconclusive {
             self.check_seconds.observe(seconds);
+        }
+    }
+
+    /// What a check found besides pass or fail: tampering, a leak.
+    pub fn findings(&self, tampered: bool, leaked: bool) {
+        if tampered {
+            self.quarantined.inc();
+        }
+        if leaked {
+            self.leaks.inc();
         }
     }
 

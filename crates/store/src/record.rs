@@ -118,6 +118,18 @@ pub struct CheckRecord {
     pub error: Option<String>,
     /// Since when every check failed (`None` while the last one passed).
     pub failing_since_unix_ms: Option<u64>,
+    /// What the exit leaked (the gateway's address, the client's proxy headers) when this
+    /// check saw it: the upstream is demoted to `untrusted`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leak: Option<String>,
+    /// How it tampered with traffic when this check caught it: the upstream was quarantined.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tampered: Option<String>,
+    /// Integrity checks passed in a row (every configured step ran and passed, no leak)...
+    pub integrity_passes: u32,
+    /// ...since the first of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub integrity_since_unix_ms: Option<u64>,
 }
 
 /// What the store keeps of one list source's quality.

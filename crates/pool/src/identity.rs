@@ -1,0 +1,233 @@
+//! Who an upstream is, beyond its address: the exit IP the checker's judge saw (many free
+//! "proxies" are one box on several ports or addresses) and its trust [`Tier`].
+//!
+//! Upstreams that exit from the same IP form an **exit group**. Selection treats a group as
+//! one where identity matters:
+//! - `round_robin` cycles over groups (a box listed on five ports gets one turn per cycle, not
+//!   five), and over a group's members in turn;
+//! - a sticky session is pinned to an exit: when its upstream stops serving, another member
+//!   of the same group keeps the session's address before any other upstream is tried;
+//! - a client asking for a new session does not get the exit its previous session had
+//!   ([`NewSessionExit`]).
+//!
+//! An upstream whose exit is unknown (never checked) is a group of its own. The other
+//! strategies draw upstreams as before: a group of five weighs what its five members weigh.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+
+use proxygate_core::{Tier, UpstreamId};
+use serde::Deserialize;
+
+/// What the catalog knows of an upstream's identity, published with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// The address the judge saw its requests come from.
+    pub exit: Option<IpAddr>,
+    pub tier: Tier,
+}
+
+impl Default for Identity {
+    /// An upstream published without a catalog (tests, the library alone): the operator's,
+    /// exit unknown.
+    fn default() -> Self {
+        Identity {
+            exit: None,
+            tier: Tier::Operator,
+        }
+    }
+}
+
+/// The group key of an upstream: its exit IP's when known (top bit set), else its own id's
+/// (top bit clear), so an upstream with an unknown exit is alone in its group.
+pub fn group_key(id: UpstreamId, exit: Option<IpAddr>) -> u64 {
+    const EXIT: u64 = 1 << 63;
+    match exit {
+        Some(ip) => {
+            // Fixed keys: stable within the process, which is all a key needs.
+            let mut h = std::hash::DefaultHasher::new();
+            ip.hash(&mut h);
+            h.finish() | EXIT
+        }
+        None => id.0 & !EXIT,
+    }
+}
+
+/// An entry's identity, kept in atomics: a republish updates an entry carried over from the
+/// previous snapshot in place (its health, and so its entry, must survive).
+#[derive(Debug, Default)]
+pub(crate) struct IdentityCell {
+    group: AtomicU64,
+    tier: AtomicU8,
+    exit: Mutex<Option<IpAddr>>,
+}
+
+impl IdentityCell {
+    pub(crate) fn new(id: UpstreamId, ident: Identity) -> IdentityCell {
+        let cell = IdentityCell::default();
+        cell.set(id, ident);
+        cell
+    }
+
+    pub(crate) fn set(&self, id: UpstreamId, ident: Identity) {
+        self.group
+            .store(group_key(id, ident.exit), Ordering::Relaxed);
+        self.tier.store(ident.tier.code(), Ordering::Relaxed);
+        if let Ok(mut e) = self.exit.lock() {
+            *e = ident.exit;
+        }
+    }
+
+    pub(crate) fn group(&self) -> u64 {
+        self.group.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn tier(&self) -> Tier {
+        Tier::from_code(self.tier.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn exit(&self) -> Option<IpAddr> {
+        self.exit.lock().ok().and_then(|e| *e)
+    }
+}
+
+/// The exit groups of a snapshot's members, by position.
+#[derive(Debug, Default)]
+pub(crate) struct ExitGroups {
+    /// Group key to index in `members`.
+    index: HashMap<u64, u32>,
+    /// Each group's members (positions), in entry order; groups in order of first member.
+    members: Vec<Vec<u32>>,
+    /// Each group's turn among its members (round robin within a group).
+    turns: Box<[AtomicU32]>,
+    /// Whether any group has more than one member (otherwise groups change nothing).
+    shared: bool,
+}
+
+impl ExitGroups {
+    /// The groups of `keys` (one group key per position).
+    pub(crate) fn build(keys: impl IntoIterator<Item = u64>) -> ExitGroups {
+        let mut g = ExitGroups::default();
+        for (pos, key) in keys.into_iter().enumerate() {
+            let next = u32::try_from(g.members.len()).unwrap_or(u32::MAX);
+            let i = *g.index.entry(key).or_insert(next);
+            if i == next {
+                g.members.push(Vec::new());
+            }
+            if let Some(m) = g.members.get_mut(i as usize) {
+                m.push(u32::try_from(pos).unwrap_or(u32::MAX));
+                g.shared |= m.len() > 1;
+            }
+        }
+        g.turns = (0..g.members.len()).map(|_| AtomicU32::new(0)).collect();
+        g
+    }
+
+    /// Whether some exit is shared by several members.
+    pub(crate) fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Group `i`'s members, starting at its next turn (each call moves the turn on).
+    pub(crate) fn in_turn(&self, i: usize) -> impl Iterator<Item = u32> + '_ {
+        let m = self.members.get(i).map_or(&[][..], Vec::as_slice);
+        let start = self
+            .turns
+            .get(i)
+            .map_or(0, |t| t.fetch_add(1, Ordering::Relaxed) as usize);
+        (0..m.len()).map(move |k| m[(start + k) % m.len()])
+    }
+
+    /// The members (positions) of the group with key `key`.
+    pub(crate) fn members_of(&self, key: u64) -> &[u32] {
+        self.index
+            .get(&key)
+            .and_then(|i| self.members.get(*i as usize))
+            .map_or(&[][..], Vec::as_slice)
+    }
+}
+
+/// What a client asking for a new session (a session id not pinned) may get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NewSessionExit {
+    /// Never the exit IP its previous session had: with no other exit left, the request
+    /// fails (a client that asks for a new identity does not silently keep the old one).
+    #[default]
+    Different,
+    /// Another exit when one is left, else the same.
+    PreferDifferent,
+    /// Whatever the strategy picks.
+    Any,
+}
+
+impl NewSessionExit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NewSessionExit::Different => "different",
+            NewSessionExit::PreferDifferent => "prefer_different",
+            NewSessionExit::Any => "any",
+        }
+    }
+
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            NewSessionExit::Different => 0,
+            NewSessionExit::PreferDifferent => 1,
+            NewSessionExit::Any => 2,
+        }
+    }
+
+    pub(crate) fn from_code(c: u8) -> NewSessionExit {
+        match c {
+            1 => NewSessionExit::PreferDifferent,
+            2 => NewSessionExit::Any,
+            _ => NewSessionExit::Different,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn keys_group_by_exit_and_unknown_exits_stand_alone() {
+        let (a, b) = (UpstreamId(1), UpstreamId(2));
+        assert_eq!(
+            group_key(a, ip("203.0.113.5")),
+            group_key(b, ip("203.0.113.5"))
+        );
+        assert_ne!(
+            group_key(a, ip("203.0.113.5")),
+            group_key(a, ip("203.0.113.6"))
+        );
+        assert_ne!(group_key(a, None), group_key(b, None));
+        assert_ne!(group_key(a, None), group_key(a, ip("203.0.113.5")));
+    }
+
+    #[test]
+    fn groups_and_turns() {
+        let g = ExitGroups::build([7, 9, 7, 8, 7]);
+        assert!(g.is_shared());
+        assert_eq!(g.len(), 3);
+        assert_eq!(g.members_of(7), [0, 2, 4]);
+        assert_eq!(g.members_of(1), [] as [u32; 0]);
+        let first: Vec<u32> = g.in_turn(0).collect();
+        let second: Vec<u32> = g.in_turn(0).collect();
+        assert_eq!(first, [0, 2, 4]);
+        assert_eq!(second, [2, 4, 0]);
+        assert!(!ExitGroups::build([1, 2, 3]).is_shared());
+    }
+}

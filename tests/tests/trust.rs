@@ -1,0 +1,359 @@
+//! Trust, end to end, against a local judge, a local TLS judge and fake upstreams that
+//! misbehave: a man in the middle (swaps the TLS judge's certificate) and an injector (appends
+//! a script to HTTP bodies) are quarantined and counted, never serve, and stay out until an
+//! operator enables them; an exit that forwards its client's hop-by-hop headers is demoted to
+//! `untrusted`, which `-tier-...` hints and `dial.min_tier` route around; upstreams that share
+//! an exit IP are one exit for round robin and for new sessions.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failed step must fail the test loudly"
+)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use proxygate_tests::curl::curl;
+use proxygate_tests::fakes::{Behavior, FakeUpstream, Kind, Tamper};
+use proxygate_tests::gateway::{Gateway, cli};
+use proxygate_tests::lists::Judge;
+use proxygate_tests::origin::Origin;
+use proxygate_tests::tls::TestPki;
+use serde_json::Value;
+
+fn id_of(url: &str) -> String {
+    proxygate_core::Upstream::parse(url)
+        .unwrap()
+        .id()
+        .to_string()
+}
+
+async fn fake(behavior: Behavior) -> FakeUpstream {
+    FakeUpstream::start_with(Kind::Http, None, behavior).await
+}
+
+/// `[checker]` with the local judges; `[dial]` trusting the test CA (the TLS judge's).
+fn config(judge: &Judge, tls_judge: Option<(&Origin, &std::path::Path)>) -> String {
+    let (tls, ca) = tls_judge.map_or((String::new(), String::new()), |(o, ca)| {
+        (
+            format!("https://127.0.0.1:{}/", o.addr.port()),
+            format!("tls_ca_file = {ca:?}\n"),
+        )
+    });
+    format!(
+        "sources = []\n[checker]\njudge_urls = [{:?}]\ntimeout = \"2s\"\ntls_judge_url = {tls:?}\n\
+         integrity_url = {:?}\n[dial]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"\n\
+         retry_deadline = \"5s\"\n{ca}",
+        judge.httpbin_url(),
+        judge.static_url(),
+    )
+}
+
+/// `proxygate check --all` against the running gateway: its JSON.
+async fn check_all(gw: &Gateway) -> Value {
+    let data = gw.data_dir().to_str().unwrap().to_owned();
+    let out = cli(&["check", "--all", "--data-dir", &data, "--json"]).await;
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}\n{}", gw.logs()))
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in the metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_upstreams_are_quarantined_counted_and_never_serve() {
+    let judge = Judge::start().await;
+    let pki = TestPki::new();
+    let tls_judge = Origin::start_on("127.0.0.1:0".parse().unwrap(), Some(pki.acceptor())).await;
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca.path(), &pki.ca_pem).unwrap();
+    let honest = fake(Behavior::default()).await;
+    let socks = FakeUpstream::start(Kind::Socks5, None).await;
+    let mitm = fake(Behavior {
+        tamper: Tamper::SwapCertificate,
+        ..Behavior::default()
+    })
+    .await;
+    let injector = fake(Behavior {
+        tamper: Tamper::InjectBody,
+        ..Behavior::default()
+    })
+    .await;
+    let gw = Gateway::builder()
+        .config(&config(&judge, Some((&tls_judge, ca.path()))))
+        .arg("--strategy")
+        .arg("round_robin")
+        .upstream(honest.url("http"))
+        .upstream(socks.url("socks5"))
+        .upstream(mitm.url("http"))
+        .upstream(injector.url("http"))
+        .start()
+        .await;
+
+    let v = check_all(&gw).await;
+    assert_eq!(
+        (v["passed"].as_u64(), v["failed"].as_u64()),
+        (Some(2), Some(2)),
+        "{v}\n{}",
+        gw.logs()
+    );
+    let line = |url: &str| {
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id_of(url))
+            .unwrap()
+            .clone()
+    };
+    let m = line(&mitm.url("http"));
+    assert!(
+        m["tampered"]
+            .as_str()
+            .unwrap()
+            .contains("man in the middle"),
+        "{m}"
+    );
+    let i = line(&injector.url("http"));
+    assert!(
+        i["tampered"]
+            .as_str()
+            .is_some_and(|t| t.contains("altered")),
+        "{i}\n{}",
+        gw.logs()
+    );
+    for good in [honest.url("http"), socks.url("socks5")] {
+        let l = line(&good);
+        assert!(l["tampered"].is_null() && l["passed"] == true, "{l}");
+    }
+
+    // Quarantined: disabled with the reason, counted, out of the pool.
+    for bad in [mitm.url("http"), injector.url("http")] {
+        let r = gw.api(&format!("/api/v1/upstreams/{}", id_of(&bad))).await;
+        assert!(
+            r["disabled_reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("quarantined: "),
+            "{r}"
+        );
+    }
+    let (_, text) = gw.admin_get("/metrics").await;
+    assert_eq!(metric(&text, "proxygate_upstream_quarantined_total"), 2.0);
+
+    // No client request reaches them.
+    let origin = Origin::start().await;
+    let (mitm_before, inj_before) = (mitm.connections(), injector.connections());
+    for _ in 0..12 {
+        let r = curl(&["-x", &gw.http_proxy(), &origin.url()]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(!r.body.contains("ads.invalid"));
+    }
+    assert_eq!(
+        (mitm.connections(), injector.connections()),
+        (mitm_before, inj_before),
+        "a quarantined upstream served"
+    );
+
+    // A later check that passes does not release them (they are not even checked: disabled);
+    // an operator does.
+    let v = check_all(&gw).await;
+    assert_eq!(v["checked"].as_u64(), Some(2), "{v}");
+    let id = id_of(&injector.url("http"));
+    let resp = gw
+        .admin_client()
+        .post(format!("{}/api/v1/upstreams/{id}/enable", gw.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{resp:?}");
+    let r = gw.api(&format!("/api/v1/upstreams/{id}")).await;
+    assert!(r["disabled_reason"].is_null(), "{r}");
+    // Checked again, it is caught again.
+    let v = check_all(&gw).await;
+    assert_eq!(v["failed"].as_u64(), Some(1), "{v}");
+    let (_, text) = gw.admin_get("/metrics").await;
+    assert_eq!(metric(&text, "proxygate_upstream_quarantined_total"), 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaking_exits_are_demoted_and_tier_hints_route_around_them() {
+    let judge = Judge::start().await;
+    let honest = fake(Behavior::default()).await;
+    let leaky = fake(Behavior {
+        keep_hop_headers: true,
+        ..Behavior::default()
+    })
+    .await;
+    let gw = Gateway::builder()
+        .config(&config(&judge, None))
+        .arg("--strategy")
+        .arg("round_robin")
+        .upstream(honest.url("http"))
+        .upstream(leaky.url("http"))
+        .start()
+        .await;
+    let v = check_all(&gw).await;
+    assert_eq!(v["passed"].as_u64(), Some(2), "a leak is no failure: {v}");
+    let leaky_row = gw
+        .api(&format!("/api/v1/upstreams/{}", id_of(&leaky.url("http"))))
+        .await;
+    assert!(
+        leaky_row["leak"].as_str().unwrap().contains("hop-by-hop"),
+        "{leaky_row}"
+    );
+    assert_eq!(leaky_row["tier"], "untrusted", "demoted from operator");
+    let honest_row = gw
+        .api(&format!("/api/v1/upstreams/{}", id_of(&honest.url("http"))))
+        .await;
+    assert_eq!(honest_row["tier"], "operator");
+    assert!(honest_row["leak"].is_null(), "{honest_row}");
+    let (_, text) = gw.admin_get("/metrics").await;
+    assert_eq!(metric(&text, "proxygate_upstream_leaks_total"), 1.0);
+
+    // A client asking for operator-tier upstreams never goes through the demoted one; one
+    // without a hint goes through both (dial.min_tier defaults to untrusted).
+    let origin = Origin::start().await;
+    let proxy = gw.http_proxy();
+    let peer = |r: &proxygate_tests::curl::CurlResponse| r.header("x-peer").to_owned();
+    for _ in 0..8 {
+        let r = curl(&["-x", &proxy, "-U", "c-tier-operator:x", &origin.url()]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(peer(&r), honest.egress.to_string());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..8 {
+        seen.insert(peer(&curl(&["-x", &proxy, &origin.url()]).await));
+    }
+    assert!(seen.contains(&leaky.egress.to_string()), "{seen:?}");
+    // Operator upstreams are at least verified; the demoted one is not.
+    for _ in 0..4 {
+        let r = curl(&["-x", &proxy, "-U", "c-tier-verified:x", &origin.url()]).await;
+        assert_eq!(peer(&r), honest.egress.to_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_box_on_several_ports_is_one_exit() {
+    let judge = Judge::start().await;
+    // Three ports of one box (one egress address), and two single proxies.
+    let shared = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 252));
+    let mut boxed = Vec::new();
+    for _ in 0..3 {
+        boxed.push(
+            fake(Behavior {
+                egress: Some(shared),
+                ..Behavior::default()
+            })
+            .await,
+        );
+    }
+    let singles = [
+        fake(Behavior::default()).await,
+        fake(Behavior::default()).await,
+    ];
+    let mut b = Gateway::builder()
+        .config(&config(&judge, None))
+        .arg("--strategy")
+        .arg("round_robin");
+    for f in boxed.iter().chain(&singles) {
+        b = b.upstream(f.url("http"));
+    }
+    let gw = b.start().await;
+    let v = check_all(&gw).await;
+    assert_eq!(v["passed"].as_u64(), Some(5), "{v}");
+    let row = gw
+        .api(&format!(
+            "/api/v1/upstreams/{}",
+            id_of(&boxed[0].url("http"))
+        ))
+        .await;
+    assert_eq!(row["exit_ip"], "127.0.0.252", "{row}");
+    assert_eq!(row["exit_group_size"], 3, "{row}");
+
+    // Round robin: three exits, a third each; the box's third spread over its ports.
+    let origin = Origin::start().await;
+    let proxy = gw.http_proxy();
+    let mut by_exit: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let r = curl(&["-x", &proxy, &origin.url()]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        *by_exit.entry(r.header("x-peer").to_owned()).or_default() += 1;
+    }
+    // (Each data-plane worker keeps its own cursor: a third each, give or take a turn.)
+    let third = |n: Option<&usize>| n.is_some_and(|n| (8..=12).contains(n));
+    assert!(third(by_exit.get("127.0.0.252")), "{by_exit:?}");
+    for f in &singles {
+        assert!(third(by_exit.get(&f.egress.to_string())), "{by_exit:?}");
+    }
+    for f in &boxed {
+        assert!(f.connections() >= 2, "a port of the box never served");
+    }
+
+    // New sessions of one client never get the exit the previous one had (best_reputation,
+    // which would otherwise pick the same exit every time: they all score alike).
+    let mut previous = String::new();
+    for i in 0..12 {
+        let user = format!("acct-session-n{i}-strategy-best_reputation:x");
+        let r = curl(&["-x", &proxy, "-U", &user, &origin.url()]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let exit = r.header("x-peer").to_owned();
+        assert_ne!(
+            exit, previous,
+            "session n{i} got its client's previous exit"
+        );
+        // The session holds its exit.
+        let again = curl(&["-x", &proxy, "-U", &user, &origin.url()]).await;
+        assert_eq!(again.header("x-peer"), exit);
+        previous = exit;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leak_audit_checks_busy_members_unasked() {
+    let judge = Judge::start().await;
+    let leaky = fake(Behavior {
+        keep_hop_headers: true,
+        ..Behavior::default()
+    })
+    .await;
+    // Idle re-checks far away: only the audit can look at it.
+    let cfg = config(&judge, None).replace(
+        "[checker]\n",
+        "[checker]\naudit_every = \"1s\"\nrecheck_every = \"1h\"\n",
+    );
+    let gw = Gateway::builder()
+        .config(&cfg)
+        .upstream(leaky.url("http"))
+        .start()
+        .await;
+    let id = id_of(&leaky.url("http"));
+    let origin = Origin::start().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        // Busy: traffic all along.
+        let r = curl(&["-x", &gw.http_proxy(), &origin.url()]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let row = gw.api(&format!("/api/v1/upstreams/{id}")).await;
+        if row["tier"] == "untrusted" {
+            assert!(
+                row["leak"].as_str().unwrap().contains("hop-by-hop"),
+                "{row}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit within 20 s: {row}\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(gw.logs().contains("leak audit done"), "{}", gw.logs());
+}
