@@ -146,12 +146,21 @@ async fn upstreams_blocked_by_one_site_are_avoided_there_only() {
     assert!(text.contains("localhost"), "{text}");
 }
 
-/// An origin that turns some upstreams' addresses away: `403` (`close: false`) or a closed
-/// connection before a byte (`close: true`) to a request from `banned`, a `200` with `x-peer`
-/// to others.
+/// How a picky origin turns an address away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Forbidden,
+    /// A closed connection before a byte.
+    Close,
+    /// Cloudflare's challenge page: `503` with `cf-mitigated: challenge`.
+    Challenge,
+}
+
+/// An origin that turns some upstreams' addresses away as `how` says to a request from
+/// `banned`, a `200` with `x-peer` to others.
 async fn picky_origin(
     banned: Vec<std::net::IpAddr>,
-    close: bool,
+    how: Refusal,
 ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -168,12 +177,16 @@ async fn picky_origin(
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let answer = match (banned, close) {
-                    (true, true) => return,
-                    (true, false) => {
+                let answer = match (banned, how) {
+                    (true, Refusal::Close) => return,
+                    (true, Refusal::Forbidden) => {
                         "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                             .to_owned()
                     }
+                    (true, Refusal::Challenge) => "HTTP/1.1 503 Service Unavailable\r\n\
+                        server: cloudflare\r\ncf-mitigated: challenge\r\nContent-Length: 0\r\n\
+                        Connection: close\r\n\r\n"
+                        .to_owned(),
                     (false, _) => format!(
                         "HTTP/1.1 200 OK\r\nx-peer: {}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
                         peer.ip()
@@ -186,18 +199,20 @@ async fn picky_origin(
     (addr, task)
 }
 
-/// The other two ways an upstream fails for a site: an absolute-form answer 403 (through HTTP
-/// upstreams that forward the request) and the target closing a tunnel before a byte came
-/// back. Each blocked upstream is turned away twice, then avoided for that site.
+/// The other ways an upstream fails for a site: an absolute-form answer 403 or a known block
+/// page (through HTTP upstreams that forward the request) and the target closing a tunnel
+/// before a byte came back. Each blocked upstream is turned away twice, then avoided for that
+/// site.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_403_or_a_tunnel_closed_before_a_byte_counts_against_the_upstream_there() {
-    for close in [false, true] {
+async fn a_403_a_block_page_or_a_tunnel_closed_before_a_byte_counts_against_the_upstream_there() {
+    for how in [Refusal::Forbidden, Refusal::Challenge, Refusal::Close] {
+        let close = how == Refusal::Close;
         let mut fakes = Vec::new();
         for _ in 0..4 {
             fakes.push(FakeUpstream::start(Kind::Http, None).await);
         }
         let banned: Vec<std::net::IpAddr> = fakes[..2].iter().map(|f| f.egress).collect();
-        let (origin, _task) = picky_origin(banned.clone(), close).await;
+        let (origin, _task) = picky_origin(banned.clone(), how).await;
         let mut b = Gateway::builder()
             .config(
                 "[dial]\nkeep_idle = \"0s\"\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"",
@@ -230,13 +245,13 @@ async fn a_403_or_a_tunnel_closed_before_a_byte_counts_against_the_upstream_ther
                 break;
             }
         }
-        assert_eq!(turned_away, 4, "close {close}: each banned upstream twice");
+        assert_eq!(turned_away, 4, "{how:?}: each banned upstream twice");
         for _ in 0..20 {
             let r = get(proxy.clone(), url.clone()).await;
             assert_eq!(
                 (r.status, r.exit_code),
                 (200, 0),
-                "close {close}: a banned upstream again: {r:?}"
+                "{how:?}: a banned upstream again: {r:?}"
             );
             assert!(
                 !banned.iter().any(|ip| r.header("x-peer") == ip.to_string()),

@@ -570,7 +570,7 @@ async fn forward(
                 Ok(Ok(mut response)) => {
                     let id = lease.id();
                     outcome.first_byte = Some(t0.elapsed());
-                    note_site(gw, id, response.status(), &mut budget);
+                    note_site(gw, id, &response, &mut budget);
                     gw.metrics().first_byte(t0.elapsed());
                     if cfg.rotate == Rotate::Connection
                         && let Ok(mut s) = sticky.lock()
@@ -635,17 +635,32 @@ async fn forward(
     }
 }
 
-/// What an absolute-form answer says of its upstream at the target's site: 403 and 429 are a
-/// site turning the upstream's address away; a success or a redirect, that it works there.
-fn note_site(gw: &Gateway, id: UpstreamId, status: StatusCode, budget: &mut Budget) {
+/// What an absolute-form answer says of its upstream at the target's site: a block (see
+/// [`turned_away`]) is the site turning the upstream's address away; a success or a redirect,
+/// that it works there.
+fn note_site<B>(gw: &Gateway, id: UpstreamId, response: &Response<B>, budget: &mut Budget) {
     let pool = gw.dialer().pool();
-    if status == StatusCode::FORBIDDEN || status == StatusCode::TOO_MANY_REQUESTS {
+    let status = response.status();
+    if turned_away(status, response.headers()) {
         let site = budget.site().to_owned();
         pool.site_failed(id, &site, Instant::now());
     } else if (status.is_success() || status.is_redirection()) && pool.site_entries() > 0 {
         let site = budget.site().to_owned();
         pool.site_worked(id, &site, Instant::now());
     }
+}
+
+/// Whether an answer is a site turning the client's address away: 403 and 429, and the block
+/// and challenge pages that bot-protection services mark in their headers, whatever their
+/// status: Cloudflare's `cf-mitigated: challenge`, AWS WAF's `x-amzn-waf-action` (captcha,
+/// challenge).
+pub(crate) fn turned_away(status: StatusCode, headers: &HeaderMap) -> bool {
+    status == StatusCode::FORBIDDEN
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || headers
+            .get("cf-mitigated")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"challenge"))
+        || headers.contains_key("x-amzn-waf-action")
 }
 
 /// What `forward` reads of `[dial]` per request.
@@ -915,6 +930,35 @@ pub(crate) fn raw_error_response(e: &GatewayError) -> Vec<u8> {
 mod tests {
     use super::*;
     use tokio_test::io::Builder;
+
+    #[test]
+    fn known_block_pages_are_a_site_turning_the_upstream_away() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        let none = h(&[]);
+        assert!(turned_away(StatusCode::FORBIDDEN, &none));
+        assert!(turned_away(StatusCode::TOO_MANY_REQUESTS, &none));
+        assert!(!turned_away(StatusCode::OK, &none));
+        assert!(!turned_away(StatusCode::SERVICE_UNAVAILABLE, &none));
+        // Cloudflare's challenge page, served 503 (or 403), and AWS WAF's captcha (405) and
+        // challenge (202).
+        let cf = h(&[("cf-mitigated", "challenge"), ("server", "cloudflare")]);
+        assert!(turned_away(StatusCode::SERVICE_UNAVAILABLE, &cf));
+        let waf = h(&[("x-amzn-waf-action", "captcha")]);
+        assert!(turned_away(StatusCode::METHOD_NOT_ALLOWED, &waf));
+        let waf = h(&[("x-amzn-waf-action", "challenge")]);
+        assert!(turned_away(StatusCode::ACCEPTED, &waf));
+        // Cloudflare serving the page itself is no block.
+        assert!(!turned_away(
+            StatusCode::OK,
+            &h(&[("server", "cloudflare")])
+        ));
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named() {
