@@ -627,12 +627,13 @@ async fn pool_cli_offline_export_import_and_errors() {
 
     let table = pool_ok(&data, &["list"]).await;
     for column in [
-        "ID", "SCHEME", "ADDRESS", "COUNTRY", "REP", "SUCCESS", "LATENCY", "USES", "STATE",
+        "ID", "SCHEME", "ADDRESS", "COUNTRY", "REP", "SUCCESS", "LATENCY", "USES", "TIER", "EXIT",
+        "STATE",
     ] {
         assert!(table.lines().next().unwrap().contains(column), "{table}");
     }
     assert!(
-        table.contains("proxy.example:1080") && table.contains("DE"),
+        table.contains("proxy.example:1080") && table.contains("DE") && table.contains("operator"),
         "{table}"
     );
     let shown = pool_ok(&data, &["show", &id_of(secret)]).await;

@@ -276,6 +276,10 @@ async fn one_box_on_several_ports_is_one_exit() {
         .await;
     assert_eq!(row["exit_ip"], "127.0.0.252", "{row}");
     assert_eq!(row["exit_group_size"], 3, "{row}");
+    let data = gw.data_dir().to_str().unwrap().to_owned();
+    let out = cli(&["pool", "list", "--data-dir", &data]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(table.matches("127.0.0.252 (3)").count(), 3, "{table}");
 
     // Round robin: three exits, a third each; the box's third spread over its ports.
     let origin = Origin::start().await;

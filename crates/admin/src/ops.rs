@@ -248,13 +248,29 @@ pub fn table_of(rows: &[serde_json::Value]) -> String {
         other => other.to_string(),
     };
     let mut out = format!(
-        "{:<16}  {:<7}  {:<28}  {:<7}  {:>3}  {:>7}  {:>9}  {:>7}  {}\n",
-        "ID", "SCHEME", "ADDRESS", "COUNTRY", "REP", "SUCCESS", "LATENCY", "USES", "STATE"
+        "{:<16}  {:<7}  {:<28}  {:<7}  {:>3}  {:>7}  {:>9}  {:>7}  {:<9}  {:<20}  {}\n",
+        "ID",
+        "SCHEME",
+        "ADDRESS",
+        "COUNTRY",
+        "REP",
+        "SUCCESS",
+        "LATENCY",
+        "USES",
+        "TIER",
+        "EXIT (SHARED BY)",
+        "STATE"
     );
     for r in rows {
+        // The exit IP, and how many members share it when more than itself.
+        let exit = match (r["exit_ip"].as_str(), r["exit_group_size"].as_u64()) {
+            (Some(ip), Some(n)) if n > 1 => format!("{ip} ({n})"),
+            (Some(ip), _) => ip.to_owned(),
+            (None, _) => "-".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "{:<16}  {:<7}  {:<28}  {:<7}  {:>3}  {:>7}  {:>9}  {:>7}  {}",
+            "{:<16}  {:<7}  {:<28}  {:<7}  {:>3}  {:>7}  {:>9}  {:>7}  {:<9}  {:<20}  {}",
             cell(&r["id"]),
             cell(&r["scheme"]),
             cell(&r["address"]),
@@ -267,6 +283,8 @@ pub fn table_of(rows: &[serde_json::Value]) -> String {
                 .as_f64()
                 .map_or("-".into(), |ms| format!("{ms:.0}ms")),
             cell(&r["uses"]),
+            cell(&r["tier"]),
+            exit,
             cell(&r["state"])
         );
     }
