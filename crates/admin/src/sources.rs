@@ -325,6 +325,14 @@ impl SourcesRuntime {
                 self.report_to_pool(r);
                 self.metrics
                     .findings(r.tampered.is_some(), r.leak.is_some());
+                if !r.passed {
+                    tracing::debug!(
+                        candidate = %cand.upstream,
+                        source = cand.source,
+                        "check failed: {}",
+                        r.detail.as_deref().unwrap_or("-")
+                    );
+                }
                 if !r.inconclusive {
                     merged.push((
                         *i,

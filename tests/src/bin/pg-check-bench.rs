@@ -3,7 +3,12 @@
 //! ```text
 //! cargo run --release -p proxygate-tests --bin pg-check-bench -- [--working 5000]
 //!     [--refusing 2500] [--blackholed 2500] [--gateway-bin target/release/proxygate]
+//!     [--integrity]
 //! ```
+//!
+//! `--integrity` adds the checker's body-integrity step (a static page of the judge, fetched
+//! through every working candidate and compared with a direct fetch); without it both
+//! integrity steps are off. (The TLS step needs a CONNECT-capable candidate: not here.)
 //!
 //! It serves a list of `working + refusing + blackholed` candidates from a file: working ones
 //! are HTTP proxies of ours (one listener each, forwarding to a local judge), refusing ones
@@ -32,6 +37,7 @@ struct Opts {
     refusing: usize,
     blackholed: usize,
     gateway_bin: Option<PathBuf>,
+    integrity: bool,
 }
 
 fn opts() -> Opts {
@@ -40,6 +46,7 @@ fn opts() -> Opts {
         refusing: 2500,
         blackholed: 2500,
         gateway_bin: None,
+        integrity: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -49,6 +56,7 @@ fn opts() -> Opts {
             "--refusing" => o.refusing = val().parse().unwrap(),
             "--blackholed" => o.blackholed = val().parse().unwrap(),
             "--gateway-bin" => o.gateway_bin = Some(PathBuf::from(val())),
+            "--integrity" => o.integrity = true,
             other => panic!("unknown argument {other}"),
         }
     }
@@ -142,10 +150,15 @@ async fn run(o: Opts) {
     std::fs::write(
         &cfg,
         format!(
-            "data_dir = {:?}\nallow_private_networks = true\n[[sources]]\nname = \"bench\"\nkind = \"generic\"\nurl = {:?}\n[checker]\njudge_urls = [{:?}]\n",
+            "data_dir = {:?}\nallow_private_networks = true\n[[sources]]\nname = \"bench\"\nkind = \"generic\"\nurl = {:?}\n[checker]\njudge_urls = [{:?}]\ntls_judge_url = \"\"\nintegrity_url = {:?}\n",
             dir.path().join("data").to_str().unwrap(),
             list_path.to_str().unwrap(),
-            judge.httpbin_url()
+            judge.httpbin_url(),
+            if o.integrity {
+                judge.static_url()
+            } else {
+                String::new()
+            }
         ),
     )
     .unwrap();
@@ -159,7 +172,12 @@ async fn run(o: Opts) {
         .args(["sources", "fetch", "--import", "--json", "--config"])
         .arg(&cfg)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        // PG_CHECK_BENCH_LOG=1 shows the gateway's log (RUST_LOG applies).
+        .stderr(if std::env::var_os("PG_CHECK_BENCH_LOG").is_some() {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        })
         .spawn()
         .unwrap();
     let pid = child.id().unwrap();
