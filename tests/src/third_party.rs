@@ -83,6 +83,33 @@ impl ThirdParty {
         }
     }
 
+    /// tinyproxy requiring `user:pass` and dialing out from `bind` (`Bind`): on loopback its
+    /// requests would otherwise come from 127.0.0.1, the gateway's own address.
+    pub async fn tinyproxy_from(user: &str, pass: &str, bind: std::net::IpAddr) -> ThirdParty {
+        Self::tinyproxy_conf(&format!("BasicAuth {user} {pass}\nBind {bind}\n")).await
+    }
+
+    /// microsocks requiring `user:pass` and dialing out from `bind` (`-b`).
+    pub async fn microsocks_from(user: &str, pass: &str, bind: std::net::IpAddr) -> ThirdParty {
+        let bin = require("microsocks");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port().await;
+        let (port_s, bind_s) = (port.to_string(), bind.to_string());
+        let args = [
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port_s,
+            "-u",
+            user,
+            "-P",
+            pass,
+            "-b",
+            &bind_s,
+        ];
+        Self::spawn(&bin, &args, port, dir).await
+    }
+
     /// tinyproxy without authentication (for the load harness).
     pub async fn tinyproxy_open() -> ThirdParty {
         Self::tinyproxy_conf("").await

@@ -361,3 +361,40 @@ async fn the_leak_audit_checks_busy_members_unasked() {
     }
     assert!(gw.logs().contains("leak audit done"), "{}", gw.logs());
 }
+
+/// Real proxies are neither leaking nor tampering: tinyproxy (with credentials, so a
+/// Proxy-Authorization is sent and must not reach the judge) and microsocks pass every step,
+/// the TLS and body comparisons included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_proxies_pass_the_integrity_and_leak_checks() {
+    use proxygate_tests::third_party::ThirdParty;
+    let judge = Judge::start().await;
+    let pki = TestPki::new();
+    let tls_judge = Origin::start_on("127.0.0.1:0".parse().unwrap(), Some(pki.acceptor())).await;
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca.path(), &pki.ca_pem).unwrap();
+    // Dialing out from addresses of their own: from 127.0.0.1, the gateway's own address, a
+    // judge would rightly call them transparent (tried: demoted, one exit group of two).
+    let tiny = ThirdParty::tinyproxy_from("tp", "secret", "127.0.0.246".parse().unwrap()).await;
+    let socks = ThirdParty::microsocks_from("ms", "secret", "127.0.0.247".parse().unwrap()).await;
+    let tiny_url = format!("http://tp:secret@{}", tiny.addr);
+    let socks_url = format!("socks5://ms:secret@{}", socks.addr);
+    let gw = Gateway::builder()
+        .config(&config(&judge, Some((&tls_judge, ca.path()))))
+        .upstream(tiny_url.clone())
+        .upstream(socks_url.clone())
+        .start()
+        .await;
+    let v = check_all(&gw).await;
+    assert_eq!(v["passed"].as_u64(), Some(2), "{v}\n{}", gw.logs());
+    for url in [&tiny_url, &socks_url] {
+        let row = gw.api(&format!("/api/v1/upstreams/{}", id_of(url))).await;
+        assert!(row["leak"].is_null(), "{row}");
+        assert!(row["disabled_reason"].is_null(), "{row}");
+        assert_eq!(
+            row["integrity_passes"], 1,
+            "both steps ran and passed: {row}"
+        );
+        assert_eq!(row["tier"], "operator");
+    }
+}
