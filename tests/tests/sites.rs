@@ -163,12 +163,9 @@ async fn picky_origin(
     how: Refusal,
 ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, peer)) = listener.accept().await {
+    serve_each(move |mut s, peer| {
             let banned = banned.contains(&peer.ip());
-            tokio::spawn(async move {
+            async move {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
                 while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -193,7 +190,47 @@ async fn picky_origin(
                     ),
                 };
                 let _ = s.write_all(answer.as_bytes()).await;
-            });
+            }
+    })
+    .await
+}
+
+/// Waits until the API lists every one of `fakes` as blocked somewhere: a tunnel's end is
+/// recorded when the gateway sees both sides close, a moment after its client got the answer.
+async fn wait_until_blocked(gw: &Gateway, fakes: &[FakeUpstream]) {
+    let list = gw.api("/api/v1/upstreams").await;
+    for f in fakes {
+        let id = list["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["address"] == f.addr.to_string())
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        for i in 0.. {
+            let e = gw.api(&format!("/api/v1/upstreams/{id}")).await;
+            if !e["blocked_sites"].as_array().unwrap().is_empty() {
+                break;
+            }
+            assert!(i < 100, "never listed as blocked: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A loopback server that runs `serve` on each connection (with its peer's address).
+async fn serve_each<F, Fut>(serve: F) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((s, peer)) = listener.accept().await {
+            tokio::spawn(serve(s, peer));
         }
     });
     (addr, task)
@@ -246,6 +283,7 @@ async fn a_403_a_block_page_or_a_tunnel_closed_before_a_byte_counts_against_the_
             }
         }
         assert_eq!(turned_away, 4, "{how:?}: each banned upstream twice");
+        wait_until_blocked(&gw, &fakes[..2]).await;
         for _ in 0..20 {
             let r = get(proxy.clone(), url.clone()).await;
             assert_eq!(
@@ -284,28 +322,24 @@ async fn tls_refusing_origin(
     banned: Vec<std::net::IpAddr>,
 ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, peer)) = listener.accept().await {
-            let banned = banned.contains(&peer.ip());
-            tokio::spawn(async move {
-                let mut hello = [0u8; 6];
-                if s.read_exact(&mut hello).await.is_err() {
-                    return;
-                }
-                let answer = if banned {
-                    vec![0x15, 3, 3, 0, 2, 2, 0x28]
-                } else {
-                    let mut a = vec![0x16];
-                    a.extend_from_slice(peer.ip().to_string().as_bytes());
-                    a
-                };
-                let _ = s.write_all(&answer).await;
-            });
+    serve_each(move |mut s, peer| {
+        let banned = banned.contains(&peer.ip());
+        async move {
+            let mut hello = [0u8; 6];
+            if s.read_exact(&mut hello).await.is_err() {
+                return;
+            }
+            let answer = if banned {
+                vec![0x15, 3, 3, 0, 2, 2, 0x28]
+            } else {
+                let mut a = vec![0x16];
+                a.extend_from_slice(peer.ip().to_string().as_bytes());
+                a
+            };
+            let _ = s.write_all(&answer).await;
         }
-    });
-    (addr, task)
+    })
+    .await
 }
 
 /// One tunnel through the gateway to `target`: a ClientHello's first bytes, and the target's
@@ -362,6 +396,7 @@ async fn a_tls_alert_in_answer_to_the_handshake_counts_against_the_upstream_ther
         }
     }
     assert_eq!(alerts, 4, "each refused upstream twice");
+    wait_until_blocked(&gw, &fakes[..2]).await;
     for _ in 0..20 {
         let answer = tls_attempt(gw.addr, origin).await;
         assert_eq!(answer.first(), Some(&0x16), "a refused upstream again");

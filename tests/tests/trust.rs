@@ -237,6 +237,34 @@ async fn leaking_exits_are_demoted_and_tier_hints_route_around_them() {
         let r = curl(&["-x", &proxy, "-U", "c-tier-verified:x", &origin.url()]).await;
         assert_eq!(peer(&r), honest.egress.to_string());
     }
+
+    // dial.min_tier is the default of clients that name no tier.
+    drop(gw);
+    let gw = Gateway::builder()
+        .config(&config(&judge, None).replace("[dial]\n", "[dial]\nmin_tier = \"operator\"\n"))
+        .upstream(honest.url("http"))
+        .upstream(leaky.url("http"))
+        .start()
+        .await;
+    check_all(&gw).await;
+    for _ in 0..6 {
+        let r = curl(&["-x", &gw.http_proxy(), &origin.url()]).await;
+        assert_eq!(peer(&r), honest.egress.to_string(), "{r:?}");
+    }
+    // A client may still ask for less.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..8 {
+        let r = curl(&[
+            "-x",
+            &gw.http_proxy(),
+            "-U",
+            "c-tier-untrusted:x",
+            &origin.url(),
+        ])
+        .await;
+        seen.insert(peer(&r));
+    }
+    assert!(seen.contains(&leaky.egress.to_string()), "{seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

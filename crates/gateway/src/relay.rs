@@ -269,6 +269,27 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
+    /// A relay between two 64-byte pipes (5 s idle timeout): the client's and the upstream's
+    /// far ends, and the relay's task.
+    fn spawn_relay() -> (
+        tokio::io::DuplexStream,
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<RelayStats>,
+    ) {
+        let (client, client_peer) = duplex(64);
+        let (upstream, upstream_peer) = duplex(64);
+        let task = tokio::spawn(async move {
+            relay(
+                client,
+                upstream,
+                Duration::from_secs(5),
+                &Metrics::unregistered(),
+            )
+            .await
+        });
+        (client_peer, upstream_peer, task)
+    }
+
     #[tokio::test]
     async fn moves_megabytes_both_ways_through_small_pipes_with_half_close() {
         // 256-byte pipes: every write fills them, so both directions keep parking on writes
@@ -319,17 +340,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tls_handshake_answered_by_an_alert_is_seen() {
-        let (client, mut client_peer) = duplex(64);
-        let (upstream, mut upstream_peer) = duplex(64);
-        let task = tokio::spawn(async move {
-            relay(
-                client,
-                upstream,
-                Duration::from_secs(5),
-                &Metrics::unregistered(),
-            )
-            .await
-        });
+        let (mut client_peer, mut upstream_peer, task) = spawn_relay();
         // A ClientHello's record header, answered by a fatal handshake_failure alert.
         client_peer.write_all(&[0x16, 3, 1, 0, 1, 1]).await.unwrap();
         let mut hello = [0u8; 6];
@@ -354,17 +365,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_side_ends_the_relay_with_its_name() {
-        let (client, client_peer) = duplex(64);
-        let (upstream, mut upstream_peer) = duplex(64);
-        let task = tokio::spawn(async move {
-            relay(
-                client,
-                upstream,
-                Duration::from_secs(5),
-                &Metrics::unregistered(),
-            )
-            .await
-        });
+        let (client_peer, mut upstream_peer, task) = spawn_relay();
         upstream_peer.write_all(b"hello").await.unwrap();
         // The client is gone: writing to it fails.
         drop(client_peer);
@@ -374,17 +375,7 @@ mod tests {
 
     #[tokio::test]
     async fn copies_both_ways_and_counts() {
-        let (client, mut client_peer) = duplex(64);
-        let (upstream, mut upstream_peer) = duplex(64);
-        let task = tokio::spawn(async move {
-            relay(
-                client,
-                upstream,
-                Duration::from_secs(5),
-                &Metrics::unregistered(),
-            )
-            .await
-        });
+        let (mut client_peer, mut upstream_peer, task) = spawn_relay();
         client_peer.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
         upstream_peer.read_exact(&mut buf).await.unwrap();

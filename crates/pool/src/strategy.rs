@@ -347,14 +347,7 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
                 _ => view,
             };
             let n = view.len();
-            // This thread's cursor, its cycle offset by its shard's share of the list, so
-            // threads start far apart.
-            let shard = shard_index();
-            let start = ctx
-                .cursors
-                .get(shard)
-                .map_or(0, |c| c.0.fetch_add(1, Ordering::Relaxed))
-                + shard * n / SHARDS;
+            let start = cursor_turn(ctx, n);
             return (0..n)
                 .map(|i| view.get(start.wrapping_add(i) % n))
                 .find(|c| view.ok(ctx, *c))
@@ -383,6 +376,16 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
     found.or_else(|| fallback(&view, ctx)).map(|c| c.slot)
 }
 
+/// Where this round-robin pick starts in a cycle of `n`: this thread's cursor, moved on, its
+/// cycle offset by its shard's share of the list, so threads start far apart.
+fn cursor_turn(ctx: &PickCtx<'_>, n: usize) -> usize {
+    let shard = shard_index();
+    ctx.cursors
+        .get(shard)
+        .map_or(0, |c| c.0.fetch_add(1, Ordering::Relaxed))
+        + shard * n / SHARDS
+}
+
 /// Round robin over exit groups (see [`crate::identity`]): this thread's cursor walks the
 /// groups, and a group serves its members in turn, so an exit listed on several ports gets one
 /// turn per cycle like any other. Every filter is checked on the entry.
@@ -398,12 +401,7 @@ fn round_robin_groups<'a>(
         needs_entry: true,
         ..whole
     };
-    let shard = shard_index();
-    let start = ctx
-        .cursors
-        .get(shard)
-        .map_or(0, |c| c.0.fetch_add(1, Ordering::Relaxed))
-        + shard * n / SHARDS;
+    let start = cursor_turn(ctx, n);
     (0..n).find_map(|i| {
         groups
             .in_turn(start.wrapping_add(i) % n)
