@@ -279,7 +279,7 @@ impl Checker {
         if let Some(u) = &self.integrity_url {
             let fetch = || tokio::time::timeout(limit, self.direct_body(u));
             match (fetch().await, fetch().await) {
-                (Ok(Ok(a)), Ok(Ok(b))) if a == b => body = Some(a.to_vec()),
+                (Ok(Ok(a)), Ok(Ok(b))) if a == b => body = Some(a),
                 (Ok(Ok(_)), Ok(Ok(_))) => tracing::warn!(
                     url = u.url,
                     "checker.integrity_url changes from one fetch to the next: bodies are not \

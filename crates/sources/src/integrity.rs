@@ -29,8 +29,8 @@ pub struct Reference {
     /// SHA-256 of every TLS judge leaf certificate seen directly.
     pub leaves: Vec<[u8; 32]>,
     /// The integrity page's body as fetched directly, when it proved static (two direct
-    /// fetches agreed).
-    pub body: Option<Vec<u8>>,
+    /// fetches agreed). Shared: every check takes a copy of the reference.
+    pub body: Option<bytes::Bytes>,
 }
 
 impl Reference {
