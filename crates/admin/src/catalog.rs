@@ -504,9 +504,13 @@ impl Catalog {
     /// Publishes the enabled records to the live pool. Upstreams new to it start from their
     /// stored stats; the others keep their live ones. Every one takes its current identity.
     fn publish(&self) {
+        self.publish_at(unix_ms());
+    }
+
+    /// [`Catalog::publish`], tiers as of `now` (Unix ms).
+    fn publish_at(&self, now: u64) {
         self.disabled.store(self.disabled(), Ordering::Relaxed);
         let Some(live) = &self.live else { return };
-        let now = unix_ms();
         let items: Vec<(Upstream, Option<Saved>, Identity)> = {
             let snap = live.pool.reader().snapshot();
             self.records
@@ -997,8 +1001,25 @@ impl Catalog {
         if !out.disabled.is_empty() || !out.deleted.is_empty() {
             self.store.flush()?;
             self.publish();
+        } else if self.tiers_moved(now) {
+            self.publish_at(now);
         }
         Ok(out)
+    }
+
+    /// Whether a serving upstream's tier at `now` differs from the one the pool has: time
+    /// alone promotes a list upstream to `verified` (`checker.verify_after` passing since its
+    /// integrity streak began), with no check to republish it.
+    fn tiers_moved(&self, now: u64) -> bool {
+        let Some(live) = &self.live else {
+            return false;
+        };
+        let snap = live.pool.reader().snapshot();
+        self.records.values().filter(|r| !r.disabled).any(|r| {
+            let id = r.upstream.id();
+            snap.get(id)
+                .is_some_and(|e| e.tier() != tier_of(r, self.checks.get(&id), &self.trust, now))
+        })
     }
 
     /// The stats the store holds for `id` (what a restart starts from).
@@ -1428,5 +1449,30 @@ mod tests {
         assert!(reader.snapshot().get(id).is_none());
         c.set_disabled(id, false).unwrap();
         assert!(reader.snapshot().get(id).is_some());
+    }
+
+    #[test]
+    fn time_alone_promotes_and_the_janitor_publishes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, reader) = catalog(dir.path());
+        let mut c = c.with_trust(TrustPolicy {
+            after_ms: 1000,
+            checks: 1,
+        });
+        let url = "http://8.8.8.8:80";
+        let id = Upstream::parse(url).unwrap().id();
+        c.merge_checked(vec![checked(url, true, 10_000)], true)
+            .unwrap();
+        let tier = |r: &proxygate_pool::PoolReader| r.snapshot().get(id).unwrap().tier();
+        // A streak that began now: verified 1 s from now, with no check in between.
+        let now = unix_ms();
+        c.checks.get_mut(&id).unwrap().integrity_since_unix_ms = Some(now);
+        c.publish();
+        assert_eq!(tier(&reader), Tier::Untrusted);
+        let cfg = crate::janitor::Config::default();
+        c.janitor(now + 500, &cfg).unwrap();
+        assert_eq!(tier(&reader), Tier::Untrusted);
+        c.janitor(now + 1500, &cfg).unwrap();
+        assert_eq!(tier(&reader), Tier::Verified);
     }
 }
