@@ -67,8 +67,6 @@ pub struct Established {
     pub to_http_proxy: bool,
     /// Connect and handshake times, for the outcome.
     pub outcome: Outcome,
-    /// What it leads to (whose site a tunnel that ends before a byte came back failed for).
-    pub target: Target,
 }
 
 impl std::fmt::Debug for Established {
@@ -388,7 +386,10 @@ impl Routing {
             .map(str::parse::<Strategy>)
             .transpose()
             .map_err(|e| invalid(e.to_string()))?;
-        let session_key = route.session.as_ref().map(|s| format!("{account}\0{s}"));
+        let session_key = route
+            .session
+            .as_ref()
+            .map(|s| proxygate_pool::sessions::key(account, s));
         Ok((
             account.to_owned(),
             Routing {
@@ -426,7 +427,8 @@ impl Budget {
         if err.kind == ErrorKind::UpstreamRefused {
             // It refused this destination: blocked there, perhaps not elsewhere.
             let site = self.site().to_owned();
-            self.pool.site_failed(lease.id(), &site, Instant::now());
+            self.pool
+                .site_outcome(lease.id(), true, || site, Instant::now());
         }
         if !self.tried.contains(&lease.id()) {
             self.tried.push(lease.id());
@@ -445,7 +447,7 @@ impl Budget {
     pub fn site(&mut self) -> &str {
         let target = &self.target;
         self.site
-            .get_or_insert_with(|| proxygate_pool::sites::site_of(&target.host.to_string()))
+            .get_or_insert_with(|| proxygate_pool::sites::site_of_target(target))
     }
 
     fn has_time(&self) -> bool {
@@ -647,7 +649,6 @@ impl Dialer {
                         lease,
                         to_http_proxy,
                         outcome,
-                        target: target.clone(),
                     });
                 }
                 Err(e) => {

@@ -343,10 +343,10 @@ async fn connect_first<S: Io>(
         let target = connect_target(&req)?;
         gw.policy().tunnel(&target)?;
         let est = gw.dialer().dial(&target, Purpose::Tunnel, routing).await?;
-        Ok((est, head_len))
+        Ok((est, head_len, target))
     };
     match Box::pin(prepared).await {
-        Ok((est, head_len)) => {
+        Ok((est, head_len, target)) => {
             gw.metrics().request(RequestKind::HttpConnect, None);
             if stream.write_all(CONNECT_ESTABLISHED).await.is_err() {
                 crate::server::client_gone(est);
@@ -357,7 +357,7 @@ async fn connect_first<S: Io>(
             let early = Bytes::copy_from_slice(&head[head_len..]);
             drop(head);
             let client = Rewind::new(early, stream);
-            gw.relay(client, est).await;
+            gw.relay(client, est, &target).await;
             drop(permit);
         }
         Err(e) => {
@@ -423,7 +423,11 @@ async fn connect(
     gw.spawn(async move {
         let _permit = permit;
         match on_upgrade.await {
-            Ok(upgraded) => task_gw.relay(TokioIo::new(upgraded), established).await,
+            Ok(upgraded) => {
+                task_gw
+                    .relay(TokioIo::new(upgraded), established, &target)
+                    .await;
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "CONNECT upgrade failed");
                 crate::server::client_gone(established);
@@ -639,14 +643,13 @@ async fn forward(
 /// [`turned_away`]) is the site turning the upstream's address away; a success or a redirect,
 /// that it works there.
 fn note_site<B>(gw: &Gateway, id: UpstreamId, response: &Response<B>, budget: &mut Budget) {
-    let pool = gw.dialer().pool();
     let status = response.status();
-    if turned_away(status, response.headers()) {
-        let site = budget.site().to_owned();
-        pool.site_failed(id, &site, Instant::now());
-    } else if (status.is_success() || status.is_redirection()) && pool.site_entries() > 0 {
-        let site = budget.site().to_owned();
-        pool.site_worked(id, &site, Instant::now());
+    let failed = turned_away(status, response.headers());
+    if failed || status.is_success() || status.is_redirection() {
+        let site = || budget.site().to_owned();
+        gw.dialer()
+            .pool()
+            .site_outcome(id, failed, site, Instant::now());
     }
 }
 

@@ -224,8 +224,14 @@ impl Gateway {
         self.0.shared.tasks.spawn(fut);
     }
 
-    /// Relays an established tunnel and reports its outcome.
-    pub(crate) async fn relay<C: Io>(&self, client: C, est: Established) {
+    /// Relays an established tunnel to `target` and reports its outcome (to the upstream,
+    /// and to its record at the target's site).
+    pub(crate) async fn relay<C: Io>(
+        &self,
+        client: C,
+        est: Established,
+        target: &proxygate_core::Target,
+    ) {
         let idle = self.0.config.server.idle_timeout;
         let metrics = &self.0.shared.metrics;
         let _active = metrics.tunnel();
@@ -253,18 +259,17 @@ impl Gateway {
         // The target closing or resetting the tunnel before a byte came back, though the
         // client spoke, or answering the client's TLS handshake with an alert: the site
         // turned this upstream away. Other bytes back: it works there.
-        let pool = self.0.dialer.pool();
         let turned_away = (stats.first_byte.is_none()
             && stats.bytes_up > 0
             && matches!(stats.end, RelayEnd::Closed | RelayEnd::UpstreamError))
             || stats.tls_refused();
-        if turned_away || (stats.first_byte.is_some() && pool.site_entries() > 0) {
-            let site = proxygate_pool::sites::site_of(&est.target.host.to_string());
-            if turned_away {
-                pool.site_failed(est.lease.id(), &site, std::time::Instant::now());
-            } else {
-                pool.site_worked(est.lease.id(), &site, std::time::Instant::now());
-            }
+        if turned_away || stats.first_byte.is_some() {
+            self.0.dialer.pool().site_outcome(
+                est.lease.id(),
+                turned_away,
+                || proxygate_pool::sites::site_of_target(target),
+                std::time::Instant::now(),
+            );
         }
         est.lease.report(&outcome);
     }

@@ -184,7 +184,7 @@ async fn connect_and_relay<S: Io>(
         crate::server::client_gone(established);
         return;
     }
-    gw.relay(client, established).await;
+    gw.relay(client, established, &request.target).await;
 }
 
 fn malformed(what: &'static str) -> HandshakeError {

@@ -109,14 +109,23 @@ impl Pool {
 }
 
 impl PoolReader {
-    /// `id` failed for `site` (see [`crate::sites`]).
-    pub fn site_failed(&self, id: UpstreamId, site: &str, now: Instant) {
-        self.0.sites.failed(id, site, self.0.millis(now));
-    }
-
-    /// `id` worked for `site`.
-    pub fn site_worked(&self, id: UpstreamId, site: &str, now: Instant) {
-        self.0.sites.worked(id, site, self.0.millis(now));
+    /// Records what an attempt through `id` showed of a target site (see [`crate::sites`]):
+    /// that the site turned it away (`failed`), or that it works there. The site is worked
+    /// out only when it matters: a success is only noted while some failure is kept, so while
+    /// the book is empty that costs one relaxed load.
+    pub fn site_outcome(
+        &self,
+        id: UpstreamId,
+        failed: bool,
+        site: impl FnOnce() -> String,
+        now: Instant,
+    ) {
+        let sites = &self.0.sites;
+        if failed {
+            sites.failed(id, &site(), self.0.millis(now));
+        } else if !sites.is_empty() {
+            sites.worked(id, &site(), self.0.millis(now));
+        }
     }
 
     /// Whether selection should avoid `id` for `site` now.
@@ -162,11 +171,7 @@ impl PoolReader {
     /// A lease on one upstream by id, if it is in the pool and not in backoff: to keep
     /// using an upstream already chosen (a kept-alive connection, a sticky session).
     pub fn lease(&self, id: UpstreamId) -> Option<Lease> {
-        let pool = &self.0;
-        let now_ms = pool.millis(Instant::now());
-        let snap = pool.snapshot.load();
-        let slot = leasable(&snap, id, &Route::default(), now_ms)?;
-        Some(Lease::take(&snap, slot, now_ms, false))
+        self.lease_fitting(id, &Route::default())
     }
 
     /// [`PoolReader::lease`], when the upstream also fits `route` (a client connection

@@ -33,7 +33,13 @@ struct Shard {
     since_sweep: u32,
 }
 
-/// The client part of a session key (`client NUL id`).
+/// The session key of session `id` of `client` (`client NUL id`): two clients never share a
+/// session.
+pub fn key(client: &str, id: &str) -> String {
+    format!("{client}\0{id}")
+}
+
+/// The client part of a session key (see [`key`]).
 pub fn client_of(key: &str) -> &str {
     key.split('\0').next().unwrap_or(key)
 }

@@ -52,6 +52,11 @@ impl Default for SiteConfig {
 
 /// The site of a target host: its registrable domain, lower-cased; an IP literal or a name
 /// without a registrable domain (`localhost`) as it is.
+pub fn site_of_target(target: &proxygate_core::Target) -> String {
+    site_of(&target.host.to_string())
+}
+
+/// The site of a host name or address (see [`site_of_target`]).
 pub fn site_of(host: &str) -> String {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
