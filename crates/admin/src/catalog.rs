@@ -96,10 +96,12 @@ pub struct TrustPolicy {
 }
 
 impl Default for TrustPolicy {
+    /// The checker's defaults (`checker.verify_after`, `checker.verify_checks`).
     fn default() -> Self {
+        use proxygate_sources::config::{DEFAULT_VERIFY_AFTER, DEFAULT_VERIFY_CHECKS};
         TrustPolicy {
-            after_ms: 24 * 3_600_000,
-            checks: 3,
+            after_ms: crate::millis(DEFAULT_VERIFY_AFTER),
+            checks: DEFAULT_VERIFY_CHECKS,
         }
     }
 }
@@ -476,18 +478,12 @@ impl Catalog {
         self.live.is_some()
     }
 
-    /// [`Catalog::set_trust`], builder style (before the pool is attached).
+    /// When list upstreams become `verified` (`checker.verify_after`, `checker.verify_checks`);
+    /// set before the pool is attached.
     #[must_use]
     pub fn with_trust(mut self, trust: TrustPolicy) -> Catalog {
         self.trust = trust;
         self
-    }
-
-    /// When list upstreams become `verified` (`checker.verify_after`, `checker.verify_checks`);
-    /// republishes, so tiers follow at once.
-    pub fn set_trust(&mut self, trust: TrustPolicy) {
-        self.trust = trust;
-        self.publish();
     }
 
     /// What the pool is told of `r`: its exit as last checked, its tier now.
@@ -888,33 +884,33 @@ impl Catalog {
                 } else {
                     (passes, since)
                 };
+            let leaked_before = prev.is_some_and(|p| p.leak.is_some());
             let before = self
                 .records
                 .get(&id)
                 .map(|r| (self.identity(r, now), r.disabled));
             if let Some(t) = &check.tampered
-                && let Some(r) = self.records.get_mut(&id)
+                && let Some(r) = self.records.get(&id)
                 && !is_quarantined(r)
             {
-                let why = format!("{QUARANTINED}{t}");
-                self.store.set_disabled_because(id, true, Some(&why))?;
                 tracing::warn!(upstream = %r.upstream, "upstream quarantined: {t}");
-                r.disabled = true;
-                r.disabled_reason = Some(why);
+                self.mark(id, true, Some(format!("{QUARANTINED}{t}")))?;
                 out.quarantined += 1;
                 changed = true;
             }
             if let (Some(l), Some(r)) = (&check.leak, self.records.get(&id))
-                && prev.is_none_or(|p| p.leak.is_none())
+                && !leaked_before
             {
                 tracing::warn!(upstream = %r.upstream, "upstream demoted to untrusted: it {l}");
             }
-            match self.records.get_mut(&id) {
-                Some(r) if is_quarantined(r) => {}
-                Some(r) if c.passed && r.disabled && r.disabled_reason.is_some() => {
-                    self.store.set_disabled_because(id, false, None)?;
-                    r.disabled = false;
-                    r.disabled_reason = None;
+            // (Quarantined, disabled by the janitor) for a known record.
+            let standing = self.records.get(&id).map(|r| {
+                let by_janitor = r.disabled && r.disabled_reason.is_some() && !is_quarantined(r);
+                (is_quarantined(r), by_janitor)
+            });
+            match standing {
+                Some((false, true)) if c.passed => {
+                    self.mark(id, false, None)?;
                     out.reenabled += 1;
                     changed = true;
                 }
@@ -983,11 +979,7 @@ impl Catalog {
             match v {
                 Verdict::Keep => {}
                 Verdict::Disable(why) => {
-                    self.store.set_disabled_because(id, true, Some(&why))?;
-                    if let Some(r) = self.records.get_mut(&id) {
-                        r.disabled = true;
-                        r.disabled_reason = Some(why.clone());
-                    }
+                    self.mark(id, true, Some(why.clone()))?;
                     out.disabled.push((id.to_string(), why));
                 }
                 Verdict::Delete(why) => {
@@ -1039,16 +1031,33 @@ impl Catalog {
 
     /// An operator's disable or enable (the janitor's reason, if any, is forgotten).
     pub fn set_disabled(&mut self, id: UpstreamId, disabled: bool) -> Result<UpstreamId, OpError> {
-        if !self.store.set_disabled_because(id, disabled, None)? {
+        if !self.mark(id, disabled, None)? {
             return Err(OpError::NotFound(format!("no upstream with id {id}")));
         }
         self.store.flush()?;
-        if let Some(r) = self.records.get_mut(&id) {
-            r.disabled = disabled;
-            r.disabled_reason = None;
-        }
         self.publish();
         Ok(id)
+    }
+
+    /// Disables or enables `id`, and why (`None`: an operator's doing), in the store (not yet
+    /// flushed) and in the record. Returns whether the store had it.
+    fn mark(
+        &mut self,
+        id: UpstreamId,
+        disabled: bool,
+        reason: Option<String>,
+    ) -> Result<bool, OpError> {
+        if !self
+            .store
+            .set_disabled_because(id, disabled, reason.as_deref())?
+        {
+            return Ok(false);
+        }
+        if let Some(r) = self.records.get_mut(&id) {
+            r.disabled = disabled;
+            r.disabled_reason = reason;
+        }
+        Ok(true)
     }
 
     /// Every upstream as JSON lines, credentials sealed unless `decrypt`.

@@ -722,7 +722,7 @@ fn yields(st: &SourceStats) -> Vec<Yield> {
 fn checked(upstream: Upstream, source: Option<String>, r: &CheckResult) -> Checked {
     Checked {
         upstream,
-        integrity_ok: r.integrity_ok && r.leak.is_none() && r.tampered.is_none(),
+        integrity_ok: r.integrity_ok,
         source,
         listed_anonymity: None,
         passed: r.passed,
