@@ -125,6 +125,17 @@ impl CheckResult {
     }
 }
 
+/// What one integrity step found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// Not configured, or no reference (the site did not answer directly).
+    Skipped,
+    /// It could not be told (the upstream failed to fetch, timed out, answered other than 200).
+    Inconclusive,
+    Passed,
+    Tampered(String),
+}
+
 /// What the integrity steps found.
 #[derive(Debug, Default)]
 struct Integrity {
@@ -301,9 +312,7 @@ impl Checker {
 
     /// The TLS judge's leaf certificate as a direct, validated connection sees it.
     async fn direct_leaf(&self, j: &JudgeUrl) -> Result<[u8; 32], String> {
-        let tcp = tokio::net::TcpStream::connect((j.host.to_string(), j.port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let tcp = dial_direct(j).await?;
         let name = server_name(j).map_err(|f| f.detail)?;
         let tls = self
             .tls
@@ -315,10 +324,7 @@ impl Checker {
 
     /// The integrity page as a direct fetch gets it (200 only).
     async fn direct_body(&self, u: &JudgeUrl) -> Result<Bytes, String> {
-        let tcp = tokio::net::TcpStream::connect((u.host.to_string(), u.port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        match request(Box::new(tcp), u, false, None, false).await {
+        match request(Box::new(dial_direct(u).await?), u, false, None, false).await {
             Ok((200, body)) => Ok(body),
             Ok((status, _)) => Err(format!("answered {status}")),
             Err(f) => Err(f.detail),
@@ -328,61 +334,72 @@ impl Checker {
     /// The integrity steps through `up`, each within `checker.timeout`.
     async fn integrity(&self, up: &Upstream) -> Integrity {
         let reference = self.reference.read().map(|r| r.clone()).unwrap_or_default();
-        let limit = self.cfg.timeout;
-        let mut steps = 0;
-        let mut passed = 0;
-        if let (Some(j), Some(obs), false) = (
-            &self.tls_judge,
-            &self.observing,
-            reference.leaves.is_empty(),
-        ) {
-            steps += 1;
-            if let Ok(Ok(leaf)) = tokio::time::timeout(limit, self.leaf_through(up, j, obs)).await {
-                if reference.knows_leaf(&leaf) {
-                    passed += 1;
-                } else {
-                    // The site may have rotated its certificate: ask it directly once more.
-                    let again = tokio::time::timeout(limit, self.direct_leaf(j)).await;
-                    if let Ok(Ok(direct)) = again {
-                        if let Ok(mut r) = self.reference.write() {
-                            r.add_leaf(direct);
-                        }
-                        if direct == leaf {
-                            passed += 1;
-                        }
-                    }
-                    if passed == 0 {
-                        let seen = reference.leaves.last().map(integrity::short);
-                        return Integrity {
-                            tampered: Some(format!(
-                                "TLS: {}'s certificate through it (sha256 {}) is not the one \
-                                 it serves directly ({}): a man in the middle",
-                                j.host,
-                                integrity::short(&leaf),
-                                seen.unwrap_or_default()
-                            )),
-                            ok: false,
-                        };
-                    }
-                }
-            }
-        }
-        if let (Some(u), Some(direct)) = (&self.integrity_url, &reference.body) {
-            steps += 1;
-            if let Ok(Ok((200, body))) = tokio::time::timeout(limit, self.get_through(up, u)).await
-            {
-                if let Some(why) = integrity::compare_body(direct, &body) {
-                    return Integrity {
-                        tampered: Some(format!("HTTP: {} came back altered: {why}", u.url)),
-                        ok: false,
-                    };
-                }
-                passed += 1;
-            }
-        }
+        // A man in the middle needs no second look.
+        let tls = self.tls_step(up, &reference).await;
+        let steps = match tls {
+            Step::Tampered(why) => [Step::Tampered(why), Step::Skipped],
+            tls => [tls, self.body_step(up, &reference).await],
+        };
+        let tampered = steps.iter().find_map(|s| match s {
+            Step::Tampered(why) => Some(why.clone()),
+            _ => None,
+        });
+        let ran = steps.iter().filter(|s| **s != Step::Skipped).count();
         Integrity {
-            tampered: None,
-            ok: steps > 0 && passed == steps,
+            ok: tampered.is_none() && ran > 0 && !steps.contains(&Step::Inconclusive),
+            tampered,
+        }
+    }
+
+    /// The TLS step: the certificate the TLS judge shows through `up` against the ones it
+    /// showed directly (asked directly once more before a new one counts: sites rotate).
+    async fn tls_step(&self, up: &Upstream, reference: &Reference) -> Step {
+        let (Some(j), Some(obs)) = (&self.tls_judge, &self.observing) else {
+            return Step::Skipped;
+        };
+        if reference.leaves.is_empty() {
+            return Step::Skipped;
+        }
+        let limit = self.cfg.timeout;
+        let Ok(Ok(leaf)) = tokio::time::timeout(limit, self.leaf_through(up, j, obs)).await else {
+            return Step::Inconclusive;
+        };
+        if reference.knows_leaf(&leaf) {
+            return Step::Passed;
+        }
+        if let Ok(Ok(direct)) = tokio::time::timeout(limit, self.direct_leaf(j)).await {
+            if let Ok(mut r) = self.reference.write() {
+                r.add_leaf(direct);
+            }
+            if direct == leaf {
+                return Step::Passed;
+            }
+        }
+        let seen = reference.leaves.last().map(integrity::short);
+        Step::Tampered(format!(
+            "TLS: {}'s certificate through it (sha256 {}) is not the one it serves directly \
+             ({}): a man in the middle",
+            j.host,
+            integrity::short(&leaf),
+            seen.unwrap_or_default()
+        ))
+    }
+
+    /// The body step: the integrity page through `up` against a direct fetch, byte for byte.
+    async fn body_step(&self, up: &Upstream, reference: &Reference) -> Step {
+        let (Some(u), Some(direct)) = (&self.integrity_url, &reference.body) else {
+            return Step::Skipped;
+        };
+        let fetch = async {
+            let io = self.connect.open(up).await?;
+            self.get_via(up, io, u, false, || {}).await
+        };
+        match tokio::time::timeout(self.cfg.timeout, fetch).await {
+            Ok(Ok((200, body))) => match integrity::compare_body(direct, &body) {
+                Some(why) => Step::Tampered(format!("HTTP: {} came back altered: {why}", u.url)),
+                None => Step::Passed,
+            },
+            _ => Step::Inconclusive,
         }
     }
 
@@ -403,19 +420,29 @@ impl Checker {
             .ok_or_else(|| Failure::new(ErrorKind::UpstreamTls, "no certificate through it"))
     }
 
-    /// A GET of `u` through `up`: absolute form through HTTP upstreams, else a tunnel.
-    async fn get_through(&self, up: &Upstream, u: &JudgeUrl) -> Result<(u16, Bytes), Failure> {
-        let io = self.connect.open(up).await?;
-        if up.scheme.is_http() {
+    /// A GET of `u` over `io`, a connection to `up`: in absolute form with its credentials
+    /// through an HTTP upstream when `u` is plain HTTP (with `canary`, the hop-by-hop header
+    /// it must strip, [`judge::CANARY`]); else through a tunnel (`tunneled` is called once it
+    /// is up), TLS inside for `https://`.
+    async fn get_via(
+        &self,
+        up: &Upstream,
+        io: Stream,
+        u: &JudgeUrl,
+        canary: bool,
+        tunneled: impl FnOnce(),
+    ) -> Result<(u16, Bytes), Failure> {
+        if up.scheme.is_http() && !u.tls {
             let auth = up
                 .credentials
                 .as_ref()
                 .map(|c| basic(c.username.expose(), c.password.expose()));
-            request(io, u, true, auth.as_deref(), false).await
-        } else {
-            let io = self.connect.handshake(up, io, &u.target()).await?;
-            request(io, u, false, None, false).await
+            return request(io, u, true, auth.as_deref(), canary).await;
         }
+        let io = self.connect.handshake(up, io, &u.target()).await?;
+        tunneled();
+        let io = if u.tls { self.tls(u, io).await? } else { io };
+        request(io, u, false, None, false).await
     }
 
     /// Our own addresses as the judges saw them.
@@ -436,11 +463,7 @@ impl Checker {
 
     /// A judge, asked directly.
     async fn direct(&self, j: &JudgeUrl) -> Result<View, String> {
-        let addr = (j.host.to_string(), j.port);
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let io: Stream = Box::new(tcp);
+        let io: Stream = Box::new(dial_direct(j).await?);
         let io = if j.tls {
             self.tls(j, io).await.map_err(|f| f.detail)?
         } else {
@@ -554,26 +577,17 @@ impl Checker {
         let io = self.connect.open(up).await?;
         let connect = t0.elapsed();
         outcome.connect = Some(connect);
-        let forward = up.scheme.is_http() && !judge.tls;
-        let (status, body) = if forward {
-            let auth = up
-                .credentials
-                .as_ref()
-                .map(|c| basic(c.username.expose(), c.password.expose()));
-            let answer = request(io, judge, true, auth.as_deref(), true).await?;
-            outcome.first_byte = Some(t0.elapsed().saturating_sub(connect));
-            answer
-        } else {
-            let target = judge.target();
-            let io = self.connect.handshake(up, io, &target).await?;
-            outcome.handshake = Some(t0.elapsed().saturating_sub(connect));
-            let io = if judge.tls {
-                self.tls(judge, io).await?
-            } else {
-                io
-            };
-            request(io, judge, false, None, false).await?
-        };
+        let mut tunnel = None;
+        let (status, body) = self
+            .get_via(up, io, judge, true, || {
+                tunnel = Some(t0.elapsed().saturating_sub(connect));
+            })
+            .await?;
+        // Through a tunnel the handshake is what an attempt measures; forwarded, the answer.
+        match tunnel {
+            Some(handshake) => outcome.handshake = Some(handshake),
+            None => outcome.first_byte = Some(t0.elapsed().saturating_sub(connect)),
+        }
         match status {
             200 => {}
             407 => {
@@ -646,6 +660,13 @@ fn basic(user: &str, pass: &str) -> String {
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
     )
+}
+
+/// A direct TCP connection to `j` (calibration: what the checker sees without a proxy).
+async fn dial_direct(j: &JudgeUrl) -> Result<tokio::net::TcpStream, String> {
+    tokio::net::TcpStream::connect((j.host.to_string(), j.port))
+        .await
+        .map_err(|e| format!("connect: {e}"))
 }
 
 /// The name a TLS connection to `j` presents.
