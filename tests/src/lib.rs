@@ -39,6 +39,24 @@ pub mod tls;
 
 use std::time::Duration;
 
+/// The id the gateway gives the upstream `url` (as the API and the CLI show it).
+pub fn id_of(url: &str) -> String {
+    proxygate_core::Upstream::parse(url)
+        .unwrap()
+        .id()
+        .to_string()
+}
+
+/// The value of the sample `line_start` (a metric name with its labels) in the Prometheus
+/// text `text`.
+pub fn sample(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start) && l[line_start.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line_start} not in the scrape:\n{text}"))
+}
+
 /// Polls `f` until it returns `Some`, for at most `limit`.
 pub async fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = tokio::time::Instant::now();

@@ -17,16 +17,8 @@ use proxygate_tests::curl::curl;
 use proxygate_tests::fakes::{FakeUpstream, Kind, refusing_addr};
 use proxygate_tests::gateway::{Gateway, cli, cli_env};
 use proxygate_tests::origin::Origin;
+use proxygate_tests::sample;
 use serde_json::Value;
-
-/// The value of the sample `line_start` (a metric name with its labels) in `text`.
-fn sample(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(line_start) && l[line_start.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{line_start} not in the scrape:\n{text}"))
-}
 
 fn series(text: &str) -> usize {
     text.lines()

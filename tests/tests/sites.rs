@@ -17,6 +17,7 @@ use proxygate_tests::curl::curl;
 use proxygate_tests::fakes::{Behavior, FakeUpstream, Kind};
 use proxygate_tests::gateway::Gateway;
 use proxygate_tests::origin::Origin;
+use proxygate_tests::{eventually_async, id_of};
 
 /// CONNECTs the fake saw to `host`.
 fn connects_to(f: &FakeUpstream, host: &str) -> usize {
@@ -106,18 +107,10 @@ async fn upstreams_blocked_by_one_site_are_avoided_there_only() {
     }
 
     // The pool views say where each is blocked.
-    let list = gw.api("/api/v1/upstreams").await;
-    let rows = list["upstreams"].as_array().unwrap().clone();
-    let id_of = |f: &FakeUpstream| {
-        rows.iter()
-            .find(|r| r["address"] == f.addr.to_string())
-            .unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
     for (f, want) in fakes.iter().zip([true, true, false, false, false]) {
-        let e = gw.api(&format!("/api/v1/upstreams/{}", id_of(f))).await;
+        let e = gw
+            .api(&format!("/api/v1/upstreams/{}", id_of(&f.url("http"))))
+            .await;
         let sites: Vec<&str> = e["blocked_sites"]
             .as_array()
             .unwrap()
@@ -133,7 +126,7 @@ async fn upstreams_blocked_by_one_site_are_avoided_there_only() {
     let out = tokio::process::Command::new(proxygate_tests::gateway::binary())
         .args([
             "reputation",
-            &id_of(&blocked[0]),
+            &id_of(&blocked[0].url("http")),
             "--admin",
             &gw.admin_url(),
         ])
@@ -198,25 +191,13 @@ async fn picky_origin(
 /// Waits until the API lists every one of `fakes` as blocked somewhere: a tunnel's end is
 /// recorded when the gateway sees both sides close, a moment after its client got the answer.
 async fn wait_until_blocked(gw: &Gateway, fakes: &[FakeUpstream]) {
-    let list = gw.api("/api/v1/upstreams").await;
     for f in fakes {
-        let id = list["upstreams"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["address"] == f.addr.to_string())
-            .unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        for i in 0.. {
-            let e = gw.api(&format!("/api/v1/upstreams/{id}")).await;
-            if !e["blocked_sites"].as_array().unwrap().is_empty() {
-                break;
-            }
-            assert!(i < 100, "never listed as blocked: {e}");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        let path = format!("/api/v1/upstreams/{}", id_of(&f.url("http")));
+        eventually_async(std::time::Duration::from_secs(2), || async {
+            let e = gw.api(&path).await;
+            (!e["blocked_sites"].as_array()?.is_empty()).then_some(())
+        })
+        .await;
     }
 }
 
@@ -296,20 +277,9 @@ async fn a_403_a_block_page_or_a_tunnel_closed_before_a_byte_counts_against_the_
                 "{r:?}"
             );
         }
-        let list = gw.api("/api/v1/upstreams").await;
         for f in &fakes[..2] {
-            let row = list["upstreams"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|r| r["address"] == f.addr.to_string())
-                .unwrap()
-                .clone();
             let e = gw
-                .api(&format!(
-                    "/api/v1/upstreams/{}",
-                    row["id"].as_str().unwrap()
-                ))
+                .api(&format!("/api/v1/upstreams/{}", id_of(&f.url("http"))))
                 .await;
             assert_eq!(e["blocked_sites"][0]["site"], "127.0.0.1", "{e}");
         }

@@ -19,6 +19,7 @@ use std::time::Duration;
 use proxygate_tests::curl::curl;
 use proxygate_tests::fakes::{Behavior, Blackhole, FakeUpstream, Kind, Reveal, refusing_addr};
 use proxygate_tests::gateway::{Gateway, cli};
+use proxygate_tests::id_of;
 use proxygate_tests::lists::{Judge, ListServer};
 use proxygate_tests::origin::Origin;
 use serde_json::Value;
@@ -56,13 +57,6 @@ fn checker(judge: &Judge) -> String {
         judge.httpbin_url(),
         judge.azenv_url()
     )
-}
-
-fn id_of(url: &str) -> String {
-    proxygate_core::Upstream::parse(url)
-        .unwrap()
-        .id()
-        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

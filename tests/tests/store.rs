@@ -18,6 +18,7 @@ use proxygate_core::Upstream;
 use proxygate_tests::curl::curl;
 use proxygate_tests::fakes::{FakeUpstream, Kind, refusing_addr};
 use proxygate_tests::gateway::{Gateway, cli_env};
+use proxygate_tests::id_of;
 use proxygate_tests::origin::Origin;
 use serde_json::Value;
 
@@ -83,10 +84,6 @@ async fn generate_key() -> String {
 
 async fn show(dir: &Path, id: &str) -> Value {
     serde_json::from_str(&pool_ok(dir, &["show", id, "--json"]).await).unwrap()
-}
-
-fn id_of(url: &str) -> String {
-    Upstream::parse(url).unwrap().id().to_string()
 }
 
 /// Export lines (decrypted) as (id -> url).

@@ -21,14 +21,8 @@ use proxygate_tests::gateway::{Gateway, cli};
 use proxygate_tests::lists::Judge;
 use proxygate_tests::origin::Origin;
 use proxygate_tests::tls::TestPki;
+use proxygate_tests::{id_of, sample};
 use serde_json::Value;
-
-fn id_of(url: &str) -> String {
-    proxygate_core::Upstream::parse(url)
-        .unwrap()
-        .id()
-        .to_string()
-}
 
 async fn fake(behavior: Behavior) -> FakeUpstream {
     FakeUpstream::start_with(Kind::Http, None, behavior).await
@@ -51,6 +45,15 @@ fn config(judge: &Judge, tls_judge: Option<(&Origin, &std::path::Path)>) -> Stri
     )
 }
 
+/// A TLS judge with a certificate of a test CA, and that CA in a file (`dial.tls_ca_file`).
+async fn tls_judge() -> (Origin, tempfile::NamedTempFile) {
+    let pki = TestPki::new();
+    let judge = Origin::start_on("127.0.0.1:0".parse().unwrap(), Some(pki.acceptor())).await;
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca.path(), &pki.ca_pem).unwrap();
+    (judge, ca)
+}
+
 /// `proxygate check --all` against the running gateway: its JSON.
 async fn check_all(gw: &Gateway) -> Value {
     let data = gw.data_dir().to_str().unwrap().to_owned();
@@ -58,21 +61,10 @@ async fn check_all(gw: &Gateway) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}\n{}", gw.logs()))
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in the metrics"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampering_upstreams_are_quarantined_counted_and_never_serve() {
     let judge = Judge::start().await;
-    let pki = TestPki::new();
-    let tls_judge = Origin::start_on("127.0.0.1:0".parse().unwrap(), Some(pki.acceptor())).await;
-    let ca = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(ca.path(), &pki.ca_pem).unwrap();
+    let (tls_judge, ca) = tls_judge().await;
     let honest = fake(Behavior::default()).await;
     let socks = FakeUpstream::start(Kind::Socks5, None).await;
     let mitm = fake(Behavior {
@@ -145,7 +137,7 @@ async fn tampering_upstreams_are_quarantined_counted_and_never_serve() {
         );
     }
     let (_, text) = gw.admin_get("/metrics").await;
-    assert_eq!(metric(&text, "proxygate_upstream_quarantined_total"), 2.0);
+    assert_eq!(sample(&text, "proxygate_upstream_quarantined_total"), 2.0);
 
     // No client request reaches them.
     let origin = Origin::start().await;
@@ -179,7 +171,7 @@ async fn tampering_upstreams_are_quarantined_counted_and_never_serve() {
     let v = check_all(&gw).await;
     assert_eq!(v["failed"].as_u64(), Some(1), "{v}");
     let (_, text) = gw.admin_get("/metrics").await;
-    assert_eq!(metric(&text, "proxygate_upstream_quarantined_total"), 3.0);
+    assert_eq!(sample(&text, "proxygate_upstream_quarantined_total"), 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,7 +207,7 @@ async fn leaking_exits_are_demoted_and_tier_hints_route_around_them() {
     assert_eq!(honest_row["tier"], "operator");
     assert!(honest_row["leak"].is_null(), "{honest_row}");
     let (_, text) = gw.admin_get("/metrics").await;
-    assert_eq!(metric(&text, "proxygate_upstream_leaks_total"), 1.0);
+    assert_eq!(sample(&text, "proxygate_upstream_leaks_total"), 1.0);
 
     // A client asking for operator-tier upstreams never goes through the demoted one; one
     // without a hint goes through both (dial.min_tier defaults to untrusted).
@@ -397,10 +389,7 @@ async fn the_leak_audit_checks_busy_members_unasked() {
 async fn real_proxies_pass_the_integrity_and_leak_checks() {
     use proxygate_tests::third_party::ThirdParty;
     let judge = Judge::start().await;
-    let pki = TestPki::new();
-    let tls_judge = Origin::start_on("127.0.0.1:0".parse().unwrap(), Some(pki.acceptor())).await;
-    let ca = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(ca.path(), &pki.ca_pem).unwrap();
+    let (tls_judge, ca) = tls_judge().await;
     // Dialing out from addresses of their own: from 127.0.0.1, the gateway's own address, a
     // judge would rightly call them transparent (tried: demoted, one exit group of two).
     let tiny = ThirdParty::tinyproxy_from("tp", "secret", "127.0.0.246".parse().unwrap()).await;
