@@ -16,7 +16,7 @@ use proxygate_pool::{HealthConfig, Pool, Strategy};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::auth::ClientAuth;
-use crate::server::ConnectionSlot;
+use crate::server::{ConnectionSlot, Opened};
 use crate::{Config, Gateway, Metrics};
 
 /// A stream that yields `input`, then end of stream; writes are counted and dropped.
@@ -106,22 +106,32 @@ fn gateway() -> Gateway {
     }
 }
 
+/// A connection with nothing read yet: the scripted stream delivers every byte.
+fn opened(gw: &Gateway) -> Opened {
+    Opened::fresh(gw.config().server.header_read_timeout)
+}
+
 fn peer() -> SocketAddr {
     SocketAddr::from(([192, 0, 2, 1], 40000))
 }
 
 /// The SOCKS5 server handshake: greeting, RFC 1929 sub-negotiation, request.
 pub fn socks5_server(data: &[u8]) {
+    let gw = gateway();
+    let opened = opened(&gw);
     runtime().block_on(crate::socks::serve_socks5(
-        gateway(),
+        gw,
         Scripted::new(data),
         peer(),
+        opened,
     ));
 }
 
 /// The SOCKS4/4a server request.
 pub fn socks4_server(data: &[u8]) {
-    runtime().block_on(crate::socks::serve_socks4(gateway(), Scripted::new(data)));
+    let gw = gateway();
+    let opened = opened(&gw);
+    runtime().block_on(crate::socks::serve_socks4(gw, Scripted::new(data), opened));
 }
 
 /// The HTTP front end: the first head read by hand (limits, target), then hyper and our checks
@@ -131,11 +141,13 @@ pub fn http_server(data: &[u8]) {
     let Some(slot) = ConnectionSlot::unlimited(&gw, peer()) else {
         return;
     };
+    let opened = opened(&gw);
     runtime().block_on(crate::http::serve_http(
         gw,
         Scripted::new(data),
         peer(),
         Arc::new(slot),
+        opened,
     ));
 }
 

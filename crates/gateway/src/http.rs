@@ -40,7 +40,7 @@ use crate::config::{Rotate, TunnelPlain};
 use crate::dial::{Budget, Purpose, Routing};
 use crate::io::{BoxedIo, Io, Rewind};
 use crate::metrics::RequestKind;
-use crate::server::Gateway;
+use crate::server::{Gateway, Opened};
 
 /// A share of a connection's slot (its `server.max_connections` permit and its count as an
 /// open connection).
@@ -60,21 +60,26 @@ type Sticky = Arc<Mutex<Option<(UpstreamId, Routing)>>>;
 ///
 /// `permit` is the connection's slot of `server.max_connections`; a CONNECT tunnel, which
 /// outlives hyper's handling of the connection, keeps a share of it until the tunnel closes.
-pub async fn serve_http<S: Io>(gw: Gateway, mut stream: S, peer: SocketAddr, permit: Permit) {
-    let (limits, head_timeout) = {
+pub async fn serve_http<S: Io>(
+    gw: Gateway,
+    mut stream: S,
+    peer: SocketAddr,
+    permit: Permit,
+    opened: Opened,
+) {
+    let limits = {
         let server = &gw.config().server;
-        let limits = HeadLimits {
+        HeadLimits {
             bytes: server.max_header_bytes,
             headers: server.max_headers,
             target: server.max_target_bytes,
-        };
-        (limits, server.header_read_timeout)
+        }
     };
     // Boxed, like every part that ends before a tunnel starts: the connection's task then
     // holds only what the tunnel needs for its whole life, not the largest state it passed.
-    let head = Box::pin(tokio::time::timeout(
-        head_timeout,
-        read_first_head(&mut stream, limits),
+    let head = Box::pin(tokio::time::timeout_at(
+        opened.head_deadline,
+        read_first_head(&mut stream, opened.first, limits),
     ))
     .await
     .unwrap_or_else(|_| {
@@ -164,8 +169,13 @@ struct HeadLimits {
 /// Reads until the first request head is complete; returns everything read. A head over
 /// `limits.bytes` or with more than `limits.headers` fields is 431, a target over
 /// `limits.target` is 414.
-async fn read_first_head<S: Io>(stream: &mut S, limits: HeadLimits) -> Result<Bytes, GatewayError> {
-    let mut buf = BytesMut::with_capacity(4096);
+/// Reads the first request head, after the bytes already read (`buf`: the first read, which
+/// told the protocol apart), with what followed it in the same reads.
+async fn read_first_head<S: Io>(
+    stream: &mut S,
+    mut buf: BytesMut,
+    limits: HeadLimits,
+) -> Result<Bytes, GatewayError> {
     let too_large = || {
         GatewayError::new(
             ErrorKind::ClientHeaderTooLarge,
@@ -181,15 +191,19 @@ async fn read_first_head<S: Io>(stream: &mut S, limits: HeadLimits) -> Result<By
             format!("request target longer than {} bytes", limits.target),
         )
     };
+    let mut fresh = buf.is_empty();
     loop {
-        let n = stream.read_buf(&mut buf).await.map_err(|_| closed())?;
-        if n == 0 {
-            return Err(if buf.is_empty() {
-                closed()
-            } else {
-                GatewayError::new(ErrorKind::ClientMalformed, "truncated request head")
-            });
+        if fresh {
+            let n = stream.read_buf(&mut buf).await.map_err(|_| closed())?;
+            if n == 0 {
+                return Err(if buf.is_empty() {
+                    closed()
+                } else {
+                    GatewayError::new(ErrorKind::ClientMalformed, "truncated request head")
+                });
+            }
         }
+        fresh = true;
         let mut headers = vec![httparse::EMPTY_HEADER; limits.headers];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
@@ -993,7 +1007,9 @@ mod tests {
         let many: String = (0..20).map(|i| format!("X-{i}: v\r\n")).collect();
         let head = format!("GET http://a/ HTTP/1.1\r\n{many}\r\n");
         let mut mock = Builder::new().read(head.as_bytes()).build();
-        let e = read_first_head(&mut mock, LIMITS).await.unwrap_err();
+        let e = read_first_head(&mut mock, BytesMut::new(), LIMITS)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::ClientHeaderTooLarge);
         assert_eq!(e.http_status(), 431);
         let long = format!(
@@ -1001,7 +1017,9 @@ mod tests {
             "x".repeat(300)
         );
         let mut mock = Builder::new().read(long.as_bytes()).build();
-        let e = read_first_head(&mut mock, LIMITS).await.unwrap_err();
+        let e = read_first_head(&mut mock, BytesMut::new(), LIMITS)
+            .await
+            .unwrap_err();
         assert_eq!(
             (e.kind, e.http_status().as_u16()),
             (ErrorKind::ClientUriTooLong, 414)
@@ -1009,7 +1027,9 @@ mod tests {
         // Still sending the request line, already too long: refused before the head ends.
         let endless = format!("GET http://a/{}", "x".repeat(400));
         let mut mock = Builder::new().read(endless.as_bytes()).build();
-        let e = read_first_head(&mut mock, LIMITS).await.unwrap_err();
+        let e = read_first_head(&mut mock, BytesMut::new(), LIMITS)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::ClientUriTooLong);
     }
 
@@ -1019,23 +1039,50 @@ mod tests {
             .read(b"GET http://a/ HTTP/1.1\r\nHo")
             .read(b"st: a\r\n\r\nBODY")
             .build();
-        let buf = read_first_head(&mut mock, LIMITS).await.unwrap();
+        let buf = read_first_head(&mut mock, BytesMut::new(), LIMITS)
+            .await
+            .unwrap();
         assert!(buf.ends_with(b"\r\n\r\nBODY"));
+    }
+
+    #[tokio::test]
+    async fn first_head_continues_from_the_bytes_already_read() {
+        // The whole head came with the first read: no read at all (the mock has none).
+        let mut mock = Builder::new().build();
+        let first = BytesMut::from(&b"CONNECT a:443 HTTP/1.1\r\n\r\n\x16"[..]);
+        let buf = read_first_head(&mut mock, first, LIMITS).await.unwrap();
+        assert_eq!(&buf[..], b"CONNECT a:443 HTTP/1.1\r\n\r\n\x16");
+        // Part of it: the rest is read.
+        let mut mock = Builder::new().read(b"st: a\r\n\r\n").build();
+        let first = BytesMut::from(&b"GET http://a/ HTTP/1.1\r\nHo"[..]);
+        let buf = read_first_head(&mut mock, first, LIMITS).await.unwrap();
+        assert!(buf.ends_with(b"Host: a\r\n\r\n"));
+        // A first read that is already too long or malformed is refused without reading more.
+        let mut mock = Builder::new().build();
+        let first = BytesMut::from(&b"\x16\x03\x01garbage\r\n\r\n"[..]);
+        let e = read_first_head(&mut mock, first, LIMITS).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ClientMalformed);
     }
 
     #[tokio::test]
     async fn garbage_and_oversized_heads_are_typed() {
         let mut mock = Builder::new().read(b"\x16\x03\x01garbage\r\n\r\n").build();
-        let e = read_first_head(&mut mock, LIMITS).await.unwrap_err();
+        let e = read_first_head(&mut mock, BytesMut::new(), LIMITS)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::ClientMalformed);
 
         let big = format!("GET http://a/ HTTP/1.1\r\nX: {}\r\n", "a".repeat(2000));
         let mut mock = Builder::new().read(big.as_bytes()).build();
-        let e = read_first_head(&mut mock, LIMITS).await.unwrap_err();
+        let e = read_first_head(&mut mock, BytesMut::new(), LIMITS)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::ClientHeaderTooLarge);
 
         let mut mock = Builder::new().read(b"GET http://a/ HTT").build();
-        let e = read_first_head(&mut mock, LIMITS).await.unwrap_err();
+        let e = read_first_head(&mut mock, BytesMut::new(), LIMITS)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::ClientMalformed);
     }
 

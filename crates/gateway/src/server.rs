@@ -8,8 +8,8 @@
 //! request even on a kept-alive connection.
 //!
 //! Each accepted connection takes a permit (`server.max_connections`), gets `TCP_NODELAY`, is
-//! checked against the allow-list, and has its first byte peeked: `0x05` SOCKS5, `0x04` SOCKS4,
-//! an ASCII letter HTTP; anything else is answered 400 and closed. On shutdown the listeners
+//! checked against the allow-list, and is told apart by the first byte of its first read: `0x05`
+//! SOCKS5, `0x04` SOCKS4, an ASCII letter HTTP; anything else is answered 400 and closed. On shutdown the listeners
 //! close, kept-alive HTTP connections finish their current request, and open tunnels get
 //! `server.shutdown_grace` to end.
 
@@ -19,9 +19,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
+use bytes::BytesMut;
 use proxygate_core::{ErrorKind, Outcome, Shutdown};
 use proxygate_pool::PoolReader;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
@@ -235,7 +236,8 @@ impl Gateway {
         let idle = self.0.config.server.idle_timeout;
         let metrics = &self.0.shared.metrics;
         let _active = metrics.tunnel();
-        let stats = relay(client, est.io, idle, metrics).await;
+        let upstream_tls = est.lease.upstream().scheme == proxygate_core::Scheme::Https;
+        let stats = relay(client, est.io, upstream_tls, idle, metrics).await;
         if let Some(fb) = stats.first_byte {
             metrics.first_byte(fb);
         }
@@ -297,14 +299,17 @@ impl Gateway {
             );
             return;
         };
-        let mut first = [0u8; 1];
-        let timeout = self.0.config.server.header_read_timeout;
-        let peeked = tokio::time::timeout(timeout, stream.peek(&mut first)).await;
-        match peeked {
-            Ok(Ok(1)) => {}
+        // The first read tells the protocol apart and is the start of the request head or the
+        // SOCKS greeting (a read, not a peek: one syscall fewer per connection).
+        let head_deadline = tokio::time::Instant::now() + self.0.config.server.header_read_timeout;
+        let mut stream = stream;
+        let mut first = BytesMut::with_capacity(FIRST_READ);
+        match tokio::time::timeout_at(head_deadline, stream.read_buf(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => {}
             _ => return,
         }
-        let protocol = match first[0] {
+        let first_byte = first[0];
+        let protocol = match first_byte {
             0x05 => Protocol::Socks5,
             0x04 => Protocol::Socks4,
             b if b.is_ascii_alphabetic() => Protocol::Http,
@@ -315,24 +320,50 @@ impl Gateway {
             _per_ip: per_ip,
             _open: self.0.shared.metrics.connection(protocol),
         };
+        let opened = Opened {
+            first,
+            head_deadline,
+        };
         match protocol {
-            Protocol::Socks5 => socks::serve_socks5(self, stream, peer).await,
-            Protocol::Socks4 => socks::serve_socks4(self, stream).await,
-            Protocol::Http => http::serve_http(self, stream, peer, Arc::new(slot)).await,
+            Protocol::Socks5 => socks::serve_socks5(self, stream, peer, opened).await,
+            Protocol::Socks4 => socks::serve_socks4(self, stream, opened).await,
+            Protocol::Http => http::serve_http(self, stream, peer, Arc::new(slot), opened).await,
             Protocol::Unknown => {
                 let e = GatewayError::new(
                     ErrorKind::ClientMalformed,
                     "unrecognized protocol (expected HTTP, SOCKS5 or SOCKS4)",
                 );
-                tracing::debug!(%peer, "unrecognized first byte {:#04x}", first[0]);
+                tracing::debug!(%peer, "unrecognized first byte {first_byte:#04x}");
                 self.0
                     .shared
                     .metrics
                     .request(RequestKind::Http, Some(e.kind));
-                let mut stream = stream;
                 let _ = stream.write_all(&http::raw_error_response(&e)).await;
                 let _ = stream.shutdown().await;
             }
+        }
+    }
+}
+
+/// The first read's buffer: what a request head usually fits in.
+const FIRST_READ: usize = 4096;
+
+/// What a connection's first read left for the protocol that serves it.
+#[derive(Debug)]
+pub struct Opened {
+    /// The bytes read so far (at least one): the start of the request head or handshake.
+    pub first: BytesMut,
+    /// When the request head or handshake must be complete (`server.header_read_timeout`
+    /// from the accept).
+    pub head_deadline: tokio::time::Instant,
+}
+
+impl Opened {
+    /// Nothing read yet, `timeout` to read it all (fuzzing and tests).
+    pub fn fresh(timeout: std::time::Duration) -> Self {
+        Self {
+            first: BytesMut::new(),
+            head_deadline: tokio::time::Instant::now() + timeout,
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::dial::{Purpose, Routing};
 use crate::error::socks5_rep;
 use crate::io::{Io, Rewind};
 use crate::metrics::RequestKind;
-use crate::server::Gateway;
+use crate::server::{Gateway, Opened};
 
 const NO_AUTH: u8 = 0x00;
 const USER_PASS: u8 = 0x02;
@@ -47,13 +47,12 @@ enum HandshakeError {
 }
 
 /// Serves one SOCKS5 client at `peer`.
-pub async fn serve_socks5<S: Io>(gw: Gateway, stream: S, peer: SocketAddr) {
-    let mut reader = BufReader::new(stream);
-    let timeout = gw.config().server.header_read_timeout;
+pub async fn serve_socks5<S: Io>(gw: Gateway, stream: S, peer: SocketAddr, opened: Opened) {
+    let mut reader = BufReader::new(Rewind::new(opened.first.freeze(), stream));
     // Boxed: the connection's task holds, for the tunnel's whole life, only what the tunnel
     // needs, not the handshake's and the dial's states.
-    let handshake = Box::pin(tokio::time::timeout(
-        timeout,
+    let handshake = Box::pin(tokio::time::timeout_at(
+        opened.head_deadline,
         socks5_handshake(&gw, &mut reader, peer),
     ))
     .await;
@@ -81,11 +80,15 @@ pub async fn serve_socks5<S: Io>(gw: Gateway, stream: S, peer: SocketAddr) {
 }
 
 /// Serves one SOCKS4/4a client.
-pub async fn serve_socks4<S: Io>(gw: Gateway, stream: S) {
-    let mut reader = BufReader::new(stream);
-    let timeout = gw.config().server.header_read_timeout;
+pub async fn serve_socks4<S: Io>(gw: Gateway, stream: S, opened: Opened) {
+    let mut reader = BufReader::new(Rewind::new(opened.first.freeze(), stream));
     let refused = |kind| gw.metrics().request(RequestKind::Socks4, Some(kind));
-    let request = match Box::pin(tokio::time::timeout(timeout, socks4_request(&mut reader))).await {
+    let request = match Box::pin(tokio::time::timeout_at(
+        opened.head_deadline,
+        socks4_request(&mut reader),
+    ))
+    .await
+    {
         Ok(Ok(r)) => r,
         Ok(Err(HandshakeError::Reply(_, e))) => {
             tracing::debug!(error = %e, "socks4 request refused");
