@@ -517,11 +517,17 @@ const P95_STEP: f64 = 0.05;
 
 impl Hedging {
     /// Feeds one successful attempt's time to an established tunnel.
-    fn observe(&self, took: Duration) {
+    ///
+    /// The first one starts the estimate at no more than `floor` (`dial.hedge_min_delay`):
+    /// the estimate climbs nineteen times faster than it falls (that is what settles it at the
+    /// p95), so a slow first attempt, say the first one after a start through an upstream that
+    /// answers in seconds, would hold hedging off for a thousand attempts; one that starts low
+    /// costs at most some early hedges, and the budget bounds those.
+    fn observe(&self, took: Duration, floor: Duration) {
         let t = took.as_secs_f64() * 1e6;
         let cur = f64::from_bits(self.p95_us.load(Ordering::Relaxed));
         let next = if cur <= 0.0 || !cur.is_finite() {
-            t
+            t.min(floor.as_secs_f64() * 1e6)
         } else if t > cur {
             cur * (1.0 + 0.95 * P95_STEP)
         } else {
@@ -839,7 +845,10 @@ impl Dialer {
     /// loser of a hedge does not count, or the tail hedging cuts would set the delay).
     fn observe(&self, outcome: &Outcome) {
         if let (Some(connect), Some(handshake)) = (outcome.connect, outcome.handshake) {
-            self.hedging.observe(connect + handshake);
+            self.hedging.observe(
+                connect + handshake,
+                self.connector.config().hedge_min_delay,
+            );
         }
     }
 
@@ -908,7 +917,7 @@ mod hedging_tests {
         // 95 % of attempts at 200 ms, 5 % at 1 s: the estimate settles between them.
         for i in 0..20_000 {
             let ms = if i % 20 == 0 { 1000 } else { 200 };
-            h.observe(Duration::from_millis(ms));
+            h.observe(Duration::from_millis(ms), cfg().hedge_min_delay);
         }
         let d = h.delay(&cfg());
         assert!(
@@ -917,14 +926,37 @@ mod hedging_tests {
         );
         // All fast: the lower bound.
         for _ in 0..20_000 {
-            h.observe(Duration::from_millis(1));
+            h.observe(Duration::from_millis(1), cfg().hedge_min_delay);
         }
         assert_eq!(h.delay(&cfg()), cfg().hedge_min_delay);
         // All very slow: the upper bound.
         for _ in 0..20_000 {
-            h.observe(Duration::from_secs(30));
+            h.observe(Duration::from_secs(30), cfg().hedge_min_delay);
         }
         assert_eq!(h.delay(&cfg()), cfg().hedge_max_delay);
+    }
+
+    #[test]
+    fn a_slow_first_attempt_does_not_hold_hedging_off() {
+        let min = Duration::from_millis(100);
+        // The first attempt after a start took 2 s (a slow upstream), the next ones 5 ms: the
+        // delay is at its lower bound at once, not a thousand attempts later.
+        let h = Hedging::default();
+        h.observe(Duration::from_secs(2), min);
+        for _ in 0..20 {
+            h.observe(Duration::from_millis(5), min);
+        }
+        assert_eq!(h.delay(&cfg()), min.max(cfg().hedge_min_delay));
+        // Starting low, a pool that really is slow is followed up within some tens.
+        let h = Hedging::default();
+        for _ in 0..80 {
+            h.observe(Duration::from_millis(800), min);
+        }
+        let d = h.delay(&cfg());
+        assert!(
+            d > Duration::from_millis(700) && d < Duration::from_millis(900),
+            "{d:?}"
+        );
     }
 
     #[test]
