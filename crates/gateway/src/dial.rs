@@ -845,10 +845,8 @@ impl Dialer {
     /// loser of a hedge does not count, or the tail hedging cuts would set the delay).
     fn observe(&self, outcome: &Outcome) {
         if let (Some(connect), Some(handshake)) = (outcome.connect, outcome.handshake) {
-            self.hedging.observe(
-                connect + handshake,
-                self.connector.config().hedge_min_delay,
-            );
+            self.hedging
+                .observe(connect + handshake, self.connector.config().hedge_min_delay);
         }
     }
 

@@ -166,11 +166,10 @@ struct HeadLimits {
     target: usize,
 }
 
-/// Reads until the first request head is complete; returns everything read. A head over
-/// `limits.bytes` or with more than `limits.headers` fields is 431, a target over
-/// `limits.target` is 414.
-/// Reads the first request head, after the bytes already read (`buf`: the first read, which
-/// told the protocol apart), with what followed it in the same reads.
+/// Reads until the first request head is complete, going on from the bytes already read
+/// (`buf`: the connection's first read, which told the protocol apart); returns everything
+/// read. A head over `limits.bytes` or with more than `limits.headers` fields is 431, a target
+/// over `limits.target` is 414.
 async fn read_first_head<S: Io>(
     stream: &mut S,
     mut buf: BytesMut,

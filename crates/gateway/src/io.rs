@@ -39,6 +39,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // An advanced-to-empty `Bytes` still holds its whole buffer (the first read's
+                // 4 KiB, say) for as long as the stream lives: a tunnel's whole life.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -91,5 +96,18 @@ mod tests {
         s.read_exact(&mut out).await.unwrap();
         assert_eq!(&out, b"hello world");
         s.write_all(b"ok").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn lets_go_of_the_prefix_buffer_once_replayed() {
+        let buffer = Bytes::from(vec![7u8; 4096]);
+        let mut s = Rewind::new(buffer.slice(..3), tokio_test::io::Builder::new().build());
+        assert!(!buffer.is_unique());
+        let mut out = [0u8; 3];
+        s.read_exact(&mut out).await.unwrap();
+        assert!(
+            buffer.is_unique(),
+            "the replayed prefix still holds its buffer"
+        );
     }
 }

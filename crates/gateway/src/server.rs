@@ -8,10 +8,10 @@
 //! request even on a kept-alive connection.
 //!
 //! Each accepted connection takes a permit (`server.max_connections`), gets `TCP_NODELAY`, is
-//! checked against the allow-list, and is told apart by the first byte of its first read: `0x05`
-//! SOCKS5, `0x04` SOCKS4, an ASCII letter HTTP; anything else is answered 400 and closed. On shutdown the listeners
-//! close, kept-alive HTTP connections finish their current request, and open tunnels get
-//! `server.shutdown_grace` to end.
+//! checked against the allow-list, and is told apart by the first byte of its first read:
+//! `0x05` SOCKS5, `0x04` SOCKS4, an ASCII letter HTTP; anything else is answered 400 and
+//! closed. On shutdown the listeners close, kept-alive HTTP connections finish their current
+//! request, and open tunnels get `server.shutdown_grace` to end.
 
 use std::collections::HashMap;
 use std::io;
