@@ -71,7 +71,7 @@ impl AsyncWrite for Scripted {
     }
 }
 
-fn runtime() -> &'static tokio::runtime::Runtime {
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
         match tokio::runtime::Builder::new_current_thread()
@@ -84,7 +84,7 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-fn gateway() -> Gateway {
+pub(crate) fn gateway() -> Gateway {
     static GW: OnceLock<Option<(Gateway, ShutdownTrigger)>> = OnceLock::new();
     let built = GW.get_or_init(|| {
         let (trigger, shutdown) = Shutdown::new();
