@@ -304,7 +304,13 @@ impl Gateway {
         let head_deadline = tokio::time::Instant::now() + self.0.config.server.header_read_timeout;
         let mut stream = stream;
         let mut first = BytesMut::with_capacity(FIRST_READ);
-        match tokio::time::timeout_at(head_deadline, stream.read_buf(&mut first)).await {
+        // Boxed too: its timer is the largest thing in the task's own state.
+        match Box::pin(tokio::time::timeout_at(
+            head_deadline,
+            stream.read_buf(&mut first),
+        ))
+        .await
+        {
             Ok(Ok(n)) if n > 0 => {}
             _ => return,
         }
@@ -342,8 +348,11 @@ impl Gateway {
                     .shared
                     .metrics
                     .request(RequestKind::Http, Some(e.kind));
-                let _ = stream.write_all(&http::raw_error_response(&e)).await;
-                let _ = stream.shutdown().await;
+                Box::pin(async move {
+                    let _ = stream.write_all(&http::raw_error_response(&e)).await;
+                    let _ = stream.shutdown().await;
+                })
+                .await;
             }
         }
     }
