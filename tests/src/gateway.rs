@@ -24,10 +24,16 @@ pub fn binary() -> &'static Path {
             .current_dir(&root);
         // The variables `cargo test` sets for this test crate (CARGO_PKG_*, CARGO_MANIFEST_DIR,
         // ...) would make build scripts that watch the environment run again: build the
-        // binary as tests/run.sh did, so it is found up to date.
+        // binary as tests/run.sh did, so it is found up to date (with tests/run.sh's own
+        // settings: CI turns incremental builds off, and a build with them on is a rebuild).
         for (k, _) in std::env::vars_os() {
             let k = k.to_string_lossy().into_owned();
-            if k.starts_with("CARGO_") && !matches!(k.as_str(), "CARGO_HOME" | "CARGO_TARGET_DIR") {
+            if k.starts_with("CARGO_")
+                && !matches!(
+                    k.as_str(),
+                    "CARGO_HOME" | "CARGO_TARGET_DIR" | "CARGO_INCREMENTAL"
+                )
+            {
                 build.env_remove(&k);
             }
         }
