@@ -292,9 +292,12 @@ fn metric(text: &str, series: &str) -> f64 {
 }
 
 /// Hedged connects on a farm with a slow upstream (its CONNECT answered after 2 s) and two
-/// black-holed ones among twelve good ones, round robin (so the slow one keeps its share of
-/// first attempts, a fifteenth: weighted_random would learn to avoid it, and the tail would
-/// be too thin to see): 400 CONNECT tunnels, 8 at a time, hedging off and on. Prints p50/p99/max time to first byte and the attempts each cost; asserts that the tail
+/// black-holed ones among twenty-four good ones, round robin (so the slow one keeps its share
+/// of first attempts, a twenty-fifth of the live ones: weighted_random would learn to avoid
+/// it, and the tail would be too thin to see). That share stays under the 5 % above the p95
+/// and under the 10 % hedge budget with room: with a twelfth (twelve good ones), a loaded box's
+/// own slow attempts ran the budget out, the unhedged slow attempts then fed the p95 its 2 s,
+/// and the delay climbed to them (CI, once): 400 CONNECT tunnels, 8 at a time, hedging off and on. Prints p50/p99/max time to first byte and the attempts each cost; asserts that the tail
 /// is cut (the slow upstream's 2 s no longer reach the p99), that hedges stay within their
 /// budget, and that every tunnel works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,7 +306,7 @@ async fn hedged_connects_cut_the_tail() {
     let origin = Origin::start().await;
     let mut keep = Vec::new();
     let mut urls = Vec::new();
-    for _ in 0..12 {
+    for _ in 0..24 {
         let f = FakeUpstream::start(Kind::Http, None).await;
         urls.push(f.url("http"));
         keep.push(f);
@@ -343,7 +346,7 @@ async fn hedged_connects_cut_the_tail() {
         // one a black hole came back within the run now and then, on probation, and the
         // hedges it then needed on top of the slow upstream's ran the budget out: the tail
         // stayed, once in a while).
-        for _ in 0..30 {
+        for _ in 0..60 {
             tunnel_ttfb(gw.addr, origin.addr).await;
         }
         proxygate_tests::eventually(Duration::from_secs(10), || {
