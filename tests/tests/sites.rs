@@ -188,6 +188,19 @@ async fn picky_origin(
     .await
 }
 
+/// Whether the API lists every one of `fakes` as blocked somewhere now.
+async fn all_blocked(gw: &Gateway, fakes: &[FakeUpstream]) -> bool {
+    for f in fakes {
+        let e = gw
+            .api(&format!("/api/v1/upstreams/{}", id_of(&f.url("http"))))
+            .await;
+        if e["blocked_sites"].as_array().is_none_or(|a| a.is_empty()) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Waits until the API lists every one of `fakes` as blocked somewhere: a tunnel's end is
 /// recorded when the gateway sees both sides close, a moment after its client got the answer.
 async fn wait_until_blocked(gw: &Gateway, fakes: &[FakeUpstream]) {
@@ -259,11 +272,14 @@ async fn a_403_a_block_page_or_a_tunnel_closed_before_a_byte_counts_against_the_
             if r.status != 200 || r.exit_code != 0 || r.header("x-peer").is_empty() {
                 turned_away += 1;
             }
-            if turned_away >= 4 {
+            // Each banned upstream twice, at least: a refusal is recorded a moment after the
+            // client got it, so the next request may still meet the same upstream (and with a
+            // round-robin cursor per data-plane worker the order is not fixed either).
+            if turned_away >= 4 && all_blocked(&gw, &fakes[..2]).await {
                 break;
             }
         }
-        assert_eq!(turned_away, 4, "{how:?}: each banned upstream twice");
+        assert!(turned_away >= 4, "{how:?}: each banned upstream twice");
         wait_until_blocked(&gw, &fakes[..2]).await;
         for _ in 0..20 {
             let r = get(proxy.clone(), url.clone()).await;
@@ -361,11 +377,12 @@ async fn a_tls_alert_in_answer_to_the_handshake_counts_against_the_upstream_ther
         if tls_attempt(gw.addr, origin).await.first() == Some(&0x15) {
             alerts += 1;
         }
-        if alerts >= 4 {
+        // As above: twice each at least, until both are recorded.
+        if alerts >= 4 && all_blocked(&gw, &fakes[..2]).await {
             break;
         }
     }
-    assert_eq!(alerts, 4, "each refused upstream twice");
+    assert!(alerts >= 4, "each refused upstream twice");
     wait_until_blocked(&gw, &fakes[..2]).await;
     for _ in 0..20 {
         let answer = tls_attempt(gw.addr, origin).await;
