@@ -188,13 +188,18 @@ async fn picky_origin(
     .await
 }
 
+/// Whether the API lists `f` as blocked somewhere now.
+async fn is_blocked(gw: &Gateway, f: &FakeUpstream) -> Option<()> {
+    let e = gw
+        .api(&format!("/api/v1/upstreams/{}", id_of(&f.url("http"))))
+        .await;
+    (!e["blocked_sites"].as_array()?.is_empty()).then_some(())
+}
+
 /// Whether the API lists every one of `fakes` as blocked somewhere now.
 async fn all_blocked(gw: &Gateway, fakes: &[FakeUpstream]) -> bool {
     for f in fakes {
-        let e = gw
-            .api(&format!("/api/v1/upstreams/{}", id_of(&f.url("http"))))
-            .await;
-        if e["blocked_sites"].as_array().is_none_or(|a| a.is_empty()) {
+        if is_blocked(gw, f).await.is_none() {
             return false;
         }
     }
@@ -205,12 +210,7 @@ async fn all_blocked(gw: &Gateway, fakes: &[FakeUpstream]) -> bool {
 /// recorded when the gateway sees both sides close, a moment after its client got the answer.
 async fn wait_until_blocked(gw: &Gateway, fakes: &[FakeUpstream]) {
     for f in fakes {
-        let path = format!("/api/v1/upstreams/{}", id_of(&f.url("http")));
-        eventually_async(std::time::Duration::from_secs(2), || async {
-            let e = gw.api(&path).await;
-            (!e["blocked_sites"].as_array()?.is_empty()).then_some(())
-        })
-        .await;
+        eventually_async(std::time::Duration::from_secs(2), || is_blocked(gw, f)).await;
     }
 }
 

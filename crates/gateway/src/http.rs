@@ -94,8 +94,7 @@ pub async fn serve_http<S: Io>(
             tracing::debug!(error = %e, "bad first request");
             gw.metrics().request(RequestKind::Http, Some(e.kind));
             if e.kind != ErrorKind::ClientClosed {
-                let _ = stream.write_all(&raw_error_response(&e)).await;
-                let _ = stream.shutdown().await;
+                answer_error(&mut stream, &e).await;
             }
             return;
         }
@@ -376,8 +375,7 @@ async fn connect_first<S: Io>(
         Err(e) => {
             log_failure(&e);
             gw.metrics().request(RequestKind::HttpConnect, Some(e.kind));
-            let _ = stream.write_all(&raw_error_response(&e)).await;
-            let _ = stream.shutdown().await;
+            answer_error(&mut stream, &e).await;
         }
     }
 }
@@ -940,6 +938,13 @@ pub(crate) fn raw_error_response(e: &GatewayError) -> Vec<u8> {
         body.len()
     )
     .into_bytes()
+}
+
+/// Answers `e` with [`raw_error_response`] and closes the writing side (a client that is gone
+/// is no error of ours).
+pub(crate) async fn answer_error<S: Io>(stream: &mut S, e: &GatewayError) {
+    let _ = stream.write_all(&raw_error_response(e)).await;
+    let _ = stream.shutdown().await;
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use proxygate_core::{ErrorKind, Outcome, Shutdown};
 use proxygate_pool::PoolReader;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
@@ -348,11 +348,7 @@ impl Gateway {
                     .shared
                     .metrics
                     .request(RequestKind::Http, Some(e.kind));
-                Box::pin(async move {
-                    let _ = stream.write_all(&http::raw_error_response(&e)).await;
-                    let _ = stream.shutdown().await;
-                })
-                .await;
+                Box::pin(http::answer_error(&mut stream, &e)).await;
             }
         }
     }
