@@ -472,10 +472,13 @@ impl Server {
         let gw = self.live.gateway();
         let permits = Arc::new(Semaphore::new(gw.config().server.max_connections));
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        // Each worker holds a token of this tracker until it has closed its listening sockets.
+        let listening = TaskTracker::new();
         let mut threads = Vec::new();
         for (i, sockets) in self.listeners.into_iter().enumerate() {
             let (live, permits, stopped) =
                 (self.live.clone(), Arc::clone(&permits), stopped.clone());
+            let listening = listening.token();
             let runtimes = Arc::clone(&self.runtimes);
             let spawned = std::thread::Builder::new()
                 .name(format!("proxygate-net-{i}"))
@@ -494,7 +497,7 @@ impl Server {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .push(rt.handle().clone());
-                    rt.block_on(worker(live, sockets, permits, stopped));
+                    rt.block_on(worker(live, sockets, permits, listening, stopped));
                 });
             match spawned {
                 Ok(t) => threads.push(t),
@@ -502,6 +505,10 @@ impl Server {
             }
         }
         gw.shutdown().wait().await;
+        // The drain starts once no socket listens any more: a client connecting from here on
+        // is refused by the kernel (one still queued is reset), never half-served.
+        listening.close();
+        listening.wait().await;
         let gw = self.live.gateway();
         let grace = gw.config().server.shutdown_grace;
         let tasks = &gw.0.shared.tasks;
@@ -534,6 +541,7 @@ async fn worker(
     live: Live,
     sockets: Vec<std::net::TcpListener>,
     permits: Arc<Semaphore>,
+    listening: tokio_util::task::task_tracker::TaskTrackerToken,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut loops = tokio::task::JoinSet::new();
@@ -556,6 +564,7 @@ async fn worker(
         }
     });
     while loops.join_next().await.is_some() {}
+    drop(listening);
     let _ = stopped.wait_for(|stop| *stop).await;
     sweeper.abort();
 }
@@ -572,8 +581,9 @@ async fn accept_loop(live: Live, listener: TcpListener, permits: Arc<Semaphore>)
     let mut shutdown = live.gateway().shutdown();
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            biased;
             () = shutdown.wait() => return,
+            a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
