@@ -451,3 +451,139 @@ async fn bodies_arrive_exact_and_expect_is_answered_here() {
     assert_eq!(r.body, b"hello");
     assert!(r.all("expect").is_empty(), "{r:?}");
 }
+
+/// A connection whose first request is CONNECT is parsed outside hyper (no request object is
+/// built for a tunnel): the same rules hold there, with header names in any case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_connect_is_held_to_the_same_rules() {
+    let up = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    proxygate_tests::gateway::users_file(&users, &[("alice", "pw")]).await;
+    let gw = Gateway::builder()
+        .strict()
+        .config(&format!(
+            "[auth]\nusers_file = {:?}",
+            users.display().to_string()
+        ))
+        .upstream(up.url())
+        .start()
+        .await;
+    // alice:pw
+    let auth = "Basic YWxpY2U6cHc=";
+    let connect = |target: &str, fields: &str| {
+        format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{fields}\r\n")
+    };
+    let cases = [
+        (
+            "lower-case credentials",
+            connect("a.example:443", &format!("proxy-authorization: {auth}\r\n")),
+            "200",
+        ),
+        (
+            "upper-case credentials",
+            connect("a.example:443", &format!("PROXY-AUTHORIZATION: {auth}\r\n")),
+            "200",
+        ),
+        (
+            "Content-Length: 0",
+            connect(
+                "a.example:443",
+                &format!("Proxy-Authorization: {auth}\r\ncontent-length: 0\r\n"),
+            ),
+            "200",
+        ),
+        ("no credentials", connect("a.example:443", ""), "407"),
+        (
+            "a body",
+            connect(
+                "a.example:443",
+                &format!("Proxy-Authorization: {auth}\r\nContent-Length: 5\r\n"),
+            ) + "hello",
+            "400",
+        ),
+        (
+            "chunked",
+            connect(
+                "a.example:443",
+                &format!("Proxy-Authorization: {auth}\r\ntransfer-encoding: chunked\r\n"),
+            ) + "0\r\n\r\n",
+            "400",
+        ),
+        (
+            "two Hosts, cases differ",
+            connect(
+                "a.example:443",
+                &format!("Proxy-Authorization: {auth}\r\nHOST: b.example:443\r\n"),
+            ),
+            "400",
+        ),
+        (
+            "a Transfer_Encoding lookalike",
+            connect(
+                "a.example:443",
+                &format!("Proxy-Authorization: {auth}\r\nTransfer_Encoding: chunked\r\n"),
+            ),
+            "400",
+        ),
+        (
+            "CL and TE",
+            connect(
+                "a.example:443",
+                &format!(
+                    "Proxy-Authorization: {auth}\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n"
+                ),
+            ),
+            "400",
+        ),
+        (
+            "userinfo",
+            connect(
+                "u:p@a.example:443",
+                &format!("Proxy-Authorization: {auth}\r\n"),
+            ),
+            "400",
+        ),
+        (
+            "no port",
+            connect("a.example", &format!("Proxy-Authorization: {auth}\r\n")),
+            "400",
+        ),
+        (
+            "a path",
+            connect("/a", &format!("Proxy-Authorization: {auth}\r\n")),
+            "400",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, bytes, want) in &cases {
+        let before = up.log().requests.len();
+        let got = raw_exchange(gw.addr, bytes.as_bytes(), Duration::from_millis(700)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let reached = up.log().requests.len() - before;
+        let status = statuses(&got)
+            .first()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        let want_reached = usize::from(*want == "200");
+        if status != *want || reached != want_reached {
+            failures.push(format!(
+                "{name}: want {want} and {want_reached} CONNECT upstream; got {status:?} and {reached}: {:?}",
+                got.chars().take(200).collect::<String>()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Upstream side: exactly the CONNECTs that were let through, one Host each.
+    for r in up.log().requests {
+        assert_eq!(
+            (r.method.as_str(), r.all("host")),
+            ("CONNECT", vec!["a.example:443"]),
+            "{r:?}"
+        );
+        assert!(
+            r.all("proxy-authorization").is_empty(),
+            "the client's credentials went on: {r:?}"
+        );
+    }
+}

@@ -202,9 +202,10 @@ async fn read_first_head<S: Io>(
             }
         }
         fresh = true;
-        let mut headers = vec![httparse::EMPTY_HEADER; limits.headers];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
+        // Room for the fields, not initialised: the parser writes what it finds.
+        let mut fields = Vec::with_capacity(limits.headers);
+        let mut req = httparse::Request::new(&mut []);
+        match req.parse_with_uninit_headers(&buf, fields.spare_capacity_mut()) {
             Ok(httparse::Status::Complete(_)) => {
                 if req.path.is_some_and(|p| p.len() > limits.target) {
                     return Err(uri_too_long());
@@ -281,7 +282,8 @@ async fn route_and_serve(
     peer: SocketAddr,
     permit: Permit,
 ) -> Result<Response<Body>, GatewayError> {
-    let routing = authorize(gw, req.headers(), peer).await?;
+    let credentials = req.headers().get(header::PROXY_AUTHORIZATION);
+    let routing = authorize(gw, credentials.map(HeaderValue::as_bytes), peer).await?;
     if req.method() == Method::CONNECT {
         connect(gw, req, routing, permit).await
     } else {
@@ -289,16 +291,14 @@ async fn route_and_serve(
     }
 }
 
-/// Checks the client's `Proxy-Authorization` (when auth is on) and reads the routing hints
-/// of its username.
+/// Checks the client's `Proxy-Authorization` (its value, when it sent one; when auth is on)
+/// and reads the routing hints of its username.
 async fn authorize(
     gw: &Gateway,
-    headers: &HeaderMap,
+    proxy_authorization: Option<&[u8]>,
     peer: SocketAddr,
 ) -> Result<Routing, GatewayError> {
-    let creds = headers
-        .get(header::PROXY_AUTHORIZATION)
-        .and_then(|v| parse_basic(v.as_bytes()));
+    let creds = proxy_authorization.and_then(parse_basic);
     let (account, routing) = Routing::from_username(creds.as_ref().map(|c| c.username.as_str()))?;
     let account_creds = creds.map(|c| ClientCredentials {
         username: account,
@@ -326,9 +326,10 @@ const CONNECT_ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n
 
 /// A connection whose first request is CONNECT, served without hyper: one tunnel per
 /// connection is the common case, and it needs no HTTP machinery past the head (already read
-/// and measured against the limits). The head is parsed once more into a request and checked
-/// as on hyper's path (strictness, auth, routing, destination policy); the tunnel is relayed in
-/// this task. Any failure is answered and the connection closed.
+/// and measured against the limits). The head is parsed once more, in place (no request, no
+/// header map: nothing of it is forwarded), and checked as on hyper's path (strictness, auth,
+/// routing, destination policy); the tunnel is relayed in this task. Any failure is answered
+/// and the connection closed.
 async fn connect_first<S: Io>(
     gw: Gateway,
     mut stream: S,
@@ -338,24 +339,15 @@ async fn connect_first<S: Io>(
     max_headers: usize,
 ) {
     let prepared = async {
-        let (req, head_len) = request_of(&head, max_headers)?;
-        strict::check(&req)?;
-        let framed = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
-            || req.headers().contains_key(header::TRANSFER_ENCODING);
-        if framed {
-            return Err(GatewayError::new(
-                ErrorKind::ClientMalformed,
-                "a CONNECT request with a body",
-            ));
-        }
-        let routing = authorize(&gw, req.headers(), peer).await?;
-        let target = connect_target(&req)?;
+        // Room for the fields, not initialised: the parser writes what it finds.
+        let mut fields = Vec::with_capacity(max_headers);
+        let connect = ConnectHead::parse(&head, fields.spare_capacity_mut())?;
+        let credentials = connect.field(header::PROXY_AUTHORIZATION.as_str());
+        let routing = authorize(&gw, credentials, peer).await?;
+        let target = connect.target()?;
         gw.policy().tunnel(&target)?;
         let est = gw.dialer().dial(&target, Purpose::Tunnel, routing).await?;
-        Ok((est, head_len, target))
+        Ok((est, connect.len, target))
     };
     match Box::pin(prepared).await {
         Ok((est, head_len, target)) => {
@@ -380,35 +372,73 @@ async fn connect_first<S: Io>(
     }
 }
 
-/// A complete request head as a request (no body) and the head's length.
-fn request_of(head: &[u8], max_headers: usize) -> Result<(Request<()>, usize), GatewayError> {
-    let malformed = |why: String| GatewayError::new(ErrorKind::ClientMalformed, why);
-    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
-    let mut parsed = httparse::Request::new(&mut headers);
-    let len = match parsed.parse(head) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Err(malformed("truncated request head".into())),
-        Err(e) => return Err(malformed(format!("invalid request head: {e}"))),
-    };
-    let mut builder = Request::builder()
-        .method(parsed.method.unwrap_or_default())
-        .uri(parsed.path.unwrap_or_default())
-        .version(match parsed.version {
-            Some(0) => Version::HTTP_10,
-            _ => Version::HTTP_11,
-        });
-    for h in parsed.headers.iter() {
-        builder = builder.header(h.name, h.value);
+/// A complete CONNECT request head, parsed in place and checked as hyper's path checks a
+/// request (strictness; no body).
+struct ConnectHead<'h> {
+    /// The request target.
+    uri: Uri,
+    fields: &'h [httparse::Header<'h>],
+    /// The head's length: what follows is the tunnel's.
+    len: usize,
+}
+
+impl<'h> ConnectHead<'h> {
+    fn parse(
+        head: &'h [u8],
+        storage: &'h mut [std::mem::MaybeUninit<httparse::Header<'h>>],
+    ) -> Result<Self, GatewayError> {
+        let malformed = |why: String| GatewayError::new(ErrorKind::ClientMalformed, why);
+        let mut parsed = httparse::Request::new(&mut []);
+        let len = match parsed.parse_with_uninit_headers(head, storage) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                return Err(malformed("truncated request head".into()));
+            }
+            Err(e) => return Err(malformed(format!("invalid request head: {e}"))),
+        };
+        let uri: Uri = parsed
+            .path
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| malformed(format!("invalid request head: {e}")))?;
+        let fields: &'h [httparse::Header<'h>] = parsed.headers;
+        strict::check_head(
+            parsed.version == Some(0),
+            fields.iter().map(|f| f.name),
+            uri.authority().map(|a| a.as_str()),
+        )?;
+        let head = ConnectHead { uri, fields, len };
+        let framed = head
+            .field(header::CONTENT_LENGTH.as_str())
+            .is_some_and(|v| v != b"0")
+            || head.field(header::TRANSFER_ENCODING.as_str()).is_some();
+        if framed {
+            return Err(malformed("a CONNECT request with a body".into()));
+        }
+        Ok(head)
     }
-    let req = builder
-        .body(())
-        .map_err(|e| malformed(format!("invalid request head: {e}")))?;
-    Ok((req, len))
+
+    /// The first field named `name` (lowercase), as sent.
+    fn field(&self, name: &str) -> Option<&'h [u8]> {
+        self.fields
+            .iter()
+            .find(|f| f.name.eq_ignore_ascii_case(name))
+            .map(|f| f.value)
+    }
+
+    /// The authority the client asks for.
+    fn target(&self) -> Result<Target, GatewayError> {
+        authority_target(&self.uri)
+    }
 }
 
 /// The authority of a CONNECT request.
 fn connect_target<B>(req: &Request<B>) -> Result<Target, GatewayError> {
-    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    authority_target(req.uri())
+}
+
+fn authority_target(uri: &Uri) -> Result<Target, GatewayError> {
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
     Target::parse_authority(authority)
         .map_err(|e| GatewayError::new(ErrorKind::ClientMalformed, format!("CONNECT target: {e}")))
 }

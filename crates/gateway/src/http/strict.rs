@@ -12,7 +12,7 @@
 //! Forwarding then re-serializes the request (one framing, `Host` rebuilt from the URI,
 //! `Expect` answered here), so exactly one well-formed request reaches an upstream.
 
-use http::header::{self, HeaderMap};
+use http::header;
 use http::{Request, Version};
 use proxygate_core::ErrorKind;
 
@@ -28,10 +28,36 @@ const LOOKALIKE_OF: [&str; 3] = ["content-length", "transfer-encoding", "host"];
 
 /// Refuses requests whose framing or routing is ambiguous.
 pub(crate) fn check<B>(req: &Request<B>) -> Result<(), GatewayError> {
-    let h = req.headers();
-    let count = |name: header::HeaderName| h.get_all(name).iter().count();
-    let cl = count(header::CONTENT_LENGTH);
-    let te = count(header::TRANSFER_ENCODING);
+    check_head(
+        req.version() == Version::HTTP_10,
+        req.headers().iter().map(|(name, _)| name.as_str()),
+        req.uri().authority().map(|a| a.as_str()),
+    )
+}
+
+/// [`check`] over a head's parts: whether it is HTTP/1.0, every header field's name (one per
+/// field, repeats included; any case) and the target's authority.
+pub(crate) fn check_head<'a>(
+    http10: bool,
+    names: impl Iterator<Item = &'a str>,
+    authority: Option<&str>,
+) -> Result<(), GatewayError> {
+    let (mut cl, mut te, mut host) = (0usize, 0usize, 0usize);
+    let mut lookalike = None;
+    for name in names {
+        if name.eq_ignore_ascii_case(header::CONTENT_LENGTH.as_str()) {
+            cl += 1;
+        } else if name.eq_ignore_ascii_case(header::TRANSFER_ENCODING.as_str()) {
+            te += 1;
+        } else if name.eq_ignore_ascii_case(header::HOST.as_str()) {
+            host += 1;
+        } else if lookalike.is_none() && name.contains('_') {
+            let dashed = name.replace('_', "-").to_ascii_lowercase();
+            if LOOKALIKE_OF.contains(&dashed.as_str()) {
+                lookalike = Some((name.to_ascii_lowercase(), dashed));
+            }
+        }
+    }
     if cl > 0 && te > 0 {
         return Err(refuse(
             "Content-Length and Transfer-Encoding together (a request smuggling pattern)",
@@ -43,35 +69,23 @@ pub(crate) fn check<B>(req: &Request<B>) -> Result<(), GatewayError> {
     if te > 1 {
         return Err(refuse("more than one Transfer-Encoding"));
     }
-    if te > 0 && req.version() == Version::HTTP_10 {
+    if te > 0 && http10 {
         return Err(refuse("Transfer-Encoding in an HTTP/1.0 request"));
     }
-    if count(header::HOST) > 1 {
+    if host > 1 {
         return Err(refuse("more than one Host"));
     }
-    if let Some(name) = lookalike(h) {
+    if let Some((name, dashed)) = lookalike {
         return Err(refuse(format!(
-            "header {name:?} reads as {} where '_' is taken for '-'",
-            name.replace('_', "-")
+            "header {name:?} reads as {dashed} where '_' is taken for '-'"
         )));
     }
-    if req
-        .uri()
-        .authority()
-        .is_some_and(|a| a.as_str().contains('@'))
-    {
+    if authority.is_some_and(|a| a.contains('@')) {
         return Err(refuse(
             "userinfo (user:password@) in the request URI; send credentials in headers",
         ));
     }
     Ok(())
-}
-
-fn lookalike(h: &HeaderMap) -> Option<String> {
-    h.keys()
-        .map(|k| k.as_str())
-        .find(|k| k.contains('_') && LOOKALIKE_OF.contains(&k.replace('_', "-").as_str()))
-        .map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -114,5 +128,27 @@ mod tests {
         assert!(check(&r).is_err());
         let r = Request::get("http://u:p@a.example/").body(()).unwrap();
         assert!(check(&r).unwrap_err().detail.contains("userinfo"));
+    }
+
+    /// A raw head's names come in any case: the CONNECT path checks them unparsed.
+    #[test]
+    fn raw_names_are_compared_without_case() {
+        let check = |names: &[&str]| check_head(false, names.iter().copied(), Some("a:443"));
+        assert!(check(&["Host", "Proxy-Authorization", "User-Agent"]).is_ok());
+        for bad in [
+            &["Host", "HOST"][..],
+            &["Content-Length", "transfer-ENCODING"],
+            &["Content-Length", "content-length"],
+            &["Transfer_Encoding"],
+            &["CONTENT_length"],
+        ] {
+            let e = check(bad).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::ClientMalformed, "{bad:?}");
+        }
+        assert!(check(&["X_Forwarded_For", "host_"]).is_ok());
+        let e = check_head(true, ["Transfer-Encoding"].into_iter(), None).unwrap_err();
+        assert!(e.detail.contains("HTTP/1.0"), "{e}");
+        let e = check_head(false, std::iter::empty(), Some("u:p@a:443")).unwrap_err();
+        assert!(e.detail.contains("userinfo"), "{e}");
     }
 }
