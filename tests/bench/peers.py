@@ -16,6 +16,12 @@ writes the raw figures as JSON with --json-out).
     tests/bench/peers.py                      # 8 s per cell, two passes (~20 min)
     tests/bench/peers.py --seconds 2 --passes 1 --peers proxygate,haproxy
     tests/bench/peers.py --smoke              # 1 s per cell, one pass: CI's smoke test
+    tests/bench/peers.py --threads 2          # proxygate and HAProxy on two threads each
+
+Every gateway runs one event-loop thread by default (proxygate `server.workers = 1`, HAProxy
+`nbthread 1`; squid and pproxy have one anyway): on a small box the load generator, the origin
+and the upstreams share the cores, and a gateway given more threads than its peers only pays
+for them in wake-ups and in its tail.
 
 Loopback only; every process it starts is stopped at the end. Run it on an otherwise idle
 machine: the figures are ratios between gateways measured in the same run, and the absolute
@@ -126,10 +132,16 @@ def sbin(name):
 class Topology:
     """Every process of the run, stopped on exit."""
 
-    def __init__(self, work: Path, loadgen: Path, proxygate: Path):
+    def __init__(self, work: Path, loadgen: Path, proxygate: Path, proxygate_extra: str = "",
+                 threads: int = 1):
         self.work = work
+        # Event-loop threads of proxygate (server.workers) and HAProxy (nbthread) alike; squid
+        # and pproxy have one.
+        self.threads = threads
         self.loadgen = loadgen
         self.proxygate = proxygate
+        # TOML appended to proxygate's config (tables after the harness's own).
+        self.proxygate_extra = proxygate_extra
         self.procs = []
         self.gateways = {}  # (name, pool) -> (port, Popen)
 
@@ -244,11 +256,12 @@ sources = []
 connect_ports = "*"
 max_connections = 100000
 max_connections_per_ip = 100000
+workers = {threads}
 [pool]
 strategy = "round_robin"
 [log]
 level = "warn"
-""")
+""".replace("{threads}", str(self.threads)) + self.proxygate_extra)
             argv = [str(self.proxygate), "run", "--config", str(conf), "--listen",
                     f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0", "--data-dir",
                     str(self.work / f"proxygate-{pool}-data")]
@@ -293,7 +306,7 @@ shutdown_lifetime 1 seconds
         conf = self.work / "haproxy.cfg"
         conf.write_text(f"""global
     maxconn {FD_LIMIT // 2 - 100}
-    nbthread 1
+    nbthread {self.threads}
 defaults
     mode tcp
     timeout connect 5s
@@ -563,6 +576,11 @@ def main():
     ap.add_argument("--smoke", action="store_true",
                     help="1 s per cell, one pass, 200 idle tunnels: checks the harness works")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="event-loop threads of proxygate (server.workers) and HAProxy "
+                    "(nbthread) alike; squid and pproxy have one")
+    ap.add_argument("--proxygate-config", default="", metavar="TOML",
+                    help="appended to proxygate's config, e.g. '[dial]\\nhedge_ratio = 0.0'")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     if args.smoke:
@@ -579,7 +597,8 @@ def main():
     target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release"
     work = Path(tempfile.mkdtemp(prefix="pg-peers-"))
     os.chmod(work, 0o755)
-    topo = Topology(work, target / "pg-loadgen", target / "proxygate")
+    topo = Topology(work, target / "pg-loadgen", target / "proxygate",
+                    args.proxygate_config.replace("\\n", "\n"), args.threads)
     cells = []
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, resource.getrlimit(
@@ -620,7 +639,8 @@ def main():
     }
     print(f"## proxygate and its peers, {stamp}\n")
     print(f"{os.cpu_count()} CPUs; {args.seconds:g} s per cell, {args.passes} pass(es), "
-          f"{args.concurrency} connections; {', '.join(versions.values())}. Each cell: "
+          f"{args.concurrency} connections, {args.threads} thread(s) each for proxygate and "
+          f"HAProxy; {', '.join(versions.values())}. Each cell: "
           "rate (gateway CPU µs per completed request) and the client's p99; one entry per pass. "
           "`direct`: no gateway, the client goes to the first upstream itself (its CPU is the "
           "upstream's). `in-tunnel-1k`: open loop, 1,000 req/s inside open tunnels, latency "
