@@ -474,86 +474,56 @@ async fn a_first_connect_is_held_to_the_same_rules() {
     let connect = |target: &str, fields: &str| {
         format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{fields}\r\n")
     };
+    // With alice's credentials, then `fields`.
+    let authed = |target: &str, fields: &str| {
+        connect(target, &format!("Proxy-Authorization: {auth}\r\n{fields}"))
+    };
+    let a = "a.example:443";
     let cases = [
         (
             "lower-case credentials",
-            connect("a.example:443", &format!("proxy-authorization: {auth}\r\n")),
+            connect(a, &format!("proxy-authorization: {auth}\r\n")),
             "200",
         ),
         (
             "upper-case credentials",
-            connect("a.example:443", &format!("PROXY-AUTHORIZATION: {auth}\r\n")),
+            connect(a, &format!("PROXY-AUTHORIZATION: {auth}\r\n")),
             "200",
         ),
         (
             "Content-Length: 0",
-            connect(
-                "a.example:443",
-                &format!("Proxy-Authorization: {auth}\r\ncontent-length: 0\r\n"),
-            ),
+            authed(a, "content-length: 0\r\n"),
             "200",
         ),
-        ("no credentials", connect("a.example:443", ""), "407"),
+        ("no credentials", connect(a, ""), "407"),
         (
             "a body",
-            connect(
-                "a.example:443",
-                &format!("Proxy-Authorization: {auth}\r\nContent-Length: 5\r\n"),
-            ) + "hello",
+            authed(a, "Content-Length: 5\r\n") + "hello",
             "400",
         ),
         (
             "chunked",
-            connect(
-                "a.example:443",
-                &format!("Proxy-Authorization: {auth}\r\ntransfer-encoding: chunked\r\n"),
-            ) + "0\r\n\r\n",
+            authed(a, "transfer-encoding: chunked\r\n") + "0\r\n\r\n",
             "400",
         ),
         (
             "two Hosts, cases differ",
-            connect(
-                "a.example:443",
-                &format!("Proxy-Authorization: {auth}\r\nHOST: b.example:443\r\n"),
-            ),
+            authed(a, "HOST: b.example:443\r\n"),
             "400",
         ),
         (
             "a Transfer_Encoding lookalike",
-            connect(
-                "a.example:443",
-                &format!("Proxy-Authorization: {auth}\r\nTransfer_Encoding: chunked\r\n"),
-            ),
+            authed(a, "Transfer_Encoding: chunked\r\n"),
             "400",
         ),
         (
             "CL and TE",
-            connect(
-                "a.example:443",
-                &format!(
-                    "Proxy-Authorization: {auth}\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n"
-                ),
-            ),
+            authed(a, "Content-Length: 0\r\nTransfer-Encoding: chunked\r\n"),
             "400",
         ),
-        (
-            "userinfo",
-            connect(
-                "u:p@a.example:443",
-                &format!("Proxy-Authorization: {auth}\r\n"),
-            ),
-            "400",
-        ),
-        (
-            "no port",
-            connect("a.example", &format!("Proxy-Authorization: {auth}\r\n")),
-            "400",
-        ),
-        (
-            "a path",
-            connect("/a", &format!("Proxy-Authorization: {auth}\r\n")),
-            "400",
-        ),
+        ("userinfo", authed("u:p@a.example:443", ""), "400"),
+        ("no port", authed("a.example", ""), "400"),
+        ("a path", authed("/a", ""), "400"),
     ];
     let mut failures = Vec::new();
     for (name, bytes, want) in &cases {
