@@ -17,6 +17,7 @@ writes the raw figures as JSON with --json-out).
     tests/bench/peers.py --seconds 2 --passes 1 --peers proxygate,haproxy
     tests/bench/peers.py --smoke              # 1 s per cell, one pass: CI's smoke test
     tests/bench/peers.py --threads 2          # proxygate and HAProxy on two threads each
+    tests/bench/peers.py --peers proxygate,proxygate-w2,haproxy   # 1 vs 2 workers, same run
 
 Every gateway runs one event-loop thread by default (proxygate `server.workers = 1`, HAProxy
 `nbthread 1`; squid and pproxy have one anyway): on a small box the load generator, the origin
@@ -57,6 +58,7 @@ HTTP_GATEWAYS = ["proxygate", "squid", "haproxy", "pproxy"]
 SOCKS_GATEWAYS = ["proxygate", "haproxy", "pproxy"]
 # "direct" is no gateway: the client goes to one upstream itself (the first tinyproxy or
 # microsocks), the baseline a gateway's added latency and throughput are measured against.
+
 # scenario -> which pool (http: tinyproxy, socks: microsocks) and which gateways speak it
 SCENARIOS = {
     "connect": ("http", HTTP_GATEWAYS + ["direct"]),
@@ -68,6 +70,21 @@ SCENARIOS = {
     "in-tunnel-1k": ("http", HTTP_GATEWAYS + ["direct"]),
     "idle": ("http", HTTP_GATEWAYS),
 }
+
+
+def variant_workers(name):
+    """`proxygate-wN` (a peer name): a second proxygate with N workers, for a same-run A/B of
+    the worker count; None for any other name."""
+    if name.startswith("proxygate-w") and name[len("proxygate-w"):].isdigit():
+        return int(name[len("proxygate-w"):])
+    return None
+
+
+def speaks(gateway, scenario):
+    return ("proxygate" if variant_workers(gateway) is not None else gateway) \
+        in SCENARIOS[scenario][1]
+
+
 # What pg-loadgen runs for a scenario of ours, when it is not the scenario of the same name.
 LOADGEN = {
     # Open loop: requests inside open tunnels, one due every millisecond; latency counts from
@@ -242,14 +259,18 @@ DisableViaHeader Yes
 
     def start_gateways(self, names):
         for name in names:
-            if name != "direct":
+            workers = variant_workers(name)
+            if workers is not None:
+                self.start_proxygate(name, workers)
+            elif name != "direct":
                 getattr(self, f"start_{name}")()
 
-    def start_proxygate(self):
+    def start_proxygate(self, name="proxygate", workers=None):
+        workers = self.threads if workers is None else workers
         for pool, ups, scheme in [("http", self.tinyproxies, "http"),
                                   ("socks", self.microsocks, "socks5")]:
             port = free_port()
-            conf = self.work / f"proxygate-{pool}.toml"
+            conf = self.work / f"{name}-{pool}.toml"
             conf.write_text("""allow_private_networks = true
 sources = []
 [server]
@@ -261,15 +282,15 @@ workers = {threads}
 strategy = "round_robin"
 [log]
 level = "warn"
-""".replace("{threads}", str(self.threads)) + self.proxygate_extra)
+""".replace("{threads}", str(workers)) + self.proxygate_extra)
             argv = [str(self.proxygate), "run", "--config", str(conf), "--listen",
                     f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0", "--data-dir",
-                    str(self.work / f"proxygate-{pool}-data")]
+                    str(self.work / f"{name}-{pool}-data")]
             for u in ups:
                 argv += ["--upstream", f"{scheme}://127.0.0.1:{u}"]
-            p = self.spawn(f"proxygate-{pool}", argv, env={**os.environ, "RUST_LOG": "warn"})
-            wait_port(port, "proxygate")
-            self.gateways[("proxygate", pool)] = (port, p)
+            p = self.spawn(f"{name}-{pool}", argv, env={**os.environ, "RUST_LOG": "warn"})
+            wait_port(port, name)
+            self.gateways[(name, pool)] = (port, p)
 
     def start_squid(self):
         port = free_port()
@@ -535,7 +556,8 @@ def table(cells, gateways):
 
 
 def ratios(cells):
-    """Key ratios of proxygate against each peer (means over passes)."""
+    """Key ratios of proxygate (and of each `proxygate-wN`) against each peer (means over
+    passes)."""
     def mean(sc, g, key):
         v = [c[key] for c in cells if c["scenario"] == sc and c["gateway"] == g and c.get(key)]
         return sum(v) / len(v) if v else None
@@ -553,11 +575,14 @@ def ratios(cells):
                           ("in-tunnel", "cpu_us_per_req", "CPU per in-tunnel request"),
                           ("keepalive", "rps", "keep-alive req/s"),
                           ("idle", "rss_per_idle_tunnel_kib", "RSS per idle tunnel")]:
-        ours = mean(sc, "proxygate", key)
-        for g in ["squid", "haproxy", "pproxy"]:
-            theirs = mean(sc, g, key)
-            if ours and theirs:
-                out.append(f"- {what}: proxygate / {g} = {ours / theirs:.2f}")
+        variants = sorted({c["gateway"] for c in cells if variant_workers(c["gateway"])})
+        for us in ["proxygate"] + variants:
+            ours = mean(sc, us, key)
+            peers = ["squid", "haproxy", "pproxy"] + (["proxygate"] if us != "proxygate" else [])
+            for g in peers:
+                theirs = mean(sc, g, key)
+                if ours and theirs:
+                    out.append(f"- {what}: {us} / {g} = {ours / theirs:.2f}")
     return "\n".join(out)
 
 
@@ -606,8 +631,7 @@ def main():
         topo.origin(args.bulk_mib)
         topo.upstreams()
         topo.start_gateways(gateways)
-        order = [(s, g) for s in scenarios for g in gateways
-                 if g in SCENARIOS[s][1] and s != "idle"]
+        order = [(s, g) for s in scenarios for g in gateways if speaks(g, s) and s != "idle"]
         # Idle tunnels first, once, while every gateway is fresh: memory a process has freed
         # is reused by the next round, so later rounds measure the allocator, not the tunnel.
         first = [("idle", g) for g in gateways if "idle" in scenarios]
