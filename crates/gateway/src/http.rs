@@ -344,7 +344,7 @@ async fn connect_first<S: Io>(
         let connect = ConnectHead::parse(&head, fields.spare_capacity_mut())?;
         let credentials = connect.field(header::PROXY_AUTHORIZATION.as_str());
         let routing = authorize(&gw, credentials, peer).await?;
-        let target = connect.target()?;
+        let target = connect_target(&connect.uri)?;
         gw.policy().tunnel(&target)?;
         let est = gw.dialer().dial(&target, Purpose::Tunnel, routing).await?;
         Ok((est, connect.len, target))
@@ -418,26 +418,17 @@ impl<'h> ConnectHead<'h> {
         Ok(head)
     }
 
-    /// The first field named `name` (lowercase), as sent.
+    /// The value of the first field named `name` (in any case), as sent.
     fn field(&self, name: &str) -> Option<&'h [u8]> {
         self.fields
             .iter()
             .find(|f| f.name.eq_ignore_ascii_case(name))
             .map(|f| f.value)
     }
-
-    /// The authority the client asks for.
-    fn target(&self) -> Result<Target, GatewayError> {
-        authority_target(&self.uri)
-    }
 }
 
-/// The authority of a CONNECT request.
-fn connect_target<B>(req: &Request<B>) -> Result<Target, GatewayError> {
-    authority_target(req.uri())
-}
-
-fn authority_target(uri: &Uri) -> Result<Target, GatewayError> {
+/// The authority of a CONNECT request's target.
+fn connect_target(uri: &Uri) -> Result<Target, GatewayError> {
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
     Target::parse_authority(authority)
         .map_err(|e| GatewayError::new(ErrorKind::ClientMalformed, format!("CONNECT target: {e}")))
@@ -456,7 +447,7 @@ async fn connect(
     routing: Routing,
     permit: Permit,
 ) -> Result<Response<Body>, GatewayError> {
-    let target = connect_target(&req)?;
+    let target = connect_target(req.uri())?;
     gw.policy().tunnel(&target)?;
     let established = gw.dialer().dial(&target, Purpose::Tunnel, routing).await?;
     let on_upgrade = hyper::upgrade::on(&mut req);

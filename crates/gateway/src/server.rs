@@ -26,6 +26,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::auth::ClientAuth;
 use crate::dial::{Connector, Dialer, Established};
@@ -541,7 +542,7 @@ async fn worker(
     live: Live,
     sockets: Vec<std::net::TcpListener>,
     permits: Arc<Semaphore>,
-    listening: tokio_util::task::task_tracker::TaskTrackerToken,
+    listening: TaskTrackerToken,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut loops = tokio::task::JoinSet::new();
