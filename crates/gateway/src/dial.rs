@@ -116,15 +116,61 @@ impl Connector {
         };
         tokio::time::timeout(self.cfg.connect_timeout, fut)
             .await
-            .unwrap_or_else(|_| {
-                Err(GatewayError::new(
-                    ErrorKind::UpstreamConnectTimeout,
-                    format!(
-                        "{up}: connect timed out after {:?}",
-                        self.cfg.connect_timeout
-                    ),
-                ))
-            })
+            .unwrap_or_else(|_| Err(connect_timed_out(up, self.cfg.connect_timeout)))
+    }
+
+    /// TCP to a plain `http` upstream at an IP address, with `early` (the request that opens
+    /// the tunnel) sent the moment the connection is up, within `connect_timeout`; returns
+    /// the stream and how much of `early` went out.
+    ///
+    /// On loopback and fast LANs the TCP handshake has usually completed by the time
+    /// connect(2) returns: the request then goes out at once, without a trip through the
+    /// event loop to learn that the socket is writable (a tokio socket knows nothing of its
+    /// readiness until epoll has reported it) and without the `SO_ERROR` probe; a send on a
+    /// socket still connecting fails with `EAGAIN` and costs one syscall. HAProxy sends the
+    /// same way. Other upstreams, and names, go through [`Connector::open`].
+    pub async fn open_early(
+        &self,
+        up: &Upstream,
+        early: &[u8],
+    ) -> Result<(BoxedIo, usize), GatewayError> {
+        let Host::Ip(ip) = up.host else {
+            return Ok((self.open(up).await?, 0));
+        };
+        if up.scheme != Scheme::Http {
+            return Ok((self.open(up).await?, 0));
+        }
+        let refused = |e| connect_refused(up, e);
+        let (tcp, sent) = match connect_and_send(SocketAddr::new(ip, up.port), early) {
+            Early::Sent(sock, n) => (
+                TcpStream::from_std(std::net::TcpStream::from(sock)).map_err(refused)?,
+                n,
+            ),
+            Early::Connecting(sock) => (self.connected(up, sock).await?, 0),
+            Early::Failed(e) => return Err(refused(e)),
+        };
+        Ok((Box::new(tcp), sent))
+    }
+
+    /// `sock`, still connecting to `up`, once connected (within `connect_timeout`).
+    async fn connected(
+        &self,
+        up: &Upstream,
+        sock: socket2::Socket,
+    ) -> Result<TcpStream, GatewayError> {
+        let refused = |e| connect_refused(up, e);
+        let tcp = TcpStream::from_std(std::net::TcpStream::from(sock)).map_err(refused)?;
+        let connected = async {
+            tcp.writable().await?;
+            match tcp.take_error()? {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        };
+        match tokio::time::timeout(self.cfg.connect_timeout, connected).await {
+            Ok(r) => r.map_err(refused).map(|()| tcp),
+            Err(_) => Err(connect_timed_out(up, self.cfg.connect_timeout)),
+        }
     }
 
     /// A tunnel to `target` through `up`'s proxy protocol, within `handshake_timeout`.
@@ -134,12 +180,27 @@ impl Connector {
         io: BoxedIo,
         target: &Target,
     ) -> Result<BoxedIo, GatewayError> {
+        self.handshake_after(up, io, target, None).await
+    }
+
+    /// [`Connector::handshake`], for an `http`/`https` upstream whose CONNECT request
+    /// (`connect_request`) went out in part already: `unsent` is the rest.
+    async fn handshake_after(
+        &self,
+        up: &Upstream,
+        io: BoxedIo,
+        target: &Target,
+        unsent: Option<&[u8]>,
+    ) -> Result<BoxedIo, GatewayError> {
         let fut = async {
-            match up.scheme {
-                Scheme::Http | Scheme::Https => {
+            match (up.scheme, unsent) {
+                (Scheme::Http | Scheme::Https, Some(rest)) => {
+                    http_connect_with(up, io, target, rest, self.cfg.max_reply_head_bytes).await
+                }
+                (Scheme::Http | Scheme::Https, None) => {
                     http_connect(up, io, target, self.cfg.max_reply_head_bytes).await
                 }
-                Scheme::Socks5 | Scheme::Socks5h | Scheme::Socks4 | Scheme::Socks4a => {
+                (Scheme::Socks5 | Scheme::Socks5h | Scheme::Socks4 | Scheme::Socks4a, _) => {
                     socks_connect(up, io, target, &self.policy).await
                 }
             }
@@ -158,28 +219,71 @@ impl Connector {
     }
 }
 
+fn connect_refused(up: &Upstream, e: std::io::Error) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::UpstreamConnectRefused,
+        format!("{up}: connect: {e}"),
+    )
+}
+
+fn connect_timed_out(up: &Upstream, after: Duration) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::UpstreamConnectTimeout,
+        format!("{up}: connect timed out after {after:?}"),
+    )
+}
+
+/// Where a non-blocking connect with an early send stands.
+enum Early {
+    /// Connected, and this many bytes sent.
+    Sent(socket2::Socket, usize),
+    /// Still connecting: wait for writability, then read `SO_ERROR`.
+    Connecting(socket2::Socket),
+    /// Refused, unreachable, or no socket at all.
+    Failed(std::io::Error),
+}
+
+/// A non-blocking TCP connect to `addr` (`TCP_NODELAY` on) and, when it has already
+/// completed, a send of `early`.
+fn connect_and_send(addr: SocketAddr, early: &[u8]) -> Early {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::io::ErrorKind as Io;
+    let sock = match Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    ) {
+        Ok(s) => s,
+        Err(e) => return Early::Failed(e),
+    };
+    let _ = sock.set_tcp_nodelay(true);
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Early::Failed(e),
+    }
+    // A socket still in SYN_SENT answers EAGAIN; one that was refused meanwhile, its error.
+    match sock.send_with_flags(early, libc::MSG_NOSIGNAL) {
+        Ok(n) => Early::Sent(sock, n),
+        Err(e) if e.kind() == Io::WouldBlock || e.kind() == Io::Interrupted => {
+            Early::Connecting(sock)
+        }
+        Err(e) => Early::Failed(e),
+    }
+}
+
 async fn tcp_connect(up: &Upstream) -> Result<TcpStream, GatewayError> {
     let result = match &up.host {
         Host::Ip(ip) => TcpStream::connect(SocketAddr::new(*ip, up.port)).await,
         Host::Domain(d) => TcpStream::connect((d.as_str(), up.port)).await,
     };
-    let tcp = result.map_err(|e| {
-        GatewayError::new(
-            ErrorKind::UpstreamConnectRefused,
-            format!("{up}: connect: {e}"),
-        )
-    })?;
+    let tcp = result.map_err(|e| connect_refused(up, e))?;
     let _ = tcp.set_nodelay(true);
     Ok(tcp)
 }
 
-/// `CONNECT target` through an HTTP(S) proxy.
-pub(crate) async fn http_connect(
-    up: &Upstream,
-    mut io: BoxedIo,
-    target: &Target,
-    max_head: usize,
-) -> Result<BoxedIo, GatewayError> {
+/// The request that opens a tunnel to `target` through the HTTP(S) proxy `up`.
+pub(crate) fn connect_request(up: &Upstream, target: &Target) -> String {
     let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
     if let Some(c) = &up.credentials {
         req.push_str("Proxy-Authorization: ");
@@ -187,10 +291,34 @@ pub(crate) async fn http_connect(
         req.push_str("\r\n");
     }
     req.push_str("\r\n");
+    req
+}
+
+/// `CONNECT target` through an HTTP(S) proxy.
+pub(crate) async fn http_connect(
+    up: &Upstream,
+    io: BoxedIo,
+    target: &Target,
+    max_head: usize,
+) -> Result<BoxedIo, GatewayError> {
+    let req = connect_request(up, target);
+    http_connect_with(up, io, target, req.as_bytes(), max_head).await
+}
+
+/// `CONNECT target` through an HTTP(S) proxy, `unsent` being what is left to send of its
+/// [`connect_request`].
+async fn http_connect_with(
+    up: &Upstream,
+    mut io: BoxedIo,
+    target: &Target,
+    unsent: &[u8],
+    max_head: usize,
+) -> Result<BoxedIo, GatewayError> {
     let io_err =
         |e: std::io::Error| GatewayError::new(ErrorKind::UpstreamIo, format!("{up}: CONNECT: {e}"));
-    io.write_all(req.as_bytes()).await.map_err(io_err)?;
-    drop(req);
+    if !unsent.is_empty() {
+        io.write_all(unsent).await.map_err(io_err)?;
+    }
 
     let mut buf = BytesMut::with_capacity(1024);
     let (status, head_len) = loop {
@@ -884,16 +1012,26 @@ impl Dialer {
         purpose: Purpose,
     ) -> Result<(BoxedIo, Outcome, bool), GatewayError> {
         let t0 = Instant::now();
-        let io = self.connector.open(up).await?;
+        let forward = purpose == Purpose::Forward && up.scheme.is_http();
+        // A tunnel through a plain HTTP proxy: its CONNECT goes out with the connect.
+        let early = (up.scheme == Scheme::Http && !forward).then(|| connect_request(up, target));
+        let (io, sent) = match &early {
+            Some(req) => self.connector.open_early(up, req.as_bytes()).await?,
+            None => (self.connector.open(up).await?, 0),
+        };
         let connect = t0.elapsed();
         let mut outcome = Outcome {
             connect: Some(connect),
             ..Outcome::default()
         };
-        if purpose == Purpose::Forward && up.scheme.is_http() {
+        if forward {
             return Ok((io, outcome, true));
         }
-        let io = self.connector.handshake(up, io, target).await?;
+        let unsent = early.as_ref().map(|req| &req.as_bytes()[sent..]);
+        let io = self
+            .connector
+            .handshake_after(up, io, target, unsent)
+            .await?;
         outcome.handshake = Some(t0.elapsed().saturating_sub(connect));
         Ok((io, outcome, false))
     }
@@ -977,5 +1115,132 @@ mod hedging_tests {
         assert_eq!(burst as i64, HEDGE_BURST);
         h.refund();
         assert!(h.spend());
+    }
+}
+
+#[cfg(test)]
+mod early_tests {
+    use super::*;
+    use std::io::Read;
+
+    fn connector(connect_timeout: Duration) -> Connector {
+        let cfg = DialConfig {
+            connect_timeout,
+            ..DialConfig::default()
+        };
+        Connector::new(
+            cfg,
+            crate::tls::client_config(None).unwrap(),
+            Policy::default(),
+        )
+    }
+
+    fn http(addr: SocketAddr) -> Upstream {
+        Upstream::parse(&format!("http://{addr}")).unwrap()
+    }
+
+    /// A listener whose accept queue is full: a further SYN is dropped, so a connect to it
+    /// stays in SYN_SENT until the queue has room and the SYN is sent again (after ~1 s).
+    fn full_listener() -> (socket2::Socket, socket2::Socket) {
+        use socket2::{Domain, Socket, Type};
+        let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        l.listen(0).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        for _ in 0..16 {
+            match connect_and_send(addr, b"") {
+                Early::Sent(..) => {}
+                Early::Connecting(s) => return (l, s),
+                Early::Failed(e) => panic!("{e}"),
+            }
+        }
+        panic!("the accept queue never filled");
+    }
+
+    #[tokio::test]
+    async fn the_connect_request_goes_out_with_the_connect() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let up = http(l.local_addr().unwrap());
+        let req = b"CONNECT a:1 HTTP/1.1\r\n\r\n";
+        let c = connector(Duration::from_secs(1));
+        // Loopback connects within connect(2), unless the kernel deferred its packet work
+        // (a loaded box): a few tries.
+        let mut early = false;
+        for _ in 0..20 {
+            let (mut io, sent) = c.open_early(&up, req).await.unwrap();
+            io.write_all(&req[sent..]).await.unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            let mut got = [0u8; 24];
+            s.read_exact(&mut got).unwrap();
+            assert_eq!(&got, req);
+            if sent == req.len() {
+                early = true;
+                break;
+            }
+        }
+        assert!(early, "the request never went out with the connect");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_the_upstreams_refusal() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let e = connector(Duration::from_secs(1))
+            .open_early(&http(addr), b"CONNECT a:1 HTTP/1.1\r\n\r\n")
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::UpstreamConnectRefused, "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_connect_still_pending_times_out() {
+        let (l, _pending) = full_listener();
+        let up = http(l.local_addr().unwrap().as_socket().unwrap());
+        let e = connector(Duration::from_millis(200))
+            .open_early(&up, b"CONNECT a:1 HTTP/1.1\r\n\r\n")
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::UpstreamConnectTimeout, "{e}");
+    }
+
+    /// When the connect completes only later, the whole request is sent through the
+    /// registered stream, and the reply read as usual.
+    #[tokio::test]
+    async fn a_connect_completing_later_sends_the_request_then() {
+        let (l, sock) = full_listener();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        let target = Target::parse_authority("example.com:443").unwrap();
+        let up = http(addr);
+        let req = connect_request(&up, &target);
+        let c = connector(Duration::from_secs(10));
+        // Accepting makes room in the queue: the SYN goes through when the kernel sends it
+        // again (the connections queued before close at once).
+        let server = std::thread::spawn(move || {
+            for _ in 0..20 {
+                let (mut s, _) = l.accept().unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                if !head.is_empty() {
+                    std::io::Write::write_all(&mut s, b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+                    return (head, s);
+                }
+            }
+            panic!("no request");
+        });
+        let io = Box::new(c.connected(&up, sock).await.unwrap());
+        let _io = c
+            .handshake_after(&up, io, &target, Some(req.as_bytes()))
+            .await
+            .unwrap();
+        let (head, _s) = server.join().unwrap();
+        assert_eq!(head, req.as_bytes());
     }
 }
