@@ -30,7 +30,7 @@ use tokio_socks::tcp::{Socks4Stream, Socks5Stream};
 
 use crate::auth::basic_value;
 use crate::config::DialConfig;
-use crate::io::{BoxedIo, Rewind};
+use crate::io::{BoxedIo, Fresh, Rewind};
 use crate::policy::Policy;
 use crate::{GatewayError, Metrics};
 
@@ -98,11 +98,31 @@ impl Connector {
 
     /// TCP to the upstream, and TLS for `https` upstreams, within `connect_timeout`.
     pub async fn open(&self, up: &Upstream) -> Result<BoxedIo, GatewayError> {
+        Ok(self.open_with(up, &[]).await?.0)
+    }
+
+    /// [`Connector::open`], with `early` (for a plain `http` upstream, the request that opens
+    /// the tunnel) sent the moment the TCP connection is up; returns the stream and how much
+    /// of `early` went out (nothing to `https` upstreams).
+    ///
+    /// On loopback and fast LANs the TCP handshake has usually completed by the time a
+    /// non-blocking connect(2) returns: `early` then goes out in the next syscall, and the
+    /// first writes of the handshake that follows (a SOCKS greeting, a TLS ClientHello) go
+    /// out directly too ([`Fresh`]), without a trip through the event loop to learn that the
+    /// socket is writable and without the `SO_ERROR` probe. A send on a socket still
+    /// connecting fails with `EAGAIN` (one syscall); the connect is then awaited as usual.
+    /// HAProxy sends the same way.
+    pub async fn open_with(
+        &self,
+        up: &Upstream,
+        early: &[u8],
+    ) -> Result<(BoxedIo, usize), GatewayError> {
         let fut = async {
-            let tcp = tcp_connect(up).await?;
             if up.scheme != Scheme::Https {
-                return Ok(Box::new(tcp) as BoxedIo);
+                let (tcp, sent) = tcp_connect(up, early).await?;
+                return Ok((Box::new(tcp) as BoxedIo, sent));
             }
+            let (tcp, _) = tcp_connect(up, &[]).await?;
             let name = match &up.host {
                 Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
                 Host::Domain(d) => ServerName::try_from(d.clone()).map_err(|_| {
@@ -112,65 +132,12 @@ impl Connector {
             let tls = self.tls.connect(name, tcp).await.map_err(|e| {
                 GatewayError::new(ErrorKind::UpstreamTls, format!("{up}: TLS: {e}"))
             })?;
-            Ok(Box::new(tls) as BoxedIo)
+            Ok((Box::new(tls) as BoxedIo, 0))
         };
+        // The timer is armed only if the connect has to wait.
         tokio::time::timeout(self.cfg.connect_timeout, fut)
             .await
             .unwrap_or_else(|_| Err(connect_timed_out(up, self.cfg.connect_timeout)))
-    }
-
-    /// TCP to a plain `http` upstream at an IP address, with `early` (the request that opens
-    /// the tunnel) sent the moment the connection is up, within `connect_timeout`; returns
-    /// the stream and how much of `early` went out.
-    ///
-    /// On loopback and fast LANs the TCP handshake has usually completed by the time
-    /// connect(2) returns: the request then goes out at once, without a trip through the
-    /// event loop to learn that the socket is writable (a tokio socket knows nothing of its
-    /// readiness until epoll has reported it) and without the `SO_ERROR` probe; a send on a
-    /// socket still connecting fails with `EAGAIN` and costs one syscall. HAProxy sends the
-    /// same way. Other upstreams, and names, go through [`Connector::open`].
-    pub async fn open_early(
-        &self,
-        up: &Upstream,
-        early: &[u8],
-    ) -> Result<(BoxedIo, usize), GatewayError> {
-        let Host::Ip(ip) = up.host else {
-            return Ok((self.open(up).await?, 0));
-        };
-        if up.scheme != Scheme::Http {
-            return Ok((self.open(up).await?, 0));
-        }
-        let refused = |e| connect_refused(up, e);
-        let (tcp, sent) = match connect_and_send(SocketAddr::new(ip, up.port), early) {
-            Early::Sent(sock, n) => (
-                TcpStream::from_std(std::net::TcpStream::from(sock)).map_err(refused)?,
-                n,
-            ),
-            Early::Connecting(sock) => (self.connected(up, sock).await?, 0),
-            Early::Failed(e) => return Err(refused(e)),
-        };
-        Ok((Box::new(tcp), sent))
-    }
-
-    /// `sock`, still connecting to `up`, once connected (within `connect_timeout`).
-    async fn connected(
-        &self,
-        up: &Upstream,
-        sock: socket2::Socket,
-    ) -> Result<TcpStream, GatewayError> {
-        let refused = |e| connect_refused(up, e);
-        let tcp = TcpStream::from_std(std::net::TcpStream::from(sock)).map_err(refused)?;
-        let connected = async {
-            tcp.writable().await?;
-            match tcp.take_error()? {
-                Some(e) => Err(e),
-                None => Ok(()),
-            }
-        };
-        match tokio::time::timeout(self.cfg.connect_timeout, connected).await {
-            Ok(r) => r.map_err(refused).map(|()| tcp),
-            Err(_) => Err(connect_timed_out(up, self.cfg.connect_timeout)),
-        }
     }
 
     /// A tunnel to `target` through `up`'s proxy protocol, within `handshake_timeout`.
@@ -272,14 +239,48 @@ fn connect_and_send(addr: SocketAddr, early: &[u8]) -> Early {
     }
 }
 
-async fn tcp_connect(up: &Upstream) -> Result<TcpStream, GatewayError> {
-    let result = match &up.host {
-        Host::Ip(ip) => TcpStream::connect(SocketAddr::new(*ip, up.port)).await,
-        Host::Domain(d) => TcpStream::connect((d.as_str(), up.port)).await,
-    };
-    let tcp = result.map_err(|e| connect_refused(up, e))?;
-    let _ = tcp.set_nodelay(true);
-    Ok(tcp)
+/// TCP to `up` (each of its name's addresses in turn), `early` sent as soon as it is up.
+async fn tcp_connect(up: &Upstream, early: &[u8]) -> Result<(Fresh, usize), GatewayError> {
+    let refused = |e| connect_refused(up, e);
+    match &up.host {
+        Host::Ip(ip) => connect_one(SocketAddr::new(*ip, up.port), early)
+            .await
+            .map_err(refused),
+        Host::Domain(d) => {
+            let mut last = None;
+            for addr in tokio::net::lookup_host((d.as_str(), up.port))
+                .await
+                .map_err(refused)?
+            {
+                match connect_one(addr, early).await {
+                    Ok(done) => return Ok(done),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(refused(last.unwrap_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address")
+            })))
+        }
+    }
+}
+
+/// TCP to `addr`, `early` sent as soon as it is up.
+async fn connect_one(addr: SocketAddr, early: &[u8]) -> std::io::Result<(Fresh, usize)> {
+    match connect_and_send(addr, early) {
+        Early::Sent(sock, n) => Ok((Fresh::new(sock), n)),
+        Early::Connecting(sock) => Ok((connected(sock).await?, 0)),
+        Early::Failed(e) => Err(e),
+    }
+}
+
+/// `sock`, still connecting, once connected.
+async fn connected(sock: socket2::Socket) -> std::io::Result<Fresh> {
+    let tcp = TcpStream::from_std(sock.into())?;
+    tcp.writable().await?;
+    match tcp.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(Fresh::registered(tcp)),
+    }
 }
 
 /// The request that opens a tunnel to `target` through the HTTP(S) proxy `up`.
@@ -1015,10 +1016,10 @@ impl Dialer {
         let forward = purpose == Purpose::Forward && up.scheme.is_http();
         // A tunnel through a plain HTTP proxy: its CONNECT goes out with the connect.
         let early = (up.scheme == Scheme::Http && !forward).then(|| connect_request(up, target));
-        let (io, sent) = match &early {
-            Some(req) => self.connector.open_early(up, req.as_bytes()).await?,
-            None => (self.connector.open(up).await?, 0),
-        };
+        let (io, sent) = self
+            .connector
+            .open_with(up, early.as_ref().map_or(&[][..], |r| r.as_bytes()))
+            .await?;
         let connect = t0.elapsed();
         let mut outcome = Outcome {
             connect: Some(connect),
@@ -1168,7 +1169,7 @@ mod early_tests {
         // (a loaded box): a few tries.
         let mut early = false;
         for _ in 0..20 {
-            let (mut io, sent) = c.open_early(&up, req).await.unwrap();
+            let (mut io, sent) = c.open_with(&up, req).await.unwrap();
             io.write_all(&req[sent..]).await.unwrap();
             let (mut s, _) = l.accept().unwrap();
             let mut got = [0u8; 24];
@@ -1189,7 +1190,7 @@ mod early_tests {
             .local_addr()
             .unwrap();
         let e = connector(Duration::from_secs(1))
-            .open_early(&http(addr), b"CONNECT a:1 HTTP/1.1\r\n\r\n")
+            .open_with(&http(addr), b"CONNECT a:1 HTTP/1.1\r\n\r\n")
             .await
             .err()
             .unwrap();
@@ -1201,7 +1202,7 @@ mod early_tests {
         let (l, _pending) = full_listener();
         let up = http(l.local_addr().unwrap().as_socket().unwrap());
         let e = connector(Duration::from_millis(200))
-            .open_early(&up, b"CONNECT a:1 HTTP/1.1\r\n\r\n")
+            .open_with(&up, b"CONNECT a:1 HTTP/1.1\r\n\r\n")
             .await
             .err()
             .unwrap();
@@ -1235,7 +1236,7 @@ mod early_tests {
             }
             panic!("no request");
         });
-        let io = Box::new(c.connected(&up, sock).await.unwrap());
+        let io: BoxedIo = Box::new(connected(sock).await.unwrap());
         let _io = c
             .handshake_after(&up, io, &target, Some(req.as_bytes()))
             .await

@@ -1,6 +1,7 @@
 //! Stream plumbing: [`Rewind`] replays bytes already read (first-byte detection, a request head
-//! read ahead, a SOCKS handshake buffered), and [`BoxedIo`] erases the stream type so a tunnel
-//! through TCP, TLS or a SOCKS wrapper is one type.
+//! read ahead, a SOCKS handshake buffered), [`Fresh`] writes to a new connection before the
+//! reactor knows it, and [`BoxedIo`] erases the stream type so a tunnel through TCP, TLS or a
+//! SOCKS wrapper is one type.
 
 use std::io;
 use std::pin::Pin;
@@ -80,6 +81,116 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
+/// A connected TCP stream that is registered with the runtime's reactor only when it first has
+/// to wait.
+///
+/// A tokio socket knows nothing of its readiness until epoll has reported it, so the first
+/// write to a socket registered right after its connect waits for a trip through the event
+/// loop, though the kernel would take the bytes at once. `Fresh` sends directly until a send
+/// would block or a read comes (a reply always has to be waited for): the request that opens
+/// a tunnel, a SOCKS greeting, a TLS ClientHello go out without that trip.
+#[derive(Debug)]
+pub struct Fresh(State);
+
+#[derive(Debug)]
+enum State {
+    Raw(socket2::Socket),
+    Registered(tokio::net::TcpStream),
+    /// Registration failed; the error was returned.
+    Lost,
+}
+
+impl Fresh {
+    /// `socket`: connected and non-blocking.
+    pub fn new(socket: socket2::Socket) -> Self {
+        Fresh(State::Raw(socket))
+    }
+
+    /// A stream already registered.
+    pub fn registered(stream: tokio::net::TcpStream) -> Self {
+        Fresh(State::Registered(stream))
+    }
+
+    /// The registered stream, registering it now if need be.
+    fn stream(&mut self) -> io::Result<&mut tokio::net::TcpStream> {
+        if let State::Raw(_) = self.0 {
+            let State::Raw(socket) = std::mem::replace(&mut self.0, State::Lost) else {
+                unreachable!("matched above")
+            };
+            self.0 = State::Registered(tokio::net::TcpStream::from_std(socket.into())?);
+        }
+        match &mut self.0 {
+            State::Registered(s) => Ok(s),
+            _ => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the socket could not be registered",
+            )),
+        }
+    }
+}
+
+/// `send(2)` flags for a direct write: never a SIGPIPE.
+const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL;
+
+impl AsyncRead for Fresh {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let s = self.get_mut().stream()?;
+        Pin::new(s).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Fresh {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let State::Raw(socket) = &this.0 {
+            match socket.send_with_flags(buf, SEND_FLAGS) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return Poll::Ready(done),
+            }
+        }
+        Pin::new(this.stream()?).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let State::Raw(socket) = &this.0 {
+            match socket.send_vectored_with_flags(bufs, SEND_FLAGS) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return Poll::Ready(done),
+            }
+        }
+        Pin::new(this.stream()?).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().0 {
+            State::Registered(s) => Pin::new(s).poll_flush(cx),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let s = self.get_mut().stream()?;
+        Pin::new(s).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +220,40 @@ mod tests {
             buffer.is_unique(),
             "the replayed prefix still holds its buffer"
         );
+    }
+
+    /// Writes go out directly until a read; then the stream is an ordinary registered one.
+    #[tokio::test]
+    async fn a_fresh_stream_writes_directly_then_registers_to_read() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.connect(&l.local_addr().unwrap().into()).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let mut s = Fresh::new(sock);
+        let (mut peer, _) = l.accept().await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        let n = s
+            .write_vectored(&[io::IoSlice::new(b", "), io::IoSlice::new(b"you")])
+            .await
+            .unwrap();
+        assert_eq!(n, 5);
+        assert!(
+            matches!(s.0, State::Raw(_)),
+            "registered before it had to wait"
+        );
+        let mut got = [0u8; 10];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello, you");
+        peer.write_all(b"back").await.unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"back");
+        assert!(matches!(s.0, State::Registered(_)));
+        s.write_all(b"!").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"!");
     }
 }
