@@ -18,6 +18,8 @@ writes the raw figures as JSON with --json-out).
     tests/bench/peers.py --smoke              # 1 s per cell, one pass: CI's smoke test
     tests/bench/peers.py --threads 2          # proxygate and HAProxy on two threads each
     tests/bench/peers.py --peers proxygate,proxygate-w2,haproxy   # 1 vs 2 workers, same run
+    tests/bench/peers.py --baseline /tmp/proxygate-old --peers proxygate,proxygate-base,haproxy
+                                              # before/after a change, same run
 
 Every gateway runs one event-loop thread by default (proxygate `server.workers = 1`, HAProxy
 `nbthread 1`; squid and pproxy have one anyway): on a small box the load generator, the origin
@@ -80,9 +82,17 @@ def variant_workers(name):
     return None
 
 
+BASELINE = "proxygate-base"
+
+
+def is_variant(name):
+    """A second proxygate beside the first: `proxygate-wN`, or `proxygate-base` (the binary
+    given with --baseline: the code before a change, for a same-run before/after)."""
+    return name == BASELINE or variant_workers(name) is not None
+
+
 def speaks(gateway, scenario):
-    return ("proxygate" if variant_workers(gateway) is not None else gateway) \
-        in SCENARIOS[scenario][1]
+    return ("proxygate" if is_variant(gateway) else gateway) in SCENARIOS[scenario][1]
 
 
 # What pg-loadgen runs for a scenario of ours, when it is not the scenario of the same name.
@@ -150,13 +160,15 @@ class Topology:
     """Every process of the run, stopped on exit."""
 
     def __init__(self, work: Path, loadgen: Path, proxygate: Path, proxygate_extra: str = "",
-                 threads: int = 1):
+                 threads: int = 1, baseline: Path = None):
         self.work = work
         # Event-loop threads of proxygate (server.workers) and HAProxy (nbthread) alike; squid
         # and pproxy have one.
         self.threads = threads
         self.loadgen = loadgen
         self.proxygate = proxygate
+        # Another proxygate binary, run as the peer `proxygate-base`.
+        self.baseline = baseline
         # TOML appended to proxygate's config (tables after the harness's own).
         self.proxygate_extra = proxygate_extra
         self.procs = []
@@ -262,11 +274,16 @@ DisableViaHeader Yes
             workers = variant_workers(name)
             if workers is not None:
                 self.start_proxygate(name, workers)
+            elif name == BASELINE:
+                if not self.baseline:
+                    raise SystemExit(f"{BASELINE} needs --baseline BINARY")
+                self.start_proxygate(name, binary=self.baseline)
             elif name != "direct":
                 getattr(self, f"start_{name}")()
 
-    def start_proxygate(self, name="proxygate", workers=None):
+    def start_proxygate(self, name="proxygate", workers=None, binary=None):
         workers = self.threads if workers is None else workers
+        binary = binary or self.proxygate
         for pool, ups, scheme in [("http", self.tinyproxies, "http"),
                                   ("socks", self.microsocks, "socks5")]:
             port = free_port()
@@ -283,7 +300,7 @@ strategy = "round_robin"
 [log]
 level = "warn"
 """.replace("{threads}", str(workers)) + self.proxygate_extra)
-            argv = [str(self.proxygate), "run", "--config", str(conf), "--listen",
+            argv = [str(binary), "run", "--config", str(conf), "--listen",
                     f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0", "--data-dir",
                     str(self.work / f"{name}-{pool}-data")]
             for u in ups:
@@ -556,8 +573,8 @@ def table(cells, gateways):
 
 
 def ratios(cells):
-    """Key ratios of proxygate (and of each `proxygate-wN`) against each peer (means over
-    passes)."""
+    """Key ratios of proxygate (and of each `proxygate-wN` and `proxygate-base`) against each
+    peer (means over passes)."""
     def mean(sc, g, key):
         v = [c[key] for c in cells if c["scenario"] == sc and c["gateway"] == g and c.get(key)]
         return sum(v) / len(v) if v else None
@@ -575,7 +592,7 @@ def ratios(cells):
                           ("in-tunnel", "cpu_us_per_req", "CPU per in-tunnel request"),
                           ("keepalive", "rps", "keep-alive req/s"),
                           ("idle", "rss_per_idle_tunnel_kib", "RSS per idle tunnel")]:
-        variants = sorted({c["gateway"] for c in cells if variant_workers(c["gateway"])})
+        variants = sorted({c["gateway"] for c in cells if is_variant(c["gateway"])})
         for us in ["proxygate"] + variants:
             ours = mean(sc, us, key)
             peers = ["squid", "haproxy", "pproxy"] + (["proxygate"] if us != "proxygate" else [])
@@ -606,6 +623,9 @@ def main():
                     "(nbthread) alike; squid and pproxy have one")
     ap.add_argument("--proxygate-config", default="", metavar="TOML",
                     help="appended to proxygate's config, e.g. '[dial]\\nhedge_ratio = 0.0'")
+    ap.add_argument("--baseline", metavar="BINARY",
+                    help="another proxygate binary (say, a build of the previous commit), run "
+                    f"as the peer {BASELINE}")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     if args.smoke:
@@ -623,7 +643,8 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="pg-peers-"))
     os.chmod(work, 0o755)
     topo = Topology(work, target / "pg-loadgen", target / "proxygate",
-                    args.proxygate_config.replace("\\n", "\n"), args.threads)
+                    args.proxygate_config.replace("\\n", "\n"), args.threads,
+                    Path(args.baseline) if args.baseline else None)
     cells = []
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, resource.getrlimit(
