@@ -285,7 +285,6 @@ impl Gateway {
         peer: SocketAddr,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
-        let _ = stream.set_nodelay(true);
         tracing::trace!(%peer, "accepted");
         if !self.0.shared.auth.load().is_allowed(peer.ip()) {
             tracing::info!(%peer, "client not in server.allow; closed");
@@ -401,6 +400,8 @@ fn listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListe
     if reuse_port {
         s.set_reuse_port(true)?;
     }
+    // Accepted connections inherit it on Linux: one setsockopt per listener, not per client.
+    s.set_tcp_nodelay(true)?;
     s.bind(&addr.into())?;
     s.listen(BACKLOG)?;
     s.set_nonblocking(true)?;
@@ -605,6 +606,9 @@ async fn accept_loop(live: Live, listener: TcpListener, permits: Arc<Semaphore>)
                 () = shutdown.wait() => return,
             },
         };
+        // On Linux the listening socket's TCP_NODELAY is inherited.
+        #[cfg(not(target_os = "linux"))]
+        let _ = stream.set_nodelay(true);
         let gw = live.gateway();
         gw.spawn(gw.clone().serve_connection(stream, peer, permit));
     }
@@ -640,5 +644,16 @@ mod tests {
             let size = std::mem::size_of_val(&task);
             assert!(size < 768, "the connection's future is {size} bytes");
         });
+    }
+
+    /// Clients get TCP_NODELAY (a small write, the CONNECT reply, goes out at once) without a
+    /// setsockopt each: their listening socket has it, and Linux hands it down on accept.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn accepted_clients_inherit_no_delay() {
+        let l = super::listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (accepted, _) = l.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }
