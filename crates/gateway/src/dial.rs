@@ -285,7 +285,18 @@ async fn connected(sock: socket2::Socket) -> std::io::Result<Fresh> {
 
 /// The request that opens a tunnel to `target` through the HTTP(S) proxy `up`.
 pub(crate) fn connect_request(up: &Upstream, target: &Target) -> String {
-    let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    // Formatted once (the fmt machinery is a visible share of a tunnel's user time).
+    let authority = target.to_string();
+    let mut req = String::with_capacity(128 + 2 * authority.len());
+    for part in [
+        "CONNECT ",
+        &authority,
+        " HTTP/1.1\r\nHost: ",
+        &authority,
+        "\r\n",
+    ] {
+        req.push_str(part);
+    }
     if let Some(c) = &up.credentials {
         req.push_str("Proxy-Authorization: ");
         req.push_str(&basic_value(c.username.expose(), c.password.expose()));
@@ -1243,5 +1254,22 @@ mod early_tests {
             .unwrap();
         let (head, _s) = server.join().unwrap();
         assert_eq!(head, req.as_bytes());
+    }
+
+    #[test]
+    fn the_connect_request_names_the_target_twice_and_carries_credentials() {
+        let up = Upstream::parse("http://user:pa%3Ass@127.0.0.1:3128").unwrap();
+        let v6 = Target::parse_authority("[::1]:443").unwrap();
+        assert_eq!(
+            connect_request(&up, &v6),
+            "CONNECT [::1]:443 HTTP/1.1\r\nHost: [::1]:443\r\n\
+             Proxy-Authorization: Basic dXNlcjpwYTpzcw==\r\n\r\n"
+        );
+        let plain = Upstream::parse("http://127.0.0.1:3128").unwrap();
+        let name = Target::parse_authority("example.com:80").unwrap();
+        assert_eq!(
+            connect_request(&plain, &name),
+            "CONNECT example.com:80 HTTP/1.1\r\nHost: example.com:80\r\n\r\n"
+        );
     }
 }
