@@ -1195,6 +1195,46 @@ mod early_tests {
     }
 
     #[tokio::test]
+    async fn an_ipv6_upstream_gets_its_request_with_the_connect_too() {
+        let Ok(l) = std::net::TcpListener::bind("[::1]:0") else {
+            return; // no IPv6 loopback on this machine
+        };
+        let up = http(l.local_addr().unwrap());
+        let req = b"CONNECT a:1 HTTP/1.1\r\n\r\n";
+        let (mut io, sent) = connector(Duration::from_secs(1))
+            .open_with(&up, req)
+            .await
+            .unwrap();
+        io.write_all(&req[sent..]).await.unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut got = [0u8; 24];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, req);
+    }
+
+    /// A named upstream is resolved and its addresses tried in turn (where `localhost` gives
+    /// ::1 first, nothing listens there and 127.0.0.1 serves).
+    #[tokio::test]
+    async fn a_named_upstream_is_tried_at_each_address() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(("localhost", port)).await {
+            Ok(a) => a.collect(),
+            Err(_) => return,
+        };
+        if !addrs.iter().any(|a| a.is_ipv4()) {
+            return; // this machine's localhost is not 127.0.0.1
+        }
+        let up = Upstream::parse(&format!("socks5://localhost:{port}")).unwrap();
+        let mut io = connector(Duration::from_secs(1)).open(&up).await.unwrap();
+        io.write_all(b"hi").await.unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut got = [0u8; 2];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+    }
+
+    #[tokio::test]
     async fn a_refused_connect_is_the_upstreams_refusal() {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
