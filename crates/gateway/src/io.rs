@@ -113,10 +113,9 @@ impl Fresh {
 
     /// The registered stream, registering it now if need be.
     fn stream(&mut self) -> io::Result<&mut tokio::net::TcpStream> {
-        if let State::Raw(_) = self.0 {
-            let State::Raw(socket) = std::mem::replace(&mut self.0, State::Lost) else {
-                unreachable!("matched above")
-            };
+        if matches!(self.0, State::Raw(_))
+            && let State::Raw(socket) = std::mem::replace(&mut self.0, State::Lost)
+        {
             self.0 = State::Registered(tokio::net::TcpStream::from_std(socket.into())?);
         }
         match &mut self.0 {
@@ -131,6 +130,14 @@ impl Fresh {
 
 /// `send(2)` flags for a direct write: never a SIGPIPE.
 const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL;
+
+/// A direct send that the registered stream should retry (it waits for writability).
+fn would_wait(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
 
 impl AsyncRead for Fresh {
     fn poll_read(
@@ -152,7 +159,7 @@ impl AsyncWrite for Fresh {
         let this = self.get_mut();
         if let State::Raw(socket) = &this.0 {
             match socket.send_with_flags(buf, SEND_FLAGS) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if would_wait(&e) => {}
                 done => return Poll::Ready(done),
             }
         }
@@ -167,7 +174,7 @@ impl AsyncWrite for Fresh {
         let this = self.get_mut();
         if let State::Raw(socket) = &this.0 {
             match socket.send_vectored_with_flags(bufs, SEND_FLAGS) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if would_wait(&e) => {}
                 done => return Poll::Ready(done),
             }
         }
