@@ -214,7 +214,6 @@ enum Early {
 /// completed, a send of `early`.
 fn connect_and_send(addr: SocketAddr, early: &[u8]) -> Early {
     use socket2::{Domain, Protocol, Socket, Type};
-    use std::io::ErrorKind as Io;
     let sock = match Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking(),
@@ -230,11 +229,9 @@ fn connect_and_send(addr: SocketAddr, early: &[u8]) -> Early {
         Err(e) => return Early::Failed(e),
     }
     // A socket still in SYN_SENT answers EAGAIN; one that was refused meanwhile, its error.
-    match sock.send_with_flags(early, libc::MSG_NOSIGNAL) {
+    match sock.send_with_flags(early, crate::io::SEND_FLAGS) {
         Ok(n) => Early::Sent(sock, n),
-        Err(e) if e.kind() == Io::WouldBlock || e.kind() == Io::Interrupted => {
-            Early::Connecting(sock)
-        }
+        Err(e) if crate::io::would_wait(&e) => Early::Connecting(sock),
         Err(e) => Early::Failed(e),
     }
 }

@@ -129,10 +129,10 @@ impl Fresh {
 }
 
 /// `send(2)` flags for a direct write: never a SIGPIPE.
-const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL;
+pub(crate) const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL;
 
-/// A direct send that the registered stream should retry (it waits for writability).
-fn would_wait(e: &io::Error) -> bool {
+/// A direct send that has to wait for writability (then go through the reactor).
+pub(crate) fn would_wait(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
