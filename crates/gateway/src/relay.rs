@@ -222,6 +222,13 @@ impl Pump {
         }
     }
 
+    /// Lets the buffer go (to this thread's spares).
+    fn give_back(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            spare::give(buf);
+        }
+    }
+
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -263,13 +270,11 @@ impl Pump {
                 return Poll::Ready(Ok(()));
             }
             // Read more: into the buffer, taken now if there is none.
-            let buf = self
-                .buf
-                .get_or_insert_with(|| BytesMut::with_capacity(BUF_SIZE));
+            let buf = self.buf.get_or_insert_with(spare::take);
             match tokio_util::io::poll_read_buf(Pin::new(&mut *r), cx, buf) {
                 Poll::Ready(Ok(0)) => {
                     self.eof = true;
-                    self.buf = None;
+                    self.give_back();
                 }
                 Poll::Ready(Ok(_)) => {
                     if self.first.is_none() {
@@ -279,11 +284,79 @@ impl Pump {
                 Poll::Ready(Err(_)) => return Poll::Ready(Err(self.read_fault)),
                 Poll::Pending => {
                     // Nothing waiting and nothing unwritten: an idle direction holds no buffer.
-                    self.buf = None;
+                    self.give_back();
                     return Poll::Pending;
                 }
             }
         }
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+/// Buffers let go by the relays of this thread, for the next one to take.
+///
+/// Every wake polls both directions, and a direction with nothing in hand takes a buffer before
+/// its read can tell whether anything is waiting: most takes find nothing and give the buffer
+/// straight back (six takes per one-request tunnel, two of them used). Keeping a few buffers per
+/// thread makes each a pop and a push, not a 16 KiB malloc and free; idle tunnels still hold
+/// none. At most [`SPARE_MAX`] per thread (256 KiB); the data plane's workers each run their
+/// relays on one thread.
+mod spare {
+    use std::cell::Cell;
+
+    use bytes::BytesMut;
+
+    use super::BUF_SIZE;
+
+    pub(super) const SPARE_MAX: usize = 16;
+
+    thread_local! {
+        static SPARE: Cell<Vec<BytesMut>> = const { Cell::new(Vec::new()) };
+    }
+
+    /// A spare buffer of this thread, or a new one: empty, [`BUF_SIZE`] bytes of room.
+    pub(super) fn take() -> BytesMut {
+        SPARE
+            .try_with(|spare| {
+                let mut bufs = spare.take();
+                let buf = bufs.pop();
+                spare.set(bufs);
+                buf
+            })
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| BytesMut::with_capacity(BUF_SIZE))
+    }
+
+    /// Keeps `buf` for a later [`take`] if there is room; drops it otherwise.
+    pub(super) fn give(mut buf: BytesMut) {
+        buf.clear();
+        if buf.capacity() != BUF_SIZE {
+            return;
+        }
+        // At thread exit (the thread-local gone) the buffer is simply dropped.
+        let _ = SPARE.try_with(|spare| {
+            let mut bufs = spare.take();
+            if bufs.len() < SPARE_MAX {
+                bufs.push(buf);
+            }
+            spare.set(bufs);
+        });
+    }
+
+    #[cfg(test)]
+    pub(super) fn count() -> usize {
+        SPARE.with(|spare| {
+            let bufs = spare.take();
+            let n = bufs.len();
+            spare.set(bufs);
+            n
+        })
     }
 }
 
@@ -550,5 +623,64 @@ mod tests {
         let stats = task.await.unwrap();
         assert_eq!(stats.end, RelayEnd::Idle);
         assert_eq!(stats.bytes_up, 5);
+    }
+
+    #[test]
+    fn spare_buffers_are_reused_and_bounded() {
+        // A test thread of its own: its spares start empty.
+        assert_eq!(spare::count(), 0);
+        let buf = spare::take();
+        assert!(buf.is_empty());
+        assert_eq!(buf.capacity(), BUF_SIZE);
+        let at = buf.as_ptr();
+        let mut used = buf;
+        used.extend_from_slice(b"left over");
+        spare::give(used);
+        assert_eq!(spare::count(), 1);
+        let again = spare::take();
+        assert_eq!(again.as_ptr(), at, "the spare was not taken");
+        assert!(again.is_empty(), "a spare comes back empty");
+        assert_eq!(spare::count(), 0);
+        // A buffer of another size is not kept.
+        spare::give(BytesMut::with_capacity(100));
+        assert_eq!(spare::count(), 0);
+        // At most SPARE_MAX are kept.
+        let many: Vec<BytesMut> = (0..spare::SPARE_MAX + 5).map(|_| spare::take()).collect();
+        for buf in many {
+            spare::give(buf);
+        }
+        assert_eq!(spare::count(), spare::SPARE_MAX);
+        drop(again);
+    }
+
+    #[tokio::test]
+    async fn relays_give_their_buffers_back_to_the_thread() {
+        // One thread (the test's current-thread runtime) and a fresh set of spares: a relay
+        // that parks again and again on 64-byte pipes takes and lets go of buffers all the
+        // time, but never holds more than one per direction, and leaves them all as spares.
+        assert_eq!(spare::count(), 0);
+        let (client, mut client_peer) = duplex(64);
+        let (upstream, mut upstream_peer) = duplex(64);
+        let metrics = Metrics::unregistered();
+        let relay = relay(client, upstream, false, Duration::from_secs(5), &metrics);
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let peers = async {
+            // Chunks that fit the pipe: written at once, then read back through the relay.
+            for chunk in data.chunks(50) {
+                client_peer.write_all(chunk).await.unwrap();
+                let mut got = vec![0u8; chunk.len()];
+                upstream_peer.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, chunk);
+                // Idle between chunks: both directions let their buffers go.
+                tokio::task::yield_now().await;
+                assert!(spare::count() >= 1);
+            }
+            drop(client_peer);
+            drop(upstream_peer);
+        };
+        let (stats, ()) = tokio::join!(relay, peers);
+        assert_eq!(stats.bytes_up, 100_000);
+        let n = spare::count();
+        assert!((1..=2).contains(&n), "{n} spares after one relay");
     }
 }
