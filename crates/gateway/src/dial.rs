@@ -117,6 +117,17 @@ impl Connector {
         up: &Upstream,
         early: &[u8],
     ) -> Result<(BoxedIo, usize), GatewayError> {
+        self.open_until(up, early, None).await
+    }
+
+    /// [`Connector::open_with`], ending at `outer` (a dial's retry deadline) if that comes
+    /// before the connect timeout.
+    async fn open_until(
+        &self,
+        up: &Upstream,
+        early: &[u8],
+        outer: Option<tokio::time::Instant>,
+    ) -> Result<(BoxedIo, usize), GatewayError> {
         let fut = async {
             if up.scheme != Scheme::Https {
                 let (tcp, sent) = tcp_connect(up, early).await?;
@@ -129,15 +140,36 @@ impl Connector {
                     GatewayError::new(ErrorKind::UpstreamTls, format!("{up}: invalid TLS name"))
                 })?,
             };
-            let tls = self.tls.connect(name, tcp).await.map_err(|e| {
+            // Boxed: the TLS handshake's state is kilobytes, and inline it would make every
+            // plain connect's future that large (moved, not just allocated, at each await).
+            let tls = Box::pin(self.tls.connect(name, tcp)).await.map_err(|e| {
                 GatewayError::new(ErrorKind::UpstreamTls, format!("{up}: TLS: {e}"))
             })?;
             Ok((Box::new(tls) as BoxedIo, 0))
         };
         // The timer is armed only if the connect has to wait.
-        tokio::time::timeout(self.cfg.connect_timeout, fut)
-            .await
-            .unwrap_or_else(|_| Err(connect_timed_out(up, self.cfg.connect_timeout)))
+        let (deadline, outer_first) = self.deadline(self.cfg.connect_timeout, outer);
+        match tokio::time::timeout_at(deadline, fut).await {
+            Ok(r) => r,
+            Err(_) if outer_first => Err(retry_deadline_passed(up, self.cfg.retry_deadline)),
+            Err(_) => Err(connect_timed_out(up, self.cfg.connect_timeout)),
+        }
+    }
+
+    /// When a phase allowed `limit` from now ends, given `outer` (a dial's retry deadline):
+    /// one timer for both, and whether `outer` is the one it stands for. (The phase's future
+    /// is awaited in place by the caller: passing it through a helper would move it once more,
+    /// and these futures are large.)
+    fn deadline(
+        &self,
+        limit: Duration,
+        outer: Option<tokio::time::Instant>,
+    ) -> (tokio::time::Instant, bool) {
+        let own = tokio::time::Instant::now() + limit;
+        match outer {
+            Some(outer) if outer <= own => (outer, true),
+            _ => (own, false),
+        }
     }
 
     /// A tunnel to `target` through `up`'s proxy protocol, within `handshake_timeout`.
@@ -147,7 +179,7 @@ impl Connector {
         io: BoxedIo,
         target: &Target,
     ) -> Result<BoxedIo, GatewayError> {
-        self.handshake_after(up, io, target, None).await
+        self.handshake_after(up, io, target, None, None).await
     }
 
     /// [`Connector::handshake`], for an `http`/`https` upstream whose CONNECT request
@@ -158,6 +190,7 @@ impl Connector {
         io: BoxedIo,
         target: &Target,
         unsent: Option<&[u8]>,
+        outer: Option<tokio::time::Instant>,
     ) -> Result<BoxedIo, GatewayError> {
         let fut = async {
             match (up.scheme, unsent) {
@@ -168,22 +201,32 @@ impl Connector {
                     http_connect(up, io, target, self.cfg.max_reply_head_bytes).await
                 }
                 (Scheme::Socks5 | Scheme::Socks5h | Scheme::Socks4 | Scheme::Socks4a, _) => {
-                    socks_connect(up, io, target, &self.policy).await
+                    // Boxed: tokio-socks' handshake state is over a kilobyte, seven times
+                    // an HTTP CONNECT's; inline it would size (and move) every handshake.
+                    Box::pin(socks_connect(up, io, target, &self.policy)).await
                 }
             }
         };
-        tokio::time::timeout(self.cfg.handshake_timeout, fut)
-            .await
-            .unwrap_or_else(|_| {
-                Err(GatewayError::new(
-                    ErrorKind::UpstreamHandshakeTimeout,
-                    format!(
-                        "{up}: no handshake reply within {:?}",
-                        self.cfg.handshake_timeout
-                    ),
-                ))
-            })
+        let (deadline, outer_first) = self.deadline(self.cfg.handshake_timeout, outer);
+        match tokio::time::timeout_at(deadline, fut).await {
+            Ok(r) => r,
+            Err(_) if outer_first => Err(retry_deadline_passed(up, self.cfg.retry_deadline)),
+            Err(_) => Err(GatewayError::new(
+                ErrorKind::UpstreamHandshakeTimeout,
+                format!(
+                    "{up}: no handshake reply within {:?}",
+                    self.cfg.handshake_timeout
+                ),
+            )),
+        }
     }
+}
+
+fn retry_deadline_passed(up: &Upstream, retry_deadline: Duration) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::UpstreamHandshakeTimeout,
+        format!("{up}: retry deadline ({retry_deadline:?}) passed"),
+    )
 }
 
 fn connect_refused(up: &Upstream, e: std::io::Error) -> GatewayError {
@@ -281,20 +324,23 @@ async fn connected(sock: socket2::Socket) -> std::io::Result<Fresh> {
 }
 
 /// The request that opens a tunnel to `target` through the HTTP(S) proxy `up`.
-pub(crate) fn connect_request(up: &Upstream, target: &Target) -> String {
-    // No fmt: `Ipv4Addr`'s Display was most of a tunnel's formatting.
-    let mut req = String::with_capacity(160);
-    req.push_str("CONNECT ");
+pub(crate) fn connect_request(up: &Upstream, target: &Target) -> Vec<u8> {
+    // No fmt (`Ipv4Addr`'s Display was most of a tunnel's formatting); the authority is
+    // written once and copied.
+    let mut req = Vec::with_capacity(160);
+    req.extend_from_slice(b"CONNECT ");
+    let at = req.len();
     target.push_authority(&mut req);
-    req.push_str(" HTTP/1.1\r\nHost: ");
-    target.push_authority(&mut req);
-    req.push_str("\r\n");
+    let authority = at..req.len();
+    req.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    req.extend_from_within(authority);
+    req.extend_from_slice(b"\r\n");
     if let Some(c) = &up.credentials {
-        req.push_str("Proxy-Authorization: ");
-        req.push_str(&basic_value(c.username.expose(), c.password.expose()));
-        req.push_str("\r\n");
+        req.extend_from_slice(b"Proxy-Authorization: ");
+        req.extend_from_slice(basic_value(c.username.expose(), c.password.expose()).as_bytes());
+        req.extend_from_slice(b"\r\n");
     }
-    req.push_str("\r\n");
+    req.extend_from_slice(b"\r\n");
     req
 }
 
@@ -306,7 +352,7 @@ pub(crate) async fn http_connect(
     max_head: usize,
 ) -> Result<BoxedIo, GatewayError> {
     let req = connect_request(up, target);
-    http_connect_with(up, io, target, req.as_bytes(), max_head).await
+    http_connect_with(up, io, target, &req, max_head).await
 }
 
 /// `CONNECT target` through an HTTP(S) proxy, `unsent` being what is left to send of its
@@ -989,24 +1035,15 @@ impl Dialer {
         purpose: Purpose,
         deadline: tokio::time::Instant,
     ) -> Result<(BoxedIo, Outcome, bool), GatewayError> {
-        let attempt = self.attempt(lease.upstream(), target, purpose);
-        match tokio::time::timeout_at(deadline, attempt).await {
-            Ok(Ok((io, outcome, to_http_proxy))) => {
-                if let Some(connect) = outcome.connect {
-                    self.metrics.established(connect, outcome.handshake);
-                }
-                Ok((io, outcome, to_http_proxy))
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(GatewayError::new(
-                ErrorKind::UpstreamHandshakeTimeout,
-                format!(
-                    "{}: retry deadline ({:?}) passed",
-                    lease.upstream(),
-                    self.connector.config().retry_deadline
-                ),
-            )),
+        let r = self
+            .attempt(lease.upstream(), target, purpose, deadline)
+            .await;
+        if let Ok((_, outcome, _)) = &r
+            && let Some(connect) = outcome.connect
+        {
+            self.metrics.established(connect, outcome.handshake);
         }
+        r
     }
 
     async fn attempt(
@@ -1014,14 +1051,17 @@ impl Dialer {
         up: &Upstream,
         target: &Target,
         purpose: Purpose,
+        deadline: tokio::time::Instant,
     ) -> Result<(BoxedIo, Outcome, bool), GatewayError> {
+        // The retry deadline bounds the connect and the handshake through their own timers
+        // (one timer per phase, not one more around both).
         let t0 = Instant::now();
         let forward = purpose == Purpose::Forward && up.scheme.is_http();
         // A tunnel through a plain HTTP proxy: its CONNECT goes out with the connect.
         let early = (up.scheme == Scheme::Http && !forward).then(|| connect_request(up, target));
         let (io, sent) = self
             .connector
-            .open_with(up, early.as_ref().map_or(&[][..], |r| r.as_bytes()))
+            .open_until(up, early.as_deref().unwrap_or_default(), Some(deadline))
             .await?;
         let connect = t0.elapsed();
         let mut outcome = Outcome {
@@ -1031,10 +1071,10 @@ impl Dialer {
         if forward {
             return Ok((io, outcome, true));
         }
-        let unsent = early.as_ref().map(|req| &req.as_bytes()[sent..]);
+        let unsent = early.as_ref().map(|req| &req[sent..]);
         let io = self
             .connector
-            .handshake_after(up, io, target, unsent)
+            .handshake_after(up, io, target, unsent, Some(deadline))
             .await?;
         outcome.handshake = Some(t0.elapsed().saturating_sub(connect));
         Ok((io, outcome, false))
@@ -1281,11 +1321,11 @@ mod early_tests {
         });
         let io: BoxedIo = Box::new(connected(sock).await.unwrap());
         let _io = c
-            .handshake_after(&up, io, &target, Some(req.as_bytes()))
+            .handshake_after(&up, io, &target, Some(&req[..]), None)
             .await
             .unwrap();
         let (head, _s) = server.join().unwrap();
-        assert_eq!(head, req.as_bytes());
+        assert_eq!(head, req);
     }
 
     #[test]
@@ -1293,15 +1333,107 @@ mod early_tests {
         let up = Upstream::parse("http://user:pa%3Ass@127.0.0.1:3128").unwrap();
         let v6 = Target::parse_authority("[::1]:443").unwrap();
         assert_eq!(
-            connect_request(&up, &v6),
+            String::from_utf8(connect_request(&up, &v6)).unwrap(),
             "CONNECT [::1]:443 HTTP/1.1\r\nHost: [::1]:443\r\n\
              Proxy-Authorization: Basic dXNlcjpwYTpzcw==\r\n\r\n"
         );
         let plain = Upstream::parse("http://127.0.0.1:3128").unwrap();
         let name = Target::parse_authority("example.com:80").unwrap();
         assert_eq!(
-            connect_request(&plain, &name),
+            String::from_utf8(connect_request(&plain, &name)).unwrap(),
             "CONNECT example.com:80 HTTP/1.1\r\nHost: example.com:80\r\n\r\n"
         );
+    }
+
+    /// A connector whose own timeouts are long (10 s), and an upstream that accepts but never
+    /// answers.
+    fn slow_connector_and_silent_upstream() -> (Connector, std::net::TcpListener, Upstream) {
+        let cfg = DialConfig {
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            ..DialConfig::default()
+        };
+        let c = Connector::new(
+            cfg,
+            crate::tls::client_config(None).unwrap(),
+            Policy::default(),
+        );
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let up = http(l.local_addr().unwrap());
+        (c, l, up)
+    }
+
+    #[tokio::test]
+    async fn the_retry_deadline_ends_a_handshake_before_its_own_timeout() {
+        let (c, _l, up) = slow_connector_and_silent_upstream();
+        let target = Target::parse_authority("example.com:443").unwrap();
+        let t0 = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        let (io, _) = c.open_until(&up, b"", Some(deadline)).await.unwrap();
+        let e = c
+            .handshake_after(&up, io, &target, None, Some(deadline))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::UpstreamHandshakeTimeout);
+        assert!(e.detail.contains("retry deadline"), "{}", e.detail);
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handshake_timeout_before_the_retry_deadline_is_the_handshakes() {
+        let (mut c, _l, up) = slow_connector_and_silent_upstream();
+        c.cfg.handshake_timeout = Duration::from_millis(200);
+        let target = Target::parse_authority("example.com:443").unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let (io, _) = c.open_until(&up, b"", Some(deadline)).await.unwrap();
+        let e = c
+            .handshake_after(&up, io, &target, None, Some(deadline))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::UpstreamHandshakeTimeout);
+        assert!(e.detail.contains("no handshake reply"), "{}", e.detail);
+    }
+
+    #[tokio::test]
+    async fn the_retry_deadline_ends_a_connect_left_waiting() {
+        let (l, _pending) = full_listener();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        let (c, _silent, _) = slow_connector_and_silent_upstream();
+        let t0 = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        let e = c
+            .open_until(&http(addr), b"", Some(deadline))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::UpstreamHandshakeTimeout);
+        assert!(e.detail.contains("retry deadline"), "{}", e.detail);
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    }
+}
+/// The futures of a dial are moved (memcpy) each time they are wrapped or boxed on the way
+/// to the task; a kilobyte of SOCKS or TLS handshake state inline in every plain CONNECT cost
+/// ~1,000 instructions per tunnel. Those two are boxed; this keeps them so.
+#[cfg(test)]
+mod future_sizes {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_connect_and_handshake_futures_stay_small() {
+        let c = Connector::new(
+            DialConfig::default(),
+            crate::tls::client_config(None).unwrap(),
+            Policy::default(),
+        );
+        let up = Upstream::parse("http://127.0.0.1:1").unwrap();
+        let target = Target::parse_authority("a.example:1").unwrap();
+        let io: BoxedIo = Box::new(tokio::io::duplex(1).0);
+        let handshake = std::mem::size_of_val(&c.handshake_after(&up, io, &target, None, None));
+        let open = std::mem::size_of_val(&c.open_until(&up, b"", None));
+        // Unboxed they were 1,456 and 1,336 bytes (debug build).
+        assert!(handshake <= 1024, "handshake future: {handshake} bytes");
+        assert!(open <= 1024, "connect future: {open} bytes");
     }
 }
