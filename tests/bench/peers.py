@@ -20,6 +20,15 @@ writes the raw figures as JSON with --json-out).
     tests/bench/peers.py --peers proxygate,proxygate-w2,haproxy   # 1 vs 2 workers, same run
     tests/bench/peers.py --baseline /tmp/proxygate-old --peers proxygate,proxygate-base,haproxy
                                               # before/after a change, same run
+    tests/bench/peers.py --instructions 2000 --peers proxygate,haproxy
+                                              # user-space instructions per request (callgrind)
+
+`--instructions N` runs each gateway under valgrind's callgrind instead and counts the
+instructions it executes in user space for N requests per scenario (closed loop, after a
+warm-up, counting on only while they run): a figure that does not move with the machine's
+load, so a change of a few percent on the hot path shows in one run where CPU time per
+request needs many passes. It leaves out the kernel's share (most of a tunnel's CPU: the same
+syscalls cost every gateway the same) and cache misses.
 
 Every gateway runs one event-loop thread by default (proxygate `server.workers = 1`, HAProxy
 `nbthread 1`; squid and pproxy have one anyway): on a small box the load generator, the origin
@@ -126,10 +135,11 @@ def wait_port(port, what, limit=20.0):
     raise SystemExit(f"{what} did not listen on 127.0.0.1:{port}")
 
 
-def ensure_packages():
+def ensure_packages(valgrind=False):
     need = []
     for binary, pkg in [("nginx", "nginx-light"), ("squid", "squid"), ("haproxy", "haproxy"),
-                        ("tinyproxy", "tinyproxy"), ("microsocks", "microsocks")]:
+                        ("tinyproxy", "tinyproxy"), ("microsocks", "microsocks")] + (
+                            [("callgrind_control", "valgrind")] if valgrind else []):
         if not (shutil.which(binary) or Path(f"/usr/sbin/{binary}").exists()):
             need.append(pkg)
     if need:
@@ -173,6 +183,14 @@ class Topology:
         self.proxygate_extra = proxygate_extra
         self.procs = []
         self.gateways = {}  # (name, pool) -> (port, Popen)
+        # Gateways run under callgrind (--instructions), counting only when switched on.
+        self.callgrind = False
+
+    def gateway_argv(self, name, argv):
+        if not self.callgrind:
+            return argv
+        return ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                f"--callgrind-out-file={self.work}/cg.{name}.%p"] + argv
 
     def spawn(self, name, argv, **kw):
         logf = open(self.work / f"{name}.log", "w")
@@ -305,8 +323,9 @@ level = "warn"
                     str(self.work / f"{name}-{pool}-data")]
             for u in ups:
                 argv += ["--upstream", f"{scheme}://127.0.0.1:{u}"]
-            p = self.spawn(f"{name}-{pool}", argv, env={**os.environ, "RUST_LOG": "warn"})
-            wait_port(port, name)
+            p = self.spawn(f"{name}-{pool}", self.gateway_argv(f"{name}-{pool}", argv),
+                           env={**os.environ, "RUST_LOG": "warn"})
+            wait_port(port, name, 60)
             self.gateways[(name, pool)] = (port, p)
 
     def start_squid(self):
@@ -333,8 +352,8 @@ forwarded_for delete
 via off
 shutdown_lifetime 1 seconds
 """)
-        p = self.spawn("squid", [sbin("squid"), "-N", "-f", str(conf)])
-        wait_port(port, "squid", 30)
+        p = self.spawn("squid", self.gateway_argv("squid", [sbin("squid"), "-N", "-f", str(conf)]))
+        wait_port(port, "squid", 60)
         self.gateways[("squid", "http")] = (port, p)
 
     def start_haproxy(self):
@@ -363,8 +382,9 @@ backend microsocks
     balance roundrobin
 {servers(self.microsocks, "m")}
 """)
-        p = self.spawn("haproxy", [sbin("haproxy"), "-db", "-f", str(conf)])
-        wait_port(hport, "haproxy")
+        p = self.spawn("haproxy", self.gateway_argv(
+            "haproxy", [sbin("haproxy"), "-db", "-f", str(conf)]))
+        wait_port(hport, "haproxy", 60)
         self.gateways[("haproxy", "http")] = (hport, p)
         self.gateways[("haproxy", "socks")] = (sport, p)
 
@@ -375,8 +395,8 @@ backend microsocks
             argv = [shutil.which("pproxy"), "-l", f"{scheme}://127.0.0.1:{port}", "-s", "rr"]
             for u in ups:
                 argv += ["-r", f"{scheme}://127.0.0.1:{u}"]
-            p = self.spawn(f"pproxy-{pool}", argv)
-            wait_port(port, "pproxy")
+            p = self.spawn(f"pproxy-{pool}", self.gateway_argv(f"pproxy-{pool}", argv))
+            wait_port(port, "pproxy", 60)
             self.gateways[("pproxy", pool)] = (port, p)
 
 
@@ -504,6 +524,78 @@ def run_cell(topo, gateway, scenario, seconds, args):
     return cell
 
 
+# Scenarios counted by --instructions: one request's work each (bulk and idle are not).
+INSTRUCTION_SCENARIOS = ["connect", "socks5", "in-tunnel", "keepalive", "absolute-new"]
+
+
+def callgrind_cell(topo, gateway, scenario, requests, args):
+    """User-space instructions per request of `gateway` for `scenario` (callgrind)."""
+    pool, _ = SCENARIOS[scenario]
+    port, proc = topo.gateways[(gateway, pool)]
+    name = f"{gateway}-{pool}" if gateway not in ("haproxy", "squid") else gateway
+
+    def loadgen(n):
+        argv = [str(topo.loadgen), "--proxy", f"127.0.0.1:{port}", "--origin",
+                f"127.0.0.1:{topo.origin_port}", "--json", "--concurrency",
+                str(args.concurrency), "--requests", str(n), "--duration", "600s",
+                "--path", "/index.html", "--scenario", scenario]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    def control(*what):
+        subprocess.run(["callgrind_control", *what, str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    # Inside open tunnels a request is cheap and each run opens its tunnels anew: ten times
+    # as many requests, so that opening them is a small part of the count.
+    if scenario == "in-tunnel":
+        requests *= 10
+    loadgen(max(100, requests // 10))  # warm-up, not counted
+    control("--zero")
+    control("--instr=on")
+    r = loadgen(requests)
+    control("--instr=off")
+    control("--dump")
+    dumps = sorted(topo.work.glob(f"cg.{name}.{proc.pid}.*"),
+                   key=lambda f: int(f.name.rsplit(".", 1)[1]))
+    if not dumps:
+        raise SystemExit(f"callgrind wrote no dump for {gateway}")
+    # `totals:` (at the end): what was counted since the zeroing (`summary:` may say 0).
+    total = 0
+    for line in dumps[-1].read_text(errors="replace").splitlines():
+        if line.startswith("totals:"):
+            total = int(line.split()[1])
+    done = r["completed"]
+    return {"gateway": gateway, "scenario": scenario, "completed": done,
+            "errors": sum(r["errors"].values()),
+            "instructions_per_req": total / done if done else None}
+
+
+def instructions_table(cells, gateways):
+    scen = [s for s in INSTRUCTION_SCENARIOS if any(c["scenario"] == s for c in cells)]
+    lines = ["| scenario | " + " | ".join(gateways) + " |",
+             "|---" * (len(gateways) + 1) + "|"]
+    for sc in scen:
+        row = []
+        for g in gateways:
+            c = next((c for c in cells if c["scenario"] == sc and c["gateway"] == g), None)
+            v = c and c["instructions_per_req"]
+            row.append(f"{v / 1000:.1f}k" if v else "–")
+        lines.append(f"| {sc} | " + " | ".join(row) + " |")
+    out = ["\n".join(lines), ""]
+    for sc in scen:
+        ours = next((c["instructions_per_req"] for c in cells
+                     if c["scenario"] == sc and c["gateway"] == "proxygate"), None)
+        for g in gateways:
+            if g == "proxygate":
+                continue
+            theirs = next((c["instructions_per_req"] for c in cells
+                           if c["scenario"] == sc and c["gateway"] == g), None)
+            if ours and theirs:
+                out.append(f"- {sc}: proxygate / {g} = {ours / theirs:.2f}")
+    return "\n".join(out)
+
+
 def soak(topo, requests, scenario="keepalive"):
     """`requests` requests through proxygate in one run (closed loop, 50 connections), RSS
     sampled every second: memory must stay flat and no request may fail."""
@@ -626,6 +718,9 @@ def main():
     ap.add_argument("--baseline", metavar="BINARY",
                     help="another proxygate binary (say, a build of the previous commit), run "
                     f"as the peer {BASELINE}")
+    ap.add_argument("--instructions", type=int, default=0, metavar="N",
+                    help="count user-space instructions per request under callgrind instead, "
+                    "N requests per scenario and gateway")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     if args.smoke:
@@ -635,7 +730,7 @@ def main():
     for s in scenarios:
         if s not in SCENARIOS:
             raise SystemExit(f"unknown scenario {s}")
-    ensure_packages()
+    ensure_packages(valgrind=bool(args.instructions))
     if not args.no_build:
         subprocess.run(["cargo", "build", "--locked", "--release", "-p", "proxygate",
                         "-p", "proxygate-loadgen"], cwd=REPO, check=True)
@@ -646,6 +741,37 @@ def main():
                     args.proxygate_config.replace("\\n", "\n"), args.threads,
                     Path(args.baseline) if args.baseline else None)
     cells = []
+    if args.instructions:
+        gateways = [g for g in gateways if g != "direct"]
+        topo.callgrind = True
+        try:
+            topo.origin(args.bulk_mib)
+            topo.upstreams()
+            topo.start_gateways(gateways)
+            for sc in [s for s in scenarios if s in INSTRUCTION_SCENARIOS]:
+                for g in gateways:
+                    if speaks(g, sc):
+                        log(f"{sc} via {g}: {args.instructions} requests under callgrind")
+                        c = callgrind_cell(topo, g, sc, args.instructions, args)
+                        log(f"    {c['instructions_per_req'] or 0:,.0f} instructions per request,"
+                            f" {c['errors']} errors")
+                        cells.append(c)
+        finally:
+            topo.stop()
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        print(f"## User-space instructions per request (callgrind), {stamp}\n")
+        print(f"{args.instructions} requests per cell ({args.instructions * 10} inside open "
+              f"tunnels, whose opening is counted too) after a warm-up, {args.concurrency} "
+              "connections, one thread each; the kernel's share is not counted. HAProxy "
+              "passes absolute-form requests through as bytes (TCP mode): the keepalive "
+              "and absolute-new cells compare HTTP handling against none.\n")
+        print(instructions_table(cells, gateways))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps({"when": stamp, "cells": cells}, indent=1))
+        if any(c["errors"] for c in cells if c["gateway"] == "proxygate"):
+            sys.exit(1)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, resource.getrlimit(
             resource.RLIMIT_NOFILE)[1]))
