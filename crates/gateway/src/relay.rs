@@ -140,12 +140,26 @@ where
 {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let (up_before, down_before) = (self.up.bytes, self.down.bytes);
-        let up = self
-            .up
-            .poll(cx, &mut self.client, &mut self.upstream, self.down.done);
-        let down = self
-            .down
-            .poll(cx, &mut self.upstream, &mut self.client, self.up.done);
+        // A buffer one direction lets go of in this poll serves the other (most wakes are for
+        // one direction; the other only looks); whatever is left goes back to the thread.
+        let mut slot = None;
+        let up = self.up.poll(
+            cx,
+            &mut self.client,
+            &mut self.upstream,
+            self.down.done,
+            &mut slot,
+        );
+        let down = self.down.poll(
+            cx,
+            &mut self.upstream,
+            &mut self.client,
+            self.up.done,
+            &mut slot,
+        );
+        if let Some(buf) = slot {
+            spare::give(buf);
+        }
         if self.up.bytes != up_before || self.down.bytes != down_before {
             self.last_activity = Instant::now();
             if down_before == 0 && self.down.bytes > 0 {
@@ -222,10 +236,16 @@ impl Pump {
         }
     }
 
-    /// Lets the buffer go (to this thread's spares).
-    fn give_back(&mut self) {
-        if let Some(buf) = self.buf.take() {
-            spare::give(buf);
+    /// Lets the buffer go: into `slot` (for the other direction, in this poll) if it is
+    /// free, else to this thread's spares.
+    fn give_back(&mut self, slot: &mut Option<BytesMut>) {
+        if let Some(mut buf) = self.buf.take() {
+            if slot.is_none() {
+                buf.clear();
+                *slot = Some(buf);
+            } else {
+                spare::give(buf);
+            }
         }
     }
 
@@ -235,6 +255,7 @@ impl Pump {
         r: &mut R,
         w: &mut W,
         other_done: bool,
+        slot: &mut Option<BytesMut>,
     ) -> Poll<Result<(), RelayEnd>>
     where
         R: AsyncRead + Unpin,
@@ -270,11 +291,13 @@ impl Pump {
                 return Poll::Ready(Ok(()));
             }
             // Read more: into the buffer, taken now if there is none.
-            let buf = self.buf.get_or_insert_with(spare::take);
+            let buf = self
+                .buf
+                .get_or_insert_with(|| slot.take().unwrap_or_else(spare::take));
             match tokio_util::io::poll_read_buf(Pin::new(&mut *r), cx, buf) {
                 Poll::Ready(Ok(0)) => {
                     self.eof = true;
-                    self.give_back();
+                    self.give_back(slot);
                 }
                 Poll::Ready(Ok(_)) => {
                     if self.first.is_none() {
@@ -284,7 +307,7 @@ impl Pump {
                 Poll::Ready(Err(_)) => return Poll::Ready(Err(self.read_fault)),
                 Poll::Pending => {
                     // Nothing waiting and nothing unwritten: an idle direction holds no buffer.
-                    self.give_back();
+                    self.give_back(slot);
                     return Poll::Pending;
                 }
             }
@@ -294,7 +317,9 @@ impl Pump {
 
 impl Drop for Pump {
     fn drop(&mut self) {
-        self.give_back();
+        if let Some(buf) = self.buf.take() {
+            spare::give(buf);
+        }
     }
 }
 
@@ -302,9 +327,10 @@ impl Drop for Pump {
 ///
 /// Every wake polls both directions, and a direction with nothing in hand takes a buffer before
 /// its read can tell whether anything is waiting: most takes find nothing and give the buffer
-/// straight back (six takes per one-request tunnel, two of them used). Keeping a few buffers per
-/// thread makes each a pop and a push, not a 16 KiB malloc and free; idle tunnels still hold
-/// none. At most [`SPARE_MAX`] per thread (256 KiB); the data plane's workers each run their
+/// straight back (six takes per one-request tunnel, two of them used). Within one poll the
+/// buffer passes from one direction to the other (`Relay::poll`'s slot); between polls a few
+/// per thread make each take a pop and a push, not a 16 KiB malloc and free. Idle tunnels
+/// still hold none. At most [`SPARE_MAX`] per thread (256 KiB); the data plane's workers each run their
 /// relays on one thread.
 mod spare {
     use std::cell::Cell;
