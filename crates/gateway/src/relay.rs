@@ -79,6 +79,8 @@ where
 {
     let start = Instant::now();
     let (up_total, down_total) = metrics.byte_counters();
+    // In this future's own state, not boxed: the same bytes, one allocation fewer per tunnel.
+    let watchdog = std::pin::pin!(tokio::time::sleep_until(start + idle));
     let mut r = Relay {
         client,
         upstream,
@@ -90,7 +92,7 @@ where
         down: Pump::new(RelayEnd::UpstreamError, RelayEnd::ClientError, true),
         idle,
         last_activity: start,
-        watchdog: Box::pin(tokio::time::sleep_until(start + idle)),
+        watchdog,
         start,
         first_byte: None,
         totals: (up_total, down_total),
@@ -106,14 +108,14 @@ where
     }
 }
 
-struct Relay<'m, C, U> {
+struct Relay<'m, 'w, C, U> {
     client: C,
     upstream: U,
     up: Pump,
     down: Pump,
     idle: Duration,
     last_activity: Instant,
-    watchdog: Pin<Box<Sleep>>,
+    watchdog: Pin<&'w mut Sleep>,
     start: Instant,
     first_byte: Option<Duration>,
     /// `proxygate_bytes_total{direction="up"|"down"}`, added to every [`REPORT_EVERY`] bytes
@@ -122,7 +124,7 @@ struct Relay<'m, C, U> {
     totals: (&'m prometheus::IntCounter, &'m prometheus::IntCounter),
 }
 
-impl<C, U> Drop for Relay<'_, C, U> {
+impl<C, U> Drop for Relay<'_, '_, C, U> {
     fn drop(&mut self) {
         self.totals
             .0
@@ -133,7 +135,7 @@ impl<C, U> Drop for Relay<'_, C, U> {
     }
 }
 
-impl<C, U> Relay<'_, C, U>
+impl<C, U> Relay<'_, '_, C, U>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
