@@ -304,15 +304,30 @@ impl Gateway {
         let head_deadline = tokio::time::Instant::now() + self.0.config.server.header_read_timeout;
         let mut stream = stream;
         let mut first = BytesMut::with_capacity(FIRST_READ);
-        // Boxed too: its timer is the largest thing in the task's own state.
-        match Box::pin(tokio::time::timeout_at(
-            head_deadline,
-            stream.read_buf(&mut first),
-        ))
-        .await
-        {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return,
+        // Often the client's first bytes are in by the time its connection is served: read
+        // them without a timer (a new socket counts as readable, so a read that finds nothing
+        // costs the one recv the wait below would have made anyway).
+        match stream.try_read_buf(&mut first) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                // Boxed too: its timer is the largest thing in the task's own state.
+                match Box::pin(tokio::time::timeout_at(
+                    head_deadline,
+                    stream.read_buf(&mut first),
+                ))
+                .await
+                {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
+                }
+            }
+            Err(_) => return,
         }
         let first_byte = first[0];
         let protocol = match first_byte {
