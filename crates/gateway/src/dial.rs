@@ -1369,18 +1369,22 @@ mod early_tests {
         (c, l, up)
     }
 
+    /// The error of a handshake with a silent upstream through `c`, given `deadline`.
+    async fn silent_handshake(c: &Connector, up: &Upstream, deadline: Instant) -> GatewayError {
+        let target = Target::parse_authority("example.com:443").unwrap();
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let (io, _) = c.open_until(up, b"", Some(deadline)).await.unwrap();
+        c.handshake_after(up, io, &target, None, Some(deadline))
+            .await
+            .err()
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn the_retry_deadline_ends_a_handshake_before_its_own_timeout() {
         let (c, _l, up) = slow_connector_and_silent_upstream();
-        let target = Target::parse_authority("example.com:443").unwrap();
         let t0 = Instant::now();
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
-        let (io, _) = c.open_until(&up, b"", Some(deadline)).await.unwrap();
-        let e = c
-            .handshake_after(&up, io, &target, None, Some(deadline))
-            .await
-            .err()
-            .unwrap();
+        let e = silent_handshake(&c, &up, t0 + Duration::from_millis(300)).await;
         assert_eq!(e.kind, ErrorKind::UpstreamHandshakeTimeout);
         assert!(e.detail.contains("retry deadline"), "{}", e.detail);
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
@@ -1390,14 +1394,8 @@ mod early_tests {
     async fn a_handshake_timeout_before_the_retry_deadline_is_the_handshakes() {
         let (mut c, _l, up) = slow_connector_and_silent_upstream();
         c.cfg.handshake_timeout = Duration::from_millis(200);
-        let target = Target::parse_authority("example.com:443").unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let (io, _) = c.open_until(&up, b"", Some(deadline)).await.unwrap();
-        let e = c
-            .handshake_after(&up, io, &target, None, Some(deadline))
-            .await
-            .err()
-            .unwrap();
+        let deadline = tokio::time::Instant::now().into_std() + Duration::from_secs(60);
+        let e = silent_handshake(&c, &up, deadline).await;
         assert_eq!(e.kind, ErrorKind::UpstreamHandshakeTimeout);
         assert!(e.detail.contains("no handshake reply"), "{}", e.detail);
     }
