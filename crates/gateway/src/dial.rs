@@ -1354,16 +1354,8 @@ mod early_tests {
     /// A connector whose own timeouts are long (10 s), and an upstream that accepts but never
     /// answers.
     fn slow_connector_and_silent_upstream() -> (Connector, std::net::TcpListener, Upstream) {
-        let cfg = DialConfig {
-            connect_timeout: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(10),
-            ..DialConfig::default()
-        };
-        let c = Connector::new(
-            cfg,
-            crate::tls::client_config(None).unwrap(),
-            Policy::default(),
-        );
+        let mut c = connector(Duration::from_secs(10));
+        c.cfg.handshake_timeout = Duration::from_secs(10);
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let up = http(l.local_addr().unwrap());
         (c, l, up)

@@ -131,7 +131,8 @@ impl Fresh {
 /// `send(2)` flags for a direct write: never a SIGPIPE.
 pub(crate) const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL;
 
-/// A direct send that has to wait for writability (then go through the reactor).
+/// A direct (non-blocking) send or read that has to wait for readiness, then go through the
+/// reactor.
 pub(crate) fn would_wait(e: &io::Error) -> bool {
     matches!(
         e.kind(),

@@ -310,12 +310,7 @@ impl Gateway {
         match stream.try_read_buf(&mut first) {
             Ok(0) => return,
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) =>
-            {
+            Err(e) if crate::io::would_wait(&e) => {
                 // Boxed too: its timer is the largest thing in the task's own state.
                 match Box::pin(tokio::time::timeout_at(
                     head_deadline,
