@@ -449,6 +449,14 @@ def machine_ticks():
     return sum(v), idle
 
 
+def loadgen_argv(topo, port, concurrency):
+    """pg-loadgen through the gateway on `port` to the origin's page, JSON out; the caller
+    adds the scenario and how long or how many."""
+    return [str(topo.loadgen), "--proxy", f"127.0.0.1:{port}", "--origin",
+            f"127.0.0.1:{topo.origin_port}", "--json", "--concurrency", str(concurrency),
+            "--path", "/index.html"]
+
+
 def run_cell(topo, gateway, scenario, seconds, args):
     pool, _ = SCENARIOS[scenario]
     port, proc = topo.gateways[(gateway, pool)]
@@ -458,10 +466,8 @@ def run_cell(topo, gateway, scenario, seconds, args):
     before_origin = topo.origin_requests()
     m0 = machine_ticks()
     concurrency = {"idle": 200, "bulk": 1}.get(scenario, args.concurrency)
-    argv = [str(topo.loadgen), "--proxy", f"127.0.0.1:{port}", "--origin",
-            f"127.0.0.1:{topo.origin_port}", "--json",
-            "--concurrency", str(concurrency), "--duration", f"{seconds}s",
-            "--path", "/index.html"] + LOADGEN.get(scenario, ["--scenario", scenario])
+    argv = loadgen_argv(topo, port, concurrency) + [
+        "--duration", f"{seconds}s"] + LOADGEN.get(scenario, ["--scenario", scenario])
     if scenario == "idle":
         argv += ["--tunnels", str(args.idle_tunnels)]
     lg = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -532,13 +538,10 @@ def callgrind_cell(topo, gateway, scenario, requests, args):
     """User-space instructions per request of `gateway` for `scenario` (callgrind)."""
     pool, _ = SCENARIOS[scenario]
     port, proc = topo.gateways[(gateway, pool)]
-    name = f"{gateway}-{pool}" if gateway not in ("haproxy", "squid") else gateway
 
     def loadgen(n):
-        argv = [str(topo.loadgen), "--proxy", f"127.0.0.1:{port}", "--origin",
-                f"127.0.0.1:{topo.origin_port}", "--json", "--concurrency",
-                str(args.concurrency), "--requests", str(n), "--duration", "600s",
-                "--path", "/index.html", "--scenario", scenario]
+        argv = loadgen_argv(topo, port, args.concurrency) + [
+            "--requests", str(n), "--duration", "600s", "--scenario", scenario]
         out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
@@ -559,7 +562,8 @@ def callgrind_cell(topo, gateway, scenario, requests, args):
     r = loadgen(requests)
     control("--instr=off")
     control("--dump")
-    dumps = sorted(topo.work.glob(f"cg.{name}.{proc.pid}.*"),
+    # The pid alone names the process's dumps (cg.<name>.<pid>.<n>).
+    dumps = sorted(topo.work.glob(f"cg.*.{proc.pid}.*"),
                    key=lambda f: int(f.name.rsplit(".", 1)[1]))
     if not dumps:
         raise SystemExit(f"callgrind wrote no dump for {gateway}")
@@ -604,10 +608,8 @@ def soak(topo, requests, scenario="keepalive"):
     sampled every second: memory must stay flat and no request may fail."""
     port, proc = topo.gateways[("proxygate", SCENARIOS[scenario][0])]
     before_origin = topo.origin_requests()
-    argv = [str(topo.loadgen), "--proxy", f"127.0.0.1:{port}", "--origin",
-            f"127.0.0.1:{topo.origin_port}", "--json", "--concurrency", "50",
-            "--duration", "1800s", "--requests", str(requests), "--path", "/index.html",
-            "--scenario", scenario]
+    argv = loadgen_argv(topo, port, 50) + [
+        "--duration", "1800s", "--requests", str(requests), "--scenario", scenario]
     t0 = time.time()
     lg = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     samples = []
