@@ -16,7 +16,9 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
@@ -307,10 +309,12 @@ impl Gateway {
         // Often the client's first bytes are in by the time its connection is served: read
         // them without a timer (a new socket counts as readable, so a read that finds nothing
         // costs the one recv the wait below would have made anyway).
-        match stream.try_read_buf(&mut first) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if crate::io::would_wait(&e) => {
+        match std::future::poll_fn(|cx| Poll::Ready(try_first_read(&mut stream, &mut first, cx)))
+            .await
+        {
+            Poll::Ready(Ok(0)) => return,
+            Poll::Ready(Ok(_)) => {}
+            Poll::Pending => {
                 // Boxed too: its timer is the largest thing in the task's own state.
                 match Box::pin(tokio::time::timeout_at(
                     head_deadline,
@@ -322,7 +326,7 @@ impl Gateway {
                     _ => return,
                 }
             }
-            Err(_) => return,
+            Poll::Ready(Err(_)) => return,
         }
         let first_byte = first[0];
         let protocol = match first_byte {
@@ -362,6 +366,20 @@ impl Gateway {
             }
         }
     }
+}
+
+/// One try at a connection's first bytes, without waiting for them (`Pending`: nothing yet;
+/// the task is woken when they come). A poll of a read rather than `try_read_buf`: a read that
+/// fills less than the buffer clears the socket's readiness, so the connection's next read
+/// (a tunnel's first, after the reply; a SOCKS request after the greeting) waits for the
+/// kernel's event instead of trying a recv that finds nothing. That recv was 0.7 of the 6.9
+/// recvs of a CONNECT tunnel and 0.8 of the 8.0 of a SOCKS5 tunnel under load.
+fn try_first_read(
+    stream: &mut TcpStream,
+    first: &mut BytesMut,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<io::Result<usize>> {
+    tokio_util::io::poll_read_buf(Pin::new(stream), cx, first)
 }
 
 /// The first read's buffer: what a request head usually fits in.
@@ -656,6 +674,47 @@ mod tests {
             let task = gw.serve_connection(stream, peer, permit);
             let size = std::mem::size_of_val(&task);
             assert!(size < 768, "the connection's future is {size} bytes");
+        });
+    }
+
+    /// After a first read that took less than its buffer, the socket no longer counts as
+    /// readable: the next read waits for the kernel's event rather than trying a recv. Seen
+    /// here as `try_read` finding nothing although bytes are queued (no driver turn between);
+    /// a first read by `try_read_buf` would leave it readable and take them.
+    #[test]
+    fn a_short_first_read_leaves_the_next_read_to_the_kernels_event() {
+        use std::io::Write;
+        crate::fuzz::runtime().block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (mut stream, _) = l.accept().await.unwrap();
+            client.write_all(b"\x05\x01\x00").unwrap();
+            // Both reads below are tried at once; make sure the bytes are there to be taken.
+            let queued = |stream: &tokio::net::TcpStream, n: usize| {
+                let mut peek = [std::mem::MaybeUninit::new(0u8); 8];
+                for _ in 0..5000 {
+                    if socket2::SockRef::from(stream).peek(&mut peek).unwrap_or(0) >= n {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                panic!("{n} bytes never arrived");
+            };
+            queued(&stream, 3);
+            let mut first = bytes::BytesMut::with_capacity(super::FIRST_READ);
+            let read = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(super::try_first_read(&mut stream, &mut first, cx))
+            })
+            .await;
+            assert!(matches!(read, std::task::Poll::Ready(Ok(3))), "{read:?}");
+            client.write_all(b"\x05\x01\x00\x01").unwrap();
+            queued(&stream, 4);
+            let mut next = [0u8; 16];
+            let e = stream.try_read(&mut next).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+            // The kernel's event makes it readable again: nothing is lost.
+            stream.readable().await.unwrap();
+            assert_eq!(stream.try_read(&mut next).unwrap(), 4);
         });
     }
 
