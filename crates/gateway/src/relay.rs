@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -93,6 +93,7 @@ where
         idle,
         last_activity: start,
         watchdog,
+        watched_by: None,
         start,
         first_byte: None,
         totals: (up_total, down_total),
@@ -116,6 +117,10 @@ struct Relay<'m, 'w, C, U> {
     idle: Duration,
     last_activity: Instant,
     watchdog: Pin<&'w mut Sleep>,
+    /// The waker the watchdog last registered: while it is this poll's and the watchdog has
+    /// not fired, the watchdog is not polled again (its poll re-registers the waker: ~200
+    /// instructions, on every wake of the relay).
+    watched_by: Option<Waker>,
     start: Instant,
     first_byte: Option<Duration>,
     /// `proxygate_bytes_total{direction="up"|"down"}`, added to every [`REPORT_EVERY`] bytes
@@ -185,12 +190,22 @@ where
         }
         // The watchdog sleeps until the idle limit counted from the last activity it knows of;
         // activity since then only moves the deadline when it fires (no timer reset per read).
+        let watched = self
+            .watched_by
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if watched && !self.watchdog.is_elapsed() {
+            return Poll::Pending;
+        }
         while self.watchdog.as_mut().poll(cx).is_ready() {
             let deadline = self.last_activity + self.idle;
             if Instant::now() >= deadline {
                 return Poll::Ready(RelayEnd::Idle);
             }
             self.watchdog.as_mut().reset(deadline);
+        }
+        if !watched {
+            self.watched_by = Some(cx.waker().clone());
         }
         Poll::Pending
     }
@@ -651,6 +666,64 @@ mod tests {
         let stats = task.await.unwrap();
         assert_eq!(stats.end, RelayEnd::Idle);
         assert_eq!(stats.bytes_up, 5);
+    }
+
+    /// The watchdog is polled again only when the relay's waker changes: a relay polled by
+    /// another waker than before (moved under a `select!`, say) is still woken when it idles.
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_wakes_the_waker_of_the_latest_poll() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::task::{Context, Wake, Waker};
+
+        #[derive(Default)]
+        struct Flag(AtomicBool);
+        impl Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let (client, _client_peer) = duplex(64);
+        let (upstream, _upstream_peer) = duplex(64);
+        let metrics = Metrics::unregistered();
+        let mut relaying = std::pin::pin!(relay(
+            client,
+            upstream,
+            false,
+            Duration::from_secs(10),
+            &metrics
+        ));
+        let (first, second) = (Arc::new(Flag::default()), Arc::new(Flag::default()));
+        let (w1, w2) = (
+            Waker::from(Arc::clone(&first)),
+            Waker::from(Arc::clone(&second)),
+        );
+        assert!(
+            relaying
+                .as_mut()
+                .poll(&mut Context::from_waker(&w1))
+                .is_pending()
+        );
+        assert!(
+            relaying
+                .as_mut()
+                .poll(&mut Context::from_waker(&w2))
+                .is_pending()
+        );
+        assert!(
+            relaying
+                .as_mut()
+                .poll(&mut Context::from_waker(&w2))
+                .is_pending()
+        );
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(
+            second.0.load(Ordering::SeqCst),
+            "the latest waker was not woken"
+        );
+        assert!(!first.0.load(Ordering::SeqCst));
+        let end = relaying.as_mut().poll(&mut Context::from_waker(&w2));
+        assert!(matches!(end, Poll::Ready(ref s) if s.end == RelayEnd::Idle));
     }
 
     #[test]
