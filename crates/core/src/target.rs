@@ -88,6 +88,21 @@ impl Target {
         Ok(Target { host, port })
     }
 
+    /// What [`Target::parse_authority`] makes of `host:port`, without writing that out: for a
+    /// URI's host (as `http::Uri::host` gives it: `[v6]`, v4 or a name) and port. The string
+    /// is written only for an error's message.
+    pub fn from_host_port(host: &str, port: u16) -> Result<Target, TargetParseError> {
+        let written = || format!("{host}:{port}");
+        if host.contains(':') && !host.starts_with('[') {
+            return Err(TargetParseError::InvalidHost(written()));
+        }
+        if port == 0 {
+            return Err(TargetParseError::InvalidPort(written()));
+        }
+        let host = Host::parse(host).ok_or_else(|| TargetParseError::InvalidHost(written()))?;
+        Ok(Target { host, port })
+    }
+
     /// The socket address when the host is an IP literal.
     pub fn socket_addr(&self) -> Option<SocketAddr> {
         match self.host {
@@ -136,8 +151,8 @@ impl Target {
     }
 }
 
-/// Appends `n` in decimal, no leading zeros.
-fn push_decimal(out: &mut Vec<u8>, n: u16) {
+/// Appends `n` in decimal, no leading zeros (as `Display` writes it, without fmt).
+pub fn push_decimal(out: &mut Vec<u8>, n: u16) {
     let mut leading = true;
     for unit in [10_000, 1_000, 100, 10] {
         let digit = n / unit % 10;
@@ -211,6 +226,22 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn from_host_port_is_parse_authority_of_the_two_written(
+            host in prop_oneof![
+                "[a-zA-Z0-9._-]{0,12}",
+                "[0-9.]{1,15}",
+                r"\[[0-9a-fA-F:.]{0,20}\]",
+                "[ -~]{0,16}",
+                any::<IpAddr>().prop_map(|ip| Target::from(SocketAddr::new(ip, 1)).host.to_string()),
+            ],
+            port in prop_oneof![Just(0u16), any::<u16>()],
+        ) {
+            let direct = Target::from_host_port(&host, port);
+            let parsed = Target::parse_authority(&format!("{host}:{port}"));
+            prop_assert_eq!(direct, parsed);
+        }
+
         #[test]
         fn push_authority_matches_display(
             ip in any::<IpAddr>(),
