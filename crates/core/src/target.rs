@@ -79,26 +79,30 @@ impl Target {
         let (host, port) = s
             .rsplit_once(':')
             .ok_or_else(|| TargetParseError::MissingPort(s.to_owned()))?;
-        if host.contains(':') && !host.starts_with('[') {
-            // A bare IPv6 address without brackets is ambiguous.
-            return Err(TargetParseError::InvalidHost(s.to_owned()));
-        }
-        let port = parse_port(port).ok_or_else(|| TargetParseError::InvalidPort(s.to_owned()))?;
-        let host = Host::parse(host).ok_or_else(|| TargetParseError::InvalidHost(s.to_owned()))?;
-        Ok(Target { host, port })
+        Self::from_parts(host, parse_port(port), || s.to_owned())
     }
 
     /// What [`Target::parse_authority`] makes of `host:port`, without writing that out: for a
     /// URI's host (as `http::Uri::host` gives it: `[v6]`, v4 or a name) and port. The string
     /// is written only for an error's message.
     pub fn from_host_port(host: &str, port: u16) -> Result<Target, TargetParseError> {
-        let written = || format!("{host}:{port}");
+        Self::from_parts(host, (port != 0).then_some(port), || {
+            format!("{host}:{port}")
+        })
+    }
+
+    /// The host and port rules both share, checked in one order (`port`: `None` when it was
+    /// invalid); `written` gives the authority for an error's message.
+    fn from_parts(
+        host: &str,
+        port: Option<u16>,
+        written: impl Fn() -> String,
+    ) -> Result<Target, TargetParseError> {
         if host.contains(':') && !host.starts_with('[') {
+            // A bare IPv6 address without brackets is ambiguous.
             return Err(TargetParseError::InvalidHost(written()));
         }
-        if port == 0 {
-            return Err(TargetParseError::InvalidPort(written()));
-        }
+        let port = port.ok_or_else(|| TargetParseError::InvalidPort(written()))?;
         let host = Host::parse(host).ok_or_else(|| TargetParseError::InvalidHost(written()))?;
         Ok(Target { host, port })
     }

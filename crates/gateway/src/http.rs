@@ -947,9 +947,9 @@ async fn client_handshake(
     Ok(sender)
 }
 
-/// Hop-by-hop headers (RFC 9110 section 7.6.1) and the proxy-specific ones.
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Hop-by-hop headers (RFC 9110 section 7.6.1) and the proxy-specific ones.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     PROXY_CONNECTION,
