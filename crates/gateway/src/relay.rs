@@ -1,9 +1,9 @@
 //! Bidirectional relay with an idle timeout, byte counts and time to first byte.
 //!
 //! One future drives both directions over the two streams it owns (no split halves and their
-//! locks). Each direction copies until EOF and then half-closes its writer; the relay ends when
-//! both directions are done, when either fails, or when no byte has moved either way for the
-//! idle timeout.
+//! locks). Each direction copies until EOF and then half-closes its writer (a TCP writer's last
+//! bytes go in the segment that carries its FIN); the relay ends when both directions are done,
+//! when either fails, or when no byte has moved either way for the idle timeout.
 //!
 //! Buffers exist only while data moves: a direction takes a buffer when it reads and gives it
 //! back as soon as a read finds nothing waiting and everything read has been written. An idle
@@ -74,8 +74,8 @@ pub async fn relay<C, U>(
     metrics: &Metrics,
 ) -> RelayStats
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let start = Instant::now();
     let (up_total, down_total) = metrics.byte_counters();
@@ -142,8 +142,8 @@ impl<C, U> Drop for Relay<'_, '_, C, U> {
 
 impl<C, U> Relay<'_, '_, C, U>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let (up_before, down_before) = (self.up.bytes, self.down.bytes);
@@ -222,6 +222,9 @@ struct Pump {
     eof: bool,
     /// EOF was passed on (the writer half-closed): this direction is done.
     done: bool,
+    /// A read failed after bytes were read: they are written out before the failure ends
+    /// the relay.
+    read_failed: bool,
     bytes: u64,
     /// The first byte read.
     first: Option<u8>,
@@ -244,6 +247,7 @@ impl Pump {
             pos: 0,
             eof: false,
             done: false,
+            read_failed: false,
             bytes: 0,
             first: None,
             unreported: 0,
@@ -276,19 +280,24 @@ impl Pump {
     ) -> Poll<Result<(), RelayEnd>>
     where
         R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        W: AsyncWrite + Unpin + 'static,
     {
         if self.done {
             return Poll::Ready(Ok(()));
         }
+        let mut read_pending = false;
         loop {
             // Write out what was read.
             if let Some(buf) = &mut self.buf
                 && !buf.is_empty()
             {
                 while self.pos < buf.len() {
-                    let n = ready!(Pin::new(&mut *w).poll_write(cx, &buf[self.pos..]))
-                        .map_err(|_| self.write_fault)?;
+                    let n = ready!(if self.eof {
+                        crate::io::poll_write_last(&mut *w, cx, &buf[self.pos..])
+                    } else {
+                        Pin::new(&mut *w).poll_write(cx, &buf[self.pos..])
+                    })
+                    .map_err(|_| self.write_fault)?;
                     if n == 0 {
                         return Poll::Ready(Err(self.write_fault));
                     }
@@ -300,32 +309,58 @@ impl Pump {
                 self.pos = 0;
                 buf.clear();
             }
+            if self.read_failed {
+                return Poll::Ready(Err(self.read_fault));
+            }
             if self.eof {
+                self.give_back(slot);
                 if !(self.eof_by_close && other_done) {
                     ready!(Pin::new(&mut *w).poll_shutdown(cx)).map_err(|_| self.write_fault)?;
                 }
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            // Read more: into the buffer, taken now if there is none.
+            if read_pending {
+                return Poll::Pending;
+            }
+            // Read more: into the buffer, taken now if there is none. Until it is full, nothing
+            // is waiting, or the EOF: after a read that left room, tokio knows the socket is
+            // drained and answers the next read without a syscall, unless the peer's FIN is in;
+            // then the EOF is known before the last bytes are written, and they go with the FIN
+            // (`poll_write_last`).
             let buf = self
                 .buf
                 .get_or_insert_with(|| slot.take().unwrap_or_else(spare::take));
-            match tokio_util::io::poll_read_buf(Pin::new(&mut *r), cx, buf) {
-                Poll::Ready(Ok(0)) => {
-                    self.eof = true;
-                    self.give_back(slot);
-                }
-                Poll::Ready(Ok(_)) => {
-                    if self.first.is_none() {
-                        self.first = buf.first().copied();
+            loop {
+                match tokio_util::io::poll_read_buf(Pin::new(&mut *r), cx, buf) {
+                    Poll::Ready(Ok(0)) => {
+                        self.eof = true;
+                        break;
                     }
-                }
-                Poll::Ready(Err(_)) => return Poll::Ready(Err(self.read_fault)),
-                Poll::Pending => {
-                    // Nothing waiting and nothing unwritten: an idle direction holds no buffer.
-                    self.give_back(slot);
-                    return Poll::Pending;
+                    Poll::Ready(Ok(_)) => {
+                        if self.first.is_none() {
+                            self.first = buf.first().copied();
+                        }
+                        if buf.len() == buf.capacity() {
+                            break;
+                        }
+                    }
+                    Poll::Ready(Err(_)) if buf.is_empty() => {
+                        return Poll::Ready(Err(self.read_fault));
+                    }
+                    Poll::Ready(Err(_)) => {
+                        self.read_failed = true;
+                        break;
+                    }
+                    Poll::Pending if buf.is_empty() => {
+                        // Nothing waiting and nothing unwritten: an idle direction holds no buffer.
+                        self.give_back(slot);
+                        return Poll::Pending;
+                    }
+                    Poll::Pending => {
+                        read_pending = true;
+                        break;
+                    }
                 }
             }
         }
@@ -476,6 +511,63 @@ mod tests {
         assert_eq!((stats.bytes_up, stats.bytes_down), (1_000_000, 700_000));
         // The global counters got every byte (in steps and at the end).
         assert_eq!((up_total, down_total), (1_000_000, 700_000));
+    }
+
+    /// The upstream's last bytes and its EOF, both waiting when the relay reads: the EOF is
+    /// read before the bytes are written, so that they go to the client with its FIN (in one
+    /// segment). Bytes whose EOF comes later go at once.
+    #[tokio::test]
+    async fn the_last_bytes_go_with_the_fin() {
+        async fn run(eof_waiting: bool) -> usize {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut far = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (near, _) = listener.accept().await.unwrap();
+            near.set_nodelay(true).unwrap();
+            let client = crate::io::Rewind::new(bytes::Bytes::new(), near);
+            let (upstream, mut upstream_peer) = duplex(64);
+            upstream_peer.write_all(b"bye").await.unwrap();
+            if eof_waiting {
+                upstream_peer.shutdown().await.unwrap();
+            }
+            crate::io::HELD_FOR_FIN.with(|held| held.set(0));
+            let metrics = Metrics::unregistered();
+            let relay = relay(client, upstream, false, Duration::from_secs(5), &metrics);
+            let peers = async {
+                let mut got = [0u8; 3];
+                far.read_exact(&mut got).await.unwrap();
+                assert_eq!(&got, b"bye");
+                upstream_peer.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                far.read_to_end(&mut rest).await.unwrap();
+                assert!(rest.is_empty());
+                far.shutdown().await.unwrap();
+            };
+            let (stats, ()) = tokio::join!(relay, peers);
+            assert_eq!(stats.end, RelayEnd::Closed);
+            crate::io::HELD_FOR_FIN.with(|held| held.get())
+        }
+        assert_eq!(run(true).await, 3);
+        assert_eq!(run(false).await, 0);
+    }
+
+    /// Bytes read just before a failing read still reach the other side; the failure ends the
+    /// relay after them.
+    #[tokio::test]
+    async fn bytes_before_a_reset_are_passed_on() {
+        let (client, mut client_peer) = duplex(64);
+        let upstream = tokio_test::io::Builder::new()
+            .read(b"data")
+            .read_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+            .build();
+        let metrics = Metrics::unregistered();
+        let stats = relay(client, upstream, false, Duration::from_secs(5), &metrics).await;
+        assert_eq!(stats.end, RelayEnd::UpstreamError);
+        assert_eq!(stats.bytes_down, 4);
+        let mut got = [0u8; 4];
+        client_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"data");
     }
 
     /// A stream that counts its shutdowns.
