@@ -22,6 +22,12 @@ use crate::Metrics;
 
 const BUF_SIZE: usize = 16 * 1024;
 
+/// A direction's buffer once a read has filled a [`BUF_SIZE`] one (data comes faster than
+/// it is passed on: a download, an upload): a quarter of the syscalls per byte moved, and on
+/// loopback a third less CPU per GiB relayed than 16 KiB (`tests/bench`, "Bulk buffers").
+/// Taken while the direction stays busy, given back when a read finds nothing waiting.
+const BULK_BUF_SIZE: usize = 64 * 1024;
+
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayEnd {
@@ -225,6 +231,9 @@ struct Pump {
     /// A read failed after bytes were read: they are written out before the failure ends
     /// the relay.
     read_failed: bool,
+    /// A read filled its buffer: the next is a [`BULK_BUF_SIZE`] one, until a read finds
+    /// nothing waiting.
+    bulk: bool,
     bytes: u64,
     /// The first byte read.
     first: Option<u8>,
@@ -248,6 +257,7 @@ impl Pump {
             eof: false,
             done: false,
             read_failed: false,
+            bulk: false,
             bytes: 0,
             first: None,
             unreported: 0,
@@ -308,6 +318,9 @@ impl Pump {
                 ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(|_| self.write_fault)?;
                 self.pos = 0;
                 buf.clear();
+                if self.bulk && buf.capacity() < BULK_BUF_SIZE {
+                    spare::give(std::mem::replace(buf, spare::take_bulk()));
+                }
             }
             if self.read_failed {
                 return Poll::Ready(Err(self.read_fault));
@@ -342,6 +355,7 @@ impl Pump {
                             self.first = buf.first().copied();
                         }
                         if buf.len() == buf.capacity() {
+                            self.bulk = true;
                             break;
                         }
                     }
@@ -354,6 +368,7 @@ impl Pump {
                     }
                     Poll::Pending if buf.is_empty() => {
                         // Nothing waiting and nothing unwritten: an idle direction holds no buffer.
+                        self.bulk = false;
                         self.give_back(slot);
                         return Poll::Pending;
                     }
@@ -382,24 +397,29 @@ impl Drop for Pump {
 /// straight back (six takes per one-request tunnel, two of them used). Within one poll the
 /// buffer passes from one direction to the other (`Relay::poll`'s slot); between polls a few
 /// per thread make each take a pop and a push, not a 16 KiB malloc and free. Idle tunnels
-/// still hold none. At most [`SPARE_MAX`] per thread (256 KiB); the data plane's workers each run their
-/// relays on one thread.
+/// still hold none. At most [`SPARE_MAX`] per thread (256 KiB), and [`BULK_SPARE_MAX`] bulk
+/// ones (256 KiB); the data plane's workers each run their relays on one thread.
 mod spare {
     use std::cell::Cell;
+    use std::thread::LocalKey;
 
     use bytes::BytesMut;
 
-    use super::BUF_SIZE;
+    use super::{BUF_SIZE, BULK_BUF_SIZE};
 
     pub(super) const SPARE_MAX: usize = 16;
+    /// Bulk buffers kept per thread (256 KiB).
+    pub(super) const BULK_SPARE_MAX: usize = 4;
+
+    type Spares = LocalKey<Cell<Vec<BytesMut>>>;
 
     thread_local! {
         static SPARE: Cell<Vec<BytesMut>> = const { Cell::new(Vec::new()) };
+        static BULK_SPARE: Cell<Vec<BytesMut>> = const { Cell::new(Vec::new()) };
     }
 
-    /// A spare buffer of this thread, or a new one: empty, [`BUF_SIZE`] bytes of room.
-    pub(super) fn take() -> BytesMut {
-        SPARE
+    fn pop(spares: &'static Spares) -> Option<BytesMut> {
+        spares
             .try_with(|spare| {
                 let mut bufs = spare.take();
                 let buf = bufs.pop();
@@ -408,19 +428,30 @@ mod spare {
             })
             .ok()
             .flatten()
-            .unwrap_or_else(|| BytesMut::with_capacity(BUF_SIZE))
     }
 
-    /// Keeps `buf` for a later [`take`] if there is room; drops it otherwise.
+    /// A spare buffer of this thread, or a new one: empty, [`BUF_SIZE`] bytes of room.
+    pub(super) fn take() -> BytesMut {
+        pop(&SPARE).unwrap_or_else(|| BytesMut::with_capacity(BUF_SIZE))
+    }
+
+    /// A spare bulk buffer of this thread, or a new one: empty, [`BULK_BUF_SIZE`] of room.
+    pub(super) fn take_bulk() -> BytesMut {
+        pop(&BULK_SPARE).unwrap_or_else(|| BytesMut::with_capacity(BULK_BUF_SIZE))
+    }
+
+    /// Keeps `buf` for a later [`take`] or [`take_bulk`] if there is room; drops it otherwise.
     pub(super) fn give(mut buf: BytesMut) {
         buf.clear();
-        if buf.capacity() != BUF_SIZE {
-            return;
-        }
+        let (spares, max) = match buf.capacity() {
+            BUF_SIZE => (&SPARE, SPARE_MAX),
+            BULK_BUF_SIZE => (&BULK_SPARE, BULK_SPARE_MAX),
+            _ => return,
+        };
         // At thread exit (the thread-local gone) the buffer is simply dropped.
-        let _ = SPARE.try_with(|spare| {
+        let _ = spares.try_with(|spare| {
             let mut bufs = spare.take();
-            if bufs.len() < SPARE_MAX {
+            if bufs.len() < max {
                 bufs.push(buf);
             }
             spare.set(bufs);
@@ -428,13 +459,23 @@ mod spare {
     }
 
     #[cfg(test)]
-    pub(super) fn count() -> usize {
-        SPARE.with(|spare| {
+    fn count_of(spares: &'static Spares) -> usize {
+        spares.with(|spare| {
             let bufs = spare.take();
             let n = bufs.len();
             spare.set(bufs);
             n
         })
+    }
+
+    #[cfg(test)]
+    pub(super) fn count() -> usize {
+        count_of(&SPARE)
+    }
+
+    #[cfg(test)]
+    pub(super) fn count_bulk() -> usize {
+        count_of(&BULK_SPARE)
     }
 }
 
@@ -844,6 +885,17 @@ mod tests {
         }
         assert_eq!(spare::count(), spare::SPARE_MAX);
         drop(again);
+        // Bulk buffers go to their own spares, bounded too.
+        assert_eq!(spare::count_bulk(), 0);
+        let bulk: Vec<BytesMut> = (0..spare::BULK_SPARE_MAX + 2)
+            .map(|_| spare::take_bulk())
+            .collect();
+        assert!(bulk.iter().all(|b| b.capacity() == BULK_BUF_SIZE));
+        for buf in bulk {
+            spare::give(buf);
+        }
+        assert_eq!(spare::count_bulk(), spare::BULK_SPARE_MAX);
+        assert_eq!(spare::count(), spare::SPARE_MAX);
     }
 
     #[tokio::test]
@@ -875,5 +927,33 @@ mod tests {
         assert_eq!(stats.bytes_up, 100_000);
         let n = spare::count();
         assert!((1..=2).contains(&n), "{n} spares after one relay");
+        // No read filled a buffer: no bulk buffer was taken.
+        assert_eq!(spare::count_bulk(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_direction_that_fills_its_buffer_moves_to_a_bulk_one() {
+        // The test's own thread, spares empty. A megabyte waiting upstream: the first read
+        // fills its 16 KiB, the next ones read 64 KiB.
+        assert_eq!(spare::count_bulk(), 0);
+        let (client, mut client_peer) = duplex(1 << 21);
+        let (upstream, mut upstream_peer) = duplex(1 << 21);
+        let body: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        upstream_peer.write_all(&body).await.unwrap();
+        upstream_peer.shutdown().await.unwrap();
+        client_peer.shutdown().await.unwrap();
+        let metrics = Metrics::unregistered();
+        let relay = relay(client, upstream, false, Duration::from_secs(5), &metrics);
+        let peer = async {
+            let mut got = Vec::new();
+            client_peer.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let (stats, got) = tokio::join!(relay, peer);
+        assert!(got == body, "the body arrived changed");
+        assert_eq!(stats.bytes_down, 1 << 20);
+        assert_eq!(stats.end, RelayEnd::Closed);
+        // The bulk buffer went back to the thread with the relay's end.
+        assert_eq!(spare::count_bulk(), 1);
     }
 }
