@@ -85,6 +85,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Ports a tunnel (CONNECT, SOCKS) may reach: ports and "low-high" ranges, or "*".
     pub connect_ports: crate::policy::Ports,
+    /// Bulk transfers between two plain TCP connections move through a pipe (`splice(2)`,
+    /// Linux) rather than a buffer: no copy through the process. False: always copied.
+    pub splice: bool,
 }
 
 /// Client authentication.
@@ -202,6 +205,7 @@ impl Default for ServerConfig {
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             connect_ports: crate::policy::Ports::default(),
+            splice: true,
         }
     }
 }

@@ -13,8 +13,16 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Any bidirectional byte stream.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The stream as its own type, for the relay to find a TCP socket under a boxed stream
+    /// ([`crate::splice::tcp_of`]).
+    fn as_any(&self) -> &dyn Any;
+}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
 
 /// A boxed stream: TCP, TLS over TCP, a SOCKS tunnel...
 pub type BoxedIo = Box<dyn Io>;
@@ -29,6 +37,15 @@ pub struct Rewind<S> {
 impl<S> Rewind<S> {
     pub fn new(prefix: Bytes, inner: S) -> Self {
         Self { prefix, inner }
+    }
+
+    /// Every byte of the prefix has been read: reads go straight to the inner stream.
+    pub fn replayed(&self) -> bool {
+        self.prefix.is_empty()
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
     }
 }
 
@@ -111,6 +128,14 @@ impl Fresh {
     /// A stream already registered.
     pub fn registered(stream: tokio::net::TcpStream) -> Self {
         Fresh(State::Registered(stream))
+    }
+
+    /// The stream, if it is registered already.
+    pub(crate) fn as_registered(&self) -> Option<&TcpStream> {
+        match &self.0 {
+            State::Registered(s) => Some(s),
+            _ => None,
+        }
     }
 
     /// The registered stream, registering it now if need be.

@@ -32,6 +32,8 @@ pub mod policy;
 pub mod relay;
 pub mod server;
 pub mod socks;
+#[cfg(target_os = "linux")]
+mod splice;
 pub mod tls;
 
 pub use config::Config;

@@ -72,11 +72,15 @@ impl RelayStats {
 /// not shut down first: its close sends the FIN a shutdown would have (one syscall fewer per
 /// tunnel; nothing is unread on it, its EOF came before). The client is plain TCP; an upstream
 /// spoken to over TLS (`upstream_tls`) is always shut down, which sends its `close_notify`.
+///
+/// With `splice` (Linux), a direction between two plain TCP sockets moves bulk data through a
+/// pipe rather than a buffer ([`crate::splice`]).
 pub async fn relay<C, U>(
     client: C,
     upstream: U,
     upstream_tls: bool,
     idle: Duration,
+    splice: bool,
     metrics: &Metrics,
 ) -> RelayStats
 where
@@ -94,8 +98,9 @@ where
             RelayEnd::ClientError,
             RelayEnd::UpstreamError,
             !upstream_tls,
+            splice,
         ),
-        down: Pump::new(RelayEnd::UpstreamError, RelayEnd::ClientError, true),
+        down: Pump::new(RelayEnd::UpstreamError, RelayEnd::ClientError, true, splice),
         idle,
         last_activity: start,
         watchdog,
@@ -231,9 +236,14 @@ struct Pump {
     /// A read failed after bytes were read: they are written out before the failure ends
     /// the relay.
     read_failed: bool,
-    /// A read filled its buffer: the next is a [`BULK_BUF_SIZE`] one, until a read finds
-    /// nothing waiting.
+    /// A read filled its buffer: the next is a [`BULK_BUF_SIZE`] one until a read finds
+    /// nothing waiting; or, where the direction can splice, a pipe from then on.
     bulk: bool,
+    /// Splicing allowed (`server.splice`).
+    splice: bool,
+    /// While this direction splices: its pipe and the bytes in it.
+    #[cfg(target_os = "linux")]
+    pipe: Option<(crate::splice::Pipe, usize)>,
     bytes: u64,
     /// The first byte read.
     first: Option<u8>,
@@ -250,7 +260,7 @@ struct Pump {
 const REPORT_EVERY: u64 = 256 * 1024;
 
 impl Pump {
-    fn new(read_fault: RelayEnd, write_fault: RelayEnd, eof_by_close: bool) -> Self {
+    fn new(read_fault: RelayEnd, write_fault: RelayEnd, eof_by_close: bool, splice: bool) -> Self {
         Self {
             buf: None,
             pos: 0,
@@ -258,6 +268,9 @@ impl Pump {
             done: false,
             read_failed: false,
             bulk: false,
+            splice,
+            #[cfg(target_os = "linux")]
+            pipe: None,
             bytes: 0,
             first: None,
             unreported: 0,
@@ -289,11 +302,22 @@ impl Pump {
         slot: &mut Option<BytesMut>,
     ) -> Poll<Result<(), RelayEnd>>
     where
-        R: AsyncRead + Unpin,
+        R: AsyncRead + Unpin + 'static,
         W: AsyncWrite + Unpin + 'static,
     {
         if self.done {
             return Poll::Ready(Ok(()));
+        }
+        // A direction that spliced before goes on splicing (a pipe from the thread's spares),
+        // though it let go of its pipe when a read found nothing waiting.
+        #[cfg(target_os = "linux")]
+        if self.pipe.is_some()
+            || (self.bulk
+                && self.buf.as_ref().is_none_or(|b| b.is_empty())
+                && self.start_splicing(r, w))
+        {
+            self.give_back(slot);
+            return self.poll_spliced(cx, r, w, other_done);
         }
         let mut read_pending = false;
         loop {
@@ -318,7 +342,17 @@ impl Pump {
                 ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(|_| self.write_fault)?;
                 self.pos = 0;
                 buf.clear();
-                if self.bulk && buf.capacity() < BULK_BUF_SIZE {
+            }
+            // All written. Data comes faster than it is passed on: a pipe, or a bigger buffer.
+            if self.bulk && !self.eof && !self.read_failed {
+                #[cfg(target_os = "linux")]
+                if self.start_splicing(r, w) {
+                    self.give_back(slot);
+                    return self.poll_spliced(cx, r, w, other_done);
+                }
+                if let Some(buf) = &mut self.buf
+                    && buf.capacity() < BULK_BUF_SIZE
+                {
                     spare::give(std::mem::replace(buf, spare::take_bulk()));
                 }
             }
@@ -379,6 +413,96 @@ impl Pump {
                 }
             }
         }
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Pump {
+    /// Takes a pipe if splicing is on and both streams are plain TCP with nothing buffered
+    /// above them; `false` (go on copying) otherwise, or when no pipe can be had.
+    fn start_splicing<R: 'static, W: 'static>(&mut self, r: &R, w: &W) -> bool {
+        use crate::splice::{take, tcp_of};
+        if !self.splice || tcp_of(r).is_none() || tcp_of(w).is_none() {
+            return false;
+        }
+        match take() {
+            Ok(pipe) => {
+                self.pipe = Some((pipe, 0));
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no pipe to splice through: copying");
+                false
+            }
+        }
+    }
+
+    /// The direction while it splices: from the reader into the pipe, from the pipe to the
+    /// writer, until a read finds nothing waiting (the empty pipe goes back to the thread),
+    /// the EOF (the writer shut down as when copying) or a failure.
+    fn poll_spliced<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        other_done: bool,
+    ) -> Poll<Result<(), RelayEnd>>
+    where
+        R: 'static,
+        W: AsyncWrite + Unpin + 'static,
+    {
+        use crate::io::would_wait;
+        use crate::splice::tcp_of;
+        use tokio::io::Interest;
+        let (Some(from), Some(to)) = (tcp_of(&*r), tcp_of(&*w)) else {
+            // Not reached: the streams do not change type.
+            return Poll::Ready(Err(self.read_fault));
+        };
+        while let Some((pipe, held)) = &mut self.pipe {
+            if *held > 0 {
+                match to.try_io(Interest::WRITABLE, || pipe.drain(to, *held)) {
+                    Ok(0) => return Poll::Ready(Err(self.write_fault)),
+                    Ok(n) => {
+                        *held -= n;
+                        self.bytes += n as u64;
+                        self.unreported += n as u64;
+                    }
+                    Err(e) if would_wait(&e) => {
+                        ready!(to.poll_write_ready(cx)).map_err(|_| self.write_fault)?;
+                    }
+                    Err(_) => return Poll::Ready(Err(self.write_fault)),
+                }
+                continue;
+            }
+            match from.try_io(Interest::READABLE, || pipe.fill(from)) {
+                Ok(0) => {
+                    self.eof = true;
+                    if let Some((pipe, _)) = self.pipe.take() {
+                        crate::splice::give_empty(pipe);
+                    }
+                }
+                Ok(n) => *held = n,
+                Err(e) if would_wait(&e) => match from.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(Err(self.read_fault)),
+                    Poll::Pending => {
+                        // Nothing waiting: the pipe is empty; the thread keeps it (an idle
+                        // tunnel holds none), this direction takes one again when woken.
+                        if let Some((pipe, _)) = self.pipe.take() {
+                            crate::splice::give_empty(pipe);
+                        }
+                        return Poll::Pending;
+                    }
+                },
+                Err(_) => return Poll::Ready(Err(self.read_fault)),
+            }
+        }
+        // The EOF: passed on as when copying.
+        if !(self.eof_by_close && other_done) {
+            ready!(Pin::new(&mut *w).poll_shutdown(cx)).map_err(|_| self.write_fault)?;
+        }
+        self.done = true;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -499,6 +623,7 @@ mod tests {
                 upstream,
                 false,
                 Duration::from_secs(5),
+                true,
                 &Metrics::unregistered(),
             )
             .await
@@ -515,7 +640,15 @@ mod tests {
         let (upstream, mut upstream_peer) = duplex(256);
         let metrics = Metrics::unregistered();
         let task = tokio::spawn(async move {
-            let stats = relay(client, upstream, false, Duration::from_secs(5), &metrics).await;
+            let stats = relay(
+                client,
+                upstream,
+                false,
+                Duration::from_secs(5),
+                true,
+                &metrics,
+            )
+            .await;
             let (up, down) = metrics.byte_counters();
             (stats, up.get(), down.get())
         });
@@ -574,7 +707,14 @@ mod tests {
             }
             crate::io::HELD_FOR_FIN.with(|held| held.set(0));
             let metrics = Metrics::unregistered();
-            let relay = relay(client, upstream, false, Duration::from_secs(5), &metrics);
+            let relay = relay(
+                client,
+                upstream,
+                false,
+                Duration::from_secs(5),
+                true,
+                &metrics,
+            );
             let peers = async {
                 let mut got = [0u8; 3];
                 far.read_exact(&mut got).await.unwrap();
@@ -603,7 +743,15 @@ mod tests {
             .read_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
             .build();
         let metrics = Metrics::unregistered();
-        let stats = relay(client, upstream, false, Duration::from_secs(5), &metrics).await;
+        let stats = relay(
+            client,
+            upstream,
+            false,
+            Duration::from_secs(5),
+            true,
+            &metrics,
+        )
+        .await;
         assert_eq!(stats.end, RelayEnd::UpstreamError);
         assert_eq!(stats.bytes_down, 4);
         let mut got = [0u8; 4];
@@ -670,6 +818,7 @@ mod tests {
                 upstream,
                 upstream_tls,
                 Duration::from_secs(5),
+                true,
                 &Metrics::unregistered(),
             )
             .await
@@ -768,6 +917,7 @@ mod tests {
             upstream,
             false,
             Duration::from_secs(300),
+            true,
             &Metrics::unregistered(),
         )
         .await;
@@ -785,6 +935,7 @@ mod tests {
                 upstream,
                 false,
                 Duration::from_secs(10),
+                true,
                 &Metrics::unregistered(),
             )
             .await
@@ -824,6 +975,7 @@ mod tests {
             upstream,
             false,
             Duration::from_secs(10),
+            true,
             &metrics
         ));
         let (first, second) = (Arc::new(Flag::default()), Arc::new(Flag::default()));
@@ -907,7 +1059,14 @@ mod tests {
         let (client, mut client_peer) = duplex(64);
         let (upstream, mut upstream_peer) = duplex(64);
         let metrics = Metrics::unregistered();
-        let relay = relay(client, upstream, false, Duration::from_secs(5), &metrics);
+        let relay = relay(
+            client,
+            upstream,
+            false,
+            Duration::from_secs(5),
+            true,
+            &metrics,
+        );
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
         let peers = async {
             // Chunks that fit the pipe: written at once, then read back through the relay.
@@ -931,6 +1090,65 @@ mod tests {
         assert_eq!(spare::count_bulk(), 0);
     }
 
+    /// A connected loopback pair: (near, far).
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let far = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (near, _) = listener.accept().await.unwrap();
+        (near, far)
+    }
+
+    /// Four megabytes down and a few bytes up between two real TCP connections, spliced or
+    /// copied: the same bytes arrive, in order, each EOF passed on.
+    async fn tcp_transfer(splice: bool) -> RelayStats {
+        let (client, mut client_peer) = tcp_pair().await;
+        let (upstream, mut upstream_peer) = tcp_pair().await;
+        let client = crate::io::Rewind::new(bytes::Bytes::from_static(b"hi"), client);
+        let metrics = Metrics::unregistered();
+        let relay = relay(
+            client,
+            upstream,
+            false,
+            Duration::from_secs(5),
+            splice,
+            &metrics,
+        );
+        let body: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let upstream_side = async {
+            upstream_peer.write_all(&body).await.unwrap();
+            upstream_peer.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            upstream_peer.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"hi there");
+        };
+        let client_side = async {
+            client_peer.write_all(b" there").await.unwrap();
+            client_peer.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client_peer.read_to_end(&mut got).await.unwrap();
+            assert!(got == body, "the body arrived changed");
+        };
+        let (stats, (), ()) = tokio::join!(relay, upstream_side, client_side);
+        assert_eq!(stats.end, RelayEnd::Closed);
+        assert_eq!((stats.bytes_up, stats.bytes_down), (8, 4 << 20));
+        stats
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn bulk_between_tcp_sockets_is_spliced_and_arrives_whole() {
+        // The test's own thread: no pipe kept yet. The download fills a buffer, moves to a
+        // pipe, and the pipe is kept for the next once the EOF came.
+        assert_eq!(crate::splice::kept(), 0);
+        tcp_transfer(true).await;
+        assert_eq!(crate::splice::kept(), 1, "no pipe was used");
+        // Off: copied, no pipe taken.
+        tcp_transfer(false).await;
+        assert_eq!(crate::splice::kept(), 1);
+    }
+
     #[tokio::test]
     async fn a_direction_that_fills_its_buffer_moves_to_a_bulk_one() {
         // The test's own thread, spares empty. A megabyte waiting upstream: the first read
@@ -943,7 +1161,14 @@ mod tests {
         upstream_peer.shutdown().await.unwrap();
         client_peer.shutdown().await.unwrap();
         let metrics = Metrics::unregistered();
-        let relay = relay(client, upstream, false, Duration::from_secs(5), &metrics);
+        let relay = relay(
+            client,
+            upstream,
+            false,
+            Duration::from_secs(5),
+            true,
+            &metrics,
+        );
         let peer = async {
             let mut got = Vec::new();
             client_peer.read_to_end(&mut got).await.unwrap();

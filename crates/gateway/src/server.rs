@@ -240,7 +240,8 @@ impl Gateway {
         let metrics = &self.0.shared.metrics;
         let _active = metrics.tunnel();
         let upstream_tls = est.lease.upstream().scheme == proxygate_core::Scheme::Https;
-        let stats = relay(client, est.io, upstream_tls, idle, metrics).await;
+        let splice = self.0.config.server.splice;
+        let stats = relay(client, est.io, upstream_tls, idle, splice, metrics).await;
         if let Some(fb) = stats.first_byte {
             metrics.first_byte(fb);
         }
