@@ -525,6 +525,8 @@ def run_cell(topo, gateway, scenario, seconds, args):
         "busy": busy,
         "origin_seen": origin_seen,
         "mbytes_per_s": r.get("mbytes_per_s"),
+        # Bulk: the gateway's CPU per GiB it relayed.
+        "cpu_ms_per_gib": cpu_s * 1e3 / (r["bytes"] / 2**30) if r.get("bytes") else None,
     }
     if scenario == "idle":
         # Hand the tunnels back, then see how much of the memory the gateway returns.
@@ -648,6 +650,8 @@ def fmt_cell(c):
                 else "n/a") + (f" [{c['errors']} err]" if c["errors"] else "")
     if c["scenario"] == "bulk":
         s = f"{c['mbytes_per_s']:.0f} MB/s"
+        if c["gateway"] != "direct" and c.get("cpu_ms_per_gib"):
+            s += f" ({c['cpu_ms_per_gib']:.0f} ms/GiB)"
     elif c["scenario"] == "in-tunnel-1k":
         s = f"p50 {c['p50_us'] / 1000:.3f} ms, p99 {c['p99_us'] / 1000:.2f} ms"
         if c["gateway"] != "direct" and c["cpu_us_per_req"]:
@@ -694,6 +698,7 @@ def ratios(cells):
                           ("connect", "rps", "tunnels/s"),
                           ("socks5", "cpu_us_per_req", "CPU per SOCKS5 tunnel"),
                           ("in-tunnel", "cpu_us_per_req", "CPU per in-tunnel request"),
+                          ("bulk", "cpu_ms_per_gib", "CPU per GiB relayed"),
                           ("keepalive", "rps", "keep-alive req/s"),
                           ("idle", "rss_per_idle_tunnel_kib", "RSS per idle tunnel")]:
         variants = sorted({c["gateway"] for c in cells if is_variant(c["gateway"])})
@@ -830,8 +835,8 @@ def main():
           f"HAProxy; {', '.join(versions.values())}. Each cell: "
           "rate (gateway CPU µs per completed request) and the client's p99; one entry per pass. "
           "`direct`: no gateway, the client goes to the first upstream itself (its CPU is the "
-          "upstream's). `in-tunnel-1k`: open loop, 1,000 req/s inside open tunnels, latency "
-          "from when each was due.\n")
+          "upstream's). `bulk`: MB/s (gateway CPU ms per GiB relayed). `in-tunnel-1k`: open "
+          "loop, 1,000 req/s inside open tunnels, latency from when each was due.\n")
     print(table(cells, gateways))
     print()
     print(ratios(cells))
