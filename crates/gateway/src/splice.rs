@@ -151,6 +151,9 @@ mod tests {
         assert!(tcp_of(&Fresh::registered(tcp().await)).is_some());
         let boxed: Box<dyn Io> = Box::new(Fresh::registered(tcp().await));
         assert!(tcp_of(&boxed).is_some());
+        // A SOCKS upstream after its handshake: the dialled stream, boxed again.
+        let socks: Box<dyn Io> = Box::new(boxed);
+        assert!(tcp_of(&socks).is_some());
         assert!(tcp_of(&Rewind::new(Bytes::new(), tcp().await)).is_some());
         let twice = Rewind::new(Bytes::new(), Rewind::new(Bytes::new(), tcp().await));
         assert!(tcp_of(&twice).is_some());
