@@ -486,6 +486,9 @@ async fn closed_loop(run: Arc<Run>, until: Instant) -> anyhow::Result<Tally> {
     Ok(total)
 }
 
+/// How long before a due time the pacer stops sleeping and yields until it comes.
+const SPIN: Duration = Duration::from_micros(200);
+
 /// Instants due every `interval` from `start` until `until`, each sent when it is due, from a
 /// thread of their own.
 ///
@@ -497,8 +500,6 @@ async fn closed_loop(run: Arc<Run>, until: Instant) -> anyhow::Result<Tally> {
 /// each due time and yields in a loop for the rest: at 1,000 a second, ~15 % of a core. A due
 /// time the receiver has not taken yet still counts from when it was due: the channel queues
 /// them, nothing is skipped.
-const SPIN: Duration = Duration::from_micros(200);
-
 fn pacer(
     start: std::time::Instant,
     interval: Duration,
