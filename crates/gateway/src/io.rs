@@ -330,21 +330,22 @@ mod tests {
             far.read_to_end(&mut got).await.unwrap();
             assert_eq!(got, b"last");
         }
+        fn shut(s: &TcpStream) {
+            socket2::SockRef::from(s)
+                .shutdown(std::net::Shutdown::Write)
+                .unwrap();
+        }
         let (near, mut far) = tcp_pair().await;
         near.writable().await.unwrap();
         check(near, &mut far, |w| {
-            socket2::SockRef::from(&w)
-                .shutdown(std::net::Shutdown::Write)
-                .unwrap();
+            shut(&w);
             Some(w)
         })
         .await;
         let (near, mut far) = tcp_pair().await;
         near.writable().await.unwrap();
         check(Rewind::new(Bytes::new(), near), &mut far, |w| {
-            socket2::SockRef::from(&w.inner)
-                .shutdown(std::net::Shutdown::Write)
-                .unwrap();
+            shut(&w.inner);
             Some(w)
         })
         .await;

@@ -610,6 +610,23 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
+    /// A relay as the gateway runs one (splicing allowed), not over TLS, idle after 5 s.
+    async fn relay_5s<C, U>(client: C, upstream: U, metrics: &Metrics) -> RelayStats
+    where
+        C: AsyncRead + AsyncWrite + Unpin + 'static,
+        U: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        relay(
+            client,
+            upstream,
+            false,
+            Duration::from_secs(5),
+            true,
+            metrics,
+        )
+        .await
+    }
+
     /// A relay between two 64-byte pipes (5 s idle timeout): the client's and the upstream's
     /// far ends, and the relay's task.
     fn spawn_relay() -> (
@@ -619,17 +636,8 @@ mod tests {
     ) {
         let (client, client_peer) = duplex(64);
         let (upstream, upstream_peer) = duplex(64);
-        let task = tokio::spawn(async move {
-            relay(
-                client,
-                upstream,
-                false,
-                Duration::from_secs(5),
-                true,
-                &Metrics::unregistered(),
-            )
-            .await
-        });
+        let task =
+            tokio::spawn(async move { relay_5s(client, upstream, &Metrics::unregistered()).await });
         (client_peer, upstream_peer, task)
     }
 
@@ -642,15 +650,7 @@ mod tests {
         let (upstream, mut upstream_peer) = duplex(256);
         let metrics = Metrics::unregistered();
         let task = tokio::spawn(async move {
-            let stats = relay(
-                client,
-                upstream,
-                false,
-                Duration::from_secs(5),
-                true,
-                &metrics,
-            )
-            .await;
+            let stats = relay_5s(client, upstream, &metrics).await;
             let (up, down) = metrics.byte_counters();
             (stats, up.get(), down.get())
         });
@@ -709,14 +709,7 @@ mod tests {
             }
             crate::io::HELD_FOR_FIN.with(|held| held.set(0));
             let metrics = Metrics::unregistered();
-            let relay = relay(
-                client,
-                upstream,
-                false,
-                Duration::from_secs(5),
-                true,
-                &metrics,
-            );
+            let relay = relay_5s(client, upstream, &metrics);
             let peers = async {
                 let mut got = [0u8; 3];
                 far.read_exact(&mut got).await.unwrap();
@@ -745,15 +738,7 @@ mod tests {
             .read_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
             .build();
         let metrics = Metrics::unregistered();
-        let stats = relay(
-            client,
-            upstream,
-            false,
-            Duration::from_secs(5),
-            true,
-            &metrics,
-        )
-        .await;
+        let stats = relay_5s(client, upstream, &metrics).await;
         assert_eq!(stats.end, RelayEnd::UpstreamError);
         assert_eq!(stats.bytes_down, 4);
         let mut got = [0u8; 4];
@@ -1061,14 +1046,7 @@ mod tests {
         let (client, mut client_peer) = duplex(64);
         let (upstream, mut upstream_peer) = duplex(64);
         let metrics = Metrics::unregistered();
-        let relay = relay(
-            client,
-            upstream,
-            false,
-            Duration::from_secs(5),
-            true,
-            &metrics,
-        );
+        let relay = relay_5s(client, upstream, &metrics);
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
         let peers = async {
             // Chunks that fit the pipe: written at once, then read back through the relay.
@@ -1163,14 +1141,7 @@ mod tests {
         upstream_peer.shutdown().await.unwrap();
         client_peer.shutdown().await.unwrap();
         let metrics = Metrics::unregistered();
-        let relay = relay(
-            client,
-            upstream,
-            false,
-            Duration::from_secs(5),
-            true,
-            &metrics,
-        );
+        let relay = relay_5s(client, upstream, &metrics);
         let peer = async {
             let mut got = Vec::new();
             client_peer.read_to_end(&mut got).await.unwrap();
