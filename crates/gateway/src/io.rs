@@ -155,6 +155,35 @@ impl Fresh {
     }
 }
 
+/// The TCP socket a relay stream reads from and writes to directly, if it is one: a
+/// `TcpStream`, a registered [`Fresh`] connection, a [`Rewind`] of either (or of a `Rewind`),
+/// or a boxed stream of these; and whether a `Rewind` has replayed all its bytes (until then
+/// reads do not reach the socket; writes always do). Anything else (TLS, hyper's upgraded
+/// connection, a test pipe) is `None`.
+///
+/// The relay is generic over its streams; the plain TCP ones are told apart by type, which the
+/// compiler resolves for each type but a boxed one.
+pub(crate) fn tcp_under(stream: &dyn Any) -> Option<(&TcpStream, bool)> {
+    if let Some(tcp) = stream.downcast_ref::<TcpStream>() {
+        return Some((tcp, true));
+    }
+    if let Some(fresh) = stream.downcast_ref::<Fresh>() {
+        return fresh.as_registered().map(|tcp| (tcp, true));
+    }
+    if let Some(rewind) = stream.downcast_ref::<Rewind<TcpStream>>() {
+        return Some((&rewind.inner, rewind.replayed()));
+    }
+    if let Some(rewind) = stream.downcast_ref::<Rewind<Rewind<TcpStream>>>() {
+        let inner = &rewind.inner;
+        return Some((&inner.inner, rewind.replayed() && inner.replayed()));
+    }
+    if let Some(boxed) = stream.downcast_ref::<Box<dyn Io>>() {
+        // The boxed stream itself, not the box (which is an `Io` too).
+        return tcp_under(boxed.as_ref().as_any());
+    }
+    None
+}
+
 /// Writes `buf`, the last bytes `w` carries before its FIN (its shutdown or close follows at
 /// once). On a TCP socket they go with `MSG_MORE`: the kernel holds them for the FIN and sends
 /// both in one segment, where a plain send would push the data at once (`TCP_NODELAY`) and the
@@ -162,28 +191,13 @@ impl Fresh {
 /// tunnel whose far side closes first, one loopback segment (and the kernel's work for it, on
 /// both ends) fewer: 34.0 -> 33.05 segments per one-request CONNECT tunnel over all four hops,
 /// as through HAProxy, which does the same. Other streams (TLS, hyper's upgraded connections,
-/// test pipes) write as usual.
-///
-/// The relay is generic over its streams; the plain TCP ones are told apart by type here, which
-/// the compiler resolves for each `W` (no cost for the others).
+/// test pipes) write as usual ([`tcp_under`]).
 pub(crate) fn poll_write_last<W: AsyncWrite + Unpin + 'static>(
     w: &mut W,
     cx: &mut Context<'_>,
     buf: &[u8],
 ) -> Poll<io::Result<usize>> {
-    let any = &*w as &dyn Any;
-    let tcp = any
-        .downcast_ref::<TcpStream>()
-        .or_else(|| any.downcast_ref::<Rewind<TcpStream>>().map(|r| &r.inner))
-        .or_else(|| {
-            any.downcast_ref::<Rewind<Rewind<TcpStream>>>()
-                .map(|r| &r.inner.inner)
-        })
-        .or_else(|| match any.downcast_ref::<Fresh>() {
-            Some(Fresh(State::Registered(s))) => Some(s),
-            _ => None,
-        });
-    if let Some(s) = tcp {
+    if let Some((s, _)) = tcp_under(&*w) {
         // Only where tokio counts the socket writable; anything else goes the usual way, which
         // waits for it.
         match s.try_io(Interest::WRITABLE, || {
@@ -349,6 +363,11 @@ mod tests {
             Some(w)
         })
         .await;
+        // An upstream's stream, boxed.
+        let (near, mut far) = tcp_pair().await;
+        near.writable().await.unwrap();
+        let boxed: BoxedIo = Box::new(Fresh::registered(near));
+        check(boxed, &mut far, |_| None).await;
         // Closing sends the FIN as a shutdown does.
         let (near, mut far) = tcp_pair().await;
         near.writable().await.unwrap();

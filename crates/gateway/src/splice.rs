@@ -14,7 +14,7 @@ use std::os::fd::OwnedFd;
 
 use tokio::net::TcpStream;
 
-use crate::io::{Fresh, Io, Rewind};
+use crate::io::tcp_under;
 
 /// Bytes one splice moves into the pipe at most: a pipe's default capacity (16 pages).
 pub(crate) const CHUNK: usize = 64 * 1024;
@@ -111,34 +111,16 @@ pub(crate) fn kept() -> usize {
     })
 }
 
-/// The TCP socket a relay stream reads from and writes to directly, if it is one: a
-/// `TcpStream`, a registered [`Fresh`] connection, a [`Rewind`] of either whose replayed bytes
-/// are all read, or a boxed stream of these. Anything else (TLS, a SOCKS wrapper, hyper's
-/// upgraded connection, a test pipe) is `None` and is copied.
+/// The TCP socket under a relay stream whose reads reach it directly ([`tcp_under`]: nothing
+/// left to replay above it); anything else is copied.
 pub(crate) fn tcp_of(stream: &dyn Any) -> Option<&TcpStream> {
-    if let Some(tcp) = stream.downcast_ref::<TcpStream>() {
-        return Some(tcp);
-    }
-    if let Some(fresh) = stream.downcast_ref::<Fresh>() {
-        return fresh.as_registered();
-    }
-    if let Some(rewind) = stream.downcast_ref::<Rewind<TcpStream>>() {
-        return rewind.replayed().then_some(rewind.get_ref());
-    }
-    if let Some(rewind) = stream.downcast_ref::<Rewind<Rewind<TcpStream>>>() {
-        let inner = rewind.get_ref();
-        return (rewind.replayed() && inner.replayed()).then_some(inner.get_ref());
-    }
-    if let Some(boxed) = stream.downcast_ref::<Box<dyn Io>>() {
-        // The boxed stream itself, not the box (which is an `Io` too).
-        return tcp_of(boxed.as_ref().as_any());
-    }
-    None
+    tcp_under(stream).and_then(|(tcp, replayed)| replayed.then_some(tcp))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::{Fresh, Io, Rewind};
     use bytes::Bytes;
     use tokio::io::AsyncReadExt;
 
