@@ -91,6 +91,8 @@ where
 {
     let start = Instant::now();
     let (up_total, down_total) = metrics.byte_counters();
+    let infer_eof = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
     // In this future's own state, not boxed: the same bytes, one allocation fewer per tunnel.
     let watchdog = std::pin::pin!(tokio::time::sleep_until(start + idle));
     let mut r = Relay {
@@ -101,8 +103,15 @@ where
             RelayEnd::UpstreamError,
             !upstream_tls,
             splice,
+            infer_eof,
         ),
-        down: Pump::new(RelayEnd::UpstreamError, RelayEnd::ClientError, true, splice),
+        down: Pump::new(
+            RelayEnd::UpstreamError,
+            RelayEnd::ClientError,
+            true,
+            splice,
+            infer_eof,
+        ),
         idle,
         last_activity: start,
         watchdog,
@@ -243,6 +252,17 @@ struct Pump {
     bulk: bool,
     /// Splicing allowed (`server.splice`).
     splice: bool,
+    /// The EOF of a TCP reader is inferred, not read: a read from the socket that leaves room
+    /// in the buffer has tokio clear the socket's readable state, so if it still reports
+    /// ready, what it holds is the peer's FIN (`EPOLLRDHUP`), which came before that read:
+    /// every byte before it is read, and the recv that would return 0 is not made (one fewer
+    /// per tunnel, as HAProxy does). Only on a current-thread runtime (the data plane's): on a
+    /// multi-thread one the reactor may mark the socket from another thread meanwhile, for
+    /// bytes and a FIN that came after the read.
+    infer_eof: bool,
+    /// The reads go to the TCP socket itself (nothing left to replay above it); `None` until
+    /// the first read.
+    reads_socket: Option<bool>,
     /// While this direction splices: its pipe and the bytes in it.
     #[cfg(target_os = "linux")]
     pipe: Option<(crate::splice::Pipe, usize)>,
@@ -262,7 +282,13 @@ struct Pump {
 const REPORT_EVERY: u64 = 256 * 1024;
 
 impl Pump {
-    fn new(read_fault: RelayEnd, write_fault: RelayEnd, eof_by_close: bool, splice: bool) -> Self {
+    fn new(
+        read_fault: RelayEnd,
+        write_fault: RelayEnd,
+        eof_by_close: bool,
+        splice: bool,
+        infer_eof: bool,
+    ) -> Self {
         Self {
             buf: None,
             pos: 0,
@@ -271,6 +297,8 @@ impl Pump {
             read_failed: false,
             bulk: false,
             splice,
+            infer_eof,
+            reads_socket: None,
             #[cfg(target_os = "linux")]
             pipe: None,
             bytes: 0,
@@ -380,6 +408,13 @@ impl Pump {
             let buf = self
                 .buf
                 .get_or_insert_with(|| slot.take().unwrap_or_else(spare::take));
+            // Whether the reads go to a TCP socket itself, nothing left to replay above it:
+            // known before the first, then after each read (for the next).
+            if self.infer_eof && self.reads_socket.is_none() {
+                let under = crate::io::tcp_under(&*r);
+                self.infer_eof = under.is_some();
+                self.reads_socket = Some(under.is_some_and(|t| t.1));
+            }
             loop {
                 match tokio_util::io::poll_read_buf(Pin::new(&mut *r), cx, buf) {
                     Poll::Ready(Ok(0)) => {
@@ -393,6 +428,20 @@ impl Pump {
                         if buf.len() == buf.capacity() {
                             self.bulk = true;
                             break;
+                        }
+                        // Room left: the socket's readiness says whether the EOF is next.
+                        if self.infer_eof {
+                            let under = crate::io::tcp_under(&*r);
+                            let direct = self.reads_socket == Some(true);
+                            self.reads_socket = Some(under.is_some_and(|t| t.1));
+                            if direct && let Some((tcp, _)) = under {
+                                match tcp.poll_read_ready(cx) {
+                                    Poll::Ready(Ok(())) => self.eof = true,
+                                    Poll::Ready(Err(_)) => self.read_failed = true,
+                                    Poll::Pending => read_pending = true,
+                                }
+                                break;
+                            }
                         }
                     }
                     Poll::Ready(Err(_)) if buf.is_empty() => {
@@ -1114,6 +1163,39 @@ mod tests {
         assert_eq!(stats.end, RelayEnd::Closed);
         assert_eq!((stats.bytes_up, stats.bytes_down), (8, 4 << 20));
         stats
+    }
+
+    /// The upstream's bytes in two parts, the second with its FIN, each read apart (a
+    /// current-thread runtime, as the data plane's): the EOF known from the socket's readiness
+    /// after the second part loses no byte, and a part alone is not taken for the end.
+    #[tokio::test]
+    async fn an_eof_known_from_readiness_loses_nothing() {
+        let (client, mut client_peer) = tcp_pair().await;
+        let (upstream, mut upstream_peer) = tcp_pair().await;
+        let metrics = Metrics::unregistered();
+        let relay = relay_5s(
+            crate::io::Rewind::new(bytes::Bytes::new(), client),
+            upstream,
+            &metrics,
+        );
+        let peers = async {
+            upstream_peer.write_all(b"first part, ").await.unwrap();
+            let mut got = [0u8; 12];
+            client_peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"first part, ");
+            upstream_peer.write_all(b"second part").await.unwrap();
+            upstream_peer.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            client_peer.read_to_end(&mut rest).await.unwrap();
+            assert_eq!(rest, b"second part");
+            client_peer.shutdown().await.unwrap();
+            let mut up = Vec::new();
+            upstream_peer.read_to_end(&mut up).await.unwrap();
+            assert!(up.is_empty());
+        };
+        let (stats, ()) = tokio::join!(relay, peers);
+        assert_eq!(stats.end, RelayEnd::Closed);
+        assert_eq!(stats.bytes_down, 23);
     }
 
     #[cfg(target_os = "linux")]
