@@ -4,6 +4,7 @@
 //! SOCKS wrapper is one type.
 
 use std::any::Any;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -182,6 +183,16 @@ pub(crate) fn tcp_under(stream: &dyn Any) -> Option<(&TcpStream, bool)> {
         return tcp_under(boxed.as_ref().as_any());
     }
     None
+}
+
+/// The socket has an error to report (a reset): `EPOLLERR` came with its hang-up. Asked of a
+/// socket about to be taken as at its EOF, which a reset must not be: a read reports it.
+pub(crate) fn error_pending(tcp: &TcpStream) -> bool {
+    let ready = std::pin::pin!(tcp.ready(Interest::ERROR));
+    matches!(
+        ready.poll(&mut Context::from_waker(std::task::Waker::noop())),
+        Poll::Ready(Ok(r)) if r.is_error()
+    )
 }
 
 /// Writes `buf`, the last bytes `w` carries before its FIN (its shutdown or close follows at

@@ -436,6 +436,10 @@ impl Pump {
                             self.reads_socket = Some(under.is_some_and(|t| t.1));
                             if direct && let Some((tcp, _)) = under {
                                 match tcp.poll_read_ready(cx) {
+                                    // A reset is no EOF: the next read reports it.
+                                    Poll::Ready(Ok(())) if crate::io::error_pending(tcp) => {
+                                        continue;
+                                    }
                                     Poll::Ready(Ok(())) => self.eof = true,
                                     Poll::Ready(Err(_)) => self.read_failed = true,
                                     Poll::Pending => read_pending = true,
@@ -1196,6 +1200,30 @@ mod tests {
         let (stats, ()) = tokio::join!(relay, peers);
         assert_eq!(stats.end, RelayEnd::Closed);
         assert_eq!(stats.bytes_down, 23);
+    }
+
+    /// Bytes, then a reset, both in before the relay reads: the reset is reported as the
+    /// upstream's failure after the bytes, not taken for an EOF from the socket's readiness.
+    #[tokio::test]
+    async fn a_reset_after_bytes_is_a_failure_not_an_eof() {
+        let (client, mut client_peer) = tcp_pair().await;
+        let (upstream, upstream_peer) = tcp_pair().await;
+        let upstream_peer = upstream_peer.into_std().unwrap();
+        std::io::Write::write_all(&mut &upstream_peer, b"partial").unwrap();
+        socket2::SockRef::from(&upstream_peer)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(upstream_peer);
+        // The reactor sees the bytes and the reset (ready, hung up, in error) first.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let metrics = Metrics::unregistered();
+        let client = crate::io::Rewind::new(bytes::Bytes::new(), client);
+        let stats = relay_5s(client, upstream, &metrics).await;
+        assert_eq!(stats.end, RelayEnd::UpstreamError);
+        assert_eq!(stats.bytes_down, 7);
+        let mut got = [0u8; 7];
+        client_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"partial");
     }
 
     #[cfg(target_os = "linux")]
