@@ -4,9 +4,10 @@
 //!
 //! The relay copies through a buffer until a read fills one (data comes faster than it is
 //! passed on); then, where both of a direction's streams are plain TCP with nothing buffered
-//! above them, it splices, and goes back to copying once a read finds nothing waiting. A pipe
-//! costs two descriptors, so one is held only while a direction splices, and a few empty ones
-//! are kept per thread for the next.
+//! above them, it splices from then on. A pipe costs two descriptors, so a direction holds one
+//! only while bytes move: whenever a read finds nothing waiting, the empty pipe goes back to
+//! the thread (an idle tunnel holds none), a few are kept there, and the direction takes one
+//! again when it is woken.
 
 use std::any::Any;
 use std::io;
