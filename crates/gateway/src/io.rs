@@ -304,23 +304,28 @@ impl AsyncWrite for Fresh {
     }
 }
 
+/// A connected pair over loopback (near, far), both ends `TCP_NODELAY` as the gateway's are.
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    reason = "tests: a failed step must fail the test loudly"
+)]
+pub(crate) async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let near = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (far, _) = listener.accept().await.unwrap();
+    near.set_nodelay(true).unwrap();
+    far.set_nodelay(true).unwrap();
+    (near, far)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// A connected pair over loopback, both ends `TCP_NODELAY` as the gateway's are.
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let near = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (far, _) = listener.accept().await.unwrap();
-        near.set_nodelay(true).unwrap();
-        far.set_nodelay(true).unwrap();
-        (near, far)
-    }
 
     /// The last bytes wait in the kernel for the FIN (one segment for both), through each
     /// kind of TCP stream the relay writes to, and arrive with it.

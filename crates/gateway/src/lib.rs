@@ -32,6 +32,7 @@ pub mod policy;
 pub mod relay;
 pub mod server;
 pub mod socks;
+mod spares;
 #[cfg(target_os = "linux")]
 mod splice;
 pub mod tls;

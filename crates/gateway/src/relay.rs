@@ -323,6 +323,22 @@ impl Pump {
         }
     }
 
+    /// The reader's EOF, everything before it written: passed on to the writer (a shutdown,
+    /// or its close right after the relay when the other direction is done too), and this
+    /// direction is done.
+    fn pass_eof<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+        other_done: bool,
+    ) -> Poll<Result<(), RelayEnd>> {
+        if !(self.eof_by_close && other_done) {
+            ready!(Pin::new(&mut *w).poll_shutdown(cx)).map_err(|_| self.write_fault)?;
+        }
+        self.done = true;
+        Poll::Ready(Ok(()))
+    }
+
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -338,15 +354,8 @@ impl Pump {
         if self.done {
             return Poll::Ready(Ok(()));
         }
-        // A direction that spliced before goes on splicing (a pipe from the thread's spares),
-        // though it let go of its pipe when a read found nothing waiting.
         #[cfg(target_os = "linux")]
-        if self.pipe.is_some()
-            || (self.bulk
-                && self.buf.as_ref().is_none_or(|b| b.is_empty())
-                && self.start_splicing(r, w))
-        {
-            self.give_back(slot);
+        if self.pipe.is_some() {
             return self.poll_spliced(cx, r, w, other_done);
         }
         let mut read_pending = false;
@@ -374,6 +383,8 @@ impl Pump {
                 buf.clear();
             }
             // All written. Data comes faster than it is passed on: a pipe, or a bigger buffer.
+            // (A direction that spliced goes on splicing, with a pipe from the thread's spares,
+            // though it let go of its pipe when a read found nothing waiting.)
             if self.bulk && !self.eof && !self.read_failed {
                 #[cfg(target_os = "linux")]
                 if self.start_splicing(r, w) {
@@ -391,11 +402,7 @@ impl Pump {
             }
             if self.eof {
                 self.give_back(slot);
-                if !(self.eof_by_close && other_done) {
-                    ready!(Pin::new(&mut *w).poll_shutdown(cx)).map_err(|_| self.write_fault)?;
-                }
-                self.done = true;
-                return Poll::Ready(Ok(()));
+                return self.pass_eof(cx, w, other_done);
             }
             if read_pending {
                 return Poll::Pending;
@@ -552,12 +559,7 @@ impl Pump {
                 Err(_) => return Poll::Ready(Err(self.read_fault)),
             }
         }
-        // The EOF: passed on as when copying.
-        if !(self.eof_by_close && other_done) {
-            ready!(Pin::new(&mut *w).poll_shutdown(cx)).map_err(|_| self.write_fault)?;
-        }
-        self.done = true;
-        Poll::Ready(Ok(()))
+        self.pass_eof(cx, w, other_done)
     }
 }
 
@@ -580,33 +582,19 @@ impl Drop for Pump {
 /// ones (256 KiB); the data plane's workers each run their relays on one thread.
 mod spare {
     use std::cell::Cell;
-    use std::thread::LocalKey;
 
     use bytes::BytesMut;
 
     use super::{BUF_SIZE, BULK_BUF_SIZE};
+    use crate::spares::{Spares, pop, push};
 
     pub(super) const SPARE_MAX: usize = 16;
     /// Bulk buffers kept per thread (256 KiB).
     pub(super) const BULK_SPARE_MAX: usize = 4;
 
-    type Spares = LocalKey<Cell<Vec<BytesMut>>>;
-
     thread_local! {
         static SPARE: Cell<Vec<BytesMut>> = const { Cell::new(Vec::new()) };
         static BULK_SPARE: Cell<Vec<BytesMut>> = const { Cell::new(Vec::new()) };
-    }
-
-    fn pop(spares: &'static Spares) -> Option<BytesMut> {
-        spares
-            .try_with(|spare| {
-                let mut bufs = spare.take();
-                let buf = bufs.pop();
-                spare.set(bufs);
-                buf
-            })
-            .ok()
-            .flatten()
     }
 
     /// A spare buffer of this thread, or a new one: empty, [`BUF_SIZE`] bytes of room.
@@ -622,45 +610,29 @@ mod spare {
     /// Keeps `buf` for a later [`take`] or [`take_bulk`] if there is room; drops it otherwise.
     pub(super) fn give(mut buf: BytesMut) {
         buf.clear();
-        let (spares, max) = match buf.capacity() {
+        let (spares, max): (&'static Spares<BytesMut>, _) = match buf.capacity() {
             BUF_SIZE => (&SPARE, SPARE_MAX),
             BULK_BUF_SIZE => (&BULK_SPARE, BULK_SPARE_MAX),
             _ => return,
         };
-        // At thread exit (the thread-local gone) the buffer is simply dropped.
-        let _ = spares.try_with(|spare| {
-            let mut bufs = spare.take();
-            if bufs.len() < max {
-                bufs.push(buf);
-            }
-            spare.set(bufs);
-        });
-    }
-
-    #[cfg(test)]
-    fn count_of(spares: &'static Spares) -> usize {
-        spares.with(|spare| {
-            let bufs = spare.take();
-            let n = bufs.len();
-            spare.set(bufs);
-            n
-        })
+        push(spares, buf, max);
     }
 
     #[cfg(test)]
     pub(super) fn count() -> usize {
-        count_of(&SPARE)
+        crate::spares::count(&SPARE)
     }
 
     #[cfg(test)]
     pub(super) fn count_bulk() -> usize {
-        count_of(&BULK_SPARE)
+        crate::spares::count(&BULK_SPARE)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::tcp_pair;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
     /// A relay as the gateway runs one (splicing allowed), not over TLS, idle after 5 s.
@@ -748,12 +720,7 @@ mod tests {
     #[tokio::test]
     async fn the_last_bytes_go_with_the_fin() {
         async fn run(eof_waiting: bool) -> usize {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let mut far = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            let (near, _) = listener.accept().await.unwrap();
-            near.set_nodelay(true).unwrap();
+            let (near, mut far) = tcp_pair().await;
             let client = crate::io::Rewind::new(bytes::Bytes::new(), near);
             let (upstream, mut upstream_peer) = duplex(64);
             upstream_peer.write_all(b"bye").await.unwrap();
@@ -1121,16 +1088,6 @@ mod tests {
         assert!((1..=2).contains(&n), "{n} spares after one relay");
         // No read filled a buffer: no bulk buffer was taken.
         assert_eq!(spare::count_bulk(), 0);
-    }
-
-    /// A connected loopback pair: (near, far).
-    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let far = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (near, _) = listener.accept().await.unwrap();
-        (near, far)
     }
 
     /// Four megabytes down and a few bytes up between two real TCP connections, spliced or

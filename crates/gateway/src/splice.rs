@@ -75,16 +75,7 @@ std::thread_local! {
 
 /// An empty pipe of this thread's, or a new one.
 pub(crate) fn take() -> io::Result<Pipe> {
-    let spare = PIPES
-        .try_with(|pipes| {
-            let mut all = pipes.take();
-            let pipe = all.pop();
-            pipes.set(all);
-            pipe
-        })
-        .ok()
-        .flatten();
-    match spare {
+    match crate::spares::pop(&PIPES) {
         Some(pipe) => Ok(pipe),
         None => Pipe::new(),
     }
@@ -93,23 +84,12 @@ pub(crate) fn take() -> io::Result<Pipe> {
 /// Keeps an empty pipe for the next [`take`] on this thread, if there is room. A pipe that may
 /// hold bytes must be dropped instead: they would reach another connection.
 pub(crate) fn give_empty(pipe: Pipe) {
-    let _ = PIPES.try_with(|pipes| {
-        let mut all = pipes.take();
-        if all.len() < PIPES_MAX {
-            all.push(pipe);
-        }
-        pipes.set(all);
-    });
+    crate::spares::push(&PIPES, pipe, PIPES_MAX);
 }
 
 #[cfg(test)]
 pub(crate) fn kept() -> usize {
-    PIPES.with(|pipes| {
-        let all = pipes.take();
-        let n = all.len();
-        pipes.set(all);
-        n
-    })
+    crate::spares::count(&PIPES)
 }
 
 /// The TCP socket under a relay stream whose reads reach it directly ([`tcp_under`]: nothing
