@@ -94,7 +94,8 @@ pub(crate) fn kept() -> usize {
 
 /// The TCP socket under a relay stream whose reads reach it directly ([`tcp_under`]: nothing
 /// left to replay above it); anything else is copied.
-pub(crate) fn tcp_of(stream: &dyn Any) -> Option<&TcpStream> {
+#[inline]
+pub(crate) fn tcp_of<T: Any>(stream: &T) -> Option<&TcpStream> {
     tcp_under(stream).and_then(|(tcp, replayed)| replayed.then_some(tcp))
 }
 
