@@ -478,6 +478,7 @@ async fn a_first_connect_is_held_to_the_same_rules() {
     let authed = |target: &str, fields: &str| {
         connect(target, &format!("Proxy-Authorization: {auth}\r\n{fields}"))
     };
+    let fields = |n: usize| -> String { (0..n).map(|i| format!("X-F{i}: v\r\n")).collect() };
     let a = "a.example:443";
     let cases = [
         (
@@ -520,6 +521,18 @@ async fn a_first_connect_is_held_to_the_same_rules() {
             "CL and TE",
             authed(a, "Content-Length: 0\r\nTransfer-Encoding: chunked\r\n"),
             "400",
+        ),
+        // More fields than the parser's first try has room for (24), within the limit (100).
+        (
+            "credentials after 30 other fields",
+            connect(a, &format!("{}Proxy-Authorization: {auth}\r\n", fields(30))),
+            "200",
+        ),
+        ("101 fields", authed(a, &fields(100)), "431"),
+        (
+            "a target over the limit",
+            authed(&format!("{}.example:443", "a".repeat(9000)), ""),
+            "414",
         ),
         ("userinfo", authed("u:p@a.example:443", ""), "400"),
         ("no port", authed("a.example", ""), "400"),
