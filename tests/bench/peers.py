@@ -739,6 +739,9 @@ def main():
                     help="count user-space instructions per request under callgrind instead, "
                     "N requests per scenario and gateway")
     ap.add_argument("--json-out")
+    ap.add_argument("--keep-work", action="store_true",
+                    help="keep the work directory (configs, logs, callgrind dumps for "
+                    "callgrind_annotate) and print its path")
     args = ap.parse_args()
     if args.smoke:
         args.seconds, args.passes, args.idle_tunnels, args.settle, args.bulk_mib = 1, 1, 200, 1, 16
@@ -754,6 +757,8 @@ def main():
     target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release"
     work = Path(tempfile.mkdtemp(prefix="pg-peers-"))
     os.chmod(work, 0o755)
+    if args.keep_work:
+        log(f"work directory (kept): {work}")
     topo = Topology(work, target / "pg-loadgen", target / "proxygate",
                     args.proxygate_config.replace("\\n", "\n"), args.threads,
                     Path(args.baseline) if args.baseline else None)
@@ -791,7 +796,8 @@ def main():
             Path(args.json_out).write_text(json.dumps({"when": stamp, "cells": cells}, indent=1))
         if any(c["errors"] for c in cells if c["gateway"] == "proxygate"):
             sys.exit(1)
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
         return
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, resource.getrlimit(
@@ -856,7 +862,8 @@ def main():
     if bad:
         log("proxygate cells with errors:", json.dumps(bad, indent=1))
         sys.exit(1)
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
