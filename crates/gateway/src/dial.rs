@@ -156,6 +156,39 @@ impl Connector {
         }
     }
 
+    /// The connection to `up` made now, where that needs no wait: a plain (not TLS) upstream
+    /// at an IP address, `early` sent with the connect as [`Connector::open_with`] sends it.
+    /// `Later`: the general path ([`Connector::open_until`]) is the one to take.
+    fn open_now(&self, up: &Upstream, early: &[u8]) -> OpenNow {
+        let Host::Ip(ip) = up.host else {
+            return OpenNow::Later;
+        };
+        if up.scheme == Scheme::Https {
+            return OpenNow::Later;
+        }
+        match connect_and_send(SocketAddr::new(ip, up.port), early) {
+            Early::Sent(sock, n) => OpenNow::Open(Fresh::new(sock), n),
+            Early::Connecting(sock) => OpenNow::Connecting(sock),
+            Early::Failed(e) => OpenNow::Failed(connect_refused(up, e)),
+        }
+    }
+
+    /// `sock`, a connect to `up` under way, once connected, within the connect timeout (or
+    /// `outer`, if that comes first).
+    async fn connecting(
+        &self,
+        up: &Upstream,
+        sock: socket2::Socket,
+        outer: Option<tokio::time::Instant>,
+    ) -> Result<Fresh, GatewayError> {
+        let (deadline, outer_first) = self.deadline(self.cfg.connect_timeout, outer);
+        match tokio::time::timeout_at(deadline, connected(sock)).await {
+            Ok(r) => r.map_err(|e| connect_refused(up, e)),
+            Err(_) if outer_first => Err(retry_deadline_passed(up, self.cfg.retry_deadline)),
+            Err(_) => Err(connect_timed_out(up, self.cfg.connect_timeout)),
+        }
+    }
+
     /// When a phase allowed `limit` from now ends, given `outer` (a dial's retry deadline):
     /// one timer for both, and whether `outer` is the one it stands for. (The phase's future
     /// is awaited in place by the caller: passing it through a helper would move it once more,
@@ -241,6 +274,18 @@ fn connect_timed_out(up: &Upstream, after: Duration) -> GatewayError {
         ErrorKind::UpstreamConnectTimeout,
         format!("{up}: connect timed out after {after:?}"),
     )
+}
+
+/// What [`Connector::open_now`] could do.
+enum OpenNow {
+    /// Connected, and this many bytes of `early` sent.
+    Open(Fresh, usize),
+    /// The connect is under way.
+    Connecting(socket2::Socket),
+    /// Refused, unreachable, or no socket at all.
+    Failed(GatewayError),
+    /// Not here: TLS, or a name to resolve.
+    Later,
 }
 
 /// Where a non-blocking connect with an early send stands.
@@ -378,7 +423,7 @@ async fn http_connect_with(
                 format!("{up}: closed before answering CONNECT"),
             ));
         }
-        if let Some(reply) = simple_reply(&buf) {
+        if let Some(reply) = crate::head::simple_reply(&buf) {
             break reply;
         }
         // Left uninitialised: zeroing 64 header slots (2 KiB) per reply cost more than
@@ -426,73 +471,6 @@ async fn http_connect_with(
         kind,
         format!("{up}: CONNECT {target} answered {status}"),
     ))
-}
-
-/// A complete CONNECT reply head in its plainest form, as proxies send it: `HTTP/1.0` or
-/// `HTTP/1.1`, a status of three digits and a reason of visible ASCII, at most 64 fields of a
-/// token name, `:` and a visible-ASCII value, every line ending in CRLF. Its status and length,
-/// as httparse finds them (a fuzz target and a property test hold the two to agree), for a
-/// quarter of httparse's instructions (~250 instead of ~960 per tunnel: its status line reads
-/// byte by byte through checks for forms we never see). Anything else, an incomplete head
-/// included, is `None`: httparse decides.
-pub(crate) fn simple_reply(buf: &[u8]) -> Option<(u16, usize)> {
-    let rest = buf
-        .strip_prefix(b"HTTP/1.1 ")
-        .or_else(|| buf.strip_prefix(b"HTTP/1.0 "))?;
-    let (code, rest) = rest.split_first_chunk::<3>()?;
-    if !code.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let status = code.iter().fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
-    // The reason, if any, up to the status line's end.
-    let mut at = buf.len() - rest.len();
-    match rest.first()? {
-        b' ' => at = line_end(buf, at + 1, |b| b == b'\t' || (b' '..=b'~').contains(&b))?,
-        b'\r' => at = crlf(buf, at)?,
-        _ => return None,
-    }
-    for _ in 0..=64 {
-        if buf.get(at) == Some(&b'\r') {
-            return Some((status, crlf(buf, at)?));
-        }
-        // A field: a token name, `:`, a value of visible ASCII, spaces and tabs.
-        let name = buf[at..].iter().take_while(|&&b| is_tchar(b)).count();
-        if name == 0 || buf.get(at + name) != Some(&b':') {
-            return None;
-        }
-        at = line_end(buf, at + name + 1, |b| {
-            b == b'\t' || (b' '..=b'~').contains(&b)
-        })?;
-    }
-    // More than 64 fields: httparse's error.
-    None
-}
-
-/// httparse's reading of a CONNECT reply head: its status and length when complete (what
-/// [`simple_reply`] must agree with).
-pub(crate) fn httparse_reply(buf: &[u8]) -> Option<(u16, usize)> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => Some((resp.code.unwrap_or(0), n)),
-        _ => None,
-    }
-}
-
-/// The index after the CRLF that ends the line of `allowed` bytes starting at `from`.
-fn line_end(buf: &[u8], from: usize, allowed: impl Fn(u8) -> bool) -> Option<usize> {
-    let len = buf.get(from..)?.iter().take_while(|&&b| allowed(b)).count();
-    crlf(buf, from + len)
-}
-
-/// The index after a CRLF at `at`.
-fn crlf(buf: &[u8], at: usize) -> Option<usize> {
-    (buf.get(at..at + 2)? == b"\r\n").then_some(at + 2)
-}
-
-/// A token character (RFC 9110 §5.6.2), as a field name is made of.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// A SOCKS tunnel through `up`.
@@ -1104,6 +1082,9 @@ impl Dialer {
         }
     }
 
+    /// One attempt through `lease`'s upstream to `target`, within `deadline` (the retry
+    /// deadline bounds the connect and the handshake through their own timers: one timer per
+    /// phase, not one more around both). Established ones are counted in the metrics.
     async fn connect_until(
         &self,
         lease: &Lease,
@@ -1111,49 +1092,43 @@ impl Dialer {
         purpose: Purpose,
         deadline: tokio::time::Instant,
     ) -> Result<(BoxedIo, Outcome, bool), GatewayError> {
-        let r = self
-            .attempt(lease.upstream(), target, purpose, deadline)
-            .await;
-        if let Ok((_, outcome, _)) = &r
-            && let Some(connect) = outcome.connect
-        {
-            self.metrics.established(connect, outcome.handshake);
-        }
-        r
-    }
-
-    async fn attempt(
-        &self,
-        up: &Upstream,
-        target: &Target,
-        purpose: Purpose,
-        deadline: tokio::time::Instant,
-    ) -> Result<(BoxedIo, Outcome, bool), GatewayError> {
-        // The retry deadline bounds the connect and the handshake through their own timers
-        // (one timer per phase, not one more around both).
+        let up = lease.upstream();
         let t0 = Instant::now();
         let forward = purpose == Purpose::Forward && up.scheme.is_http();
         // A tunnel through a plain HTTP proxy: its CONNECT goes out with the connect.
         let early = (up.scheme == Scheme::Http && !forward).then(|| connect_request(up, target));
-        let (io, sent) = self
-            .connector
-            .open_until(up, early.as_deref().unwrap_or_default(), Some(deadline))
-            .await?;
+        let early_bytes = early.as_deref().unwrap_or_default();
+        // Where it can, the connection is made here and now (a loopback or LAN upstream is
+        // usually connected by the time connect(2) returns), without the general path's
+        // future, which is large and would size (and be moved with) every attempt.
+        let (io, sent): (BoxedIo, usize) = match self.connector.open_now(up, early_bytes) {
+            OpenNow::Open(fresh, sent) => (Box::new(fresh), sent),
+            OpenNow::Connecting(sock) => {
+                let fresh = self.connector.connecting(up, sock, Some(deadline)).await?;
+                (Box::new(fresh), 0)
+            }
+            OpenNow::Failed(e) => return Err(e),
+            OpenNow::Later => {
+                Box::pin(self.connector.open_until(up, early_bytes, Some(deadline))).await?
+            }
+        };
         let connect = t0.elapsed();
         let mut outcome = Outcome {
             connect: Some(connect),
             ..Outcome::default()
         };
-        if forward {
-            return Ok((io, outcome, true));
+        if !forward {
+            let unsent = early.as_ref().map(|req| &req[sent..]);
+            let io = self
+                .connector
+                .handshake_after(up, io, target, unsent, Some(deadline))
+                .await?;
+            outcome.handshake = Some(t0.elapsed().saturating_sub(connect));
+            self.metrics.established(connect, outcome.handshake);
+            return Ok((io, outcome, false));
         }
-        let unsent = early.as_ref().map(|req| &req[sent..]);
-        let io = self
-            .connector
-            .handshake_after(up, io, target, unsent, Some(deadline))
-            .await?;
-        outcome.handshake = Some(t0.elapsed().saturating_sub(connect));
-        Ok((io, outcome, false))
+        self.metrics.established(connect, None);
+        Ok((io, outcome, true))
     }
 }
 
@@ -1501,94 +1476,5 @@ mod future_sizes {
         // Unboxed they were 1,456 and 1,336 bytes (debug build).
         assert!(handshake <= 1024, "handshake future: {handshake} bytes");
         assert!(open <= 1024, "connect future: {open} bytes");
-    }
-}
-
-#[cfg(test)]
-mod reply_tests {
-    use super::{httparse_reply, simple_reply};
-    use proptest::prelude::*;
-
-    #[test]
-    fn plain_replies_take_the_short_way() {
-        for (reply, status) in [
-            (&b"HTTP/1.0 200 Connection established\r\nProxy-agent: tinyproxy/1.11.1\r\n\r\n"[..], 200),
-            (b"HTTP/1.1 200 Connection established\r\n\r\n", 200),
-            (b"HTTP/1.1 200 OK\r\nVia: 1.1 squid\r\nX-Empty:\r\nX:\t tab and space \r\n\r\n", 200),
-            (b"HTTP/1.1 200\r\n\r\n", 200),
-            (b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"x\"\r\nContent-Length: 0\r\n\r\n", 407),
-        ] {
-            let got = simple_reply(reply);
-            assert_eq!(got, Some((status, reply.len())), "{}", String::from_utf8_lossy(reply));
-            assert_eq!(got, httparse_reply(reply));
-            // What follows the head is the tunnel's, not the head's.
-            let mut more = reply.to_vec();
-            more.extend_from_slice(b"\x16\x03\x01 hello");
-            assert_eq!(simple_reply(&more), got);
-        }
-    }
-
-    #[test]
-    fn anything_unusual_is_left_to_httparse() {
-        for reply in [
-            &b"HTTP/1.1 200 OK\r\n"[..],                // incomplete
-            b"HTTP/1.1 200 OK\r\nVia: x\r\n",           // incomplete
-            b"HTTP/1.1 200 OK\n\n",                     // bare LF
-            b"HTTP/1.1 200 OK\r\nVia : x\r\n\r\n",      // space before the colon
-            b"HTTP/1.1 200 OK\r\n folded\r\n\r\n",      // a continuation line
-            b"HTTP/1.1 200 D\xc3\xa9j\xc3\xa0\r\n\r\n", // obs-text reason
-            b"HTTP/2 200 OK\r\n\r\n",
-            b"HTTP/1.1 20 OK\r\n\r\n",
-            b"\r\nHTTP/1.1 200 OK\r\n\r\n",
-        ] {
-            assert_eq!(
-                simple_reply(reply),
-                None,
-                "{}",
-                String::from_utf8_lossy(reply)
-            );
-        }
-        let many: String = (0..65).map(|i| format!("X-{i}: v\r\n")).collect();
-        let reply = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
-        assert_eq!(simple_reply(reply.as_bytes()), None);
-        assert_eq!(
-            httparse_reply(reply.as_bytes()),
-            None,
-            "httparse's 64 fields"
-        );
-        let sixty_four: String = (0..64).map(|i| format!("X-{i}: v\r\n")).collect();
-        let reply = format!("HTTP/1.1 200 OK\r\n{sixty_four}\r\n");
-        assert_eq!(simple_reply(reply.as_bytes()), Some((200, reply.len())));
-    }
-
-    /// Pieces of reply heads, well formed and not, for the property below.
-    fn piece() -> impl Strategy<Value = Vec<u8>> {
-        prop_oneof![
-            Just(b"HTTP/1.1 ".to_vec()),
-            Just(b"HTTP/1.0 ".to_vec()),
-            Just(b"HTTP/1.1 200 OK".to_vec()),
-            Just(b"\r\n".to_vec()),
-            Just(b"\r\n\r\n".to_vec()),
-            Just(b"\n".to_vec()),
-            Just(b"\r".to_vec()),
-            Just(b":".to_vec()),
-            Just(b" ".to_vec()),
-            Just(b"\t".to_vec()),
-            Just(b"Proxy-agent: x".to_vec()),
-            "[0-9]{1,4}".prop_map(String::into_bytes),
-            "[ -~]{0,12}".prop_map(String::into_bytes),
-            proptest::collection::vec(any::<u8>(), 0..4),
-        ]
-    }
-
-    proptest! {
-        /// Whatever the short way reads, httparse reads the same: status and length.
-        #[test]
-        fn the_short_way_agrees_with_httparse(pieces in proptest::collection::vec(piece(), 0..24)) {
-            let buf = pieces.concat();
-            if let Some(short) = simple_reply(&buf) {
-                prop_assert_eq!(Some(short), httparse_reply(&buf));
-            }
-        }
     }
 }

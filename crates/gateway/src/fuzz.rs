@@ -137,6 +137,11 @@ pub fn socks4_server(data: &[u8]) {
 /// The HTTP front end: the first head read by hand (limits, target), then hyper and our checks
 /// per request (CONNECT, absolute form, authorization, strictness).
 pub fn http_server(data: &[u8]) {
+    // The short reading of a plain CONNECT head agrees with httparse's wherever it answers.
+    let mut fields = [httparse::EMPTY_HEADER; 24];
+    if let Some(c) = crate::head::simple_connect(data, &mut fields) {
+        assert!(crate::head::httparse_agrees(data, &c, &fields), "{c:?}");
+    }
     let gw = gateway();
     let Some(slot) = ConnectionSlot::unlimited(&gw, peer()) else {
         return;
@@ -168,8 +173,8 @@ fn upstream(url: &str) -> Upstream {
 /// An HTTP upstream's answer to CONNECT.
 pub fn upstream_connect_reply(data: &[u8]) {
     // The short reading of a plain reply head agrees with httparse's wherever it answers.
-    if let Some(short) = crate::dial::simple_reply(data) {
-        assert_eq!(Some(short), crate::dial::httparse_reply(data));
+    if let Some(short) = crate::head::simple_reply(data) {
+        assert_eq!(Some(short), crate::head::httparse_reply(data));
     }
     let up = upstream("http://user:pass@192.0.2.2:8080");
     let _ = runtime().block_on(crate::dial::http_connect(

@@ -401,6 +401,13 @@ const CONNECT_FIELDS: usize = 24;
 
 impl<'h> ConnectHead<'h> {
     fn parse(head: &'h [u8], limits: HeadLimits) -> Result<Self, GatewayError> {
+        // The short way first: a plain head, as clients send it (`crate::head`).
+        let room = CONNECT_FIELDS.min(limits.headers);
+        let mut fields = [httparse::EMPTY_HEADER; CONNECT_FIELDS];
+        if let Some(c) = crate::head::simple_connect(head, &mut fields[..room]) {
+            return Self::check(limits, c.target, c.http10, &fields[..c.fields], c.len)
+                .map_err(|e| e.unwrap_or_else(|| too_many_fields(limits)));
+        }
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; CONNECT_FIELDS];
         match Self::parse_in(head, limits, &mut fields) {
             Err(Some(e)) => Err(e),
@@ -414,12 +421,12 @@ impl<'h> ConnectHead<'h> {
         }
     }
 
-    /// [`ConnectHead::parse`] with room for `storage.len()` fields (`Err(None)`: not enough,
-    /// though within the limit).
-    fn parse_in<'s>(
+    /// [`ConnectHead::parse`] by httparse, with room for `storage.len()` fields (`Err(None)`:
+    /// not enough, though within the limit).
+    fn parse_in(
         head: &'h [u8],
         limits: HeadLimits,
-        storage: &'s mut [std::mem::MaybeUninit<httparse::Header<'h>>],
+        storage: &mut [std::mem::MaybeUninit<httparse::Header<'h>>],
     ) -> Result<Self, Option<GatewayError>> {
         let malformed = |why: String| Some(GatewayError::new(ErrorKind::ClientMalformed, why));
         let room = storage.len().min(limits.headers);
@@ -433,19 +440,32 @@ impl<'h> ConnectHead<'h> {
             Err(httparse::Error::TooManyHeaders) => return Err(Some(too_many_fields(limits))),
             Err(e) => return Err(malformed(format!("invalid request head: {e}"))),
         };
-        let path = parsed.path.unwrap_or_default();
+        Self::check(
+            limits,
+            parsed.path.unwrap_or_default(),
+            parsed.version == Some(0),
+            parsed.headers,
+            len,
+        )
+    }
+
+    /// The checks of a parsed head (its target, version, fields and length): limits,
+    /// strictness, no body; and what the tunnel needs of it.
+    fn check(
+        limits: HeadLimits,
+        path: &'h str,
+        http10: bool,
+        fields: &[httparse::Header<'h>],
+        len: usize,
+    ) -> Result<Self, Option<GatewayError>> {
+        let malformed = |why: String| Some(GatewayError::new(ErrorKind::ClientMalformed, why));
         if path.len() > limits.target {
             return Err(Some(target_too_long(limits)));
         }
         let authority =
             connect_authority(path).map_err(|e| malformed(format!("invalid request head: {e}")))?;
-        let fields: &[httparse::Header<'h>] = parsed.headers;
-        strict::check_head(
-            parsed.version == Some(0),
-            fields.iter().map(|f| f.name),
-            authority.as_deref(),
-        )
-        .map_err(Some)?;
+        strict::check_head(http10, fields.iter().map(|f| f.name), authority.as_deref())
+            .map_err(Some)?;
         // The value of the first field named `name` (in any case), as sent.
         let field = |name: &str| {
             fields

@@ -25,6 +25,7 @@ pub mod dial;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
+mod head;
 pub mod http;
 pub mod io;
 pub mod metrics;
