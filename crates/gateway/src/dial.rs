@@ -198,7 +198,16 @@ impl Connector {
         limit: Duration,
         outer: Option<tokio::time::Instant>,
     ) -> (tokio::time::Instant, bool) {
-        let own = tokio::time::Instant::now() + limit;
+        Self::deadline_from(tokio::time::Instant::now(), limit, outer)
+    }
+
+    /// [`Connector::deadline`] for a phase that starts at `now`.
+    fn deadline_from(
+        now: tokio::time::Instant,
+        limit: Duration,
+        outer: Option<tokio::time::Instant>,
+    ) -> (tokio::time::Instant, bool) {
+        let own = now + limit;
         match outer {
             Some(outer) if outer <= own => (outer, true),
             _ => (own, false),
@@ -212,11 +221,13 @@ impl Connector {
         io: BoxedIo,
         target: &Target,
     ) -> Result<BoxedIo, GatewayError> {
-        self.handshake_after(up, io, target, None, None).await
+        let now = tokio::time::Instant::now();
+        self.handshake_after(up, io, target, None, None, now).await
     }
 
     /// [`Connector::handshake`], for an `http`/`https` upstream whose CONNECT request
-    /// (`connect_request`) went out in part already: `unsent` is the rest.
+    /// (`connect_request`) went out in part already: `unsent` is the rest. The phase starts at
+    /// `now` (the caller's clock reading, one fewer here).
     async fn handshake_after(
         &self,
         up: &Upstream,
@@ -224,6 +235,7 @@ impl Connector {
         target: &Target,
         unsent: Option<&[u8]>,
         outer: Option<tokio::time::Instant>,
+        now: tokio::time::Instant,
     ) -> Result<BoxedIo, GatewayError> {
         let fut = async {
             match (up.scheme, unsent) {
@@ -240,7 +252,7 @@ impl Connector {
                 }
             }
         };
-        let (deadline, outer_first) = self.deadline(self.cfg.handshake_timeout, outer);
+        let (deadline, outer_first) = Self::deadline_from(now, self.cfg.handshake_timeout, outer);
         match tokio::time::timeout_at(deadline, fut).await {
             Ok(r) => r,
             Err(_) if outer_first => Err(retry_deadline_passed(up, self.cfg.retry_deadline)),
@@ -1112,7 +1124,8 @@ impl Dialer {
                 Box::pin(self.connector.open_until(up, early_bytes, Some(deadline))).await?
             }
         };
-        let connect = t0.elapsed();
+        let connected = Instant::now();
+        let connect = connected.saturating_duration_since(t0);
         let mut outcome = Outcome {
             connect: Some(connect),
             ..Outcome::default()
@@ -1121,9 +1134,9 @@ impl Dialer {
             let unsent = early.as_ref().map(|req| &req[sent..]);
             let io = self
                 .connector
-                .handshake_after(up, io, target, unsent, Some(deadline))
+                .handshake_after(up, io, target, unsent, Some(deadline), connected.into())
                 .await?;
-            outcome.handshake = Some(t0.elapsed().saturating_sub(connect));
+            outcome.handshake = Some(connected.elapsed());
             self.metrics.established(connect, outcome.handshake);
             return Ok((io, outcome, false));
         }
@@ -1372,7 +1385,14 @@ mod early_tests {
         });
         let io: BoxedIo = Box::new(connected(sock).await.unwrap());
         let _io = c
-            .handshake_after(&up, io, &target, Some(&req[..]), None)
+            .handshake_after(
+                &up,
+                io,
+                &target,
+                Some(&req[..]),
+                None,
+                tokio::time::Instant::now(),
+            )
             .await
             .unwrap();
         let (head, _s) = server.join().unwrap();
@@ -1411,10 +1431,17 @@ mod early_tests {
         let target = Target::parse_authority("example.com:443").unwrap();
         let deadline = tokio::time::Instant::from_std(deadline);
         let (io, _) = c.open_until(up, b"", Some(deadline)).await.unwrap();
-        c.handshake_after(up, io, &target, None, Some(deadline))
-            .await
-            .err()
-            .unwrap()
+        c.handshake_after(
+            up,
+            io,
+            &target,
+            None,
+            Some(deadline),
+            tokio::time::Instant::now(),
+        )
+        .await
+        .err()
+        .unwrap()
     }
 
     #[tokio::test]
@@ -1471,7 +1498,14 @@ mod future_sizes {
         let up = Upstream::parse("http://127.0.0.1:1").unwrap();
         let target = Target::parse_authority("a.example:1").unwrap();
         let io: BoxedIo = Box::new(tokio::io::duplex(1).0);
-        let handshake = std::mem::size_of_val(&c.handshake_after(&up, io, &target, None, None));
+        let handshake = std::mem::size_of_val(&c.handshake_after(
+            &up,
+            io,
+            &target,
+            None,
+            None,
+            tokio::time::Instant::now(),
+        ));
         let open = std::mem::size_of_val(&c.open_until(&up, b"", None));
         // Unboxed they were 1,456 and 1,336 bytes (debug build).
         assert!(handshake <= 1024, "handshake future: {handshake} bytes");

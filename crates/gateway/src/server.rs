@@ -161,10 +161,11 @@ impl PerIp {
 impl Drop for PerIpGuard {
     fn drop(&mut self) {
         let mut t = self.table.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = t.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                t.remove(&self.ip);
+        // One lookup (a SipHash of the address) for the decrement and the removal.
+        if let std::collections::hash_map::Entry::Occupied(mut n) = t.entry(self.ip) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
             }
         }
     }
