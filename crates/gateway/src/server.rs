@@ -418,7 +418,13 @@ pub struct Server {
     listeners: Vec<Vec<std::net::TcpListener>>,
     addrs: Vec<SocketAddr>,
     runtimes: Runtimes,
+    /// Run on every data-plane worker thread once a [`TICK`] ([`Server::on_worker_tick`]).
+    worker_tick: Option<fn()>,
 }
+
+/// How often a worker runs its housekeeping: [`Server::on_worker_tick`]'s hook, and every
+/// [`SWEEP_EVERY`] the sweep of its idle upstream connections.
+const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Backlog of each listening socket (the kernel caps it at `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
@@ -474,7 +480,16 @@ impl Server {
             listeners,
             addrs,
             runtimes: Runtimes::default(),
+            worker_tick: None,
         })
+    }
+
+    /// Runs `tick` on every data-plane worker thread once a second, between its connections'
+    /// tasks: for what is per thread and wants doing while the thread is up (the binary hands
+    /// the allocator's freed pages back to the system with it).
+    pub fn on_worker_tick(mut self, tick: fn()) -> Server {
+        self.worker_tick = Some(tick);
+        self
     }
 
     /// The addresses actually bound (port 0 resolved).
@@ -512,6 +527,7 @@ impl Server {
                 (self.live.clone(), Arc::clone(&permits), stopped.clone());
             let listening = listening.token();
             let runtimes = Arc::clone(&self.runtimes);
+            let tick = self.worker_tick;
             let spawned = std::thread::Builder::new()
                 .name(format!("proxygate-net-{i}"))
                 .spawn(move || {
@@ -529,7 +545,7 @@ impl Server {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .push(rt.handle().clone());
-                    rt.block_on(worker(live, sockets, permits, listening, stopped));
+                    rt.block_on(worker(live, sockets, permits, listening, stopped, tick));
                 });
             match spawned {
                 Ok(t) => threads.push(t),
@@ -575,6 +591,7 @@ async fn worker(
     permits: Arc<Semaphore>,
     listening: TaskTrackerToken,
     mut stopped: tokio::sync::watch::Receiver<bool>,
+    tick: Option<fn()>,
 ) {
     let mut loops = tokio::task::JoinSet::new();
     for socket in sockets {
@@ -585,13 +602,22 @@ async fn worker(
             Err(e) => tracing::error!("cannot use a listening socket: {e}"),
         }
     }
-    // Idle upstream connections kept on this worker go when they are too old to reuse.
+    // Housekeeping: the hook each tick; idle upstream connections kept on this worker go
+    // when they are too old to reuse.
     let sweeper = tokio::spawn({
         let live = live.clone();
         async move {
-            loop {
-                tokio::time::sleep(SWEEP_EVERY).await;
-                crate::http::sweep_kept(live.gateway().config().dial.keep_idle);
+            let mut ticks = tokio::time::interval(TICK);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let per_sweep = (SWEEP_EVERY.as_secs() / TICK.as_secs()).max(1);
+            for n in 1u64.. {
+                ticks.tick().await;
+                if let Some(tick) = tick {
+                    tick();
+                }
+                if n % per_sweep == 0 {
+                    crate::http::sweep_kept(live.gateway().config().dial.keep_idle);
+                }
             }
         }
     });
@@ -655,6 +681,63 @@ pub(crate) fn client_gone(est: Established) {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    /// Threads the tick hook ran on.
+    static TICKED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+    fn record_tick() {
+        let name = std::thread::current().name().unwrap_or("").to_owned();
+        TICKED.lock().unwrap().push(name);
+    }
+
+    /// The hook given to `on_worker_tick` runs on every data-plane worker, again and again,
+    /// until the server stops.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_worker_runs_the_tick_hook() {
+        let (trigger, shutdown) = proxygate_core::Shutdown::new();
+        let mut config = crate::Config::default();
+        config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        config.server.workers = 2;
+        config.server.shutdown_grace = std::time::Duration::from_millis(100);
+        let metrics = crate::Metrics::register(&prometheus::Registry::new()).unwrap();
+        let (reader, _) = proxygate_pool::Pool::create(
+            proxygate_pool::Strategy::default(),
+            proxygate_pool::HealthConfig::default(),
+        );
+        let gw = crate::Gateway::new(
+            config,
+            crate::auth::ClientAuth::open(),
+            reader,
+            shutdown,
+            metrics,
+        )
+        .unwrap();
+        let server = super::Server::bind(gw)
+            .await
+            .unwrap()
+            .on_worker_tick(record_tick);
+        let run = tokio::spawn(server.run());
+        let ticks = |worker: &str| {
+            TICKED
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|t| t.as_str() == worker)
+                .count()
+        };
+        // The first tick is at once, the next a second later.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ticks("proxygate-net-0") < 2 || ticks("proxygate-net-1") < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                TICKED.lock().unwrap()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        trigger.fire();
+        assert_eq!(run.await.unwrap(), 0);
+    }
 
     /// A connection's task holds the largest state its future passes through for as long as
     /// the connection lives: the protocols' states stay boxed, so an idle tunnel pays for its

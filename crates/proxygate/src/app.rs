@@ -356,7 +356,9 @@ async fn serve(
     );
     let gateway = Gateway::new(cfg.gateway.clone(), auth, reader.clone(), shutdown, metrics)
         .context("dial.tls_ca_file")?;
-    let server = Server::bind(gateway).await?;
+    let server = Server::bind(gateway)
+        .await?
+        .on_worker_tick(crate::memory::give_back);
     registry
         .register(Box::new(
             RuntimeCollector::new(server.runtimes()).context("metrics")?,

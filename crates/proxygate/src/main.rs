@@ -17,6 +17,7 @@
 
 mod app;
 mod commands;
+mod memory;
 use proxygate::config;
 mod reload;
 mod remote;
