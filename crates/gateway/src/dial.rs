@@ -26,7 +26,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_socks::tcp::{Socks4Stream, Socks5Stream};
+use tokio_socks::tcp::Socks4Stream;
 
 use crate::auth::basic_value;
 use crate::config::DialConfig;
@@ -507,20 +507,12 @@ pub(crate) async fn socks_connect(
     let map = |e: tokio_socks::Error| socks_error(up, target, e);
     let stream: BoxedIo = match up.scheme {
         Scheme::Socks5 | Scheme::Socks5h => {
-            let s = match creds {
-                Some(c) => {
-                    Socks5Stream::connect_with_password_and_socket(
-                        io,
-                        addr.as_tokio(),
-                        c.username.expose(),
-                        c.password.expose(),
-                    )
-                    .await
-                }
-                None => Socks5Stream::connect_with_socket(io, addr.as_tokio()).await,
-            }
-            .map_err(map)?;
-            Box::new(s.into_inner())
+            let dest = match &addr {
+                TargetAddr::Ip(a) => crate::socks5_client::Dest::Ip(*a),
+                TargetAddr::Domain(d, port) => crate::socks5_client::Dest::Domain(d, *port),
+            };
+            let creds = creds.map(|c| (c.username.expose(), c.password.expose()));
+            crate::socks5_client::connect(up, target, io, dest, creds).await?
         }
         _ => {
             if let TargetAddr::Ip(a) = &addr

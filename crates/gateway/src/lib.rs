@@ -33,6 +33,7 @@ pub mod policy;
 pub mod relay;
 pub mod server;
 pub mod socks;
+mod socks5_client;
 mod spares;
 #[cfg(target_os = "linux")]
 mod splice;
