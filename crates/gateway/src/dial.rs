@@ -246,8 +246,9 @@ impl Connector {
                     http_connect(up, io, target, self.cfg.max_reply_head_bytes).await
                 }
                 (Scheme::Socks5 | Scheme::Socks5h | Scheme::Socks4 | Scheme::Socks4a, _) => {
-                    // Boxed: tokio-socks' handshake state is over a kilobyte, seven times
-                    // an HTTP CONNECT's; inline it would size (and move) every handshake.
+                    // Boxed: a SOCKS handshake's state (tokio-socks' for SOCKS4 over a
+                    // kilobyte, ours for SOCKS5 its 262-byte reply buffer) inline would size
+                    // (and move) every handshake, HTTP CONNECTs' too.
                     Box::pin(socks_connect(up, io, target, &self.policy)).await
                 }
             }

@@ -12,12 +12,17 @@
 //! - [`metrics`]: [`Metrics`], the data plane's Prometheus series (no per-upstream label).
 //! - [`policy`]: where clients may go (tunnel ports, private destinations).
 //! - [`io`]: [`io::Rewind`] (replays bytes already read) and the boxed stream type.
-//! - [`dial`]: upstream connectors for every scheme, and the retrying [`dial::Dialer`].
+//! - [`dial`]: upstream connectors for every scheme, and the retrying [`dial::Dialer`];
+//!   `socks5_client`, the SOCKS5 handshake with an upstream (SOCKS4 goes through tokio-socks).
+//! - `head`: the short way through a tunnel's two HTTP heads (the client's CONNECT, the
+//!   upstream's reply), held to httparse's reading.
 //! - [`tls`]: rustls client config for HTTPS upstreams.
 //! - [`relay`]: bidirectional copy with an idle timeout and byte counts.
 //! - [`http`]: the HTTP/1.1 front end (CONNECT and absolute-form), on hyper.
 //! - [`socks`]: the SOCKS5 and SOCKS4/4a front end.
-//! - [`server`]: listeners, first-byte detection, connection limits, graceful drain.
+//! - [`server`]: listeners, first-byte detection, connection limits, graceful drain, the
+//!   workers' housekeeping tick.
+//! - `spares`, `splice`: per-thread spare buffers and pipes; `splice(2)` between TCP sockets.
 
 pub mod auth;
 pub mod config;
