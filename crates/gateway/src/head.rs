@@ -302,12 +302,9 @@ mod tests {
         assert_eq!(short, 78 + 2 * 96, "bytes read the short way");
     }
 
-    /// Pieces of reply heads, well formed and not, for the property below.
-    fn piece() -> impl Strategy<Value = Vec<u8>> {
+    /// Pieces any head is made of, well formed and not: line ends, separators, text, bytes.
+    fn common_piece() -> BoxedStrategy<Vec<u8>> {
         prop_oneof![
-            Just(b"HTTP/1.1 ".to_vec()),
-            Just(b"HTTP/1.0 ".to_vec()),
-            Just(b"HTTP/1.1 200 OK".to_vec()),
             Just(b"\r\n".to_vec()),
             Just(b"\r\n\r\n".to_vec()),
             Just(b"\n".to_vec()),
@@ -315,10 +312,21 @@ mod tests {
             Just(b":".to_vec()),
             Just(b" ".to_vec()),
             Just(b"\t".to_vec()),
-            Just(b"Proxy-agent: x".to_vec()),
-            "[0-9]{1,4}".prop_map(String::into_bytes),
             "[ -~]{0,12}".prop_map(String::into_bytes),
             proptest::collection::vec(any::<u8>(), 0..4),
+        ]
+        .boxed()
+    }
+
+    /// Pieces of reply heads, for the properties below.
+    fn piece() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            1 => Just(b"HTTP/1.1 ".to_vec()),
+            1 => Just(b"HTTP/1.0 ".to_vec()),
+            1 => Just(b"HTTP/1.1 200 OK".to_vec()),
+            1 => Just(b"Proxy-agent: x".to_vec()),
+            1 => "[0-9]{1,4}".prop_map(String::into_bytes),
+            9 => common_piece(),
         ]
     }
 
@@ -430,23 +438,15 @@ mod tests {
         assert_eq!(short, 94 + 78 + 2 * 96, "bytes read the short way");
     }
 
-    /// Pieces of CONNECT heads, well formed and not.
+    /// Pieces of CONNECT heads, for the properties below.
     fn connect_piece() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
-            Just(b"CONNECT ".to_vec()),
-            Just(b"CONNECT a.example:443 HTTP/1.1\r\n".to_vec()),
-            Just(b" HTTP/1.1".to_vec()),
-            Just(b" HTTP/1.0".to_vec()),
-            Just(b"\r\n".to_vec()),
-            Just(b"\r\n\r\n".to_vec()),
-            Just(b"\n".to_vec()),
-            Just(b"\r".to_vec()),
-            Just(b":".to_vec()),
-            Just(b" ".to_vec()),
-            Just(b"\t".to_vec()),
-            Just(b"Proxy-Authorization: Basic YTpi".to_vec()),
-            "[ -~]{0,12}".prop_map(String::into_bytes),
-            proptest::collection::vec(any::<u8>(), 0..4),
+            1 => Just(b"CONNECT ".to_vec()),
+            1 => Just(b"CONNECT a.example:443 HTTP/1.1\r\n".to_vec()),
+            1 => Just(b" HTTP/1.1".to_vec()),
+            1 => Just(b" HTTP/1.0".to_vec()),
+            1 => Just(b"Proxy-Authorization: Basic YTpi".to_vec()),
+            9 => common_piece(),
         ]
     }
 

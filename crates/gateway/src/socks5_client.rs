@@ -194,8 +194,9 @@ mod tests {
     }
 
     /// An upstream that reads what the client sends at each step (`expect`, exactly) and
-    /// answers each with its bytes, written in one piece or a byte at a time.
-    async fn upstream(mut s: DuplexStream, steps: Vec<Step>, trickle: bool) {
+    /// answers each with its bytes, written in one piece or a byte at a time; then it closes
+    /// (`close`) or keeps the stream open.
+    async fn upstream(mut s: DuplexStream, steps: Vec<Step>, trickle: bool, close: bool) {
         for (expect, answer) in steps {
             let mut got = vec![0u8; expect.len()];
             if s.read_exact(&mut got).await.is_err() {
@@ -211,6 +212,9 @@ mod tests {
                 s.write_all(&answer).await.unwrap();
             }
         }
+        if close {
+            return;
+        }
         // Keep the stream open for what the test reads after the handshake.
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest).await;
@@ -221,9 +225,10 @@ mod tests {
         dest: Dest<'_>,
         steps: Vec<Step>,
         trickle: bool,
+        close: bool,
     ) -> Result<BoxedIo, GatewayError> {
         let (near, far) = tokio::io::duplex(1024);
-        tokio::spawn(upstream(far, steps, trickle));
+        tokio::spawn(upstream(far, steps, trickle, close));
         let up = up(url);
         let creds = up.credentials.as_ref().map(|c| {
             (
@@ -252,9 +257,15 @@ mod tests {
                     vec![5, 0, 0, 1, 10, 0, 0, 1, 0x1f, 0x90],
                 ),
             ];
-            run("socks5://192.0.2.2:1080", Dest::Ip(v4), steps, trickle)
-                .await
-                .unwrap();
+            run(
+                "socks5://192.0.2.2:1080",
+                Dest::Ip(v4),
+                steps,
+                trickle,
+                false,
+            )
+            .await
+            .unwrap();
             let mut req = vec![5, 1, 0, 3, 14];
             req.extend_from_slice(b"origin.example");
             req.extend_from_slice(&[1, 187]);
@@ -273,6 +284,7 @@ mod tests {
                 Dest::Domain("origin.example", 443),
                 steps,
                 trickle,
+                false,
             )
             .await
             .unwrap();
@@ -368,35 +380,10 @@ mod tests {
             ),
         ];
         for (url, steps, kind) in cases {
-            let (near, mut far) = tokio::io::duplex(1024);
-            let steps2 = steps.clone();
-            tokio::spawn(async move {
-                for (expect, answer) in steps2 {
-                    let mut got = vec![0u8; expect.len()];
-                    if far.read_exact(&mut got).await.is_err() {
-                        return;
-                    }
-                    let _ = far.write_all(&answer).await;
-                }
-                // Then closes.
-            });
-            let up = up(url);
-            let creds = up.credentials.as_ref().map(|c| {
-                (
-                    c.username.expose().to_owned(),
-                    c.password.expose().to_owned(),
-                )
-            });
-            let e = connect(
-                &up,
-                &target(),
-                Box::new(near),
-                Dest::Ip(v4),
-                creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
-            )
-            .await
-            .err()
-            .unwrap_or_else(|| panic!("{url} {steps:?}: no error"));
+            let e = run(url, Dest::Ip(v4), steps.clone(), false, true)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{url} {steps:?}: no error"));
             assert_eq!(e.kind, kind, "{url} {steps:?}: {e}");
         }
     }
