@@ -405,8 +405,7 @@ impl<'h> ConnectHead<'h> {
         let room = CONNECT_FIELDS.min(limits.headers);
         let mut fields = [httparse::EMPTY_HEADER; CONNECT_FIELDS];
         if let Some(c) = crate::head::simple_connect(head, &mut fields[..room]) {
-            return Self::check(limits, c.target, c.http10, &fields[..c.fields], c.len)
-                .map_err(|e| e.unwrap_or_else(|| too_many_fields(limits)));
+            return Self::check(limits, c.target, c.http10, &fields[..c.fields], c.len);
         }
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; CONNECT_FIELDS];
         match Self::parse_in(head, limits, &mut fields) {
@@ -447,6 +446,7 @@ impl<'h> ConnectHead<'h> {
             parsed.headers,
             len,
         )
+        .map_err(Some)
     }
 
     /// The checks of a parsed head (its target, version, fields and length): limits,
@@ -457,15 +457,14 @@ impl<'h> ConnectHead<'h> {
         http10: bool,
         fields: &[httparse::Header<'h>],
         len: usize,
-    ) -> Result<Self, Option<GatewayError>> {
-        let malformed = |why: String| Some(GatewayError::new(ErrorKind::ClientMalformed, why));
+    ) -> Result<Self, GatewayError> {
+        let malformed = |why: String| GatewayError::new(ErrorKind::ClientMalformed, why);
         if path.len() > limits.target {
-            return Err(Some(target_too_long(limits)));
+            return Err(target_too_long(limits));
         }
         let authority =
             connect_authority(path).map_err(|e| malformed(format!("invalid request head: {e}")))?;
-        strict::check_head(http10, fields.iter().map(|f| f.name), authority.as_deref())
-            .map_err(Some)?;
+        strict::check_head(http10, fields.iter().map(|f| f.name), authority.as_deref())?;
         // The value of the first field named `name` (in any case), as sent.
         let field = |name: &str| {
             fields
