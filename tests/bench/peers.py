@@ -828,8 +828,8 @@ def main():
                     # the run's first measured cell, right after the idle ones, read 10-20 %
                     # more CPU per tunnel than the same gateway's in the second pass (87 and
                     # 92 us against 76 and 80 in two full runs), whichever gateway it was.
-                    for wsc, wg in dict.fromkeys((s2, g2) for s2, g2 in order
-                                                 if s2 in ("connect", "socks5")):
+                    for wsc, wg in [(s2, g2) for s2, g2 in order
+                                    if s2 in ("connect", "socks5")]:
                         log(f"warm-up: {wsc} via {wg}, not counted")
                         run_cell(topo, wg, wsc, 1, args)
                     continue

@@ -22,8 +22,9 @@ pub(crate) enum Dest<'a> {
     Domain(&'a str, u16),
 }
 
-/// The longest reply: head (4), a name's length and 255 bytes of it, port (2).
-const MAX_REPLY: usize = 4 + 1 + 255 + 2;
+/// The longest request or reply (one layout): head (4), a name's length and 255 bytes of it,
+/// port (2).
+const MAX_MESSAGE: usize = 4 + 1 + 255 + 2;
 
 /// `CONNECT dest` through the SOCKS5 upstream `up` on `io`, with `credentials` (username,
 /// password) if it wants them; the stream to the target.
@@ -39,7 +40,7 @@ pub(crate) async fn connect(
     };
     let io_fail = |e: std::io::Error| fail(ErrorKind::UpstreamIo, &e.to_string());
     // The request, checked before anything goes out.
-    let mut request = Vec::with_capacity(4 + 1 + 255 + 2);
+    let mut request = Vec::with_capacity(MAX_MESSAGE);
     request.extend_from_slice(&[5, 1, 0]);
     match dest {
         Dest::Ip(std::net::SocketAddr::V4(a)) => {
@@ -62,14 +63,14 @@ pub(crate) async fn connect(
             request.extend_from_slice(&port.to_be_bytes());
         }
     }
-    let mut buf = [0u8; MAX_REPLY];
+    let mut buf = [0u8; MAX_MESSAGE];
 
     // The method: no authentication, or username and password (the one offered).
     let method = if credentials.is_some() { 2 } else { 0 };
     io.write_all(&[5, 1, method]).await.map_err(io_fail)?;
-    read_exactly(&mut io, &mut buf[..2])
-        .await
-        .map_err(io_fail)?;
+    // Exact reads until the request: the upstream sends no more than its answer (a method
+    // choice, an authentication status) before it has our next message.
+    io.read_exact(&mut buf[..2]).await.map_err(io_fail)?;
     match buf[..2] {
         [5, m] if m == method => {}
         [5, 0xff] => return Err(fail(ErrorKind::UpstreamAuth, "no acceptable auth method")),
@@ -97,9 +98,7 @@ pub(crate) async fn connect(
         auth.push(plen);
         auth.extend_from_slice(password.as_bytes());
         io.write_all(&auth).await.map_err(io_fail)?;
-        read_exactly(&mut io, &mut buf[..2])
-            .await
-            .map_err(io_fail)?;
+        io.read_exact(&mut buf[..2]).await.map_err(io_fail)?;
         if buf[1] != 0 {
             return Err(fail(
                 ErrorKind::UpstreamAuth,
@@ -150,12 +149,6 @@ pub(crate) async fn connect(
     } else {
         Box::new(Rewind::new(Bytes::copy_from_slice(&buf[len..got]), io))
     })
-}
-
-/// Reads exactly `buf.len()` bytes: what the upstream sends before it has our next message
-/// (a method choice, an authentication status) is that much and no more.
-async fn read_exactly(io: &mut BoxedIo, buf: &mut [u8]) -> std::io::Result<()> {
-    io.read_exact(buf).await.map(|_| ())
 }
 
 /// A reply code's failure: what it costs whom, and its RFC 1928 wording (`None`: succeeded).
