@@ -233,6 +233,9 @@ http {{
     access_log off;
     keepalive_requests 1000000;
     keepalive_timeout 120s;
+    # An idle tunnel's connection carries no request until the cell's end checks it: nginx's
+    # default of 60 s for a head to arrive closed the later-checked ones of 10,000 (VM run).
+    client_header_timeout 600s;
     sendfile on;
     # With sendfile, nginx writes a response's head and its body as two segments unless
     # corked; tinyproxy relays them as they come without TCP_NODELAY, so the body waits on
