@@ -9,10 +9,13 @@
     reason = "tests: a failed step must fail the test loudly"
 )]
 
+use std::time::Duration;
+
 use proxygate_tests::curl::curl;
 use proxygate_tests::fakes::{FakeUpstream, Kind};
 use proxygate_tests::gateway::Gateway;
 use proxygate_tests::origin::Origin;
+use proxygate_tests::raw::raw_exchange;
 use proxygate_tests::tls::TestPki;
 
 struct Setup {
@@ -88,6 +91,23 @@ async fn check_scheme(scheme: &str) {
     } else {
         // A SOCKS upstream carries a tunnel; the request goes in origin form.
         assert_eq!(r.header("x-target"), "/abs?q=1");
+        // An absolute URI with an empty path has the origin form `/`, with its query kept
+        // (curl writes the `/` itself, so these go raw).
+        for (uri, origin_form) in [
+            (format!("http://127.0.0.1:{port}"), "/"),
+            (format!("http://127.0.0.1:{port}?x=1&y"), "/?x=1&y"),
+        ] {
+            let req = format!(
+                "GET {uri} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+            );
+            let got = raw_exchange(s.gateway.addr, req.as_bytes(), Duration::from_secs(10)).await;
+            assert!(got.starts_with("HTTP/1.1 200"), "{scheme} {uri}: {got}");
+            assert!(
+                got.to_ascii_lowercase()
+                    .contains(&format!("\r\nx-target: {origin_form}\r\n")),
+                "{scheme} {uri}: {got}"
+            );
+        }
     }
 
     // CONNECT through the HTTP front end.

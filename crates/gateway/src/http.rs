@@ -614,10 +614,18 @@ async fn forward(
         proxygate_core::target::push_decimal(&mut host_value, p);
     }
     // `http://host?q` has an empty path: its origin form is `/?q`.
-    let origin_form = match uri.path_and_query().map(|pq| pq.as_str()) {
-        None | Some("") => Ok(Uri::from_static("/")),
-        Some(pq) if pq.starts_with('?') => Uri::try_from(format!("/{pq}")),
-        Some(pq) => Uri::try_from(pq),
+    // The path is the one hyper parsed (no second parse of it: ~300 instructions a request).
+    let origin_form = match uri.path_and_query() {
+        None => Ok(Uri::from_static("/")),
+        Some(pq) if pq.as_str().is_empty() => Ok(Uri::from_static("/")),
+        Some(pq) if pq.as_str().starts_with('?') => {
+            Uri::try_from(format!("/{}", pq.as_str())).map_err(|_| ())
+        }
+        Some(pq) => {
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(pq.clone());
+            Uri::from_parts(parts).map_err(|_| ())
+        }
     }
     .map_err(|_| GatewayError::new(ErrorKind::ClientMalformed, "invalid path"))?;
 
