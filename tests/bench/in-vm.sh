@@ -18,7 +18,7 @@
 # cargo build --release -p proxygate -p proxygate-loadgen): the VM cannot fetch crates. Needs
 # root for apt-get and Debian's packages qemu-system-x86, busybox-static, kmod and cpio
 # (installed if missing), and Debian's kernel image, fetched once into $PG_VM_CACHE
-# (/var/cache/proxygate-vm).
+# (/var/cache/proxygate-vm). PG_VM_ACCEL=kvm where KVM works.
 set -euo pipefail
 
 MEM=6144
@@ -51,7 +51,15 @@ fi
 BUSYBOX=$(command -v busybox)
 
 # The kernel: Debian's generic one (it has the 9p and virtio modules as modules).
-KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+kernel_package() {
+    apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'
+}
+KPKG=$(kernel_package)
+if [[ -z $KPKG ]]; then
+    apt-get update -qq
+    KPKG=$(kernel_package)
+fi
+[[ -n $KPKG ]] || { echo "in-vm.sh: no Debian kernel package (linux-image-amd64) found" >&2; exit 1; }
 KPKG=${KPKG%-unsigned}
 KDIR=$CACHE/$KPKG
 if [[ ! -d $KDIR/boot ]]; then
@@ -121,7 +129,8 @@ chmod +x "$IR/init"
 (cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1) > "$IR.cpio.gz"
 cp "$IR/peers-args" "$OUT/peers-args"
 
-ACCEL=tcg,thread=multi
+# KVM, where it works, is much faster; here it hangs the guest, so TCG unless told.
+ACCEL=${PG_VM_ACCEL:-tcg,thread=multi}
 echo "in-vm.sh: booting ($CPUS CPUs, $MEM MiB, $ACCEL); results in $OUT" >&2
 qemu-system-x86_64 -accel "$ACCEL" -cpu max -smp "$CPUS" -m "$MEM" -nographic -no-reboot \
     -kernel "$VMLINUZ" -initrd "$IR.cpio.gz" -append "console=ttyS0 quiet panic=-1 pgdate=$(date -u +%s)" \
