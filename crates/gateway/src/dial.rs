@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use proxygate_core::{ErrorKind, Host, Outcome, Route, Scheme, Target, Upstream, UpstreamId};
 use proxygate_pool::{Lease, PoolReader, Strategy};
 use rustls::pki_types::ServerName;
@@ -428,7 +427,9 @@ async fn http_connect_with(
         io.write_all(unsent).await.map_err(io_err)?;
     }
 
-    let mut buf = BytesMut::with_capacity(1024);
+    // A spare relay buffer: given back below when the reply is all it holds, it is the one
+    // the tunnel's relay takes for its first bytes.
+    let mut buf = crate::relay::take_buffer();
     let (status, head_len) = loop {
         if io.read_buf(&mut buf).await.map_err(io_err)? == 0 {
             return Err(GatewayError::new(
@@ -469,6 +470,7 @@ async fn http_connect_with(
             // Nothing after the head, as nearly always: the stream as it is (a split would
             // allocate the buffer's shared header).
             if head_len == buf.len() {
+                crate::relay::give_buffer(buf);
                 return Ok(io);
             }
             return Ok(Box::new(Rewind::new(buf.split_off(head_len).freeze(), io)));
@@ -1390,6 +1392,53 @@ mod early_tests {
             .unwrap();
         let (head, _s) = server.join().unwrap();
         assert_eq!(head, req);
+    }
+
+    /// The reply's read buffer is a spare relay buffer: given back when the reply is all it
+    /// read, kept (as the tunnel's first bytes) when the upstream or target sent more with it.
+    #[tokio::test]
+    async fn bytes_sent_with_the_connect_reply_come_first_through_the_tunnel() {
+        let up = http("127.0.0.1:1".parse().unwrap());
+        let target = Target::parse_authority("a:1").unwrap();
+        for (reply, then) in [
+            (
+                &b"HTTP/1.1 200 Connection established\r\n\r\nBANNER"[..],
+                &b"BANNER"[..],
+            ),
+            (
+                &b"HTTP/1.1 200 Connection established\r\n\r\n"[..],
+                &b""[..],
+            ),
+        ] {
+            let (near, mut far) = crate::io::tcp_pair().await;
+            let (replied, later) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(async move {
+                let mut req = Vec::new();
+                while !req.ends_with(b"\r\n\r\n") {
+                    let mut b = [0u8; 1];
+                    far.read_exact(&mut b).await.unwrap();
+                    req.push(b[0]);
+                }
+                far.write_all(reply).await.unwrap();
+                // The rest once the handshake is over (else a read may take both at once).
+                later.await.unwrap();
+                far.write_all(b"-later").await.unwrap();
+                far
+            });
+            let spares = crate::relay::spare_count();
+            let mut io = http_connect(&up, Box::new(Fresh::registered(near)), &target, 8192)
+                .await
+                .unwrap();
+            replied.send(()).unwrap();
+            let mut got = vec![0u8; then.len() + 6];
+            io.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got[..then.len()], then);
+            assert_eq!(&got[then.len()..], b"-later");
+            // Back among the spares only when it held nothing of the tunnel's.
+            let back = if then.is_empty() { spares + 1 } else { spares };
+            assert_eq!(crate::relay::spare_count(), back.min(16));
+            drop(server.await.unwrap());
+        }
     }
 
     #[test]
