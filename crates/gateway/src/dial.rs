@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use proxygate_core::{ErrorKind, Host, Outcome, Route, Scheme, Target, Upstream, UpstreamId};
 use proxygate_pool::{Lease, PoolReader, Strategy};
 use rustls::pki_types::ServerName;
@@ -427,9 +428,9 @@ async fn http_connect_with(
         io.write_all(unsent).await.map_err(io_err)?;
     }
 
-    // A spare relay buffer: given back below when the reply is all it holds, it is the one
-    // the tunnel's relay takes for its first bytes.
-    let mut buf = crate::relay::take_buffer();
+    // Its own small buffer, not a spare relay one (16 KiB): a handshake may wait long on a slow
+    // upstream, and thousands may wait at once.
+    let mut buf = BytesMut::with_capacity(1024);
     let (status, head_len) = loop {
         if io.read_buf(&mut buf).await.map_err(io_err)? == 0 {
             return Err(GatewayError::new(
@@ -470,7 +471,6 @@ async fn http_connect_with(
             // Nothing after the head, as nearly always: the stream as it is (a split would
             // allocate the buffer's shared header).
             if head_len == buf.len() {
-                crate::relay::give_buffer(buf);
                 return Ok(io);
             }
             return Ok(Box::new(Rewind::new(buf.split_off(head_len).freeze(), io)));
@@ -1394,8 +1394,7 @@ mod early_tests {
         assert_eq!(head, req);
     }
 
-    /// The reply's read buffer is a spare relay buffer: given back when the reply is all it
-    /// read, kept (as the tunnel's first bytes) when the upstream or target sent more with it.
+    /// Bytes that came in the reply's read, after its head, are the tunnel's first.
     #[tokio::test]
     async fn bytes_sent_with_the_connect_reply_come_first_through_the_tunnel() {
         let up = http("127.0.0.1:1".parse().unwrap());
@@ -1425,7 +1424,6 @@ mod early_tests {
                 far.write_all(b"-later").await.unwrap();
                 far
             });
-            let spares = crate::relay::spare_count();
             let mut io = http_connect(&up, Box::new(Fresh::registered(near)), &target, 8192)
                 .await
                 .unwrap();
@@ -1434,9 +1432,6 @@ mod early_tests {
             io.read_exact(&mut got).await.unwrap();
             assert_eq!(&got[..then.len()], then);
             assert_eq!(&got[then.len()..], b"-later");
-            // Back among the spares only when it held nothing of the tunnel's.
-            let back = if then.is_empty() { spares + 1 } else { spares };
-            assert_eq!(crate::relay::spare_count(), back.min(16));
             drop(server.await.unwrap());
         }
     }

@@ -571,24 +571,6 @@ impl Drop for Pump {
     }
 }
 
-/// A read buffer from this thread's spares, for what comes before a tunnel's relay (an upstream's
-/// reply to CONNECT): given back with [`give_buffer`], it is the one the relay takes next, still
-/// in the cache, and neither is a malloc.
-pub(crate) fn take_buffer() -> BytesMut {
-    spare::take()
-}
-
-/// Gives a buffer from [`take_buffer`] back to this thread's spares.
-pub(crate) fn give_buffer(buf: BytesMut) {
-    spare::give(buf);
-}
-
-/// Buffers among this thread's spares.
-#[cfg(test)]
-pub(crate) fn spare_count() -> usize {
-    spare::count()
-}
-
 /// Buffers let go by the relays of this thread, for the next one to take.
 ///
 /// Every wake polls both directions, and a direction with nothing in hand takes a buffer before
