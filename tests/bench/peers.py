@@ -42,6 +42,7 @@ numbers mean little on a shared, noisy box.
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -698,6 +699,17 @@ def ratios(cells):
     def mean(sc, g, key):
         v = [c[key] for c in cells if c["scenario"] == sc and c["gateway"] == g and c.get(key)]
         return sum(v) / len(v) if v else None
+
+    def per_pass(sc, a, b, key):
+        """`a`'s figure over `b`'s, pass by pass: on a busy box a cell's place in its pass
+        moves it by up to 20 %, and passes alternate the order, so the spread says how far
+        one pass's ratio can be trusted."""
+        by = {}
+        for c in cells:
+            if c["scenario"] == sc and c["gateway"] in (a, b) and c.get(key):
+                by.setdefault(c.get("pass"), {})[c["gateway"]] = c[key]
+        return [v[a] / v[b] for _, v in sorted(by.items(), key=lambda kv: kv[0] or 0)
+                if a in v and b in v]
     out = []
     for sc, key, what, fmt in [("in-tunnel-1k", "p50_us", "p50 at 1,000 req/s, added to direct",
                                 lambda a, b: f"{(a - b) / 1000:+.2f} ms"),
@@ -720,7 +732,13 @@ def ratios(cells):
             for g in peers:
                 theirs = mean(sc, g, key)
                 if ours and theirs:
-                    out.append(f"- {what}: {us} / {g} = {ours / theirs:.2f}")
+                    line = f"- {what}: {us} / {g} = {ours / theirs:.2f}"
+                    r = per_pass(sc, us, g, key) if key == "cpu_us_per_req" else []
+                    if len(r) >= 3:
+                        geo = math.exp(sum(math.log(x) for x in r) / len(r))
+                        line += (f" (per pass {', '.join(f'{x:.2f}' for x in r)}; "
+                                 f"geometric mean {geo:.2f})")
+                    out.append(line)
     return "\n".join(out)
 
 
