@@ -114,7 +114,7 @@ mount -t tmpfs -o size=90% ov /ov && mkdir -p /ov/up /ov/work
 mount -t overlay overlay -o lowerdir=/host,upperdir=/ov/up,workdir=/ov/work /root2
 mkdir -p /root2/vmout && mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576 vmout /root2/vmout
 mount -t proc proc /root2/proc; mount -t sysfs sys /root2/sys; mount -t devtmpfs dev /root2/dev
-mount -t tmpfs tmp /root2/tmp
+# /tmp stays the overlay's (its writes in RAM too): the checkout may live under it.
 ip link set lo up
 echo "in-vm: \$(nproc) CPUs, \$(awk '/MemTotal/{print \$2}' /proc/meminfo) kB, kernel \$(uname -r)"
 chroot /root2 /usr/bin/env -i HOME=/root PATH=$PATH TERM=dumb /bin/bash -c \
@@ -122,7 +122,9 @@ chroot /root2 /usr/bin/env -i HOME=/root PATH=$PATH TERM=dumb /bin/bash -c \
   > /root2/vmout/peers.log 2>&1
 echo "in-vm: peers.py exit \$?" | tee -a /root2/vmout/peers.log
 # --keep-work: the run's directory (configs, logs) comes out too.
-for d in /root2/tmp/pg-peers-*; do [ -d "\$d" ] && cp -r "\$d" /root2/vmout/; done
+for d in \$(sed -n 's/^work directory (kept): //p' /root2/vmout/peers.log); do
+    [ -d "/root2\$d" ] && cp -r "/root2\$d" /root2/vmout/
+done
 sync; poweroff -f
 EOF
 chmod +x "$IR/init"
