@@ -443,7 +443,7 @@ async fn http_connect_with(
         }
         // Left uninitialised: zeroing 64 header slots (2 KiB) per reply cost more than
         // parsing a short one.
-        let mut headers = [const { std::mem::MaybeUninit::uninit() }; 64];
+        let mut headers = [const { std::mem::MaybeUninit::uninit() }; crate::head::REPLY_FIELDS];
         let mut resp = httparse::Response::new(&mut []);
         match httparse::ParserConfig::default().parse_response_with_uninit_headers(
             &mut resp,

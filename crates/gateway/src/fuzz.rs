@@ -138,7 +138,7 @@ pub fn socks4_server(data: &[u8]) {
 /// per request (CONNECT, absolute form, authorization, strictness).
 pub fn http_server(data: &[u8]) {
     // The short reading of a plain CONNECT head agrees with httparse's wherever it answers.
-    let mut fields = [httparse::EMPTY_HEADER; 24];
+    let mut fields = [httparse::EMPTY_HEADER; crate::http::CONNECT_FIELDS];
     if let Some(c) = crate::head::simple_connect(data, &mut fields) {
         assert!(crate::head::httparse_agrees(data, &c, &fields), "{c:?}");
     }

@@ -56,9 +56,13 @@ static CLASSES: [u8; 256] = {
     t
 };
 
+/// Fields a CONNECT reply may have: the room the dialer gives httparse, and so the most the
+/// short way reads (with more, both refuse the reply).
+pub(crate) const REPLY_FIELDS: usize = 64;
+
 /// The status and length of a complete CONNECT reply head in its plainest form: `HTTP/1.0`
 /// or `HTTP/1.1`, a status of three digits, a reason (if any) of visible ASCII, spaces and
-/// tabs, at most 64 fields (httparse's room in the dialer).
+/// tabs, at most [`REPLY_FIELDS`] fields.
 pub(crate) fn simple_reply(buf: &[u8]) -> Option<(u16, usize)> {
     let rest = buf
         .strip_prefix(b"HTTP/1.1 ")
@@ -75,7 +79,7 @@ pub(crate) fn simple_reply(buf: &[u8]) -> Option<(u16, usize)> {
         b'\r' => crlf(buf, at)?,
         _ => return None,
     };
-    let (_, len) = fields(buf, at, 64, |_, _, _| Some(()))?;
+    let (_, len) = fields(buf, at, REPLY_FIELDS, |_, _, _| Some(()))?;
     Some((status, len))
 }
 
@@ -190,7 +194,7 @@ fn crlf(buf: &[u8], at: usize) -> Option<usize> {
 /// httparse's reading of a CONNECT reply head: its status and length when complete (what
 /// [`simple_reply`] must agree with).
 pub(crate) fn httparse_reply(buf: &[u8]) -> Option<(u16, usize)> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut headers = [httparse::EMPTY_HEADER; REPLY_FIELDS];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => Some((resp.code.unwrap_or(0), n)),

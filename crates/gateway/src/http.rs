@@ -411,7 +411,7 @@ struct ConnectHead<'h> {
 
 /// Field slots on the stack for a CONNECT head (clients send a handful); a head with more is
 /// parsed again with room for `server.max_headers`.
-const CONNECT_FIELDS: usize = 24;
+pub(crate) const CONNECT_FIELDS: usize = 24;
 
 impl<'h> ConnectHead<'h> {
     fn parse(head: &'h [u8], limits: HeadLimits) -> Result<Self, GatewayError> {
@@ -629,19 +629,16 @@ async fn forward(
     }
     // `http://host?q` has an empty path: its origin form is `/?q`.
     // The path is the one hyper parsed (no second parse of it: ~300 instructions a request).
-    let origin_form = match uri.path_and_query() {
-        None => Ok(Uri::from_static("/")),
-        Some(pq) if pq.as_str().is_empty() => Ok(Uri::from_static("/")),
-        Some(pq) if pq.as_str().starts_with('?') => {
-            Uri::try_from(format!("/{}", pq.as_str())).map_err(|_| ())
-        }
+    let origin_form = match uri.path_and_query().filter(|pq| !pq.as_str().is_empty()) {
+        None => Some(Uri::from_static("/")),
+        Some(pq) if pq.as_str().starts_with('?') => Uri::try_from(format!("/{}", pq.as_str())).ok(),
         Some(pq) => {
             let mut parts = http::uri::Parts::default();
             parts.path_and_query = Some(pq.clone());
-            Uri::from_parts(parts).map_err(|_| ())
+            Uri::from_parts(parts).ok()
         }
     }
-    .map_err(|_| GatewayError::new(ErrorKind::ClientMalformed, "invalid path"))?;
+    .ok_or_else(|| GatewayError::new(ErrorKind::ClientMalformed, "invalid path"))?;
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
