@@ -441,16 +441,8 @@ async fn http_connect_with(
         if let Some(reply) = crate::head::simple_reply(&buf) {
             break reply;
         }
-        // Left uninitialised: zeroing 64 header slots (2 KiB) per reply cost more than
-        // parsing a short one.
-        let mut headers = [const { std::mem::MaybeUninit::uninit() }; crate::head::REPLY_FIELDS];
-        let mut resp = httparse::Response::new(&mut []);
-        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut resp,
-            &buf,
-            &mut headers,
-        ) {
-            Ok(httparse::Status::Complete(n)) => break (resp.code.unwrap_or(0), n),
+        match crate::head::general_reply(&buf) {
+            Ok(httparse::Status::Complete(reply)) => break reply,
             Ok(httparse::Status::Partial) if buf.len() < max_head => {}
             Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
                 return Err(GatewayError::new(

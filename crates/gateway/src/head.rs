@@ -191,13 +191,29 @@ fn crlf(buf: &[u8], at: usize) -> Option<usize> {
     (buf.get(at..at + 2)? == b"\r\n").then_some(at + 2)
 }
 
-/// httparse's reading of a CONNECT reply head: its status and length when complete (what
-/// [`simple_reply`] must agree with).
+/// A CONNECT reply head the general way, by httparse, with room for [`REPLY_FIELDS`] fields:
+/// what the dialer falls back on where [`simple_reply`] answers `None`, and what that must
+/// agree with. The status and the head's length.
+pub(crate) fn general_reply(buf: &[u8]) -> Result<httparse::Status<(u16, usize)>, httparse::Error> {
+    // Left uninitialised: zeroing 64 header slots (2 KiB) per reply cost more than parsing a
+    // short one.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; REPLY_FIELDS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    )?;
+    Ok(match parsed {
+        httparse::Status::Complete(n) => httparse::Status::Complete((resp.code.unwrap_or(0), n)),
+        httparse::Status::Partial => httparse::Status::Partial,
+    })
+}
+
+/// A complete reply head as [`general_reply`] reads it (`None`: incomplete or invalid).
 pub(crate) fn httparse_reply(buf: &[u8]) -> Option<(u16, usize)> {
-    let mut headers = [httparse::EMPTY_HEADER; REPLY_FIELDS];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => Some((resp.code.unwrap_or(0), n)),
+    match general_reply(buf) {
+        Ok(httparse::Status::Complete(reply)) => Some(reply),
         _ => None,
     }
 }

@@ -68,14 +68,7 @@ pub async fn serve_http<S: Io>(
     permit: Permit,
     opened: Opened,
 ) {
-    let limits = {
-        let server = &gw.config().server;
-        HeadLimits {
-            bytes: server.max_header_bytes,
-            headers: server.max_headers,
-            target: server.max_target_bytes,
-        }
-    };
+    let limits = HeadLimits::of(&gw.config().server);
     // A CONNECT head that came whole with the first read, as clients send it, goes straight
     // on: no read to wait for, so neither the timer nor the boxed read below (an allocation
     // and ~300 instructions per tunnel).
@@ -171,13 +164,23 @@ async fn serve_hyper<S: Io>(
 
 /// The limits of a request head.
 #[derive(Debug, Clone, Copy)]
-struct HeadLimits {
+pub(crate) struct HeadLimits {
     /// The whole head.
     bytes: usize,
     /// Header fields.
     headers: usize,
     /// The request target.
     target: usize,
+}
+
+impl HeadLimits {
+    pub(crate) fn of(server: &crate::config::ServerConfig) -> Self {
+        HeadLimits {
+            bytes: server.max_header_bytes,
+            headers: server.max_headers,
+            target: server.max_target_bytes,
+        }
+    }
 }
 
 /// Reads until the first request head is complete, going on from the bytes already read
@@ -400,13 +403,13 @@ async fn connect_first<S: Io>(
 /// request (strictness; no body), within the head limits (a target over `limits.target` is
 /// 414, more than `limits.headers` fields 431).
 #[derive(Debug)]
-struct ConnectHead<'h> {
+pub(crate) struct ConnectHead<'h> {
     /// The request target's authority (none: the target has none, as `/`).
     authority: Option<Cow<'h, str>>,
     /// The first `Proxy-Authorization` field's value, as sent.
     credentials: Option<&'h [u8]>,
     /// The head's length: what follows is the tunnel's.
-    len: usize,
+    pub(crate) len: usize,
 }
 
 /// Field slots on the stack for a CONNECT head (clients send a handful); a head with more is
@@ -414,7 +417,7 @@ struct ConnectHead<'h> {
 pub(crate) const CONNECT_FIELDS: usize = 24;
 
 impl<'h> ConnectHead<'h> {
-    fn parse(head: &'h [u8], limits: HeadLimits) -> Result<Self, GatewayError> {
+    pub(crate) fn parse(head: &'h [u8], limits: HeadLimits) -> Result<Self, GatewayError> {
         // The short way first: a plain head, as clients send it (`crate::head`).
         let room = CONNECT_FIELDS.min(limits.headers);
         let mut fields = [httparse::EMPTY_HEADER; CONNECT_FIELDS];
@@ -436,7 +439,7 @@ impl<'h> ConnectHead<'h> {
 
     /// [`ConnectHead::parse`] by httparse, with room for `storage.len()` fields (`Err(None)`:
     /// not enough, though within the limit).
-    fn parse_in(
+    pub(crate) fn parse_in(
         head: &'h [u8],
         limits: HeadLimits,
         storage: &mut [std::mem::MaybeUninit<httparse::Header<'h>>],
@@ -594,13 +597,13 @@ async fn connect(
     Ok(Response::new(empty()))
 }
 
-async fn forward(
-    gw: &Gateway,
-    sticky: &Sticky,
-    req: Request<Incoming>,
-    routing: Routing,
-) -> Result<Response<Body>, GatewayError> {
-    let uri = req.uri();
+/// An absolute-form request head made ready for the next hop, in place, before an upstream is
+/// picked: the URI must be `http://` with a host; hop-by-hop fields, every field named in
+/// `Connection` and `Expect` go; `Host` becomes the URI's host, with its port unless that is 80.
+/// Returns the target and the request's origin form (`/path?query`, what goes down a tunnel to
+/// the origin). Every absolute-form request passes here (`benches/head.rs` measures it).
+pub fn to_upstream_head(parts: &mut http::request::Parts) -> Result<(Target, Uri), GatewayError> {
+    let uri = &parts.uri;
     if uri.scheme_str() != Some("http") {
         let why = match uri.scheme_str() {
             None => {
@@ -619,7 +622,6 @@ async fn forward(
     let target = Target::from_host_port(host, port).map_err(|e| {
         GatewayError::new(ErrorKind::ClientMalformed, format!("URI authority: {e}"))
     })?;
-    gw.policy().forward(&target)?;
     // The host as the client wrote it, with its port unless that is 80 (no fmt: per request).
     let mut host_value = Vec::with_capacity(host.len() + 6);
     host_value.extend_from_slice(host.as_bytes());
@@ -640,7 +642,6 @@ async fn forward(
     }
     .ok_or_else(|| GatewayError::new(ErrorKind::ClientMalformed, "invalid path"))?;
 
-    let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     // hyper answered `Expect: 100-continue` to the client when the body was asked for; the
     // upstream gets the body, not the expectation.
@@ -650,6 +651,18 @@ async fn forward(
         HeaderValue::from_maybe_shared(Bytes::from(host_value))
             .map_err(|_| GatewayError::new(ErrorKind::ClientMalformed, "invalid host"))?,
     );
+    Ok((target, origin_form))
+}
+
+async fn forward(
+    gw: &Gateway,
+    sticky: &Sticky,
+    req: Request<Incoming>,
+    routing: Routing,
+) -> Result<Response<Body>, GatewayError> {
+    let (mut parts, body) = req.into_parts();
+    let (target, origin_form) = to_upstream_head(&mut parts)?;
+    gw.policy().forward(&target)?;
     // A request without a body can be sent again through another upstream.
     let replayable = body.is_end_stream();
     // Only a request that may be sent twice takes a kept connection: one that turns out
@@ -1172,6 +1185,62 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-keep"], "yes");
+    }
+
+    /// The head of `GET <uri>` with `fields`, as hyper hands it over.
+    fn parts(uri: &str, fields: &[(&'static str, &'static str)]) -> http::request::Parts {
+        let mut req = Request::get(uri).body(()).unwrap();
+        for (k, v) in fields {
+            req.headers_mut().append(*k, HeaderValue::from_static(v));
+        }
+        req.into_parts().0
+    }
+
+    #[test]
+    fn absolute_form_heads_are_made_ready_for_the_next_hop() {
+        let mut p = parts(
+            "http://Example.com:8080/a/b?x=1",
+            &[
+                ("host", "spoofed.example"),
+                ("proxy-connection", "keep-alive"),
+                ("proxy-authorization", "Basic abc"),
+                ("expect", "100-continue"),
+                ("accept", "*/*"),
+            ],
+        );
+        let (target, origin) = to_upstream_head(&mut p).unwrap();
+        assert_eq!(target.to_string(), "example.com:8080");
+        assert_eq!(origin, "/a/b?x=1");
+        assert_eq!(p.headers["host"], "Example.com:8080");
+        assert_eq!(p.headers["accept"], "*/*");
+        assert_eq!(p.headers.len(), 2, "{:?}", p.headers);
+        // The request itself stays in absolute form (an HTTP upstream gets it so).
+        assert_eq!(p.uri, "http://Example.com:8080/a/b?x=1");
+
+        // Port 80 is left out of Host; an empty path is `/`, before a query too.
+        for (uri, origin) in [
+            ("http://h.example:80", "/"),
+            ("http://h.example", "/"),
+            ("http://h.example?q=1", "/?q=1"),
+            ("http://h.example/?q=1", "/?q=1"),
+        ] {
+            let mut p = parts(uri, &[]);
+            let (target, got) = to_upstream_head(&mut p).unwrap();
+            assert_eq!(target.to_string(), "h.example:80", "{uri}");
+            assert_eq!(got, origin, "{uri}");
+            assert_eq!(p.headers["host"], "h.example", "{uri}");
+        }
+
+        for (uri, why) in [
+            ("/origin-form", "origin-form request"),
+            ("https://h.example/", "use CONNECT"),
+            ("ftp://h.example/", "unsupported URI scheme"),
+        ] {
+            let mut p = parts(uri, &[("x-kept", "1")]);
+            let e = to_upstream_head(&mut p).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::ClientMalformed, "{uri}");
+            assert!(e.to_string().contains(why), "{uri}: {e}");
+        }
     }
 
     const LIMITS: HeadLimits = HeadLimits {

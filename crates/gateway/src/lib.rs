@@ -25,6 +25,8 @@
 //! - `spares`, `splice`: per-thread spare buffers and pipes; `splice(2)` between TCP sockets.
 
 pub mod auth;
+#[doc(hidden)]
+pub mod bench;
 pub mod config;
 pub mod dial;
 pub mod error;
