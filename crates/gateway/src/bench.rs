@@ -1,12 +1,11 @@
 //! Entry points of the criterion benches (`benches/`), not an API: the two heads of every
-//! tunnel through an HTTP upstream, each read as the data plane reads it and the general way
-//! (httparse) beside it, for the ratio the short way of `head.rs` is kept for.
+//! tunnel through an HTTP upstream, each read as the data plane reads it, and the upstream's
+//! reply by httparse alone beside it (what the short way of `head.rs` is kept for).
 
-use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use crate::Config;
-use crate::http::{CONNECT_FIELDS, ConnectHead, HeadLimits};
+use crate::http::{ConnectHead, HeadLimits};
 
 /// The default limits, built once (a whole default config is not what is measured).
 fn limits() -> HeadLimits {
@@ -14,18 +13,10 @@ fn limits() -> HeadLimits {
     *LIMITS.get_or_init(|| HeadLimits::of(&Config::default().server))
 }
 
-/// A client's CONNECT head read and checked as the server does (the short way, httparse for
-/// anything else), within the default limits: the head's length.
+/// A client's CONNECT head read and checked as the server does, within the default limits:
+/// the head's length.
 pub fn connect_head(head: &[u8]) -> Option<usize> {
     ConnectHead::parse(head, limits()).ok().map(|c| c.len)
-}
-
-/// The same head read and checked by httparse alone.
-pub fn connect_head_general(head: &[u8]) -> Option<usize> {
-    let mut fields = [const { MaybeUninit::uninit() }; CONNECT_FIELDS];
-    ConnectHead::parse_in(head, limits(), &mut fields)
-        .ok()
-        .map(|c| c.len)
 }
 
 /// An HTTP upstream's reply to CONNECT as the dialer reads it (the short way, httparse for
