@@ -59,9 +59,9 @@ mod tests {
 
     #[test]
     fn bad_ca_file_is_named() {
-        let dir = std::env::temp_dir().join(format!("pg-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("ca.pem");
+        // Removed when the test ends, whichever way (each run used to leave one behind).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
         std::fs::write(&path, "not a certificate").unwrap();
         let err = client_config(Some(&path)).unwrap_err().to_string();
         assert!(err.contains("ca.pem"), "{err}");
