@@ -10,8 +10,11 @@ round robin. Then it runs every scenario of pg-loadgen against every gateway tha
 interleaved, in two passes (the second in reverse order), and records per cell: requests per
 second, latency (p50/p99 from the client), the gateway's own CPU per completed request (its
 whole process tree, from /proc/PID/stat), its peak RSS, the machine's busy share, and whether
-the origin's request counter agrees with what the client saw. Prints a markdown table (and
-writes the raw figures as JSON with --json-out).
+the origin's request counter agrees with what the client saw. For the tunnel scenarios it
+also splits the box's CPU per request between the gateway, the upstreams, the origin, the
+client and the rest: at a saturated box the rate is about its cores over that total, so the
+split says how far a cheaper gateway can raise its rate over another's. Prints markdown
+tables (and writes the raw figures as JSON with --json-out).
 
     tests/bench/peers.py                      # 8 s per cell, two passes (~20 min)
     tests/bench/peers.py --seconds 2 --passes 1 --peers proxygate,haproxy
@@ -259,7 +262,7 @@ http {{
     }}
 }}
 """)
-        self.spawn("nginx", [sbin("nginx"), "-c", str(conf)])
+        self.origin_proc = self.spawn("nginx", [sbin("nginx"), "-c", str(conf)])
         wait_port(self.origin_port, "nginx")
 
     def origin_requests(self):
@@ -270,6 +273,8 @@ http {{
 
     def upstreams(self):
         self.tinyproxies = []
+        # Each pool's upstream processes, for the box's CPU per request (`run_cell`).
+        self.upstream_procs = {"http": [], "socks": []}
         for i in range(3):
             port = free_port()
             conf = self.work / f"tinyproxy{i}.conf"
@@ -282,6 +287,7 @@ Allow 127.0.0.1
 DisableViaHeader Yes
 """)
             p = self.spawn(f"tinyproxy{i}", [sbin("tinyproxy"), "-d", "-c", str(conf)])
+            self.upstream_procs["http"].append(p)
             self.tinyproxies.append(port)
             if i == 0:
                 self.gateways[("direct", "http")] = (port, p)
@@ -290,6 +296,7 @@ DisableViaHeader Yes
             port = free_port()
             p = self.spawn(f"microsocks{i}",
                            [sbin("microsocks"), "-i", "127.0.0.1", "-p", str(port)])
+            self.upstream_procs["socks"].append(p)
             self.microsocks.append(port)
             if i == 0:
                 self.gateways[("direct", "socks")] = (port, p)
@@ -451,6 +458,12 @@ def rss_bytes(pids):
     return total
 
 
+def children_cpu_s():
+    """CPU seconds of our children that have been waited for (the generator, once reaped)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def machine_ticks():
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
@@ -482,6 +495,12 @@ def run_cell(topo, gateway, scenario, seconds, args):
     before_cpu = cpu_ticks(pids)
     before_rss = rss_bytes(pids)
     before_origin = topo.origin_requests()
+    # The rest of the box, for where its CPU goes per request: the upstreams of the cell's
+    # pool (process trees; a gateway's own pool when it is "direct"), the origin, and the
+    # client (the generator, a child of ours: its time once reaped).
+    ups = [q.pid for q in topo.upstream_procs[pool] if q.pid != proc.pid]
+    rest0 = (cpu_ticks([t for u in ups for t in tree(u)]),
+             cpu_ticks(tree(topo.origin_proc.pid)), children_cpu_s())
     m0 = machine_ticks()
     concurrency = {"idle": 200, "bulk": 1}.get(scenario, args.concurrency)
     argv = loadgen_argv(topo, port, concurrency) + [
@@ -511,6 +530,8 @@ def run_cell(topo, gateway, scenario, seconds, args):
     err_buf += rest or ""
     m1 = machine_ticks()
     after_cpu = cpu_ticks(tree(proc.pid))
+    rest1 = (cpu_ticks([t for u in ups for t in tree(u)]),
+             cpu_ticks(tree(topo.origin_proc.pid)), children_cpu_s())
     origin_seen = topo.origin_requests() - before_origin - 1  # less our own status request
     try:
         r = json.loads(out.strip().splitlines()[-1])
@@ -541,6 +562,17 @@ def run_cell(topo, gateway, scenario, seconds, args):
         # Bulk: the gateway's CPU per GiB it relayed.
         "cpu_ms_per_gib": cpu_s * 1e3 / (r["bytes"] / 2**30) if r.get("bytes") else None,
     }
+    if done and scenario != "idle":
+        # Where the box's CPU went per request: at a saturated box the rate is about the
+        # cores over their sum, so a gateway's rate ratio to another is bounded by the rest.
+        per = lambda ticks: ticks / CLK_TCK * 1e6 / done  # noqa: E731
+        cell["box_us_per_req"] = {
+            "gateway": cell["cpu_us_per_req"],
+            "upstreams": per(rest1[0] - rest0[0]),
+            "origin": per(rest1[1] - rest0[1]),
+            "client": (rest1[2] - rest0[2]) * 1e6 / done,
+            "box": per((m1[0] - m1[1]) - (m0[0] - m0[1])),
+        }
     if scenario == "idle":
         # Hand the tunnels back, then see how much of the memory the gateway returns.
         cell["idle_tunnels"] = r.get("tunnels")
@@ -691,6 +723,34 @@ def table(cells, gateways):
             row.append(" / ".join(fmt_cell(c) for c in runs) if runs else "–")
         lines.append(f"| {sc} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def box_table(cells, gateways):
+    """Where the box's CPU went per request in the connect and socks5 cells (means over
+    passes): the gateway, the upstreams, the origin, the client, and the rest of the box. On a
+    saturated box the rate is about its cores over the total, so one gateway's rate over
+    another's is bounded by what the others cost: what a cheaper gateway can gain in rate."""
+    lines = ["| scenario | gateway | gateway µs | upstreams µs | origin µs | client µs | "
+             "rest of the box µs | box µs | box busy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for sc in ("connect", "socks5"):
+        for g in gateways:
+            runs = [c for c in cells if c["scenario"] == sc and c["gateway"] == g
+                    and c.get("box_us_per_req")]
+            if not runs:
+                continue
+            m = {k: sum(c["box_us_per_req"][k] or 0 for c in runs) / len(runs)
+                 for k in ("gateway", "upstreams", "origin", "client", "box")}
+            if g == "direct":
+                # No gateway: the process measured as one is the upstream the client goes to.
+                m["upstreams"] += m["gateway"]
+                m["gateway"] = 0
+            rest = m["box"] - m["gateway"] - m["upstreams"] - m["origin"] - m["client"]
+            busy = sum(c["busy"] for c in runs) / len(runs)
+            lines.append(f"| {sc} | {g} | {m['gateway']:.0f} | {m['upstreams']:.0f} | "
+                         f"{m['origin']:.0f} | {m['client']:.0f} | {rest:.0f} | {m['box']:.0f} | "
+                         f"{busy:.0%} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def ratios(cells):
@@ -884,6 +944,11 @@ def main():
           "upstream's). `bulk`: MB/s (gateway CPU ms per GiB relayed). `in-tunnel-1k`: open "
           "loop, 1,000 req/s inside open tunnels, latency from when each was due.\n")
     print(table(cells, gateways))
+    box = box_table(cells, gateways)
+    if box:
+        print("\nWhere the box's CPU went per request (means over passes; `rest of the box` is "
+              "every other process and the kernel's own work outside them):\n")
+        print(box)
     print()
     print(ratios(cells))
     if soaked:
