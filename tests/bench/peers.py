@@ -682,6 +682,8 @@ def soak(topo, requests, scenario="keepalive"):
         "rss_warm_mib": warm[0] / 2**20, "rss_end_mib": warm[-1] / 2**20,
         "rss_peak_mib": max(warm) / 2**20,
         "p50_us": (r["latency_us"] or {}).get("p50"), "p99_us": (r["latency_us"] or {}).get("p99"),
+        # Every sample, (seconds, MiB), for --json-out: flat or still climbing at the end.
+        "rss_samples_mib": [(round(t, 1), round(m / 2**20, 2)) for t, m in samples],
     }
 
 
