@@ -464,6 +464,13 @@ def children_cpu_s():
     return ru.ru_utime + ru.ru_stime
 
 
+def tcp_out_segments():
+    """The kernel's count of TCP segments sent (every process; here all loopback)."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Tcp:")]
+    return int(rows[1][rows[0].index("OutSegs")])
+
+
 def machine_ticks():
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
@@ -501,6 +508,7 @@ def run_cell(topo, gateway, scenario, seconds, args):
     ups = [q.pid for q in topo.upstream_procs[pool] if q.pid != proc.pid]
     rest0 = (cpu_ticks([t for u in ups for t in tree(u)]),
              cpu_ticks(tree(topo.origin_proc.pid)), children_cpu_s())
+    segs0 = tcp_out_segments()
     m0 = machine_ticks()
     concurrency = {"idle": 200, "bulk": 1}.get(scenario, args.concurrency)
     argv = loadgen_argv(topo, port, concurrency) + [
@@ -529,6 +537,7 @@ def run_cell(topo, gateway, scenario, seconds, args):
     out, rest = lg.communicate()
     err_buf += rest or ""
     m1 = machine_ticks()
+    segs1 = tcp_out_segments()
     after_cpu = cpu_ticks(tree(proc.pid))
     rest1 = (cpu_ticks([t for u in ups for t in tree(u)]),
              cpu_ticks(tree(topo.origin_proc.pid)), children_cpu_s())
@@ -573,6 +582,10 @@ def run_cell(topo, gateway, scenario, seconds, args):
             "client": (rest1[2] - rest0[2]) * 1e6 / done,
             "box": per((m1[0] - m1[1]) - (m0[0] - m0[1])),
         }
+        # TCP segments per request over every hop (client, gateway, upstream, origin): a
+        # gateway that splits a message or sends ACKs of its own where data could carry them
+        # makes every hop's kernel work more.
+        cell["segments_per_req"] = (segs1 - segs0) / done
     if scenario == "idle":
         # Hand the tunnels back, then see how much of the memory the gateway returns.
         cell["idle_tunnels"] = r.get("tunnels")
@@ -728,14 +741,15 @@ def table(cells, gateways):
 
 
 def box_table(cells, gateways):
-    """Where the box's CPU went per request in the connect and socks5 cells (means over
-    passes): the gateway, the upstreams, the origin, the client, and the rest of the box. On a
+    """Where the box's CPU went per request in the cells of one request's work (means over
+    passes): the gateway, the upstreams, the origin, the client, and the rest of the box, and
+    the TCP segments every hop sent per request. On a
     saturated box the rate is about its cores over the total, so one gateway's rate over
     another's is bounded by what the others cost: what a cheaper gateway can gain in rate."""
     lines = ["| scenario | gateway | gateway µs | upstreams µs | origin µs | client µs | "
-             "rest of the box µs | box µs | box busy |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for sc in ("connect", "socks5"):
+             "rest of the box µs | box µs | box busy | TCP segments |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for sc in ("connect", "socks5", "in-tunnel", "keepalive", "absolute-new"):
         for g in gateways:
             runs = [c for c in cells if c["scenario"] == sc and c["gateway"] == g
                     and c.get("box_us_per_req")]
@@ -749,9 +763,10 @@ def box_table(cells, gateways):
                 m["gateway"] = 0
             rest = m["box"] - m["gateway"] - m["upstreams"] - m["origin"] - m["client"]
             busy = sum(c["busy"] for c in runs) / len(runs)
+            segs = sum(c.get("segments_per_req") or 0 for c in runs) / len(runs)
             lines.append(f"| {sc} | {g} | {m['gateway']:.0f} | {m['upstreams']:.0f} | "
                          f"{m['origin']:.0f} | {m['client']:.0f} | {rest:.0f} | {m['box']:.0f} | "
-                         f"{busy:.0%} |")
+                         f"{busy:.0%} | {segs:.1f} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
