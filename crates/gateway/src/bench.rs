@@ -22,7 +22,10 @@ pub fn connect_head(head: &[u8]) -> Option<usize> {
 /// An HTTP upstream's reply to CONNECT as the dialer reads it (the short way, httparse for
 /// anything else): its status and the head's length.
 pub fn reply_head(buf: &[u8]) -> Option<(u16, usize)> {
-    crate::head::simple_reply(buf).or_else(|| crate::head::httparse_reply(buf))
+    match crate::head::reply(buf) {
+        Ok(httparse::Status::Complete(reply)) => Some(reply),
+        _ => None,
+    }
 }
 
 /// The same reply read by httparse alone.

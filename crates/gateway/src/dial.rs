@@ -438,10 +438,7 @@ async fn http_connect_with(
                 format!("{up}: closed before answering CONNECT"),
             ));
         }
-        if let Some(reply) = crate::head::simple_reply(&buf) {
-            break reply;
-        }
-        match crate::head::general_reply(&buf) {
+        match crate::head::reply(&buf) {
             Ok(httparse::Status::Complete(reply)) => break reply,
             Ok(httparse::Status::Partial) if buf.len() < max_head => {}
             Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {

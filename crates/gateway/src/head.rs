@@ -117,6 +117,15 @@ fn crlf(buf: &[u8], at: usize) -> Option<usize> {
     (buf.get(at..at + 2)? == b"\r\n").then_some(at + 2)
 }
 
+/// An upstream's CONNECT reply head as the dialer reads it: the short way, and httparse for
+/// anything else. The status and the head's length once complete.
+pub(crate) fn reply(buf: &[u8]) -> Result<httparse::Status<(u16, usize)>, httparse::Error> {
+    match simple_reply(buf) {
+        Some(reply) => Ok(httparse::Status::Complete(reply)),
+        None => general_reply(buf),
+    }
+}
+
 /// A CONNECT reply head the general way, by httparse, with room for [`REPLY_FIELDS`] fields:
 /// what the dialer falls back on where [`simple_reply`] answers `None`, and what that must
 /// agree with. The status and the head's length.
