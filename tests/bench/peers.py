@@ -10,11 +10,11 @@ round robin. Then it runs every scenario of pg-loadgen against every gateway tha
 interleaved, in two passes (the second in reverse order), and records per cell: requests per
 second, latency (p50/p99 from the client), the gateway's own CPU per completed request (its
 whole process tree, from /proc/PID/stat), its peak RSS, the machine's busy share, and whether
-the origin's request counter agrees with what the client saw. For the tunnel scenarios it
-also splits the box's CPU per request between the gateway, the upstreams, the origin, the
-client and the rest: at a saturated box the rate is about its cores over that total, so the
-split says how far a cheaper gateway can raise its rate over another's. Prints markdown
-tables (and writes the raw figures as JSON with --json-out).
+the origin's request counter agrees with what the client saw. For the scenarios of one
+request's work it also splits the box's CPU per request between the gateway, the upstreams, the
+origin, the client and the rest: at a saturated box the rate is about its cores over that
+total, so the split says how far a cheaper gateway can raise its rate over another's. Prints
+markdown tables (and writes the raw figures as JSON with --json-out).
 
     tests/bench/peers.py                      # 8 s per cell, two passes (~20 min)
     tests/bench/peers.py --seconds 2 --passes 1 --peers proxygate,haproxy
@@ -506,8 +506,11 @@ def run_cell(topo, gateway, scenario, seconds, args):
     # pool (process trees; a gateway's own pool when it is "direct"), the origin, and the
     # client (the generator, a child of ours: its time once reaped).
     ups = [q.pid for q in topo.upstream_procs[pool] if q.pid != proc.pid]
-    rest0 = (cpu_ticks([t for u in ups for t in tree(u)]),
-             cpu_ticks(tree(topo.origin_proc.pid)), children_cpu_s())
+
+    def others():
+        return (cpu_ticks([t for u in ups for t in tree(u)]),
+                cpu_ticks(tree(topo.origin_proc.pid)), children_cpu_s())
+    others0 = others()
     segs0 = tcp_out_segments()
     m0 = machine_ticks()
     concurrency = {"idle": 200, "bulk": 1}.get(scenario, args.concurrency)
@@ -539,8 +542,7 @@ def run_cell(topo, gateway, scenario, seconds, args):
     m1 = machine_ticks()
     segs1 = tcp_out_segments()
     after_cpu = cpu_ticks(tree(proc.pid))
-    rest1 = (cpu_ticks([t for u in ups for t in tree(u)]),
-             cpu_ticks(tree(topo.origin_proc.pid)), children_cpu_s())
+    others1 = others()
     origin_seen = topo.origin_requests() - before_origin - 1  # less our own status request
     try:
         r = json.loads(out.strip().splitlines()[-1])
@@ -577,9 +579,9 @@ def run_cell(topo, gateway, scenario, seconds, args):
         per = lambda ticks: ticks / CLK_TCK * 1e6 / done  # noqa: E731
         cell["box_us_per_req"] = {
             "gateway": cell["cpu_us_per_req"],
-            "upstreams": per(rest1[0] - rest0[0]),
-            "origin": per(rest1[1] - rest0[1]),
-            "client": (rest1[2] - rest0[2]) * 1e6 / done,
+            "upstreams": per(others1[0] - others0[0]),
+            "origin": per(others1[1] - others0[1]),
+            "client": (others1[2] - others0[2]) * 1e6 / done,
             "box": per((m1[0] - m1[1]) - (m0[0] - m0[1])),
         }
         # TCP segments per request over every hop (client, gateway, upstream, origin): a
@@ -597,8 +599,9 @@ def run_cell(topo, gateway, scenario, seconds, args):
     return cell
 
 
-# Scenarios counted by --instructions: one request's work each (bulk and idle are not).
-INSTRUCTION_SCENARIOS = ["connect", "socks5", "in-tunnel", "keepalive", "absolute-new"]
+# Scenarios of one request's work each (bulk and idle are not): counted by --instructions, and
+# split across the box per request.
+ONE_REQUEST_SCENARIOS = ["connect", "socks5", "in-tunnel", "keepalive", "absolute-new"]
 
 
 def callgrind_cell(topo, gateway, scenario, requests, args):
@@ -646,7 +649,7 @@ def callgrind_cell(topo, gateway, scenario, requests, args):
 
 
 def instructions_table(cells, gateways):
-    scen = [s for s in INSTRUCTION_SCENARIOS if any(c["scenario"] == s for c in cells)]
+    scen = [s for s in ONE_REQUEST_SCENARIOS if any(c["scenario"] == s for c in cells)]
     lines = ["| scenario | " + " | ".join(gateways) + " |",
              "|---" * (len(gateways) + 1) + "|"]
     for sc in scen:
@@ -743,13 +746,13 @@ def table(cells, gateways):
 def box_table(cells, gateways):
     """Where the box's CPU went per request in the cells of one request's work (means over
     passes): the gateway, the upstreams, the origin, the client, and the rest of the box, and
-    the TCP segments every hop sent per request. On a
-    saturated box the rate is about its cores over the total, so one gateway's rate over
-    another's is bounded by what the others cost: what a cheaper gateway can gain in rate."""
+    the TCP segments every hop sent per request. On a saturated box the rate is about its cores
+    over the total, so one gateway's rate over another's is bounded by what the others cost:
+    what a cheaper gateway can gain in rate."""
     lines = ["| scenario | gateway | gateway µs | upstreams µs | origin µs | client µs | "
              "rest of the box µs | box µs | box busy | TCP segments |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for sc in ("connect", "socks5", "in-tunnel", "keepalive", "absolute-new"):
+    for sc in ONE_REQUEST_SCENARIOS:
         for g in gateways:
             runs = [c for c in cells if c["scenario"] == sc and c["gateway"] == g
                     and c.get("box_us_per_req")]
@@ -881,7 +884,7 @@ def main():
             topo.origin(args.bulk_mib)
             topo.upstreams()
             topo.start_gateways(gateways)
-            for sc in [s for s in scenarios if s in INSTRUCTION_SCENARIOS]:
+            for sc in [s for s in scenarios if s in ONE_REQUEST_SCENARIOS]:
                 for g in gateways:
                     if speaks(g, sc):
                         log(f"{sc} via {g}: {args.instructions} requests under callgrind")
