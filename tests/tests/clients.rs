@@ -216,3 +216,49 @@ async fn connect_to_ipv6_literal() {
     let r = curl(&["--socks5", &gw.addr.to_string(), &url]).await;
     assert_eq!(r.status, 200, "{r:?}");
 }
+
+/// A client may send its first bytes for the target with its handshake, before the gateway's
+/// answer (browsers send a TLS hello right after CONNECT; a SOCKS client may do the same): in
+/// one write with the handshake, they reach the origin after the answer, whole. The request is
+/// padded past the SOCKS handshake's 1 KiB buffer, so part of it is still in the first read's
+/// bytes, and part in the handshake's buffer, when the tunnel starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_with_the_handshake_go_through_the_tunnel() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start().await;
+    let fake = FakeUpstream::start(Kind::Http, None).await;
+    let gw = Gateway::builder().upstream(fake.url("http")).start().await;
+    let port = origin.addr.port();
+    let pad = "p".repeat(3000);
+    let request = format!(
+        "GET /early HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: {pad}\r\nConnection: close\r\n\r\n"
+    );
+    let connect = format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    let mut socks5 = vec![5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1];
+    socks5.extend(port.to_be_bytes());
+    let mut socks4 = vec![4, 1];
+    socks4.extend(port.to_be_bytes());
+    socks4.extend([127, 0, 0, 1, 0]);
+    for (name, handshake) in [
+        ("CONNECT", connect.into_bytes()),
+        ("SOCKS5", socks5),
+        ("SOCKS4", socks4),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let mut bytes = handshake;
+        bytes.extend(request.as_bytes());
+        s.write_all(&bytes).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: no answer in 10 s\n{}", gw.logs()))
+            .unwrap();
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.contains("x-target: /early") && got.contains("HTTP/1.1 200 OK"),
+            "{name}: {got}\n{}",
+            gw.logs()
+        );
+    }
+    assert_eq!(origin.connections(), 3);
+}

@@ -119,19 +119,23 @@ fn peer() -> SocketAddr {
 pub fn socks5_server(data: &[u8]) {
     let gw = gateway();
     let opened = opened(&gw);
-    runtime().block_on(crate::socks::serve_socks5(
-        gw,
-        Scripted::new(data),
-        peer(),
-        opened,
-    ));
+    runtime().block_on(async {
+        let tunnel = crate::socks::serve_socks5(gw, Scripted::new(data), peer(), opened).await;
+        if let Some(tunnel) = tunnel {
+            tunnel.await;
+        }
+    });
 }
 
 /// The SOCKS4/4a server request.
 pub fn socks4_server(data: &[u8]) {
     let gw = gateway();
     let opened = opened(&gw);
-    runtime().block_on(crate::socks::serve_socks4(gw, Scripted::new(data), opened));
+    runtime().block_on(async {
+        if let Some(tunnel) = crate::socks::serve_socks4(gw, Scripted::new(data), opened).await {
+            tunnel.await;
+        }
+    });
 }
 
 /// The HTTP front end: the first head read by hand (limits, target), then hyper and our checks
@@ -142,13 +146,13 @@ pub fn http_server(data: &[u8]) {
         return;
     };
     let opened = opened(&gw);
-    runtime().block_on(crate::http::serve_http(
-        gw,
-        Scripted::new(data),
-        peer(),
-        Arc::new(slot),
-        opened,
-    ));
+    runtime().block_on(async {
+        let served =
+            crate::http::serve_http(gw, Scripted::new(data), peer(), Arc::new(slot), opened).await;
+        if let Some((tunnel, _slot)) = served {
+            tunnel.await;
+        }
+    });
 }
 
 fn target() -> Target {

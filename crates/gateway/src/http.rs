@@ -41,7 +41,7 @@ use crate::config::{Rotate, TunnelPlain};
 use crate::dial::{Budget, Purpose, Routing};
 use crate::io::{BoxedIo, Io, Rewind};
 use crate::metrics::RequestKind;
-use crate::server::{Gateway, Opened};
+use crate::server::{Gateway, Opened, Tunnel};
 
 /// A share of a connection's slot (its `server.max_connections` permit and its count as an
 /// open connection).
@@ -61,13 +61,16 @@ type Sticky = Arc<Mutex<Option<(UpstreamId, Routing)>>>;
 ///
 /// `permit` is the connection's slot of `server.max_connections`; a CONNECT tunnel, which
 /// outlives hyper's handling of the connection, keeps a share of it until the tunnel closes.
+/// A connection whose first request is CONNECT ends here with its tunnel established and
+/// answered: the tunnel and its share of the slot are handed back for the caller to relay
+/// (`server::Gateway::serve_connection`), in a state that holds nothing of this one.
 pub async fn serve_http<S: Io>(
     gw: Gateway,
     mut stream: S,
     peer: SocketAddr,
     permit: Permit,
     opened: Opened,
-) {
+) -> Option<(Tunnel<Rewind<S>>, Permit)> {
     let limits = HeadLimits::of(&gw.config().server);
     // A CONNECT head that came whole with the first read, as clients send it, goes straight
     // on: no read to wait for, so neither the timer nor the boxed read below (an allocation
@@ -97,13 +100,15 @@ pub async fn serve_http<S: Io>(
             if e.kind != ErrorKind::ClientClosed {
                 answer_error(&mut stream, &e).await;
             }
-            return;
+            return None;
         }
     };
     if buffered.starts_with(b"CONNECT ") {
-        return connect_first(gw, stream, buffered, peer, permit, limits).await;
+        let tunnel = connect_first(gw, stream, buffered, peer, limits).await?;
+        return Some((tunnel, permit));
     }
     Box::pin(serve_hyper(gw, stream, buffered.freeze(), peer, permit)).await;
+    None
 }
 
 /// A CONNECT head as clients send it, alone and whole: it ends in an empty line, so it is
@@ -358,16 +363,15 @@ const CONNECT_ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n
 /// connection is the common case, and it needs no HTTP machinery past the head (already read
 /// and measured against the limits). The head is parsed once more, in place (no request, no
 /// header map: nothing of it is forwarded), and checked as on hyper's path (strictness, auth,
-/// routing, destination policy); the tunnel is relayed in this task. Any failure is answered
-/// and the connection closed.
+/// routing, destination policy). Returns the tunnel, dialed and answered, to relay; any failure
+/// is answered and the connection closed (`None`).
 async fn connect_first<S: Io>(
     gw: Gateway,
     mut stream: S,
     head: BytesMut,
     peer: SocketAddr,
-    permit: Permit,
     limits: HeadLimits,
-) {
+) -> Option<Tunnel<Rewind<S>>> {
     let prepared = async {
         let connect = ConnectHead::parse(&head, limits)?;
         let routing = authorize(&gw, connect.credentials, peer).await?;
@@ -376,25 +380,25 @@ async fn connect_first<S: Io>(
         let est = gw.dialer().dial(&target, Purpose::Tunnel, routing).await?;
         Ok((est, connect.len, target))
     };
-    match Box::pin(prepared).await {
+    let prepared = Box::pin(prepared).await;
+    match prepared {
         Ok((est, head_len, target)) => {
             gw.metrics().request(RequestKind::HttpConnect, None);
             if stream.write_all(CONNECT_ESTABLISHED).await.is_err() {
                 crate::server::client_gone(est);
-                return;
+                return None;
             }
             // Bytes the client sent after the head (a TLS hello, optimistically) go first; a
             // copy, so the head's read buffer is not held for the tunnel's life.
             let early = Bytes::copy_from_slice(&head[head_len..]);
             drop(head);
-            let client = Rewind::new(early, stream);
-            gw.relay(client, est, &target).await;
-            drop(permit);
+            Some(gw.relay(Rewind::new(early, stream), est, target))
         }
         Err(e) => {
             log_failure(&e);
             gw.metrics().request(RequestKind::HttpConnect, Some(e.kind));
             answer_error(&mut stream, &e).await;
+            None
         }
     }
 }
@@ -582,7 +586,7 @@ async fn connect(
         match on_upgrade.await {
             Ok(upgraded) => {
                 task_gw
-                    .relay(TokioIo::new(upgraded), established, &target)
+                    .relay(TokioIo::new(upgraded), established, target)
                     .await;
             }
             Err(e) => {

@@ -47,6 +47,16 @@ impl<S> Rewind<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// The bytes not yet replayed.
+    pub fn unread(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    /// The bytes not yet replayed, and the stream.
+    pub fn into_parts(self) -> (Bytes, S) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {

@@ -110,6 +110,14 @@ pub struct Metrics {
 /// What the registry collects from (the series of [`Metrics`] are their children).
 type Collectors = Vec<Box<dyn prometheus::core::Collector>>;
 
+/// So that a relay can count into a `&Metrics` as well as into one it reaches through the
+/// gateway it owns ([`crate::relay::relay`]).
+impl AsRef<Metrics> for Metrics {
+    fn as_ref(&self) -> &Metrics {
+        self
+    }
+}
+
 impl Metrics {
     /// Registers every series on `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Arc<Metrics>> {

@@ -77,97 +77,136 @@ impl RelayStats {
 ///
 /// With `splice` (Linux), a direction between two plain TCP sockets moves bulk data through a
 /// pipe rather than a buffer ([`crate::splice`]).
-pub async fn relay<C, U>(
+///
+/// `metrics` is anything that leads to the [`Metrics`]: a reference, or the gateway itself
+/// (which a connection's task owns, so that its tunnel is a future of its own with nothing
+/// borrowed). Must be called within a Tokio runtime with time enabled (the idle watchdog).
+pub fn relay<C, U, M>(
     client: C,
     upstream: U,
     upstream_tls: bool,
     idle: Duration,
     splice: bool,
-    metrics: &Metrics,
-) -> RelayStats
+    metrics: M,
+) -> Relaying<C, U, M>
 where
     C: AsyncRead + AsyncWrite + Unpin + 'static,
     U: AsyncRead + AsyncWrite + Unpin + 'static,
+    M: AsRef<Metrics>,
 {
     let start = Instant::now();
-    let (up_total, down_total) = metrics.byte_counters();
     let infer_eof = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
-    // In this future's own state, not boxed: the same bytes, one allocation fewer per tunnel.
-    let watchdog = std::pin::pin!(tokio::time::sleep_until(start + idle));
-    let mut r = Relay {
-        client,
-        upstream,
-        up: Pump::new(
-            RelayEnd::ClientError,
-            RelayEnd::UpstreamError,
-            !upstream_tls,
-            splice,
-            infer_eof,
-        ),
-        down: Pump::new(
-            RelayEnd::UpstreamError,
-            RelayEnd::ClientError,
-            true,
-            splice,
-            infer_eof,
-        ),
-        idle,
-        last_activity: start,
-        watchdog,
-        watched_by: None,
-        start,
-        first_byte: None,
-        totals: (up_total, down_total),
-    };
-    let end = std::future::poll_fn(|cx| r.poll(cx)).await;
-    RelayStats {
-        bytes_up: r.up.bytes,
-        bytes_down: r.down.bytes,
-        first_byte: r.first_byte,
-        first_up: r.up.first,
-        first_down: r.down.first,
-        end,
+    Relaying {
+        core: Relay {
+            client,
+            upstream,
+            up: Pump::new(
+                RelayEnd::ClientError,
+                RelayEnd::UpstreamError,
+                !upstream_tls,
+                splice,
+                infer_eof,
+            ),
+            down: Pump::new(
+                RelayEnd::UpstreamError,
+                RelayEnd::ClientError,
+                true,
+                splice,
+                infer_eof,
+            ),
+            idle,
+            last_activity: start,
+            watched_by: None,
+            start,
+            first_byte: None,
+            metrics,
+        },
+        // In the future's own state, not boxed: one allocation fewer per tunnel.
+        watchdog: tokio::time::sleep_until(start + idle),
     }
 }
 
-struct Relay<'m, 'w, C, U> {
+pin_project_lite::pin_project! {
+    /// A relay in progress (see [`relay`]): resolves to what it moved and how it ended.
+    ///
+    /// A plain struct rather than an `async fn`'s state: an async function keeps its arguments
+    /// twice (as arguments and as the locals they are moved into), and each level of a call
+    /// chain adds its own, so an idle tunnel held ~1 KiB more than it needs.
+    pub struct Relaying<C, U, M>
+    where
+        M: AsRef<Metrics>,
+    {
+        core: Relay<C, U, M>,
+        #[pin]
+        watchdog: Sleep,
+    }
+}
+
+impl<C, U, M: AsRef<Metrics>> Relaying<C, U, M> {
+    /// What the relay's bytes are counted in.
+    pub fn metrics(&self) -> &M {
+        &self.core.metrics
+    }
+}
+
+impl<C, U, M> Future for Relaying<C, U, M>
+where
+    C: AsyncRead + AsyncWrite + Unpin + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + 'static,
+    M: AsRef<Metrics>,
+{
+    type Output = RelayStats;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayStats> {
+        let this = self.project();
+        let end = ready!(this.core.poll(cx, this.watchdog));
+        let r = &*this.core;
+        Poll::Ready(RelayStats {
+            bytes_up: r.up.bytes,
+            bytes_down: r.down.bytes,
+            first_byte: r.first_byte,
+            first_up: r.up.first,
+            first_down: r.down.first,
+            end,
+        })
+    }
+}
+
+struct Relay<C, U, M: AsRef<Metrics>> {
     client: C,
     upstream: U,
     up: Pump,
     down: Pump,
     idle: Duration,
     last_activity: Instant,
-    watchdog: Pin<&'w mut Sleep>,
     /// The waker the watchdog last registered: while it is this poll's and the watchdog has
     /// not fired, the watchdog is not polled again (its poll re-registers the waker: ~200
     /// instructions, on every wake of the relay).
     watched_by: Option<Waker>,
     start: Instant,
     first_byte: Option<Duration>,
-    /// `proxygate_bytes_total{direction="up"|"down"}`, added to every [`REPORT_EVERY`] bytes
-    /// and when the relay ends (or is dropped at shutdown): one shared atomic add per step,
-    /// not per read.
-    totals: (&'m prometheus::IntCounter, &'m prometheus::IntCounter),
+    /// Where `proxygate_bytes_total{direction="up"|"down"}` are, added to every
+    /// [`REPORT_EVERY`] bytes and when the relay ends (or is dropped at shutdown): one shared
+    /// atomic add per step, not per read.
+    metrics: M,
 }
 
-impl<C, U> Drop for Relay<'_, '_, C, U> {
+impl<C, U, M: AsRef<Metrics>> Drop for Relay<C, U, M> {
     fn drop(&mut self) {
-        self.totals
-            .0
-            .inc_by(std::mem::take(&mut self.up.unreported));
-        self.totals
-            .1
-            .inc_by(std::mem::take(&mut self.down.unreported));
+        let (up, down) = self.metrics.as_ref().byte_counters();
+        up.inc_by(std::mem::take(&mut self.up.unreported));
+        down.inc_by(std::mem::take(&mut self.down.unreported));
     }
 }
 
-impl<C, U> Relay<'_, '_, C, U>
+impl<C, U, M> Relay<C, U, M>
 where
     C: AsyncRead + AsyncWrite + Unpin + 'static,
     U: AsyncRead + AsyncWrite + Unpin + 'static,
+    M: AsRef<Metrics>,
 {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+    fn poll(&mut self, cx: &mut Context<'_>, mut watchdog: Pin<&mut Sleep>) -> Poll<RelayEnd> {
         let (up_before, down_before) = (self.up.bytes, self.down.bytes);
         // A buffer one direction lets go of in this poll serves the other (most wakes are for
         // one direction; the other only looks); whatever is left goes back to the thread.
@@ -194,15 +233,14 @@ where
             if down_before == 0 && self.down.bytes > 0 {
                 self.first_byte = Some(self.last_activity - self.start);
             }
-            if self.up.unreported >= REPORT_EVERY {
-                self.totals
-                    .0
-                    .inc_by(std::mem::take(&mut self.up.unreported));
-            }
-            if self.down.unreported >= REPORT_EVERY {
-                self.totals
-                    .1
-                    .inc_by(std::mem::take(&mut self.down.unreported));
+            if self.up.unreported >= REPORT_EVERY || self.down.unreported >= REPORT_EVERY {
+                let (up, down) = self.metrics.as_ref().byte_counters();
+                if self.up.unreported >= REPORT_EVERY {
+                    up.inc_by(std::mem::take(&mut self.up.unreported));
+                }
+                if self.down.unreported >= REPORT_EVERY {
+                    down.inc_by(std::mem::take(&mut self.down.unreported));
+                }
             }
         }
         match (up, down) {
@@ -216,15 +254,15 @@ where
             .watched_by
             .as_ref()
             .is_some_and(|w| w.will_wake(cx.waker()));
-        if watched && !self.watchdog.is_elapsed() {
+        if watched && !watchdog.is_elapsed() {
             return Poll::Pending;
         }
-        while self.watchdog.as_mut().poll(cx).is_ready() {
+        while watchdog.as_mut().poll(cx).is_ready() {
             let deadline = self.last_activity + self.idle;
             if Instant::now() >= deadline {
                 return Poll::Ready(RelayEnd::Idle);
             }
-            self.watchdog.as_mut().reset(deadline);
+            watchdog.as_mut().reset(deadline);
         }
         if !watched {
             self.watched_by = Some(cx.waker().clone());

@@ -19,7 +19,7 @@ use crate::dial::{Purpose, Routing};
 use crate::error::socks5_rep;
 use crate::io::{Io, Rewind};
 use crate::metrics::RequestKind;
-use crate::server::{Gateway, Opened};
+use crate::server::{Gateway, Opened, Tunnel};
 
 const NO_AUTH: u8 = 0x00;
 const USER_PASS: u8 = 0x02;
@@ -46,8 +46,14 @@ enum HandshakeError {
     Close(GatewayError),
 }
 
-/// Serves one SOCKS5 client at `peer`.
-pub async fn serve_socks5<S: Io>(gw: Gateway, stream: S, peer: SocketAddr, opened: Opened) {
+/// Serves one SOCKS5 client at `peer`: its handshake, the dial and the answer. Returns the
+/// tunnel to relay (with whatever the client sent early), or `None` once a failure is answered.
+pub async fn serve_socks5<S: Io>(
+    gw: Gateway,
+    stream: S,
+    peer: SocketAddr,
+    opened: Opened,
+) -> Option<Tunnel<Rewind<S>>> {
     let mut reader = handshake_reader(opened.first.freeze(), stream);
     // Boxed: the connection's task holds, for the tunnel's whole life, only what the tunnel
     // needs, not the handshake's and the dial's states.
@@ -63,24 +69,28 @@ pub async fn serve_socks5<S: Io>(gw: Gateway, stream: S, peer: SocketAddr, opene
             tracing::debug!(error = %e, "socks5 request refused");
             refused(e.kind);
             let _ = reader.get_mut().write_all(&socks5_reply(rep)).await;
-            return;
+            return None;
         }
         Ok(Err(HandshakeError::Close(e))) => {
             tracing::debug!(error = %e, "socks5 handshake failed");
             refused(e.kind);
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!("socks5 handshake timed out");
             refused(ErrorKind::ClientTimeout);
-            return;
+            return None;
         }
     };
-    connect_and_relay(gw, reader, request, Version::Socks5).await;
+    connect(gw, reader, request, Version::Socks5).await
 }
 
-/// Serves one SOCKS4/4a client.
-pub async fn serve_socks4<S: Io>(gw: Gateway, stream: S, opened: Opened) {
+/// Serves one SOCKS4/4a client, as [`serve_socks5`] does.
+pub async fn serve_socks4<S: Io>(
+    gw: Gateway,
+    stream: S,
+    opened: Opened,
+) -> Option<Tunnel<Rewind<S>>> {
     let mut reader = handshake_reader(opened.first.freeze(), stream);
     let refused = |kind| gw.metrics().request(RequestKind::Socks4, Some(kind));
     let request = match Box::pin(tokio::time::timeout_at(
@@ -97,16 +107,16 @@ pub async fn serve_socks4<S: Io>(gw: Gateway, stream: S, opened: Opened) {
                 .get_mut()
                 .write_all(&socks4_reply(SOCKS4_REJECTED))
                 .await;
-            return;
+            return None;
         }
         Ok(Err(HandshakeError::Close(e))) => {
             tracing::debug!(error = %e, "socks4 handshake failed");
             refused(e.kind);
-            return;
+            return None;
         }
         Err(_) => {
             refused(ErrorKind::ClientTimeout);
-            return;
+            return None;
         }
     };
     if gw.auth().is_required() {
@@ -118,9 +128,9 @@ pub async fn serve_socks4<S: Io>(gw: Gateway, stream: S, opened: Opened) {
             .get_mut()
             .write_all(&socks4_reply(SOCKS4_REJECTED))
             .await;
-        return;
+        return None;
     }
-    connect_and_relay(gw, reader, request, Version::Socks4).await;
+    connect(gw, reader, request, Version::Socks4).await
 }
 
 /// The buffer a handshake is read through: room for its longest message (RFC 1929's, 513
@@ -164,14 +174,14 @@ impl Version {
     }
 }
 
-/// Routes, dials and answers a parsed request, then relays. Every failure is answered with
-/// the version's reply code before the connection closes.
-async fn connect_and_relay<S: Io>(
+/// Routes, dials and answers a parsed request: the tunnel to relay. Every failure is answered
+/// with the version's reply code before the connection closes (`None`).
+async fn connect<S: Io>(
     gw: Gateway,
-    mut reader: BufReader<S>,
+    mut reader: BufReader<Rewind<S>>,
     request: SocksRequest,
     version: Version,
-) {
+) -> Option<Tunnel<Rewind<S>>> {
     let username = request.credentials.as_ref().map(|c| c.username.as_str());
     let routed = gw
         .policy()
@@ -189,17 +199,20 @@ async fn connect_and_relay<S: Io>(
             tracing::info!(?version, target = %request.target, error = %e, "socks request failed");
             gw.metrics().request(version.request_kind(), Some(e.kind));
             let _ = reader.get_mut().write_all(&version.failure(&e)).await;
-            return;
+            return None;
         }
     };
     gw.metrics().request(version.request_kind(), None);
-    let leftover = Bytes::copy_from_slice(reader.buffer());
-    let mut client = Rewind::new(leftover, reader.into_inner());
-    if client.write_all(&version.success()).await.is_err() {
+    // What the client sent past its request goes first: what the handshake's reader holds,
+    // then what it had not read of the first read (a copy: the handshake's buffers go now).
+    let buffered = reader.buffer();
+    let early = Bytes::from([buffered, reader.get_ref().unread()].concat());
+    let (_, mut stream) = reader.into_inner().into_parts();
+    if stream.write_all(&version.success()).await.is_err() {
         crate::server::client_gone(established);
-        return;
+        return None;
     }
-    gw.relay(client, established, &request.target).await;
+    Some(gw.relay(Rewind::new(early, stream), established, request.target))
 }
 
 fn malformed(what: &'static str) -> HandshakeError {
