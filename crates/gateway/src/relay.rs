@@ -70,9 +70,10 @@ impl RelayStats {
 /// Relays between `client` and `upstream` until both close, one fails, or `idle` passes
 /// without traffic. Bytes are added to `metrics` as they move.
 ///
-/// Both streams are closed as soon as this returns, so the side whose direction ends last is
-/// not shut down first: its close sends the FIN a shutdown would have (one syscall fewer per
-/// tunnel; nothing is unread on it, its EOF came before). The client is plain TCP; an upstream
+/// Both streams are closed when the relay is dropped, which its owners do as soon as it
+/// resolves, so the side whose direction ends last is not shut down first: its close sends the
+/// FIN a shutdown would have (one syscall fewer per tunnel; nothing is unread on it, its EOF
+/// came before). The client is plain TCP; an upstream
 /// spoken to over TLS (`upstream_tls`) is always shut down, which sends its `close_notify`.
 ///
 /// With `splice` (Linux), a direction between two plain TCP sockets moves bulk data through a

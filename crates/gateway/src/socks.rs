@@ -55,8 +55,8 @@ pub async fn serve_socks5<S: Io>(
     opened: Opened,
 ) -> Option<Tunnel<Rewind<S>>> {
     let mut reader = handshake_reader(opened.first.freeze(), stream);
-    // Boxed: the connection's task holds, for the tunnel's whole life, only what the tunnel
-    // needs, not the handshake's and the dial's states.
+    // Boxed: this state, itself copied whole into a box of its own for each connection, stays
+    // the size of what follows the handshake (the dial is boxed in turn).
     let handshake = Box::pin(tokio::time::timeout_at(
         opened.head_deadline,
         socks5_handshake(&gw, &mut reader, peer),
