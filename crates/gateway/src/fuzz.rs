@@ -120,8 +120,8 @@ pub fn socks5_server(data: &[u8]) {
     let gw = gateway();
     let opened = opened(&gw);
     runtime().block_on(async {
-        let tunnel = crate::socks::serve_socks5(gw, Scripted::new(data), peer(), opened).await;
-        if let Some(tunnel) = tunnel {
+        let served = crate::socks::serve_socks5(gw, Scripted::new(data), peer(), opened).await;
+        if let Some(tunnel) = served {
             tunnel.await;
         }
     });
@@ -132,7 +132,8 @@ pub fn socks4_server(data: &[u8]) {
     let gw = gateway();
     let opened = opened(&gw);
     runtime().block_on(async {
-        if let Some(tunnel) = crate::socks::serve_socks4(gw, Scripted::new(data), opened).await {
+        let served = crate::socks::serve_socks4(gw, Scripted::new(data), opened).await;
+        if let Some(tunnel) = served {
             tunnel.await;
         }
     });
