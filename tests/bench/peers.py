@@ -25,6 +25,8 @@ markdown tables (and writes the raw figures as JSON with --json-out).
                                               # before/after a change, same run
     tests/bench/peers.py --instructions 2000 --peers proxygate,haproxy
                                               # user-space instructions per request (callgrind)
+    tests/bench/peers.py --peers proxygate,sockmap,haproxy --scenarios in-tunnel,bulk
+                                              # against tunnels joined in the kernel (root)
 
 `--instructions N` runs each gateway under valgrind's callgrind instead and counts the
 instructions it executes in user space for N requests per scenario (closed loop, after a
@@ -71,6 +73,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 HTTP_GATEWAYS = ["proxygate", "squid", "haproxy", "pproxy"]
 SOCKS_GATEWAYS = ["proxygate", "haproxy", "pproxy"]
+# "sockmap" (never by default) is tests/bench/sockmap-relay.py: tunnels joined in the kernel
+# by a BPF sockmap, what a relay that never wakes for a tunnel's bytes would cost the box.
 # "direct" is no gateway: the client goes to one upstream itself (the first tinyproxy or
 # microsocks), the baseline a gateway's added latency and throughput are measured against.
 
@@ -78,11 +82,11 @@ SOCKS_GATEWAYS = ["proxygate", "haproxy", "pproxy"]
 SCENARIOS = {
     "connect": ("http", HTTP_GATEWAYS + ["direct"]),
     "socks5": ("socks", SOCKS_GATEWAYS + ["direct"]),
-    "in-tunnel": ("http", HTTP_GATEWAYS + ["direct"]),
+    "in-tunnel": ("http", HTTP_GATEWAYS + ["direct", "sockmap"]),
     "keepalive": ("http", HTTP_GATEWAYS),
     "absolute-new": ("http", HTTP_GATEWAYS),
-    "bulk": ("http", HTTP_GATEWAYS + ["direct"]),
-    "in-tunnel-1k": ("http", HTTP_GATEWAYS + ["direct"]),
+    "bulk": ("http", HTTP_GATEWAYS + ["direct", "sockmap"]),
+    "in-tunnel-1k": ("http", HTTP_GATEWAYS + ["direct", "sockmap"]),
     "idle": ("http", HTTP_GATEWAYS),
 }
 
@@ -403,6 +407,13 @@ backend microsocks
         wait_port(hport, "haproxy", 60)
         self.gateways[("haproxy", "http")] = (hport, p)
         self.gateways[("haproxy", "socks")] = (sport, p)
+
+    def start_sockmap(self):
+        port = free_port()
+        argv = [sys.executable, str(REPO / "tests/bench/sockmap-relay.py"), str(port)]
+        p = self.spawn("sockmap", argv + [str(u) for u in self.tinyproxies])
+        wait_port(port, "sockmap-relay", 60)
+        self.gateways[("sockmap", "http")] = (port, p)
 
     def start_pproxy(self):
         for pool, ups, scheme in [("http", self.tinyproxies, "http"),
