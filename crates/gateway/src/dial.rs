@@ -58,6 +58,17 @@ pub enum Purpose {
     Forward,
 }
 
+/// A connection made through one upstream, before its lease joins it: the stream, what the
+/// attempt measured, and where the stream goes.
+pub struct Dialed {
+    pub io: BoxedIo,
+    /// Connect and handshake times, for the outcome.
+    pub outcome: Outcome,
+    /// `true` when `io` is a connection to an HTTP proxy that expects absolute-form requests
+    /// (rather than a tunnel to the target).
+    pub to_http_proxy: bool,
+}
+
 /// An established connection through an upstream.
 pub struct Established {
     pub io: BoxedIo,
@@ -67,6 +78,15 @@ pub struct Established {
     pub to_http_proxy: bool,
     /// Connect and handshake times, for the outcome.
     pub outcome: Outcome,
+}
+
+impl std::fmt::Debug for Dialed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialed")
+            .field("to_http_proxy", &self.to_http_proxy)
+            .field("outcome", &self.outcome)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Established {
@@ -799,7 +819,7 @@ impl Hedging {
 }
 
 /// One attempt's result, with its lease.
-type Attempt = (Lease, Result<(BoxedIo, Outcome, bool), GatewayError>);
+type Attempt = (Lease, Result<Dialed, GatewayError>);
 
 impl Dialer {
     pub fn new(pool: PoolReader, connector: Connector, metrics: Arc<Metrics>) -> Self {
@@ -866,17 +886,24 @@ impl Dialer {
                 self.hedging.earn(ratio);
                 // A sticky session asked for its exit: never hedged onto another.
                 if budget.hedged || budget.routing.session_key.is_some() {
-                    let r = self.connect(&lease, target, purpose, budget).await;
+                    let deadline = budget.deadline;
+                    let r = self.connect_until(&lease, target, purpose, deadline).await;
                     (lease, r)
                 } else {
                     self.hedged(lease, target, budget).await
                 }
             } else {
-                let r = self.connect(&lease, target, purpose, budget).await;
+                // Not `connect`: the success is observed once, below, hedged or not.
+                let deadline = budget.deadline;
+                let r = self.connect_until(&lease, target, purpose, deadline).await;
                 (lease, r)
             };
             match result {
-                Ok((io, outcome, to_http_proxy)) => {
+                Ok(Dialed {
+                    io,
+                    outcome,
+                    to_http_proxy,
+                }) => {
                     self.observe(&outcome);
                     return Ok(Established {
                         io,
@@ -966,7 +993,7 @@ impl Dialer {
         tokio::spawn(async move {
             let (lease, r) = attempt.await;
             match r {
-                Ok((io, outcome, _)) => {
+                Ok(Dialed { io, outcome, .. }) => {
                     drop(io);
                     lease.report(&outcome);
                 }
@@ -1050,21 +1077,19 @@ impl Dialer {
 
     /// One attempt through `lease`'s upstream to `target`, within the budget's deadline:
     /// the connection (TLS included), and the proxy handshake unless `purpose` is
-    /// [`Purpose::Forward`] through an HTTP upstream. Returns the stream, the measurements and
-    /// whether the stream goes to an HTTP proxy (absolute-form requests) rather than the
-    /// target.
+    /// [`Purpose::Forward`] through an HTTP upstream.
     pub async fn connect(
         &self,
         lease: &Lease,
         target: &Target,
         purpose: Purpose,
         budget: &Budget,
-    ) -> Result<(BoxedIo, Outcome, bool), GatewayError> {
+    ) -> Result<Dialed, GatewayError> {
         let r = self
             .connect_until(lease, target, purpose, budget.deadline)
             .await;
-        if let Ok((_, outcome, _)) = &r {
-            self.observe(outcome);
+        if let Ok(dialed) = &r {
+            self.observe(&dialed.outcome);
         }
         r
     }
@@ -1087,7 +1112,7 @@ impl Dialer {
         target: &Target,
         purpose: Purpose,
         deadline: tokio::time::Instant,
-    ) -> Result<(BoxedIo, Outcome, bool), GatewayError> {
+    ) -> Result<Dialed, GatewayError> {
         let up = lease.upstream();
         let t0 = Instant::now();
         let forward = purpose == Purpose::Forward && up.scheme.is_http();
@@ -1122,10 +1147,18 @@ impl Dialer {
                 .await?;
             outcome.handshake = Some(connected.elapsed());
             self.metrics.established(connect, outcome.handshake);
-            return Ok((io, outcome, false));
+            return Ok(Dialed {
+                io,
+                outcome,
+                to_http_proxy: false,
+            });
         }
         self.metrics.established(connect, None);
-        Ok((io, outcome, true))
+        Ok(Dialed {
+            io,
+            outcome,
+            to_http_proxy: true,
+        })
     }
 }
 
@@ -1185,6 +1218,62 @@ mod hedging_tests {
             d > Duration::from_millis(700) && d < Duration::from_millis(900),
             "{d:?}"
         );
+    }
+
+    /// One established tunnel is one sample of the estimate, hedged or not: the dial loop
+    /// also fed its successes through `connect`, and every unhedged one moved it twice.
+    #[tokio::test]
+    async fn one_dial_is_one_sample() {
+        use std::io::{Read, Write};
+        // An HTTP upstream that answers every CONNECT with a 200 and keeps the tunnel open.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut open = Vec::new();
+            for s in l.incoming() {
+                let mut s = s.unwrap();
+                let mut head = Vec::new();
+                let mut buf = [0u8; 512];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+                open.push(s);
+            }
+        });
+        let (reader, writer) = proxygate_pool::Pool::create(
+            Strategy::default(),
+            proxygate_pool::HealthConfig::default(),
+        );
+        writer.replace([Upstream::parse(&format!("http://{addr}")).unwrap()]);
+        // Every real attempt takes longer than this floor: the first sample sets the estimate
+        // to it, and a second one would move it up.
+        let floor = Duration::from_nanos(1);
+        for ratio in [0.0, 1.0] {
+            let cfg = DialConfig {
+                hedge_ratio: ratio,
+                hedge_min_delay: floor,
+                ..DialConfig::default()
+            };
+            let connector = Connector::new(
+                cfg,
+                crate::tls::client_config(None).unwrap(),
+                Policy::default(),
+            );
+            let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+            let dialer = Dialer::new(reader.clone(), connector, metrics);
+            let target = Target::parse_authority("a.example:443").unwrap();
+            let est = dialer
+                .dial(&target, Purpose::Tunnel, Routing::default())
+                .await
+                .unwrap();
+            assert!(!est.to_http_proxy);
+            let p95 = f64::from_bits(dialer.hedging.p95_us.load(Ordering::Relaxed));
+            assert_eq!(p95, floor.as_secs_f64() * 1e6, "hedge_ratio {ratio}");
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ mod strict;
 
 use crate::auth::{ClientCredentials, Refused, basic_value, parse_basic};
 use crate::config::{Rotate, TunnelPlain};
-use crate::dial::{Budget, Purpose, Routing};
+use crate::dial::{Budget, Dialed, Purpose, Routing};
 use crate::io::{BoxedIo, Io, Rewind};
 use crate::metrics::RequestKind;
 use crate::server::{Gateway, Opened, Tunnel};
@@ -966,7 +966,11 @@ async fn upstream_sender(
             other => other,
         };
         let failed = match dialed {
-            Ok((io, outcome, to_http_proxy)) => {
+            Ok(Dialed {
+                io,
+                outcome,
+                to_http_proxy,
+            }) => {
                 let conn = reuse::conn_id();
                 let key = (id, target.clone());
                 match client_handshake(io, cfg.max_reply_head_bytes, key, conn).await {
