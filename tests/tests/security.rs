@@ -235,3 +235,66 @@ async fn destinations_are_policed_by_default() {
     let r = curl(&["-p", "-x", &lab.http_proxy(), &origin.url()]).await;
     assert_eq!(r.status, 200);
 }
+
+/// What a client asks wrongly (a port or destination the policy denies) is logged at debug,
+/// over HTTP and SOCKS alike: a client repeating it cannot flood an operator's log at the
+/// default level. What fails upstream is logged at info.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_refused_requests_stay_out_of_the_info_log() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let gw = Gateway::builder()
+        .strict()
+        .upstream(format!("http://{dead_addr}"))
+        .env("RUST_LOG", "info")
+        .start()
+        .await;
+    // SOCKS5 to a denied port, SOCKS4 to a private address, CONNECT to a denied port.
+    for (request, reply_len) in [
+        (vec![5u8, 1, 0, 1, 93, 184, 216, 34, 0, 25], 10),
+        (vec![4u8, 1, 1, 187, 10, 1, 2, 3, 0], 8),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        if request[0] == 5 {
+            s.write_all(&[5, 1, 0]).await.unwrap();
+            let mut m = [0u8; 2];
+            s.read_exact(&mut m).await.unwrap();
+        }
+        s.write_all(&request).await.unwrap();
+        let mut rep = vec![0u8; reply_len];
+        s.read_exact(&mut rep).await.unwrap();
+        assert_ne!(rep[1], if request[0] == 5 { 0 } else { 90 }, "{rep:?}");
+    }
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"CONNECT 93.184.216.34:25 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 403"));
+    // Then an allowed request whose upstream is dead: the operator's business.
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    s.write_all(&[5, 1, 0, 1, 93, 184, 216, 34, 1, 187])
+        .await
+        .unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).await.unwrap();
+    assert_ne!(rep[1], 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gw.logs().contains("socks request failed") {
+        assert!(Instant::now() < deadline, "{}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = gw.logs();
+    for refused in [
+        "request refused",
+        "destination_port_denied",
+        "destination_ip_prohibited",
+    ] {
+        assert!(!logs.contains(refused), "{refused}:\n{logs}");
+    }
+}

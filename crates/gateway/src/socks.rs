@@ -120,7 +120,7 @@ pub async fn serve_socks4<S: Io>(
         }
     };
     if gw.auth().is_required() {
-        tracing::info!(
+        tracing::debug!(
             "socks4 client refused: client authentication is on and SOCKS4 has no password"
         );
         refused(ErrorKind::ClientAuth);
@@ -196,7 +196,17 @@ async fn connect<S: Io>(
     let established = match dialed {
         Ok(est) => est,
         Err(e) => {
-            tracing::info!(?version, target = %request.target, error = %e, "socks request failed");
+            // As for HTTP: what the client asked wrongly (a denied port or destination, a bad
+            // username hint) is its own business, at debug, where a client that repeats it
+            // cannot flood the log; what went wrong upstream is the operator's.
+            match e.side() {
+                proxygate_core::Side::Client => {
+                    tracing::debug!(?version, target = %request.target, error = %e, "socks request refused")
+                }
+                _ => {
+                    tracing::info!(?version, target = %request.target, error = %e, "socks request failed")
+                }
+            }
             gw.metrics().request(version.request_kind(), Some(e.kind));
             let _ = reader.get_mut().write_all(&version.failure(&e)).await;
             return None;
