@@ -52,6 +52,8 @@ impl fmt::Display for Ports {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Ports::Any => f.write_str("*"),
+            // `connect_ports = []`: an HTTP-only gateway; said so, not as an empty list.
+            Ports::Only(ranges) if ranges.is_empty() => f.write_str("none"),
             Ports::Only(ranges) => {
                 for (i, r) in ranges.iter().enumerate() {
                     if i > 0 {
@@ -193,6 +195,10 @@ mod tests {
         assert_eq!(p.to_string(), "443, 80, 8000-8100");
         let any: Ports = toml::Value::String("*".into()).try_into().unwrap();
         assert_eq!(any, Ports::Any);
+        // No tunnels at all (an HTTP-only gateway): a refusal names it, not an empty list.
+        let none: Ports = toml::Value::Array(Vec::new()).try_into().unwrap();
+        assert!(!none.allows(443));
+        assert_eq!(none.to_string(), "none");
         assert!(
             toml::Value::String("all".into())
                 .try_into::<Ports>()
