@@ -50,10 +50,63 @@ impl AdminMetrics {
         registry.register(Box::new(info))?;
         // The process's CPU seconds, open and max fds, resident and virtual memory, threads
         // and start time (`process_*`, Linux): what leaks show up in.
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(ProcessCollector::default()))?;
         Ok(AdminMetrics { store_flush })
+    }
+}
+
+/// The `process_*` metrics of the prometheus crate's collector, with
+/// `process_cpu_seconds_total` to the clock tick (10 ms) rather than to the whole second: the
+/// crate keeps it in an integer counter (tikv/rust-prometheus#451), so a gateway at 5 % of a
+/// core read 0 for twenty seconds and then 1, and the dashboard's CPU panel (a `rate()` of
+/// it) was a comb of spikes.
+#[cfg(target_os = "linux")]
+#[derive(Debug)]
+struct ProcessCollector {
+    inner: prometheus::process_collector::ProcessCollector,
+    ticks_per_second: f64,
+}
+
+#[cfg(target_os = "linux")]
+impl Default for ProcessCollector {
+    fn default() -> Self {
+        Self {
+            inner: prometheus::process_collector::ProcessCollector::for_self(),
+            ticks_per_second: procfs::ticks_per_second() as f64,
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl ProcessCollector {
+    /// User and system CPU time of the whole process so far, in seconds.
+    fn cpu_seconds(&self) -> Option<f64> {
+        let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
+        Some((stat.utime + stat.stime) as f64 / self.ticks_per_second)
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Collector for ProcessCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.inner.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut families = self.inner.collect();
+        if let Some(cpu) = self.cpu_seconds() {
+            for m in families
+                .iter_mut()
+                .filter(|f| f.name() == "process_cpu_seconds_total")
+                .flat_map(|f| f.mut_metric().iter_mut())
+            {
+                let mut c = proto::Counter::default();
+                c.set_value(cpu);
+                m.set_counter(c);
+            }
+        }
+        families
     }
 }
 
@@ -316,6 +369,41 @@ mod tests {
     use super::*;
     use proxygate_core::Upstream;
     use proxygate_pool::{HealthConfig, Pool};
+
+    /// `process_cpu_seconds_total` to the tick: with the crate's collector it stayed at the
+    /// whole seconds below the process's CPU time.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_cpu_seconds_are_not_rounded_to_whole_seconds() {
+        let registry = Registry::new();
+        AdminMetrics::register(&registry).unwrap();
+        let ticks = || {
+            let s = procfs::process::Process::myself().unwrap().stat().unwrap();
+            s.utime + s.stime
+        };
+        let tps = procfs::ticks_per_second();
+        // Spin until the process's CPU time is not a whole number of seconds.
+        let mut x = 0u64;
+        while ticks() % tps == 0 {
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+        let before = ticks() as f64 / tps as f64;
+        let cpu = registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "process_cpu_seconds_total")
+            .unwrap()
+            .get_metric()[0]
+            .get_counter()
+            .get_value();
+        let after = ticks() as f64 / tps as f64;
+        assert!(
+            before <= cpu && cpu <= after,
+            "{before} <= {cpu} <= {after}"
+        );
+    }
 
     fn series(text: &str) -> usize {
         text.lines()
