@@ -702,22 +702,6 @@ async fn forward(
             mut outcome,
         } = upstream_sender(gw, &target, &mut budget, prefer, again.take(), &cfg).await?;
         let to_http_proxy = !tunnel;
-        let mut headers = parts.headers.clone();
-        let uri = if to_http_proxy {
-            if let Some(c) = &lease.upstream().credentials {
-                let v = basic_value(c.username.expose(), c.password.expose());
-                let v = HeaderValue::from_str(&v).map_err(|_| {
-                    GatewayError::new(
-                        ErrorKind::UpstreamAuth,
-                        "upstream credentials not encodable",
-                    )
-                })?;
-                headers.insert(header::PROXY_AUTHORIZATION, v);
-            }
-            parts.uri.clone()
-        } else {
-            origin_form.clone()
-        };
         let req_body = match body.take() {
             Some(b) if !replayable => {
                 body::Counted::new(b, Arc::clone(&bytes_up), Arc::clone(&client_body_failed))
@@ -725,10 +709,12 @@ async fn forward(
             }
             _ => empty(),
         };
-        let mut upstream_req = Request::new(req_body);
-        *upstream_req.method_mut() = parts.method.clone();
-        *upstream_req.uri_mut() = uri;
-        *upstream_req.headers_mut() = headers;
+        let to = if to_http_proxy {
+            To::HttpProxy(lease.upstream())
+        } else {
+            To::Origin(&origin_form)
+        };
+        let upstream_req = upstream_request(&parts, to, req_body)?;
 
         // On a fresh connection to an HTTP proxy nothing has proven the proxy alive yet: a
         // replayable request gets the handshake timeout, so a black-holed proxy is left for
@@ -817,6 +803,46 @@ async fn forward(
             return Err(budget.exhausted());
         }
     }
+}
+
+/// Where a forwarded request goes on its upstream connection.
+enum To<'a> {
+    /// To an HTTP proxy, in absolute form, with the proxy's credentials if it has any.
+    HttpProxy(&'a proxygate_core::Upstream),
+    /// Down a tunnel to the origin, in origin form.
+    Origin(&'a Uri),
+}
+
+/// The request as it goes upstream: its own copy of the client's head (the head stays for a
+/// retry, which hyper hands back only if it sent nothing), the form of its target and the
+/// credentials that `to` asks for, and `body`.
+fn upstream_request(
+    parts: &http::request::Parts,
+    to: To<'_>,
+    body: Body,
+) -> Result<Request<Body>, GatewayError> {
+    let mut headers = parts.headers.clone();
+    let uri = match to {
+        To::HttpProxy(up) => {
+            if let Some(c) = &up.credentials {
+                let v = basic_value(c.username.expose(), c.password.expose());
+                let v = HeaderValue::from_str(&v).map_err(|_| {
+                    GatewayError::new(
+                        ErrorKind::UpstreamAuth,
+                        "upstream credentials not encodable",
+                    )
+                })?;
+                headers.insert(header::PROXY_AUTHORIZATION, v);
+            }
+            parts.uri.clone()
+        }
+        To::Origin(origin_form) => origin_form.clone(),
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    Ok(req)
 }
 
 /// What an absolute-form answer says of its upstream at the target's site: a block (see
