@@ -94,6 +94,19 @@ async fn the_user_commands_keep_hashes_only() {
     assert!(!gw.logs().contains("hunter2"));
 }
 
+/// A SOCKS5 request without authentication (the greeting, then `request`: VER CMD RSV ATYP
+/// ADDR PORT for an IPv4 address); the 10-byte reply.
+async fn socks5_reply(addr: std::net::SocketAddr, request: &[u8]) -> [u8; 10] {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).await.unwrap();
+    rep
+}
+
 /// A SOCKS5 username/password exchange; returns the server's auth status byte.
 async fn socks5_login(addr: std::net::SocketAddr, user: &str, pass: &str) -> u8 {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -209,17 +222,8 @@ async fn destinations_are_policed_by_default() {
         up.seen().requests.is_empty(),
         "the upstream never heard of any of it"
     );
-    // SOCKS5: not allowed by ruleset (0x02).
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(&[5, 1, 0]).await.unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).await.unwrap();
-    // 127.0.0.1:443: an allowed port, a private address.
-    s.write_all(&[5, 1, 0, 1, 127, 0, 0, 1, 1, 187])
-        .await
-        .unwrap();
-    let mut rep = [0u8; 10];
-    s.read_exact(&mut rep).await.unwrap();
+    // SOCKS5: not allowed by ruleset (0x02). 127.0.0.1:443: an allowed port, a private address.
+    let rep = socks5_reply(gw.addr, &[5, 1, 0, 1, 127, 0, 0, 1, 1, 187]).await;
     assert_eq!(rep[1], 0x02);
     let m = gw.admin_get("/metrics").await.1;
     assert!(
@@ -251,21 +255,13 @@ async fn a_clients_refused_requests_stay_out_of_the_info_log() {
         .start()
         .await;
     // SOCKS5 to a denied port, SOCKS4 to a private address, CONNECT to a denied port.
-    for (request, reply_len) in [
-        (vec![5u8, 1, 0, 1, 93, 184, 216, 34, 0, 25], 10),
-        (vec![4u8, 1, 1, 187, 10, 1, 2, 3, 0], 8),
-    ] {
-        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        if request[0] == 5 {
-            s.write_all(&[5, 1, 0]).await.unwrap();
-            let mut m = [0u8; 2];
-            s.read_exact(&mut m).await.unwrap();
-        }
-        s.write_all(&request).await.unwrap();
-        let mut rep = vec![0u8; reply_len];
-        s.read_exact(&mut rep).await.unwrap();
-        assert_ne!(rep[1], if request[0] == 5 { 0 } else { 90 }, "{rep:?}");
-    }
+    let rep = socks5_reply(gw.addr, &[5, 1, 0, 1, 93, 184, 216, 34, 0, 25]).await;
+    assert_eq!(rep[1], 0x02, "{rep:?}");
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(&[4, 1, 1, 187, 10, 1, 2, 3, 0]).await.unwrap();
+    let mut rep = [0u8; 8];
+    s.read_exact(&mut rep).await.unwrap();
+    assert_eq!(rep[1], 91, "{rep:?}");
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     s.write_all(b"CONNECT 93.184.216.34:25 HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -274,16 +270,8 @@ async fn a_clients_refused_requests_stay_out_of_the_info_log() {
     let n = s.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 403"));
     // Then an allowed request whose upstream is dead: the operator's business.
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(&[5, 1, 0]).await.unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).await.unwrap();
-    s.write_all(&[5, 1, 0, 1, 93, 184, 216, 34, 1, 187])
-        .await
-        .unwrap();
-    let mut rep = [0u8; 10];
-    s.read_exact(&mut rep).await.unwrap();
-    assert_ne!(rep[1], 0);
+    let rep = socks5_reply(gw.addr, &[5, 1, 0, 1, 93, 184, 216, 34, 1, 187]).await;
+    assert_ne!(rep[1], 0, "{rep:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !gw.logs().contains("socks request failed") {
         assert!(Instant::now() < deadline, "{}", gw.logs());
