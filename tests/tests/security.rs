@@ -107,6 +107,17 @@ async fn socks5_reply(addr: std::net::SocketAddr, request: &[u8]) -> [u8; 10] {
     rep
 }
 
+/// A CONNECT to `target`, sent whole; what the gateway answered in its first read.
+async fn connect_reply(addr: std::net::SocketAddr, target: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
 /// A SOCKS5 username/password exchange; returns the server's auth status byte.
 async fn socks5_login(addr: std::net::SocketAddr, user: &str, pass: &str) -> u8 {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -192,13 +203,7 @@ async fn destinations_are_policed_by_default() {
         "localhost:443",
         "10.1.2.3:443",
     ] {
-        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut buf = vec![0u8; 1024];
-        let n = s.read(&mut buf).await.unwrap();
-        let head = String::from_utf8_lossy(&buf[..n]);
+        let head = connect_reply(gw.addr, target).await;
         assert!(head.starts_with("HTTP/1.1 403"), "{target}: {head}");
         assert!(
             head.contains("destination_ip_prohibited"),
@@ -206,13 +211,7 @@ async fn destinations_are_policed_by_default() {
         );
     }
     // A public address on a port that is not allowed: denied before any upstream is asked.
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(b"CONNECT 93.184.216.34:25 HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 1024];
-    let n = s.read(&mut buf).await.unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]);
+    let head = connect_reply(gw.addr, "93.184.216.34:25").await;
     assert!(
         head.starts_with("HTTP/1.1 403") && head.contains("error=http_request_denied"),
         "{head}"
@@ -262,13 +261,8 @@ async fn a_clients_refused_requests_stay_out_of_the_info_log() {
     let mut rep = [0u8; 8];
     s.read_exact(&mut rep).await.unwrap();
     assert_eq!(rep[1], 91, "{rep:?}");
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(b"CONNECT 93.184.216.34:25 HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 1024];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 403"));
+    let head = connect_reply(gw.addr, "93.184.216.34:25").await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     // Then an allowed request whose upstream is dead: the operator's business.
     let rep = socks5_reply(gw.addr, &[5, 1, 0, 1, 93, 184, 216, 34, 1, 187]).await;
     assert_ne!(rep[1], 0, "{rep:?}");
