@@ -559,8 +559,11 @@ async fn hostile_clients_leak_nothing_and_others_are_served() {
 /// they are the system's choice and not checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_allocator_asks_for_no_huge_pages() {
-    let thp =
-        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    // Unreadable (a sandbox hiding /sys): the policy is unknown, so nothing can be asserted.
+    let Ok(thp) = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled") else {
+        eprintln!("transparent huge pages: policy unreadable here, not checked");
+        return;
+    };
     if thp.contains("[always]") {
         eprintln!("transparent huge pages are `always` here: the kernel's choice, not checked");
         return;
