@@ -882,22 +882,21 @@ impl Dialer {
     ) -> Result<Established, GatewayError> {
         let ratio = self.connector.config().hedge_ratio;
         while let Some(lease) = self.pick(budget, None) {
-            let (lease, result) = if purpose == Purpose::Tunnel && ratio > 0.0 {
+            let hedgeable = purpose == Purpose::Tunnel && ratio > 0.0;
+            if hedgeable {
                 self.hedging.earn(ratio);
-                // A sticky session asked for its exit: never hedged onto another.
-                if budget.hedged || budget.routing.session_key.is_some() {
-                    let deadline = budget.deadline;
-                    let r = self.connect_until(&lease, target, purpose, deadline).await;
-                    (lease, r)
-                } else {
+            }
+            // A sticky session asked for its exit: never hedged onto another.
+            let (lease, result) =
+                if hedgeable && !budget.hedged && budget.routing.session_key.is_none() {
                     self.hedged(lease, target, budget).await
-                }
-            } else {
-                // Not `connect`: the success is observed once, below, hedged or not.
-                let deadline = budget.deadline;
-                let r = self.connect_until(&lease, target, purpose, deadline).await;
-                (lease, r)
-            };
+                } else {
+                    // Not `connect`: the success is observed once, below, hedged or not.
+                    let r = self
+                        .connect_until(&lease, target, purpose, budget.deadline)
+                        .await;
+                    (lease, r)
+                };
             match result {
                 Ok(Dialed {
                     io,
