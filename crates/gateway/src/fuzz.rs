@@ -16,7 +16,7 @@ use proxygate_pool::{HealthConfig, Pool, Strategy};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::auth::ClientAuth;
-use crate::server::{ConnectionSlot, Opened};
+use crate::gateway::{ConnectionSlot, Opened};
 use crate::{Config, Gateway, Metrics};
 
 /// A stream that yields `input`, then end of stream; writes are counted and dropped.

@@ -39,13 +39,13 @@ mod strict;
 use crate::auth::{ClientCredentials, Refused, basic_value, parse_basic};
 use crate::config::{Rotate, TunnelPlain};
 use crate::dial::{Budget, Dialed, Purpose, Routing};
+use crate::gateway::{Gateway, Opened, Tunnel};
 use crate::io::{BoxedIo, Io, Rewind};
 use crate::metrics::RequestKind;
-use crate::server::{Gateway, Opened, Tunnel};
 
 /// A share of a connection's slot (its `server.max_connections` permit and its count as an
 /// open connection).
-pub type Permit = Arc<crate::server::ConnectionSlot>;
+pub type Permit = Arc<crate::gateway::ConnectionSlot>;
 
 /// The response body type of the front end.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -63,7 +63,7 @@ type Sticky = Arc<Mutex<Option<(UpstreamId, Routing)>>>;
 /// outlives hyper's handling of the connection, keeps a share of it until the tunnel closes.
 /// A connection whose first request is CONNECT ends here with its tunnel established and
 /// answered: the tunnel and its share of the slot are handed back for the caller to relay
-/// (`server::Gateway::serve_connection`), in a state that holds nothing of this one.
+/// (`Gateway::serve_connection`, in `server.rs`), in a state that holds nothing of this one.
 pub async fn serve_http<S: Io>(
     gw: Gateway,
     mut stream: S,
@@ -385,7 +385,7 @@ async fn connect_first<S: Io>(
         Ok((est, head_len, target)) => {
             gw.metrics().request(RequestKind::HttpConnect, None);
             if stream.write_all(CONNECT_ESTABLISHED).await.is_err() {
-                crate::server::client_gone(est);
+                crate::gateway::client_gone(est);
                 return None;
             }
             // Bytes the client sent after the head (a TLS hello, optimistically) go first; a
@@ -591,7 +591,7 @@ async fn connect(
             }
             Err(e) => {
                 tracing::debug!(error = %e, "CONNECT upgrade failed");
-                crate::server::client_gone(established);
+                crate::gateway::client_gone(established);
             }
         }
     });

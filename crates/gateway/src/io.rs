@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 /// Any bidirectional byte stream.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     /// The stream as its own type, for the relay to find a TCP socket under a boxed stream
-    /// ([`crate::splice::tcp_of`]).
+    /// (`splice::tcp_of`).
     fn as_any(&self) -> &dyn Any;
 }
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {

@@ -20,6 +20,8 @@
 //! - [`relay`]: bidirectional copy with an idle timeout and byte counts.
 //! - [`http`]: the HTTP/1.1 front end (CONNECT and absolute-form), on hyper.
 //! - [`socks`]: the SOCKS5 and SOCKS4/4a front end.
+//! - [`gateway`]: [`Gateway`], the state every connection shares (swapped whole on a
+//!   reload), a connection's slot, and the tunnel a handshake hands back.
 //! - [`server`]: listeners, first-byte detection, connection limits, graceful drain, the
 //!   workers' housekeeping tick.
 //! - `spares`, `splice`: per-thread spare buffers and pipes; `splice(2)` between TCP sockets.
@@ -32,6 +34,7 @@ pub mod dial;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod gateway;
 mod head;
 pub mod http;
 pub mod io;
@@ -48,5 +51,6 @@ pub mod tls;
 
 pub use config::Config;
 pub use error::GatewayError;
+pub use gateway::{Gateway, Live, Staged};
 pub use metrics::Metrics;
-pub use server::{Gateway, Live, Server, Staged};
+pub use server::Server;

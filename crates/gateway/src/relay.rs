@@ -77,7 +77,7 @@ impl RelayStats {
 /// spoken to over TLS (`upstream_tls`) is always shut down, which sends its `close_notify`.
 ///
 /// With `splice` (Linux), a direction between two plain TCP sockets moves bulk data through a
-/// pipe rather than a buffer ([`crate::splice`]).
+/// pipe rather than a buffer (`splice.rs`).
 ///
 /// `metrics` is anything that leads to the [`Metrics`]: a reference, or the gateway itself
 /// (which a connection's task owns, so that its tunnel is a future of its own with nothing

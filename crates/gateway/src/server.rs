@@ -1,11 +1,6 @@
 //! Listeners and connections: [`Server`] binds every `server.listen` address and accepts;
-//! [`Gateway`] is the shared state each connection gets (config, client auth, dialer).
-//!
-//! A reload ([`Live::reconfigure`]) swaps the whole [`Gateway`] snapshot: a connection keeps
-//! the configuration it was accepted under (limits, timeouts, destination policy, dial
-//! settings) and new connections get the new one, so nothing open is dropped. Accounts and
-//! the allow-list are read afresh on every check, so a removed account is refused on its next
-//! request even on a kept-alive connection.
+//! each connection gets the [`Gateway`] in force (`gateway.rs`) and is served here up to its
+//! protocol's front end (`http`, `socks`).
 //!
 //! Each accepted connection takes a permit (`server.max_connections`), gets `TCP_NODELAY`, is
 //! checked against the allow-list, and is told apart by the first byte of its first read:
@@ -13,258 +8,26 @@
 //! closed. On shutdown the listeners close, kept-alive HTTP connections finish their current
 //! request, and open tunnels get `server.shutdown_grace` to end.
 
-use std::collections::HashMap;
-use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 
-use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use proxygate_core::{ErrorKind, Outcome, Shutdown};
-use proxygate_pool::PoolReader;
+use proxygate_core::ErrorKind;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::auth::ClientAuth;
-use crate::dial::{Connector, Dialer, Established};
-use crate::io::{Io, Rewind};
-use crate::metrics::{GaugeGuard, Protocol, RequestKind};
-use crate::relay::{RelayEnd, RelayStats, Relaying, relay};
-use crate::tls::TlsConfigError;
-use crate::{Config, GatewayError, Metrics, http, socks};
-
-/// The state every connection shares.
-#[derive(Debug, Clone)]
-pub struct Gateway(Arc<Inner>);
-
-#[derive(Debug)]
-struct Inner {
-    config: Config,
-    dialer: Dialer,
-    shared: Arc<Shared>,
-}
-
-impl AsRef<Metrics> for Gateway {
-    fn as_ref(&self) -> &Metrics {
-        self.metrics()
-    }
-}
-
-/// What outlives a reload.
-#[derive(Debug)]
-struct Shared {
-    auth: ArcSwap<ClientAuth>,
-    tasks: TaskTracker,
-    shutdown: Shutdown,
-    metrics: Arc<Metrics>,
-    per_ip: Arc<PerIp>,
-}
-
-/// The gateway in force: what the listeners hand each new connection, replaced whole by a
-/// reload.
-#[derive(Debug, Clone)]
-pub struct Live(Arc<ArcSwap<Inner>>);
-
-impl Live {
-    /// The gateway new connections get now.
-    pub fn gateway(&self) -> Gateway {
-        Gateway(self.0.load_full())
-    }
-
-    /// Builds what a new configuration needs (the dial TLS settings may fail to load),
-    /// changing nothing yet.
-    pub fn prepare(&self, config: Config) -> Result<Staged, TlsConfigError> {
-        let connector = connector(&config)?;
-        Ok(Staged { config, connector })
-    }
-
-    /// Applies a prepared configuration and new client auth: connections accepted from now on
-    /// use them, open ones keep their settings (auth applies to every next check).
-    pub fn apply(&self, staged: Staged, auth: ClientAuth) {
-        let current = self.0.load_full();
-        let shared = Arc::clone(&current.shared);
-        let dialer = Dialer::new(
-            current.dialer.pool().clone(),
-            staged.connector,
-            Arc::clone(&shared.metrics),
-        );
-        shared.auth.store(Arc::new(auth));
-        self.0.store(Arc::new(Inner {
-            config: staged.config,
-            dialer,
-            shared,
-        }));
-    }
-}
-
-/// A configuration ready to apply ([`Live::prepare`]).
-#[derive(Debug)]
-pub struct Staged {
-    config: Config,
-    connector: Connector,
-}
-
-fn connector(config: &Config) -> Result<Connector, TlsConfigError> {
-    let tls = crate::tls::client_config(config.dial.tls_ca_file.as_deref())?;
-    Ok(Connector::new(config.dial.clone(), tls, config.policy()))
-}
-
-/// A client connection's place: its share of `server.max_connections`, of its address's
-/// `server.max_connections_per_ip`, and its count in `proxygate_active_connections`, held until
-/// every part of the connection (a CONNECT tunnel included) has ended.
-#[derive(Debug)]
-pub struct ConnectionSlot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    _per_ip: PerIpGuard,
-    _open: GaugeGuard,
-}
-
-impl ConnectionSlot {
-    /// A slot outside `server.max_connections` (the fuzz targets' in-memory connections), still
-    /// counted against its address and in the gauge.
-    pub(crate) fn unlimited(gw: &Gateway, peer: SocketAddr) -> Option<Self> {
-        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().ok()?;
-        Some(Self {
-            _permit: permit,
-            _per_ip: gw.0.shared.per_ip.enter(peer.ip(), usize::MAX)?,
-            _open: gw.0.shared.metrics.connection(Protocol::Http),
-        })
-    }
-}
-
-/// Open connections per client address.
-#[derive(Debug, Default)]
-struct PerIp(Mutex<HashMap<IpAddr, usize>>);
-
-/// One connection counted against its address until dropped.
-#[derive(Debug)]
-pub struct PerIpGuard {
-    table: Arc<PerIp>,
-    ip: IpAddr,
-}
-
-impl PerIp {
-    /// Counts a connection from `ip`, unless it already has `max`.
-    fn enter(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PerIpGuard> {
-        let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = t.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(PerIpGuard {
-            table: Arc::clone(self),
-            ip,
-        })
-    }
-}
-
-impl Drop for PerIpGuard {
-    fn drop(&mut self) {
-        let mut t = self.table.0.lock().unwrap_or_else(PoisonError::into_inner);
-        // One lookup (a SipHash of the address) for the decrement and the removal.
-        if let std::collections::hash_map::Entry::Occupied(mut n) = t.entry(self.ip) {
-            *n.get_mut() -= 1;
-            if *n.get() == 0 {
-                n.remove();
-            }
-        }
-    }
-}
+use crate::gateway::{ConnectionSlot, Held, Live, Opened, Tunnel};
+use crate::io::Rewind;
+use crate::metrics::{Protocol, RequestKind};
+use crate::{Gateway, GatewayError, http, socks};
 
 impl Gateway {
-    /// Builds the gateway over `pool`, counting into `metrics`. Fails only if TLS cannot be
-    /// set up.
-    pub fn new(
-        config: Config,
-        auth: ClientAuth,
-        pool: PoolReader,
-        shutdown: Shutdown,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, TlsConfigError> {
-        let connector = connector(&config)?;
-        Ok(Self(Arc::new(Inner {
-            dialer: Dialer::new(pool, connector, Arc::clone(&metrics)),
-            config,
-            shared: Arc::new(Shared {
-                auth: ArcSwap::from_pointee(auth),
-                tasks: TaskTracker::new(),
-                shutdown,
-                metrics,
-                per_ip: Arc::default(),
-            }),
-        })))
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.0.shared.metrics
-    }
-
-    /// Where clients may go.
-    pub fn policy(&self) -> &crate::policy::Policy {
-        self.0.dialer.connector().policy()
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.0.config
-    }
-
-    /// The accounts and allow-list in force now.
-    pub fn auth(&self) -> Arc<ClientAuth> {
-        self.0.shared.auth.load_full()
-    }
-
-    pub fn dialer(&self) -> &Dialer {
-        &self.0.dialer
-    }
-
-    pub(crate) fn shutdown(&self) -> Shutdown {
-        self.0.shared.shutdown.clone()
-    }
-
-    /// Runs a task that shutdown waits for (within the grace period).
-    pub(crate) fn spawn<F>(&self, fut: F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        self.0.shared.tasks.spawn(fut);
-    }
-
-    /// The relay of an established tunnel to `target`, which reports its outcome when it ends
-    /// (to the upstream, and to its record at the target's site).
-    pub(crate) fn relay<C: Io>(
-        self,
-        client: C,
-        est: Established,
-        target: proxygate_core::Target,
-    ) -> Tunnel<C> {
-        let server = &self.0.config.server;
-        let (idle, splice) = (server.idle_timeout, server.splice);
-        let active = self.metrics().tunnel();
-        let upstream_tls = est.lease.upstream().scheme == proxygate_core::Scheme::Https;
-        let Established {
-            io, lease, outcome, ..
-        } = est;
-        Box::pin(Tunneling {
-            relaying: relay(client, io, upstream_tls, idle, splice, self),
-            report: Some(TunnelReport {
-                lease,
-                connect: outcome.connect,
-                handshake: outcome.handshake,
-                error: outcome.error,
-                target,
-                _active: active,
-                _held: None,
-            }),
-        })
-    }
-
     /// Serves one accepted client connection, holding its connection `permit` until every
     /// part of it (a CONNECT tunnel included) has ended.
     pub async fn serve_connection(
@@ -291,14 +54,14 @@ impl Gateway {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Option<Tunnel<Rewind<TcpStream>>> {
         tracing::trace!(%peer, "accepted");
-        if !self.0.shared.auth.load().is_allowed(peer.ip()) {
+        if !self.is_allowed(peer.ip()) {
             tracing::info!(%peer, "client not in server.allow; closed");
             return None;
         }
-        let max_per_ip = self.0.config.server.max_connections_per_ip;
-        let Some(per_ip) = self.0.shared.per_ip.enter(peer.ip(), max_per_ip) else {
+        let Some(per_ip) = self.count_address(peer.ip()) else {
+            let max_per_ip = self.config().server.max_connections_per_ip;
             tracing::debug!(%peer, max_per_ip, "client at server.max_connections_per_ip; closed");
-            self.0.shared.metrics.request(
+            self.metrics().request(
                 crate::metrics::RequestKind::Http,
                 Some(ErrorKind::ClientConnectionLimit),
             );
@@ -306,7 +69,7 @@ impl Gateway {
         };
         // The first read tells the protocol apart and is the start of the request head or the
         // SOCKS greeting (a read, not a peek: one syscall fewer per connection).
-        let head_deadline = tokio::time::Instant::now() + self.0.config.server.header_read_timeout;
+        let head_deadline = tokio::time::Instant::now() + self.config().server.header_read_timeout;
         let mut stream = stream;
         let mut first = BytesMut::with_capacity(FIRST_READ);
         // Often the client's first bytes are in by the time its connection is served: read
@@ -338,11 +101,7 @@ impl Gateway {
             b if b.is_ascii_alphabetic() => Protocol::Http,
             _ => Protocol::Unknown,
         };
-        let slot = ConnectionSlot {
-            _permit: permit,
-            _per_ip: per_ip,
-            _open: self.0.shared.metrics.connection(protocol),
-        };
+        let slot = ConnectionSlot::new(permit, per_ip, self.metrics().connection(protocol));
         let opened = Opened {
             first,
             head_deadline,
@@ -368,22 +127,12 @@ impl Gateway {
                     "unrecognized protocol (expected HTTP, SOCKS5 or SOCKS4)",
                 );
                 tracing::debug!(%peer, "unrecognized first byte {first_byte:#04x}");
-                self.0
-                    .shared
-                    .metrics
-                    .request(RequestKind::Http, Some(e.kind));
+                self.metrics().request(RequestKind::Http, Some(e.kind));
                 Box::pin(http::answer_error(&mut stream, &e)).await;
                 None
             }
         }
     }
-}
-
-/// What holds a connection's slot while its tunnel is relayed: the slot itself, or the share
-/// of it that a CONNECT tunnel keeps (hyper's path hands out shares).
-enum Held {
-    Slot { _slot: ConnectionSlot },
-    Share { _share: http::Permit },
 }
 
 /// One try at a connection's first bytes, without waiting for them (`Pending`: nothing yet;
@@ -402,26 +151,6 @@ fn try_first_read(
 
 /// The first read's buffer: what a request head usually fits in.
 const FIRST_READ: usize = 4096;
-
-/// What a connection's first read left for the protocol that serves it.
-#[derive(Debug)]
-pub struct Opened {
-    /// The bytes read so far (at least one): the start of the request head or handshake.
-    pub first: BytesMut,
-    /// When the request head or handshake must be complete (`server.header_read_timeout`
-    /// from the accept).
-    pub head_deadline: tokio::time::Instant,
-}
-
-impl Opened {
-    /// Nothing read yet, `timeout` to read it all (fuzzing and tests).
-    pub fn fresh(timeout: std::time::Duration) -> Self {
-        Self {
-            first: BytesMut::new(),
-            head_deadline: tokio::time::Instant::now() + timeout,
-        }
-    }
-}
 
 /// The runtimes serving connections (one per data-plane thread), for metrics.
 pub type Runtimes = Arc<Mutex<Vec<tokio::runtime::Handle>>>;
@@ -492,7 +221,7 @@ impl Server {
             }
         }
         Ok(Server {
-            live: Live(Arc::new(ArcSwap::new(gateway.0))),
+            live: Live::new(gateway),
             listeners,
             addrs,
             runtimes: Runtimes::default(),
@@ -575,7 +304,7 @@ impl Server {
         listening.wait().await;
         let gw = self.live.gateway();
         let grace = gw.config().server.shutdown_grace;
-        let tasks = &gw.0.shared.tasks;
+        let tasks = gw.tasks();
         tasks.close();
         let open = tasks.len();
         if open > 0 {
@@ -689,111 +418,6 @@ async fn accept_loop(live: Live, listener: TcpListener, permits: Arc<Semaphore>)
     }
 }
 
-/// A tunnel's relay ([`Gateway::relay`]), boxed: it is handed back from a handshake and held
-/// for the tunnel's life, and a pointer moves and copies for nothing where the relay's ~600
-/// bytes would be copied at every step.
-pub type Tunnel<C> = Pin<Box<Tunneling<C>>>;
-
-pin_project_lite::pin_project! {
-    /// A tunnel's relay and its report: a future of its own rather than an `async fn`'s state,
-    /// which would keep each argument twice, so that an idle tunnel holds each thing it needs
-    /// once and nothing else.
-    pub struct Tunneling<C> {
-        #[pin]
-        relaying: Relaying<C, crate::io::BoxedIo, Gateway>,
-        report: Option<TunnelReport>,
-    }
-}
-
-impl<C> Tunneling<C> {
-    /// The tunnel, holding `held` (the connection's slot) until it ends.
-    fn holding(mut self: Tunnel<C>, held: Held) -> Tunnel<C> {
-        if let Some(report) = self.as_mut().project().report {
-            report._held = Some(held);
-        }
-        self
-    }
-}
-
-/// What a tunnel reports when its relay ends, and holds while it runs (the upstream's lease,
-/// the open-tunnel gauge, the connection's slot).
-struct TunnelReport {
-    lease: proxygate_pool::Lease,
-    /// The dial's part of the outcome (not the whole [`Outcome`]: its relay figures come at
-    /// the end, and the 40 bytes they take would move every tunnel up an allocator size).
-    connect: Option<std::time::Duration>,
-    handshake: Option<std::time::Duration>,
-    error: Option<ErrorKind>,
-    target: proxygate_core::Target,
-    _active: GaugeGuard,
-    _held: Option<Held>,
-}
-
-impl<C: Io> Future for Tunneling<C> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
-        let mut this = self.project();
-        let stats = std::task::ready!(this.relaying.as_mut().poll(cx));
-        if let Some(report) = this.report.take() {
-            report.send(this.relaying.metrics(), stats);
-        }
-        Poll::Ready(())
-    }
-}
-
-impl TunnelReport {
-    fn send(self, gw: &Gateway, stats: RelayStats) {
-        let metrics = gw.metrics();
-        if let Some(fb) = stats.first_byte {
-            metrics.first_byte(fb);
-        }
-        let mut outcome = Outcome {
-            connect: self.connect,
-            handshake: self.handshake,
-            first_byte: stats.first_byte,
-            bytes_up: stats.bytes_up,
-            bytes_down: stats.bytes_down,
-            error: self.error,
-        };
-        // An upstream that breaks before a single byte came back failed us; after that, a
-        // reset may as well be the destination's doing.
-        if stats.end == RelayEnd::UpstreamError && stats.first_byte.is_none() {
-            outcome.error = Some(ErrorKind::UpstreamIo);
-            metrics.failure(ErrorKind::UpstreamIo);
-        }
-        tracing::debug!(
-            upstream = %self.lease.upstream(),
-            up = stats.bytes_up,
-            down = stats.bytes_down,
-            end = ?stats.end,
-            "tunnel closed"
-        );
-        // The target closing or resetting the tunnel before a byte came back, though the
-        // client spoke, or answering the client's TLS handshake with an alert: the site
-        // turned this upstream away. Other bytes back: it works there.
-        let turned_away = (stats.first_byte.is_none()
-            && stats.bytes_up > 0
-            && matches!(stats.end, RelayEnd::Closed | RelayEnd::UpstreamError))
-            || stats.tls_refused();
-        if turned_away || stats.first_byte.is_some() {
-            let target = &self.target;
-            gw.0.dialer.pool().site_outcome(
-                self.lease.id(),
-                turned_away,
-                || proxygate_pool::sites::site_of_target(target),
-                std::time::Instant::now(),
-            );
-        }
-        self.lease.report(&outcome);
-    }
-}
-
-/// Reports an attempt abandoned because the client went away.
-pub(crate) fn client_gone(est: Established) {
-    est.lease.report(&Outcome::failed(ErrorKind::ClientClosed));
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -879,15 +503,6 @@ mod tests {
             let size = std::mem::size_of_val(&task);
             assert!(size <= 128, "the connection's future is {size} bytes");
         });
-    }
-
-    /// What an idle tunnel holds besides its task's few pointers is its boxed relay: within
-    /// mimalloc's 640-byte size, not the 768 one above it (the whole dial outcome in the report
-    /// put it there).
-    #[test]
-    fn a_tunnel_fits_in_640_bytes() {
-        let size = std::mem::size_of::<super::Tunneling<super::Rewind<super::TcpStream>>>();
-        assert!(size <= 640, "a tunnel's relay is {size} bytes");
     }
 
     /// After a first read that took less than its buffer, the socket no longer counts as

@@ -17,9 +17,9 @@ use crate::GatewayError;
 use crate::auth::ClientCredentials;
 use crate::dial::{Purpose, Routing};
 use crate::error::socks5_rep;
+use crate::gateway::{Gateway, Opened, Tunnel};
 use crate::io::{Io, Rewind};
 use crate::metrics::RequestKind;
-use crate::server::{Gateway, Opened, Tunnel};
 
 const NO_AUTH: u8 = 0x00;
 const USER_PASS: u8 = 0x02;
@@ -219,7 +219,7 @@ async fn connect<S: Io>(
     let early = Bytes::from([buffered, reader.get_ref().unread()].concat());
     let (_, mut stream) = reader.into_inner().into_parts();
     if stream.write_all(&version.success()).await.is_err() {
-        crate::server::client_gone(established);
+        crate::gateway::client_gone(established);
         return None;
     }
     Some(gw.relay(Rewind::new(early, stream), established, request.target))
