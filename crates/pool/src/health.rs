@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use proxygate_core::{Outcome, Side};
 
-use crate::hot::{Hot, HotRef};
+use crate::hot::{PickSlot, PickState};
 use crate::latency::Latency;
 use crate::reputation::{Inputs, ReputationConfig, reputation, selection_weight};
 
@@ -87,7 +87,7 @@ const NONE: u32 = u32::MAX;
 /// is here.
 #[derive(Debug)]
 pub struct Health {
-    hot: HotRef,
+    hot: PickSlot,
     consecutive_failures: AtomicU32,
     /// f32 bits, or `NONE`.
     success_ema: AtomicU32,
@@ -147,7 +147,7 @@ pub struct Saved {
 impl Default for Health {
     /// A new upstream's health, outside any pool.
     fn default() -> Self {
-        Self::new(HotRef::standalone())
+        Self::new(PickSlot::standalone())
     }
 }
 
@@ -234,7 +234,7 @@ fn store_f32(v: Option<f64>) -> u32 {
 
 impl Health {
     /// A new upstream's health in slot `hot` (already in a new upstream's state).
-    pub(crate) fn new(hot: HotRef) -> Health {
+    pub(crate) fn new(hot: PickSlot) -> Health {
         Health {
             hot,
             consecutive_failures: AtomicU32::new(0),
@@ -252,11 +252,11 @@ impl Health {
     /// Health restored from saved stats; the reputation is recomputed from them. It is off
     /// probation only if its last attempt succeeded.
     pub fn restore(saved: &Saved, cfg: &HealthConfig) -> Health {
-        Self::restore_in(HotRef::standalone(), saved, cfg)
+        Self::restore_in(PickSlot::standalone(), saved, cfg)
     }
 
     /// [`Health::restore`] into slot `hot`.
-    pub(crate) fn restore_in(hot: HotRef, saved: &Saved, cfg: &HealthConfig) -> Health {
+    pub(crate) fn restore_in(hot: PickSlot, saved: &Saved, cfg: &HealthConfig) -> Health {
         let h = Health {
             consecutive_failures: AtomicU32::new(saved.consecutive_failures),
             successes: AtomicU64::new(saved.successes),
@@ -285,7 +285,7 @@ impl Health {
     }
 
     /// The hot part, in the pool's table.
-    pub(crate) fn hot(&self) -> &Hot {
+    pub(crate) fn hot(&self) -> &PickState {
         self.hot.get()
     }
 

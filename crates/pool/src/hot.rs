@@ -4,7 +4,7 @@
 //! and writes the chosen one's in-flight count and last use. In a pool of a million upstreams
 //! those live in a million separate heap allocations (with the upstream's address, account and
 //! cold stats around them), so each probe was a cache and TLB miss into hundreds of megabytes.
-//! Here they are 16-byte [`Hot`] slots in chunks of [`CHUNK`] (16 MB for a million), and a
+//! Here they are 16-byte [`PickState`] slots in chunks of [`CHUNK`] (16 MB for a million), and a
 //! pick touches nothing else: the [`Entry`](crate::Entry) itself is read only when the chosen
 //! upstream is dialed or reported.
 //!
@@ -67,14 +67,14 @@ const INITIAL_WORD2: u64 = (INITIAL_REPUTATION as u64) << WEIGHT_SHIFT;
 /// at 65,535 (it only decides whether an upstream on probation is busy, and is shown).
 #[derive(Debug)]
 #[repr(C, align(16))]
-pub(crate) struct Hot {
+pub(crate) struct PickState {
     backoff_until_ms: AtomicU64,
     state: AtomicU64,
 }
 
-impl Hot {
-    fn new() -> Hot {
-        Hot {
+impl PickState {
+    fn new() -> PickState {
+        PickState {
             backoff_until_ms: AtomicU64::new(INITIAL_WORD2),
             state: AtomicU64::new(INITIAL_STATE),
         }
@@ -91,6 +91,14 @@ impl Hot {
         let _ = self
             .state
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some(f(s)));
+    }
+
+    /// Whether an upstream is due for re-measuring at `now_ms`: never used, or neither used nor
+    /// in backoff for `remeasure_after_ms` (an upstream just back from a backoff is re-measured by
+    /// its probation, not here).
+    pub(crate) fn is_due(&self, now_ms: u64, remeasure_after_ms: u64) -> bool {
+        let idle_since = self.lru_ms();
+        idle_since == 0 || now_ms.saturating_sub(idle_since) >= remeasure_after_ms
     }
 
     /// Whether selection may hand this upstream out at `now_ms`: not in backoff, and not on
@@ -184,22 +192,22 @@ impl Hot {
 /// A run of slots whose addresses never change.
 #[derive(Debug)]
 pub(crate) struct Chunk {
-    slots: Box<[Hot]>,
+    slots: Box<[PickState]>,
 }
 
 impl Chunk {
     fn new(len: usize) -> Chunk {
         Chunk {
-            slots: (0..len).map(|_| Hot::new()).collect(),
+            slots: (0..len).map(|_| PickState::new()).collect(),
         }
     }
 }
 
-/// The chunks a snapshot was built with: slot index to [`Hot`].
+/// The chunks a snapshot was built with: slot index to [`PickState`].
 pub(crate) type Directory = Arc<[Arc<Chunk>]>;
 
 /// The slot `index` of a directory that covers it.
-pub(crate) fn slot(dir: &[Arc<Chunk>], index: u32) -> &Hot {
+pub(crate) fn slot(dir: &[Arc<Chunk>], index: u32) -> &PickState {
     &dir[(index >> CHUNK_SHIFT) as usize].slots[place(index)]
 }
 
@@ -225,7 +233,7 @@ impl Slab {
     }
 
     /// A slot in a new upstream's state.
-    pub(crate) fn alloc(self: &Arc<Self>) -> HotRef {
+    pub(crate) fn alloc(self: &Arc<Self>) -> PickSlot {
         let mut inner = self.lock();
         let index = match inner.free.pop() {
             Some(i) => i,
@@ -240,7 +248,7 @@ impl Slab {
         };
         let chunk = Arc::clone(&inner.chunks[(index >> CHUNK_SHIFT) as usize]);
         drop(inner);
-        let hot = HotRef {
+        let hot = PickSlot {
             chunk,
             index,
             slab: Some(Arc::clone(self)),
@@ -265,24 +273,24 @@ impl Slab {
 }
 
 /// One upstream's slot, owned by its health.
-pub(crate) struct HotRef {
+pub(crate) struct PickSlot {
     chunk: Arc<Chunk>,
     index: u32,
     /// Where the slot goes back to; `None` for a health outside any pool.
     slab: Option<Arc<Slab>>,
 }
 
-impl HotRef {
+impl PickSlot {
     /// A slot of its own, outside any pool.
-    pub(crate) fn standalone() -> HotRef {
-        HotRef {
+    pub(crate) fn standalone() -> PickSlot {
+        PickSlot {
             chunk: Arc::new(Chunk::new(1)),
             index: 0,
             slab: None,
         }
     }
 
-    pub(crate) fn get(&self) -> &Hot {
+    pub(crate) fn get(&self) -> &PickState {
         &self.chunk.slots[place(self.index)]
     }
 
@@ -292,16 +300,16 @@ impl HotRef {
     }
 }
 
-impl std::fmt::Debug for HotRef {
+impl std::fmt::Debug for PickSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HotRef")
+        f.debug_struct("PickSlot")
             .field("index", &self.index)
             .field("hot", self.get())
             .finish()
     }
 }
 
-impl Drop for HotRef {
+impl Drop for PickSlot {
     fn drop(&mut self) {
         if let Some(slab) = &self.slab {
             slab.lock().free.push(self.index);
@@ -315,7 +323,7 @@ mod tests {
 
     #[test]
     fn weight_and_backoff_share_a_word_without_touching_each_other() {
-        let hot = Hot::new();
+        let hot = PickState::new();
         assert_eq!(
             (hot.weight(), hot.backoff_until_ms()),
             (INITIAL_REPUTATION, 0)
@@ -339,7 +347,7 @@ mod tests {
     #[test]
     fn slots_are_stable_reused_and_reset() {
         let slab = Arc::new(Slab::default());
-        let refs: Vec<HotRef> = (0..CHUNK + 3).map(|_| slab.alloc()).collect();
+        let refs: Vec<PickSlot> = (0..CHUNK + 3).map(|_| slab.alloc()).collect();
         assert_eq!(slab.in_use(), CHUNK + 3);
         let (dir, used) = slab.directory();
         assert_eq!((dir.len(), used as usize), (2, CHUNK + 3));
@@ -377,9 +385,9 @@ mod tests {
 
     #[test]
     fn a_slot_is_16_bytes() {
-        assert_eq!(std::mem::size_of::<Hot>(), 16);
+        assert_eq!(std::mem::size_of::<PickState>(), 16);
         assert_eq!(
-            std::mem::align_of::<Hot>(),
+            std::mem::align_of::<PickState>(),
             16,
             "never across two cache lines"
         );
@@ -387,7 +395,7 @@ mod tests {
 
     #[test]
     fn state_fields_do_not_disturb_each_other() {
-        let hot = Hot::new();
+        let hot = PickState::new();
         hot.acquire(0);
         assert_eq!(
             (hot.in_flight(), hot.last_used_ms()),
@@ -418,7 +426,7 @@ mod tests {
 
     #[test]
     fn selectable_means_out_of_backoff_and_not_busy_on_probation() {
-        let hot = Hot::new();
+        let hot = PickState::new();
         assert!(hot.is_selectable(0));
         hot.acquire(1);
         assert!(!hot.is_selectable(1), "on probation with one in flight");

@@ -18,7 +18,7 @@ use crate::identity::{Identity, NewSessionExit};
 use crate::latency::Window;
 use crate::sessions::Sessions;
 use crate::sites::{Blocked, SiteBook};
-use crate::snapshot::{Counter, SHARDS, Shard, Shared, shard_index};
+use crate::snapshot::{Counter, LEASE_SHARDS, Shard, Shared, shard_index};
 use crate::strategy::{PickCtx, pick};
 use crate::{Entry, HealthConfig, Snapshot, Strategy};
 
@@ -81,7 +81,7 @@ impl Pool {
         let pool = Arc::new(Pool {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             strategy: AtomicU8::new(strategy.code()),
-            cursors: (0..SHARDS).map(|_| Counter::default()).collect(),
+            cursors: (0..LEASE_SHARDS).map(|_| Counter::default()).collect(),
             panic_selections: AtomicU64::new(0),
             sessions: Sessions::default(),
             session_ttl_ms: AtomicU64::new(DEFAULT_SESSION_TTL_MS),
@@ -340,26 +340,13 @@ impl PoolReader {
     }
 }
 
-/// Whether an upstream satisfies a route's filters.
-pub(crate) fn fits(route: &Route, e: &Entry) -> bool {
-    route.tier_filter().is_none_or(|t| e.tier() >= t)
-        && route.scheme.is_none_or(|s| s == e.upstream.scheme)
-        && route
-            .country
-            .as_deref()
-            .is_none_or(|c| e.upstream.country.as_deref() == Some(c))
-        && route
-            .min_reputation
-            .is_none_or(|m| e.health.reputation() >= m)
-}
-
 /// The hot-table slot of upstream `id` if it is in `snap`, selectable at `now_ms` and fits
 /// `route`: an upstream chosen earlier (a kept-alive connection, a sticky session).
 fn leasable(snap: &Snapshot, id: UpstreamId, route: &Route, now_ms: u64) -> Option<u32> {
     let members = snap.members();
     let pos = snap.position(id)?;
     let slot = members.slot_of(pos);
-    (members.hot(slot).is_selectable(now_ms) && fits(route, members.entry_at(pos))).then_some(slot)
+    (members.hot(slot).is_selectable(now_ms) && members.entry_at(pos).fits(route)).then_some(slot)
 }
 
 /// Panic mode: the position of the non-excluded entry whose backoff ends first (the better
@@ -375,7 +362,7 @@ fn least_bad(
         .enumerate()
         .filter(|(_, e)| {
             !exclude.contains(&e.id)
-                && fits(route, e)
+                && e.fits(route)
                 && avoid_exit.is_none_or(|g| e.exit_group() != g)
         })
         .min_by_key(|(_, e)| {
@@ -419,7 +406,7 @@ impl PoolWriter {
         let now_ms = pool.millis(now);
         pool.publish(|current| {
             // Small pools are picked from by exact scans; their orders are never read.
-            (current.len() > crate::strategy::EXACT_MAX)
+            (current.len() > crate::snapshot::EXACT_MAX)
                 .then(|| current.reindexed(&pool.shared.health, now_ms))
         });
     }

@@ -5,7 +5,7 @@
 //! [`client_of`] is the part before the NUL.
 //!
 //! Sharded maps behind short mutexes (never held across an await): a lookup or a pin locks
-//! one of [`SHARDS`] shards for a hash-map operation. Expired pins are dropped when met, and a
+//! one of [`SESSION_SHARDS`] shards for a hash-map operation. Expired pins are dropped when met, and a
 //! shard is swept of expired pins every [`SWEEP_EVERY`] pins, so idle sessions do not pile up.
 
 use std::collections::HashMap;
@@ -14,7 +14,10 @@ use std::sync::Mutex;
 
 use proxygate_core::UpstreamId;
 
-pub const SHARDS: usize = 32;
+/// Maps (each behind its own mutex) the sessions are spread over: a few per thread, so two
+/// threads rarely wait on one lock.
+pub const SESSION_SHARDS: usize = 32;
+/// Pins between two sweeps of a shard for expired ones.
 pub const SWEEP_EVERY: u32 = 1024;
 
 #[derive(Debug, Clone, Copy)]
@@ -54,7 +57,7 @@ pub struct Sessions {
 impl Default for Sessions {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shards: (0..SESSION_SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
         }
     }
@@ -63,7 +66,7 @@ impl Default for Sessions {
 impl Sessions {
     fn shard(&self, key: &str) -> &Mutex<Shard> {
         let h = self.hasher.hash_one(key) as usize;
-        &self.shards[h % SHARDS]
+        &self.shards[h % SESSION_SHARDS]
     }
 
     /// The upstream `key` is pinned to and its exit group, if the pin has not expired at
@@ -151,15 +154,19 @@ mod tests {
     #[test]
     fn sweeps_expired_pins() {
         let s = Sessions::default();
-        for i in 0..(SWEEP_EVERY as usize * SHARDS * 2) {
+        for i in 0..(SWEEP_EVERY as usize * SESSION_SHARDS * 2) {
             s.pin(&format!("c{i}\0k"), UpstreamId(1), 1, 10, 20);
         }
-        assert!(s.len() < SWEEP_EVERY as usize * SHARDS, "{}", s.len());
+        assert!(
+            s.len() < SWEEP_EVERY as usize * SESSION_SHARDS,
+            "{}",
+            s.len()
+        );
         let clients: usize = s
             .shards
             .iter()
             .map(|sh| sh.lock().unwrap().last_exit.len())
             .sum();
-        assert!(clients < SWEEP_EVERY as usize * SHARDS, "{clients}");
+        assert!(clients < SWEEP_EVERY as usize * SESSION_SHARDS, "{clients}");
     }
 }

@@ -11,7 +11,7 @@
 //! has failed there [`SiteConfig::block_after`] times in a row, within
 //! [`SiteConfig::block_for`] of the last failure; it is tried there again after that.
 //!
-//! Memory is a fixed budget: at most [`CAPACITY`] entries in 16 shards; a full shard drops the
+//! Memory is a fixed budget: at most [`CAPACITY`] entries in 16 shards (`SITE_SHARDS`); a full shard drops the
 //! stalest of a few entries to make room. Time is an argument.
 
 use std::collections::HashMap;
@@ -24,7 +24,9 @@ use proxygate_core::UpstreamId;
 
 /// Entries kept at most, over all upstreams and sites (about 100 bytes each).
 pub const CAPACITY: usize = 65_536;
-const SHARDS: usize = 16;
+/// Maps (each behind its own mutex) the entries are spread over; each holds at most
+/// `CAPACITY / SITE_SHARDS`.
+const SITE_SHARDS: usize = 16;
 /// Entries looked at to find the stalest when a shard is full.
 const EVICT_SAMPLE: usize = 8;
 
@@ -106,7 +108,7 @@ pub struct SiteBook {
 impl Default for SiteBook {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shards: (0..SITE_SHARDS).map(|_| Mutex::default()).collect(),
             len: AtomicUsize::new(0),
             hasher: std::collections::hash_map::RandomState::new(),
         }
@@ -116,7 +118,7 @@ impl Default for SiteBook {
 impl SiteBook {
     fn key(&self, upstream: UpstreamId, site: &str) -> ((UpstreamId, u64), usize) {
         let site_hash = self.hasher.hash_one(site);
-        let shard = (self.hasher.hash_one((upstream, site_hash)) as usize) % SHARDS;
+        let shard = (self.hasher.hash_one((upstream, site_hash)) as usize) % SITE_SHARDS;
         ((upstream, site_hash), shard)
     }
 
@@ -140,7 +142,7 @@ impl SiteBook {
     pub fn failed(&self, upstream: UpstreamId, site: &str, now_ms: u64) {
         let (key, i) = self.key(upstream, site);
         let mut shard = self.shard(i);
-        if !shard.map.contains_key(&key) && shard.map.len() >= CAPACITY / SHARDS {
+        if !shard.map.contains_key(&key) && shard.map.len() >= CAPACITY / SITE_SHARDS {
             // Full: the stalest of a few goes.
             let stalest = shard
                 .map

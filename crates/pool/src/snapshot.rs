@@ -19,9 +19,13 @@ use std::time::Instant;
 use proxygate_core::{Route, Scheme, Tier, Upstream, UpstreamId};
 
 use crate::health::Saved;
-use crate::hot::{self, Directory, Hot, Slab};
+use crate::hot::{self, Directory, PickState, Slab};
 use crate::identity::{ExitGroups, Identity, IdentityCell};
 use crate::{Health, HealthConfig};
+
+/// Pools up to this size are picked from exactly, by a full scan: their orders by reputation
+/// and by latency are never read, so they are not kept.
+pub const EXACT_MAX: usize = 64;
 
 /// One upstream and its live health.
 #[derive(Debug)]
@@ -37,6 +41,34 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Whether an upstream satisfies a route's filters.
+    pub(crate) fn fits(&self, route: &Route) -> bool {
+        route.tier_filter().is_none_or(|t| self.tier() >= t)
+            && route.scheme.is_none_or(|s| s == self.upstream.scheme)
+            && route
+                .country
+                .as_deref()
+                .is_none_or(|c| self.upstream.country.as_deref() == Some(c))
+            && route
+                .min_reputation
+                .is_none_or(|m| self.health.reputation() >= m)
+    }
+
+    /// The fastest_response order: the expected time to a working connection, in ms. Attempts
+    /// succeed with probability `s` (the success rate), so `(1 - s) / s` of them fail before one
+    /// works, and each failure costs `pool.failure_cost` (a retry the client waits for, and one
+    /// attempt of its budget); the one that works costs the response time:
+    /// `rt + (1 - s) / s * failure_cost`. A fast upstream that fails half the time therefore
+    /// ranks a whole failure cost behind one that always works, not merely twice its own response
+    /// time. Unmeasured upstreams sort last (re-measuring gets them tried).
+    pub(crate) fn latency_key(&self, cfg: &HealthConfig) -> f64 {
+        let Some(rt) = self.health.response_time_ms() else {
+            return f64::INFINITY;
+        };
+        let success = self.health.success_rate().unwrap_or(1.0).clamp(0.01, 1.0);
+        rt + (1.0 - success) / success * cfg.failure_cost.as_secs_f64() * 1000.0
+    }
+
     /// Its trust tier.
     pub fn tier(&self) -> Tier {
         self.identity.tier()
@@ -103,7 +135,7 @@ impl Shared {
         Self {
             epoch: Instant::now(),
             health,
-            recent: crate::latency::Recent::new(SHARDS),
+            recent: crate::latency::Recent::new(LEASE_SHARDS),
             slab: Arc::new(Slab::default()),
         }
     }
@@ -145,7 +177,7 @@ impl Members {
 
     /// The hot part of the health of the upstream in slot `slot` (any slot in the slot
     /// space), without touching its entry.
-    pub(crate) fn hot(&self, slot: u32) -> &Hot {
+    pub(crate) fn hot(&self, slot: u32) -> &PickState {
         hot::slot(&self.dir, slot)
     }
 
@@ -178,8 +210,9 @@ impl Members {
     }
 }
 
-/// Threads lease through different handles, so no single reference count is shared by all.
-pub(crate) const SHARDS: usize = 16;
+/// Handles a snapshot's members are leased through: threads lease through different ones, so
+/// no single reference count is shared by all (also the round-robin cursors, one per handle).
+pub(crate) const LEASE_SHARDS: usize = 16;
 
 /// A handle on a snapshot's members that a lease holds. Aligned so each shard's reference
 /// count has a cache line to itself.
@@ -198,7 +231,7 @@ pub(crate) fn shard_index() -> usize {
     }
     SHARD.with(|s| {
         if s.get() == usize::MAX {
-            s.set(NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
+            s.set(NEXT.fetch_add(1, Ordering::Relaxed) % LEASE_SHARDS);
         }
         s.get()
     })
@@ -224,7 +257,7 @@ pub struct Snapshot {
     /// Indexes into `entries`, fastest response first, unmeasured last.
     by_latency: Vec<u32>,
     /// Indexes into `entries` of the upstreams due for re-measuring at the last reindex
-    /// ([`crate::strategy::is_due`]), the longest idle first, and how far the greedy
+    /// ([`PickState::is_due`]), the longest idle first, and how far the greedy
     /// strategies' re-measuring picks have claimed them: each is offered once per reindex.
     due: Vec<u32>,
     due_claimed: Counter,
@@ -353,7 +386,7 @@ impl Snapshot {
             exits: Arc::new(ExitGroups::build(
                 members.entries.iter().map(|e| e.identity.group()),
             )),
-            shards: (0..SHARDS)
+            shards: (0..LEASE_SHARDS)
                 .map(|_| {
                     Arc::new(Shard {
                         members: Arc::clone(&members),
@@ -393,10 +426,7 @@ impl Snapshot {
         let reps: Vec<u8> = entries.iter().map(|e| e.health.reputation()).collect();
         let mut by_rep: Vec<u32> = (0..n).collect();
         by_rep.sort_by_key(|i| std::cmp::Reverse(reps[*i as usize]));
-        let lat: Vec<f64> = entries
-            .iter()
-            .map(|e| crate::strategy::latency_key(e, cfg))
-            .collect();
+        let lat: Vec<f64> = entries.iter().map(|e| e.latency_key(cfg)).collect();
         let mut by_lat: Vec<u32> = (0..n).collect();
         by_lat.sort_by(|a, b| lat[*a as usize].total_cmp(&lat[*b as usize]));
         let remeasure_after = crate::millis(cfg.remeasure_after);
@@ -406,7 +436,7 @@ impl Snapshot {
         // standard sort detects and panics on: it did, once in ~50 runs of
         // picks_race_replaces_safely, and would have stopped the gateway's reindexer).
         let mut due: Vec<(u64, u32)> = (0..n)
-            .filter(|pos| crate::strategy::is_due(hot(*pos), now_ms, remeasure_after))
+            .filter(|pos| hot(*pos).is_due(now_ms, remeasure_after))
             .map(|pos| (hot(pos).lru_ms(), pos))
             .collect();
         due.sort_unstable();
@@ -452,7 +482,7 @@ impl Snapshot {
         });
         let by_reputation = route
             .min_reputation
-            .filter(|_| self.len() > crate::strategy::EXACT_MAX)
+            .filter(|_| self.len() > EXACT_MAX)
             .map(|m| {
                 let end = self.reputation_sorted.partition_point(|r| *r >= m);
                 Candidates::Reputation(&self.by_reputation[..end])

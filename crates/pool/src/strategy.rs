@@ -16,7 +16,7 @@
 //!   recently used of a sample of [`LRU_SAMPLE`] (an approximation that needs no lock or
 //!   global order; see `lru_sample`).
 //! - `best_reputation`, `fastest_response` (expected time to a working connection, see
-//!   [`latency_key`]): exact scans for small pools; beyond, a walk of the snapshot's order by
+//!   `Entry::latency_key`): exact scans for small pools; beyond, a walk of the snapshot's order by
 //!   reputation / by that key, which the pool's reindexer refreshes (every
 //!   `pool.reindex_interval`) from live stats.
 //!
@@ -25,7 +25,7 @@
 //! get the request that shows it recovered, and a new one would never be tried. So one pick in
 //! [`REMEASURE_EVERY`] on each thread, a first attempt (never a retry, never the pick that pins
 //! a sticky session for its whole TTL), goes to an upstream
-//! *due* for re-measuring ([`is_due`]: unused for `pool.remeasure_after`, or never used) when
+//! *due* for re-measuring (`PickState::is_due`: unused for `pool.remeasure_after`, or never used) when
 //! there is one: in a small pool the longest idle one; in a large pool the next of the
 //! snapshot's due list (each handed out once per reindex, so the cost stays O(1)). That bounds
 //! what exploration costs at 1 pick in 16, and each stale upstream gets about one request per
@@ -51,12 +51,11 @@ use std::sync::atomic::Ordering;
 use proxygate_core::{Route, UpstreamId};
 use serde::Deserialize;
 
-use crate::hot::Hot;
-use crate::snapshot::{Candidates, Counter, Members, SHARDS, shard_index};
+use crate::hot::PickState;
+pub use crate::snapshot::EXACT_MAX;
+use crate::snapshot::{Candidates, Counter, LEASE_SHARDS, Members, shard_index};
 use crate::{Entry, HealthConfig, Snapshot};
 
-/// Pools up to this size are picked from exactly, by a full scan.
-pub const EXACT_MAX: usize = 64;
 /// Probes of the approximate least-recently-used pick.
 pub const LRU_SAMPLE: usize = 8;
 /// Uniform probes before the fallback scan.
@@ -167,7 +166,7 @@ pub(crate) struct PickCtx<'a> {
 pub(crate) struct Cand<'a> {
     pub(crate) slot: u32,
     pos: Option<u32>,
-    hot: &'a Hot,
+    hot: &'a PickState,
 }
 
 /// What a pick chooses from.
@@ -294,7 +293,7 @@ impl<'a> View<'a> {
             && (!self.needs_entry
                 || self.entry(c).is_some_and(|e| {
                     !ctx.exclude.contains(&e.id)
-                        && crate::pool::fits(ctx.route, e)
+                        && e.fits(ctx.route)
                         && ctx.avoid_exit.is_none_or(|g| e.exit_group() != g)
                 }))
     }
@@ -368,7 +367,7 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
         Strategy::FastestResponse if n <= EXACT_MAX => view
             .iter()
             .filter(|c| view.ok(ctx, *c))
-            .filter_map(|c| Some((c, latency_key(view.entry(c)?, ctx.cfg))))
+            .filter_map(|c| Some((c, view.entry(c)?.latency_key(ctx.cfg))))
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(c, _)| c),
         Strategy::FastestResponse => walk(snap.by_latency(), &view, ctx),
@@ -383,7 +382,7 @@ fn cursor_turn(ctx: &PickCtx<'_>, n: usize) -> usize {
     ctx.cursors
         .get(shard)
         .map_or(0, |c| c.0.fetch_add(1, Ordering::Relaxed))
-        + shard * n / SHARDS
+        + shard * n / LEASE_SHARDS
 }
 
 /// Round robin over exit groups (see [`crate::identity`]): this thread's cursor walks the
@@ -410,29 +409,6 @@ fn round_robin_groups<'a>(
     })
 }
 
-/// The fastest_response order: the expected time to a working connection, in ms. Attempts
-/// succeed with probability `s` (the success rate), so `(1 - s) / s` of them fail before one
-/// works, and each failure costs `pool.failure_cost` (a retry the client waits for, and one
-/// attempt of its budget); the one that works costs the response time:
-/// `rt + (1 - s) / s * failure_cost`. A fast upstream that fails half the time therefore
-/// ranks a whole failure cost behind one that always works, not merely twice its own response
-/// time. Unmeasured upstreams sort last (re-measuring gets them tried).
-pub(crate) fn latency_key(e: &Entry, cfg: &HealthConfig) -> f64 {
-    let Some(rt) = e.health.response_time_ms() else {
-        return f64::INFINITY;
-    };
-    let success = e.health.success_rate().unwrap_or(1.0).clamp(0.01, 1.0);
-    rt + (1.0 - success) / success * cfg.failure_cost.as_secs_f64() * 1000.0
-}
-
-/// Whether an upstream is due for re-measuring at `now_ms`: never used, or neither used nor
-/// in backoff for `remeasure_after_ms` (an upstream just back from a backoff is re-measured by
-/// its probation, not here).
-pub(crate) fn is_due(hot: &Hot, now_ms: u64, remeasure_after_ms: u64) -> bool {
-    let idle_since = hot.lru_ms();
-    idle_since == 0 || now_ms.saturating_sub(idle_since) >= remeasure_after_ms
-}
-
 /// Whether this pick is this thread's turn to re-measure (one in [`REMEASURE_EVERY`]). A
 /// thread-local count: no line shared between threads.
 fn remeasure_turn() -> bool {
@@ -454,14 +430,14 @@ fn remeasure<'a>(snap: &'a Snapshot, view: &View<'a>, ctx: &PickCtx<'_>) -> Opti
     if view.len() <= EXACT_MAX {
         return view
             .iter()
-            .filter(|c| view.ok(ctx, *c) && is_due(c.hot, ctx.now_ms, after))
+            .filter(|c| view.ok(ctx, *c) && c.hot.is_due(ctx.now_ms, after))
             .min_by_key(|c| c.hot.lru_ms());
     }
     let whole = view.whole(ctx);
     (0..DUE_CLAIMS)
         .map_while(|_| snap.claim_due())
         .map(|pos| whole.at(pos as usize))
-        .find(|c| whole.ok(ctx, *c) && is_due(c.hot, ctx.now_ms, after))
+        .find(|c| whole.ok(ctx, *c) && c.hot.is_due(ctx.now_ms, after))
 }
 
 /// The least recently used of [`LRU_SAMPLE`] selectable upstreams (up to [`MAX_PROBES`]
