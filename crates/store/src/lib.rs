@@ -6,7 +6,7 @@
 //!   settings, key rotation.
 //! - [`record`]: [`Record`], [`Stats`], [`Origin`] and their on-disk JSON shapes.
 //! - [`crypto`]: AES-256-GCM credential envelopes with key ids; key files and `ENCRYPTION_KEY`.
-//! - [`migrate`]: the ordered, idempotent schema migrations.
+//! - [`migrate`] (inside `store`): the ordered, idempotent schema migrations.
 //! - [`error`]: [`StoreError`], one variant per thing an operator must act on.
 //!
 //! Blocking: every call does disk I/O (a flush is an fsync). Async callers use
@@ -17,13 +17,12 @@ pub mod crypto;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
-pub mod migrate;
 pub mod record;
 pub mod store;
 
 pub use config::Config;
 pub use crypto::{KEY_ENV, KEY_FILE, Key, KeyId, KeyOrigin, Keyring, NEXT_KEY_FILE};
 pub use error::StoreError;
-pub use migrate::CURRENT_VERSION;
 pub use record::{CheckRecord, FetchSummary, Origin, Record, SourceStats, Stats};
+pub use store::migrate::{self, CURRENT_VERSION};
 pub use store::{OpenReport, RotationProgress, Store};

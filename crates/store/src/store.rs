@@ -17,9 +17,12 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use proxygate_core::{Credentials, Secret, UpstreamId};
 
 use crate::crypto::{self, Key, KeyId, KeyOrigin, Keyring, OpenError};
-use crate::migrate::{self, CURRENT_VERSION};
 use crate::record::{PlainCredentials, RawRecord, context, id_key, key_id};
 use crate::{CheckRecord, Record, SourceStats, Stats, StoreError};
+
+pub mod migrate;
+
+use migrate::CURRENT_VERSION;
 
 /// The sled database's directory inside the data dir.
 const DB_DIR: &str = "db";
@@ -28,12 +31,12 @@ const DB_DIR: &str = "db";
 pub struct Store {
     dir: PathBuf,
     db: sled::Db,
-    pub(crate) upstreams: sled::Tree,
-    pub(crate) stats: sled::Tree,
+    upstreams: sled::Tree,
+    stats: sled::Tree,
     settings: sled::Tree,
     checks: sled::Tree,
     sources: sled::Tree,
-    pub(crate) meta: sled::Tree,
+    meta: sled::Tree,
     /// Swapped whole by a rotation, which runs beside readers and writers (live rotation).
     keys: RwLock<Keyring>,
 }
@@ -217,7 +220,7 @@ impl Store {
         Ok(read_u32(&self.meta, "schema_version", &self.dir)?.unwrap_or(CURRENT_VERSION))
     }
 
-    pub(crate) fn err(&self) -> impl Fn(sled::Error) -> StoreError + '_ {
+    fn err(&self) -> impl Fn(sled::Error) -> StoreError + '_ {
         db_err(&self.dir)
     }
 
@@ -329,7 +332,7 @@ impl Store {
     }
 
     /// The stored bytes of a record, sealed with the primary key.
-    pub(crate) fn encode(
+    fn encode(
         &self,
         id: UpstreamId,
         raw: &mut RawRecord,

@@ -1,4 +1,6 @@
-//! Schema migrations: an ordered list, each run once, idempotent and safe to interrupt.
+//! Schema migrations: an ordered list, each run once, idempotent and safe to interrupt. Part
+//! of the store (`Store::open` runs them, and they rewrite its trees in place), hence a child
+//! module of it.
 //!
 //! The schema version lives in the `meta` tree. A migration rewrites records one at a time
 //! (each write whole), skips records already in the new shape, and the version is raised only
@@ -12,8 +14,8 @@
 //! | 3 | credentials sealed in an AES-256-GCM envelope; no plaintext left |
 //! | 4 | origin `source` with the source's name; `checks` tree; per-source stats (`sources`) |
 
+use super::Store;
 use crate::record::{PlainCredentials, RawRecord, key_id};
-use crate::store::Store;
 use crate::{Stats, StoreError};
 
 /// The schema this build reads and writes.
