@@ -61,13 +61,13 @@ pub struct PoolWriter(Arc<Pool>);
 /// [`crate::snapshot`]) and the upstream's slot in the hot table, so taking one touches only
 /// that slot; the entry is read when the upstream is dialed or reported.
 pub struct Lease {
-    holder: Holder,
+    entry_ref: EntryRef,
     slot: u32,
     panic_mode: bool,
 }
 
-/// What keeps a lease's upstream alive.
-enum Holder {
+/// How a lease reaches its upstream's entry, and keeps it alive.
+enum EntryRef {
     /// The members of the snapshot it was picked from (through a per-thread shard handle):
     /// taking it touches nothing of the entry.
     Members(Arc<Shard>),
@@ -440,20 +440,20 @@ impl Lease {
     fn take(snap: &Snapshot, slot: u32, now_ms: u64, panic_mode: bool) -> Lease {
         snap.members().hot(slot).acquire(now_ms);
         Lease {
-            holder: Holder::Members(Arc::clone(snap.shard())),
+            entry_ref: EntryRef::Members(Arc::clone(snap.shard())),
             slot,
             panic_mode,
         }
     }
 
     fn entry(&self) -> &Arc<Entry> {
-        match &self.holder {
-            Holder::Members(shard) => match shard.members.entry(self.slot) {
+        match &self.entry_ref {
+            EntryRef::Members(shard) => match shard.members.entry(self.slot) {
                 Some(e) => e,
                 // Every pick checks membership of the snapshot whose members the lease holds.
                 None => unreachable!("a lease's slot is a member of its snapshot"),
             },
-            Holder::Entry(e) => e,
+            EntryRef::Entry(e) => e,
         }
     }
 
@@ -462,8 +462,8 @@ impl Lease {
     /// whole membership alive (16 bytes per upstream, and the upstreams a later replace
     /// removed). Detaching reads the entry, which the dial does right after anyway.
     pub fn detach(&mut self) {
-        if let Holder::Members(_) = self.holder {
-            self.holder = Holder::Entry(Arc::clone(self.entry()));
+        if let EntryRef::Members(_) = self.entry_ref {
+            self.entry_ref = EntryRef::Entry(Arc::clone(self.entry()));
         }
     }
 
@@ -514,9 +514,9 @@ impl std::fmt::Debug for Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        match &self.holder {
-            Holder::Members(shard) => shard.members.hot(self.slot).release(),
-            Holder::Entry(e) => e.health.hot().release(),
+        match &self.entry_ref {
+            EntryRef::Members(shard) => shard.members.hot(self.slot).release(),
+            EntryRef::Entry(e) => e.health.hot().release(),
         }
     }
 }

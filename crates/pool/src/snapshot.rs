@@ -294,7 +294,7 @@ impl MetaIndex {
 
 /// A precomputed list of candidates for a route, and what it guarantees.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Candidates<'a> {
+pub(crate) enum CandidateList<'a> {
     /// Hot-table slots of the upstreams in the route's country.
     Country(&'a [u32]),
     /// Hot-table slots of the upstreams of the route's scheme.
@@ -304,10 +304,12 @@ pub(crate) enum Candidates<'a> {
     Reputation(&'a [u32]),
 }
 
-impl Candidates<'_> {
+impl CandidateList<'_> {
     pub(crate) fn len(&self) -> usize {
         match self {
-            Candidates::Country(l) | Candidates::Scheme(l) | Candidates::Reputation(l) => l.len(),
+            CandidateList::Country(l) | CandidateList::Scheme(l) | CandidateList::Reputation(l) => {
+                l.len()
+            }
         }
     }
 }
@@ -473,24 +475,24 @@ impl Snapshot {
     /// was high enough: an upstream that rose above it since joins at the next reindex (within
     /// `pool.reindex_interval`). Small pools are scanned whole instead (their order is not
     /// refreshed).
-    pub(crate) fn candidates(&self, route: &Route) -> Option<Candidates<'_>> {
+    pub(crate) fn candidates(&self, route: &Route) -> Option<CandidateList<'_>> {
         let by_country = route.country.as_ref().map(|c| {
-            Candidates::Country(self.meta.by_country.get(c).map_or(&[][..], Vec::as_slice))
+            CandidateList::Country(self.meta.by_country.get(c).map_or(&[][..], Vec::as_slice))
         });
         let by_scheme = route.scheme.map(|s| {
-            Candidates::Scheme(self.meta.by_scheme.get(&s).map_or(&[][..], Vec::as_slice))
+            CandidateList::Scheme(self.meta.by_scheme.get(&s).map_or(&[][..], Vec::as_slice))
         });
         let by_reputation = route
             .min_reputation
             .filter(|_| self.len() > EXACT_MAX)
             .map(|m| {
                 let end = self.reputation_sorted.partition_point(|r| *r >= m);
-                Candidates::Reputation(&self.by_reputation[..end])
+                CandidateList::Reputation(&self.by_reputation[..end])
             });
         [by_country, by_scheme, by_reputation]
             .into_iter()
             .flatten()
-            .min_by_key(Candidates::len)
+            .min_by_key(CandidateList::len)
     }
 
     pub fn entries(&self) -> &[Arc<Entry>] {

@@ -53,7 +53,7 @@ use serde::Deserialize;
 
 use crate::hot::PickState;
 pub use crate::snapshot::EXACT_MAX;
-use crate::snapshot::{Candidates, Counter, LEASE_SHARDS, Members, shard_index};
+use crate::snapshot::{CandidateList, Counter, LEASE_SHARDS, Members, shard_index};
 use crate::{Entry, HealthConfig, Snapshot};
 
 /// Probes of the approximate least-recently-used pick.
@@ -161,9 +161,9 @@ pub(crate) struct PickCtx<'a> {
 }
 
 /// A candidate: a slot of the hot table, with the slot at hand, and its position in the
-/// snapshot's entries when the view knew it.
+/// snapshot's entries when the [`Choices`] it came from knew it.
 #[derive(Clone, Copy)]
-pub(crate) struct Cand<'a> {
+pub(crate) struct Candidate<'a> {
     pub(crate) slot: u32,
     pos: Option<u32>,
     hot: &'a PickState,
@@ -171,7 +171,7 @@ pub(crate) struct Cand<'a> {
 
 /// What a pick chooses from.
 #[derive(Clone, Copy)]
-enum Over<'a> {
+enum Scope<'a> {
     /// Every entry, by position.
     All(usize),
     /// A precomputed subset, by position.
@@ -185,27 +185,29 @@ enum Over<'a> {
 
 /// Whether deciding if a candidate fits needs its entry: an exclusion, an exit to avoid, a
 /// tier, or a country or scheme filter that the candidate list (if any) does not guarantee.
-fn needs_entry(ctx: &PickCtx<'_>, list: Option<Candidates<'_>>) -> bool {
+fn needs_entry(ctx: &PickCtx<'_>, list: Option<CandidateList<'_>>) -> bool {
     let route = ctx.route;
     !ctx.exclude.is_empty()
         || ctx.avoid_exit.is_some()
         || route.tier_filter().is_some()
-        || route.country.is_some() && !matches!(list, Some(Candidates::Country(_)))
-        || route.scheme.is_some() && !matches!(list, Some(Candidates::Scheme(_)))
+        || route.country.is_some() && !matches!(list, Some(CandidateList::Country(_)))
+        || route.scheme.is_some() && !matches!(list, Some(CandidateList::Scheme(_)))
 }
 
+/// What a pick chooses among: the members in its [`Scope`], and the filters each candidate
+/// must pass (on the hot slot alone where it can).
 #[derive(Clone, Copy)]
-struct View<'a> {
+struct Choices<'a> {
     members: &'a Members,
-    over: Over<'a>,
+    scope: Scope<'a>,
     /// See [`needs_entry`]. A plain pick reads the hot slot alone.
     needs_entry: bool,
     /// The route's minimum reputation (0: none), checked on the hot slot.
     min_reputation: u8,
 }
 
-impl<'a> View<'a> {
-    fn new(snap: &'a Snapshot, ctx: &PickCtx<'_>) -> View<'a> {
+impl<'a> Choices<'a> {
+    fn new(snap: &'a Snapshot, ctx: &PickCtx<'_>) -> Choices<'a> {
         let members = snap.members();
         let n = snap.len();
         let route = ctx.route;
@@ -213,70 +215,70 @@ impl<'a> View<'a> {
             true => None,
             false => snap.candidates(route),
         };
-        let over = match list {
-            Some(Candidates::Country(l) | Candidates::Scheme(l)) => Over::Slots(l),
-            Some(Candidates::Reputation(l)) => Over::Positions(l),
+        let scope = match list {
+            Some(CandidateList::Country(l) | CandidateList::Scheme(l)) => Scope::Slots(l),
+            Some(CandidateList::Reputation(l)) => Scope::Positions(l),
             None if n > EXACT_MAX && members.space() as usize <= 2 * n => {
-                Over::Table(members.space())
+                Scope::Table(members.space())
             }
-            None => Over::All(n),
+            None => Scope::All(n),
         };
-        View {
+        Choices {
             members,
-            over,
+            scope,
             needs_entry: needs_entry(ctx, list),
             min_reputation: route.min_reputation.unwrap_or(0),
         }
     }
 
     /// The same filters over every entry of the snapshot by position: for picks from the
-    /// snapshot's own lists (its orders, its due list), which the view's candidate list does
+    /// snapshot's own lists (its orders, its due list), which the choices' candidate list does
     /// not restrict, so every route filter is checked on the entry.
-    fn whole(&self, ctx: &PickCtx<'_>) -> View<'a> {
-        View {
-            over: Over::All(self.members.len()),
+    fn whole(&self, ctx: &PickCtx<'_>) -> Choices<'a> {
+        Choices {
+            scope: Scope::All(self.members.len()),
             needs_entry: needs_entry(ctx, None),
             ..*self
         }
     }
 
     fn len(&self) -> usize {
-        match self.over {
-            Over::All(n) => n,
-            Over::Positions(l) | Over::Slots(l) => l.len(),
-            Over::Table(n) => n as usize,
+        match self.scope {
+            Scope::All(n) => n,
+            Scope::Positions(l) | Scope::Slots(l) => l.len(),
+            Scope::Table(n) => n as usize,
         }
     }
 
     #[inline]
-    fn get(&self, i: usize) -> Cand<'a> {
-        match self.over {
-            Over::All(_) => self.at(i),
-            Over::Positions(l) => self.at(l[i] as usize),
-            Over::Slots(l) => self.slot(l[i]),
-            Over::Table(_) => self.slot(u32::try_from(i).unwrap_or(u32::MAX)),
+    fn get(&self, i: usize) -> Candidate<'a> {
+        match self.scope {
+            Scope::All(_) => self.at(i),
+            Scope::Positions(l) => self.at(l[i] as usize),
+            Scope::Slots(l) => self.slot(l[i]),
+            Scope::Table(_) => self.slot(u32::try_from(i).unwrap_or(u32::MAX)),
         }
     }
 
     /// Entry `pos` (of the whole snapshot) as a candidate.
-    fn at(&self, pos: usize) -> Cand<'a> {
+    fn at(&self, pos: usize) -> Candidate<'a> {
         let slot = self.members.slot_of(pos);
-        Cand {
+        Candidate {
             slot,
             pos: u32::try_from(pos).ok(),
             hot: self.members.hot(slot),
         }
     }
 
-    fn slot(&self, slot: u32) -> Cand<'a> {
-        Cand {
+    fn slot(&self, slot: u32) -> Candidate<'a> {
+        Candidate {
             slot,
             pos: None,
             hot: self.members.hot(slot),
         }
     }
 
-    fn entry(&self, c: Cand<'_>) -> Option<&'a Arc<Entry>> {
+    fn entry(&self, c: Candidate<'_>) -> Option<&'a Arc<Entry>> {
         match c.pos {
             Some(pos) => Some(self.members.entry_at(pos as usize)),
             None => self.members.entry(c.slot),
@@ -286,7 +288,7 @@ impl<'a> View<'a> {
     /// Whether candidate `c` may be picked: a member, selectable, not excluded, fitting the
     /// route.
     #[inline]
-    fn ok(&self, ctx: &PickCtx<'_>, c: Cand<'_>) -> bool {
+    fn ok(&self, ctx: &PickCtx<'_>, c: Candidate<'_>) -> bool {
         self.holds(c)
             && c.hot.is_selectable(ctx.now_ms)
             && c.hot.reputation() >= self.min_reputation
@@ -301,19 +303,19 @@ impl<'a> View<'a> {
     /// Whether `c` is one of the snapshot's members: a probe of the slot space may land on a
     /// free slot or on another snapshot's upstream.
     #[inline]
-    fn holds(&self, c: Cand<'_>) -> bool {
-        !matches!(self.over, Over::Table(_)) || self.members.is_member(c.slot)
+    fn holds(&self, c: Candidate<'_>) -> bool {
+        !matches!(self.scope, Scope::Table(_)) || self.members.is_member(c.slot)
     }
 
-    fn iter(self) -> impl Iterator<Item = Cand<'a>> {
+    fn iter(self) -> impl Iterator<Item = Candidate<'a>> {
         (0..self.len()).map(move |i| self.get(i))
     }
 }
 
 /// The strategy's pick (a slot of the hot table), or `None` when no upstream is selectable.
 pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Option<u32> {
-    let view = View::new(snap, ctx);
-    let n = view.len();
+    let choices = Choices::new(snap, ctx);
+    let n = choices.len();
     if n == 0 {
         return None;
     }
@@ -324,7 +326,7 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
     if greedy
         && ctx.may_remeasure
         && remeasure_turn()
-        && let Some(c) = remeasure(snap, &view, ctx)
+        && let Some(c) = remeasure(snap, &choices, ctx)
     {
         return Some(c.slot);
     }
@@ -333,46 +335,46 @@ pub(crate) fn pick(strategy: Strategy, snap: &Snapshot, ctx: &PickCtx<'_>) -> Op
         // neighbours in the cycle tend to fail together (same provider, same subnet; or all
         // just back from backoff), and a run of them would eat the whole attempt budget.
         Strategy::RoundRobin | Strategy::LeastRecentlyUsed if !ctx.exclude.is_empty() => {
-            weighted(&view, ctx)
+            weighted(&choices, ctx)
         }
-        Strategy::RoundRobin if snap.exits().is_shared() => round_robin_groups(snap, &view, ctx),
+        Strategy::RoundRobin if snap.exits().is_shared() => round_robin_groups(snap, &choices, ctx),
         Strategy::RoundRobin => {
             // In entry order (not slot order), so the cycle follows the pool's list.
-            let view = match view.over {
-                Over::Table(_) => View {
-                    over: Over::All(snap.len()),
-                    ..view
+            let choices = match choices.scope {
+                Scope::Table(_) => Choices {
+                    scope: Scope::All(snap.len()),
+                    ..choices
                 },
-                _ => view,
+                _ => choices,
             };
-            let n = view.len();
+            let n = choices.len();
             let start = cursor_turn(ctx, n);
             return (0..n)
-                .map(|i| view.get(start.wrapping_add(i) % n))
-                .find(|c| view.ok(ctx, *c))
+                .map(|i| choices.get(start.wrapping_add(i) % n))
+                .find(|c| choices.ok(ctx, *c))
                 .map(|c| c.slot);
         }
-        Strategy::Random => probe(&view, ctx, |_| true),
-        Strategy::WeightedRandom => weighted(&view, ctx),
-        Strategy::LeastRecentlyUsed if n <= EXACT_MAX => view
+        Strategy::Random => probe(&choices, ctx, |_| true),
+        Strategy::WeightedRandom => weighted(&choices, ctx),
+        Strategy::LeastRecentlyUsed if n <= EXACT_MAX => choices
             .iter()
-            .filter(|c| view.ok(ctx, *c))
+            .filter(|c| choices.ok(ctx, *c))
             .min_by_key(|c| c.hot.lru_ms()),
-        Strategy::LeastRecentlyUsed => lru_sample(&view, ctx),
-        Strategy::BestReputation if n <= EXACT_MAX => view
+        Strategy::LeastRecentlyUsed => lru_sample(&choices, ctx),
+        Strategy::BestReputation if n <= EXACT_MAX => choices
             .iter()
-            .filter(|c| view.ok(ctx, *c))
+            .filter(|c| choices.ok(ctx, *c))
             .max_by_key(|c| c.hot.reputation()),
-        Strategy::BestReputation => walk(snap.by_reputation(), &view, ctx),
-        Strategy::FastestResponse if n <= EXACT_MAX => view
+        Strategy::BestReputation => walk(snap.by_reputation(), &choices, ctx),
+        Strategy::FastestResponse if n <= EXACT_MAX => choices
             .iter()
-            .filter(|c| view.ok(ctx, *c))
-            .filter_map(|c| Some((c, view.entry(c)?.latency_key(ctx.cfg))))
+            .filter(|c| choices.ok(ctx, *c))
+            .filter_map(|c| Some((c, choices.entry(c)?.latency_key(ctx.cfg))))
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(c, _)| c),
-        Strategy::FastestResponse => walk(snap.by_latency(), &view, ctx),
+        Strategy::FastestResponse => walk(snap.by_latency(), &choices, ctx),
     };
-    found.or_else(|| fallback(&view, ctx)).map(|c| c.slot)
+    found.or_else(|| fallback(&choices, ctx)).map(|c| c.slot)
 }
 
 /// Where this round-robin pick starts in a cycle of `n`: this thread's cursor, moved on, its
@@ -390,13 +392,13 @@ fn cursor_turn(ctx: &PickCtx<'_>, n: usize) -> usize {
 /// turn per cycle like any other. Every filter is checked on the entry.
 fn round_robin_groups<'a>(
     snap: &'a Snapshot,
-    view: &View<'a>,
+    choices: &Choices<'a>,
     ctx: &PickCtx<'_>,
-) -> Option<Cand<'a>> {
+) -> Option<Candidate<'a>> {
     let groups = snap.exits();
     let n = groups.len();
-    let whole = view.whole(ctx);
-    let whole = View {
+    let whole = choices.whole(ctx);
+    let whole = Choices {
         needs_entry: true,
         ..whole
     };
@@ -422,18 +424,22 @@ fn remeasure_turn() -> bool {
     })
 }
 
-/// An upstream due for re-measuring that this pick may take, if any: over a small view the
+/// An upstream due for re-measuring that this pick may take, if any: among few choices the
 /// longest idle due one; over a large one, the next of the snapshot's due list (every filter
 /// checked on the entry, and due-ness again, since it may have been used since the reindex).
-fn remeasure<'a>(snap: &'a Snapshot, view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
+fn remeasure<'a>(
+    snap: &'a Snapshot,
+    choices: &Choices<'a>,
+    ctx: &PickCtx<'_>,
+) -> Option<Candidate<'a>> {
     let after = crate::millis(ctx.cfg.remeasure_after);
-    if view.len() <= EXACT_MAX {
-        return view
+    if choices.len() <= EXACT_MAX {
+        return choices
             .iter()
-            .filter(|c| view.ok(ctx, *c) && c.hot.is_due(ctx.now_ms, after))
+            .filter(|c| choices.ok(ctx, *c) && c.hot.is_due(ctx.now_ms, after))
             .min_by_key(|c| c.hot.lru_ms());
     }
-    let whole = view.whole(ctx);
+    let whole = choices.whole(ctx);
     (0..DUE_CLAIMS)
         .map_while(|_| snap.claim_due())
         .map(|pos| whole.at(pos as usize))
@@ -446,39 +452,39 @@ fn remeasure<'a>(snap: &'a Snapshot, view: &View<'a>, ctx: &PickCtx<'_>) -> Opti
 /// (and every upstream is as likely to be in a sample: where an upstream sits in the table
 /// says nothing about when it was last used). Over a list (a filtered route, or a pool that
 /// shrank far below its table), uniform probes one at a time.
-fn lru_sample<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
-    let n = view.len();
-    let mut best: Option<(u64, Cand<'a>)> = None;
+fn lru_sample<'a>(choices: &Choices<'a>, ctx: &PickCtx<'_>) -> Option<Candidate<'a>> {
+    let n = choices.len();
+    let mut best: Option<(u64, Candidate<'a>)> = None;
     let mut seen = 0;
-    let mut consider = |c: Cand<'a>, key: u64| {
+    let mut consider = |c: Candidate<'a>, key: u64| {
         if best.is_none_or(|(k, _)| key < k) {
             best = Some((key, c));
         }
         seen += 1;
         seen == LRU_SAMPLE
     };
-    if let Over::Table(_) = view.over {
+    if let Scope::Table(_) = choices.scope {
         for _ in 0..MAX_PROBES / LRU_SAMPLE {
             let start = fastrand::usize(0..n);
             // A plain loop, not `array::from_fn`: that closure is not always inlined, and
             // eight calls cost LRU a quarter of its time in small pools.
-            let mut sample = [view.get(start); LRU_SAMPLE];
+            let mut sample = [choices.get(start); LRU_SAMPLE];
             for (k, c) in sample.iter_mut().enumerate().skip(1) {
                 let i = start + k;
-                *c = view.get(if i >= n { i - n } else { i });
+                *c = choices.get(if i >= n { i - n } else { i });
             }
             // Every load first, then the decisions.
             let keys = sample.map(|c| c.hot.lru_ms());
             for (c, key) in sample.into_iter().zip(keys) {
-                if view.ok(ctx, c) && consider(c, key) {
+                if choices.ok(ctx, c) && consider(c, key) {
                     return best.map(|(_, c)| c);
                 }
             }
         }
     } else {
         for _ in 0..MAX_PROBES {
-            let c = view.get(fastrand::usize(0..n));
-            if view.ok(ctx, c) && consider(c, c.hot.lru_ms()) {
+            let c = choices.get(fastrand::usize(0..n));
+            if choices.ok(ctx, c) && consider(c, c.hot.lru_ms()) {
                 break;
             }
         }
@@ -486,37 +492,41 @@ fn lru_sample<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     best.map(|(_, c)| c)
 }
 
-/// A draw in proportion to reputation: exact over small views, rejection sampling beyond.
-fn weighted<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
-    if view.len() <= EXACT_MAX {
-        weighted_exact(view, ctx)
+/// A draw in proportion to reputation: exact among few choices, rejection sampling beyond.
+fn weighted<'a>(choices: &Choices<'a>, ctx: &PickCtx<'_>) -> Option<Candidate<'a>> {
+    if choices.len() <= EXACT_MAX {
+        weighted_exact(choices, ctx)
     } else {
-        probe(view, ctx, |c| fastrand::u8(0..100) < c.hot.weight())
+        probe(choices, ctx, |c| fastrand::u8(0..100) < c.hot.weight())
     }
 }
 
 /// Uniform probes; the first selectable one that `accept` takes.
 fn probe<'a>(
-    view: &View<'a>,
+    choices: &Choices<'a>,
     ctx: &PickCtx<'_>,
-    mut accept: impl FnMut(Cand<'a>) -> bool,
-) -> Option<Cand<'a>> {
-    let n = view.len();
+    mut accept: impl FnMut(Candidate<'a>) -> bool,
+) -> Option<Candidate<'a>> {
+    let n = choices.len();
     (0..MAX_PROBES)
-        .map(|_| view.get(fastrand::usize(0..n)))
-        .find(|c| view.ok(ctx, *c) && accept(*c))
+        .map(|_| choices.get(fastrand::usize(0..n)))
+        .find(|c| choices.ok(ctx, *c) && accept(*c))
 }
 
 /// Exact weighted draw over a small pool. Weight 0 still counts as 1 among the selectable, so
 /// a pool of all-zero upstreams is not treated as empty.
-fn weighted_exact<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
-    let weight = |c: Cand<'_>| u32::from(c.hot.weight()).max(1);
-    let total: u32 = view.iter().filter(|c| view.ok(ctx, *c)).map(weight).sum();
+fn weighted_exact<'a>(choices: &Choices<'a>, ctx: &PickCtx<'_>) -> Option<Candidate<'a>> {
+    let weight = |c: Candidate<'_>| u32::from(c.hot.weight()).max(1);
+    let total: u32 = choices
+        .iter()
+        .filter(|c| choices.ok(ctx, *c))
+        .map(weight)
+        .sum();
     if total == 0 {
         return None;
     }
     let mut x = fastrand::u32(0..total);
-    for c in view.iter().filter(|c| view.ok(ctx, *c)) {
+    for c in choices.iter().filter(|c| choices.ok(ctx, *c)) {
         let w = weight(c);
         if x < w {
             return Some(c);
@@ -526,10 +536,10 @@ fn weighted_exact<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
     None
 }
 
-/// The first selectable entry in a precomputed order of the whole snapshot, which the view's
+/// The first selectable entry in a precomputed order of the whole snapshot, which the choices'
 /// candidate list does not restrict: every filter is checked on the entry.
-fn walk<'a>(order: &[u32], view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
-    let whole = view.whole(ctx);
+fn walk<'a>(order: &[u32], choices: &Choices<'a>, ctx: &PickCtx<'_>) -> Option<Candidate<'a>> {
+    let whole = choices.whole(ctx);
     order
         .iter()
         .map(|pos| whole.at(*pos as usize))
@@ -537,10 +547,10 @@ fn walk<'a>(order: &[u32], view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a
 }
 
 /// Any selectable entry, scanning from a random start.
-fn fallback<'a>(view: &View<'a>, ctx: &PickCtx<'_>) -> Option<Cand<'a>> {
-    let n = view.len();
+fn fallback<'a>(choices: &Choices<'a>, ctx: &PickCtx<'_>) -> Option<Candidate<'a>> {
+    let n = choices.len();
     let start = fastrand::usize(0..n);
     (0..n)
-        .map(|i| view.get((start + i) % n))
-        .find(|c| view.ok(ctx, *c))
+        .map(|i| choices.get((start + i) % n))
+        .find(|c| choices.ok(ctx, *c))
 }

@@ -36,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::candidate::Anonymity;
 use crate::config::CheckerConfig;
 use crate::integrity::{self, Reference};
-use crate::judge::{self, JudgeUrl, View};
+use crate::judge::{self, Echo, JudgeUrl};
 
 /// Largest judge answer read.
 const MAX_JUDGE_BODY: usize = 256 << 10;
@@ -236,11 +236,11 @@ impl Checker {
         for j in &self.judges {
             let direct = tokio::time::timeout(self.cfg.timeout * 2, self.direct(j)).await;
             match direct {
-                Ok(Ok(view)) => {
-                    ours.extend(view.origin.iter().copied());
+                Ok(Ok(echo)) => {
+                    ours.extend(echo.origin.iter().copied());
                     cal.push(Calibration {
                         up: true,
-                        baseline: view.revealing(),
+                        baseline: echo.revealing(),
                     });
                 }
                 Ok(Err(e)) => {
@@ -462,7 +462,7 @@ impl Checker {
     }
 
     /// A judge, asked directly.
-    async fn direct(&self, j: &JudgeUrl) -> Result<View, String> {
+    async fn direct(&self, j: &JudgeUrl) -> Result<Echo, String> {
         let io: Stream = Box::new(dial_direct(j).await?);
         let io = if j.tls {
             self.tls(j, io).await.map_err(|f| f.detail)?
@@ -518,7 +518,7 @@ impl Checker {
         };
         let latency = crate::millis(t0.elapsed());
         match result {
-            Ok(view) => {
+            Ok(echo) => {
                 let baseline = self
                     .calibration
                     .read()
@@ -526,9 +526,9 @@ impl Checker {
                     .and_then(|c| c.get(i).map(|c| c.baseline.clone()))
                     .unwrap_or_default();
                 let ours = self.our_addresses();
-                let anonymity = judge::classify(&view, &ours, &baseline);
+                let anonymity = judge::classify(&echo, &ours, &baseline);
                 let forwarded = up.scheme.is_http() && !judge.tls;
-                let leak = judge::leak(&view, &ours, forwarded);
+                let leak = judge::leak(&echo, &ours, forwarded);
                 let anonymous_enough = anonymity >= self.cfg.min_anonymity;
                 let integrity = if anonymous_enough {
                     self.integrity(up).await
@@ -548,7 +548,7 @@ impl Checker {
                     id,
                     outcome,
                     passed,
-                    exit_ip: view.exit_ip,
+                    exit_ip: echo.exit_ip,
                     anonymity: Some(anonymity),
                     judge: Some(judge.url.clone()),
                     detail,
@@ -572,7 +572,7 @@ impl Checker {
         up: &Upstream,
         judge: &JudgeUrl,
         outcome: &mut Outcome,
-    ) -> Result<View, Failure> {
+    ) -> Result<Echo, Failure> {
         let t0 = Instant::now();
         let io = self.connect.open(up).await?;
         let connect = t0.elapsed();

@@ -105,9 +105,9 @@ impl JudgeUrl {
     }
 }
 
-/// What a judge's answer says about the request it got.
+/// What a judge echoed of the request it got: the address it came from and its headers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct View {
+pub struct Echo {
     /// The address the request came from, as the judge saw it.
     pub exit_ip: Option<IpAddr>,
     /// Where the judge says the request came from: httpbin's `origin` list, azenv's
@@ -120,8 +120,8 @@ pub struct View {
     pub headers: Vec<(String, String)>,
 }
 
-impl View {
-    /// Revealing headers present in this view.
+impl Echo {
+    /// Revealing headers present in this echo.
     pub fn revealing(&self) -> Vec<String> {
         let mut out: Vec<String> = self
             .headers
@@ -144,13 +144,13 @@ fn addresses_in(s: &str) -> Vec<IpAddr> {
 }
 
 /// Reads a judge's answer; `None` when it is neither kind (a proxy's own page, a block page).
-pub fn read(body: &str) -> Option<View> {
+pub fn read(body: &str) -> Option<Echo> {
     let body = body.trim();
     if body.starts_with('{') {
         let v: Value = serde_json::from_str(body).ok()?;
         let origin = v.get("origin")?.as_str()?;
         let origins = addresses_in(origin);
-        let mut view = View {
+        let mut echo = Echo {
             exit_ip: origins.last().copied(),
             addresses: origins.clone(),
             origin: origins,
@@ -164,15 +164,15 @@ pub fn read(body: &str) -> Option<View> {
                 };
                 let name = k.to_ascii_lowercase().replace('_', "-");
                 if name != "host" {
-                    view.addresses.extend(addresses_in(&val));
+                    echo.addresses.extend(addresses_in(&val));
                 }
-                view.headers.push((name, val));
+                echo.headers.push((name, val));
             }
         }
-        return Some(view);
+        return Some(echo);
     }
     // azenv: KEY = value lines.
-    let mut view = View::default();
+    let mut echo = Echo::default();
     let mut remote = None;
     for line in body.lines() {
         let line = line
@@ -189,16 +189,16 @@ pub fn read(body: &str) -> Option<View> {
         if let Some(h) = k.strip_prefix("HTTP_") {
             let name = h.to_ascii_lowercase().replace('_', "-");
             if name != "host" {
-                view.addresses.extend(addresses_in(v));
+                echo.addresses.extend(addresses_in(v));
             }
-            view.headers.push((name, v.to_owned()));
+            echo.headers.push((name, v.to_owned()));
         }
     }
     let remote = remote?;
-    view.exit_ip = Some(remote);
-    view.origin.push(remote);
-    view.addresses.push(remote);
-    Some(view)
+    echo.exit_ip = Some(remote);
+    echo.origin.push(remote);
+    echo.addresses.push(remote);
+    Some(echo)
 }
 
 /// The header a check through an HTTP proxy sends for the proxy alone: it is named in
@@ -206,17 +206,17 @@ pub fn read(body: &str) -> Option<View> {
 /// client's hop-by-hop headers.
 pub const CANARY: &str = "x-proxygate-canary";
 
-/// What a view through a proxy leaks that it must not: the gateway's own address (`ours`
+/// What an echo through a proxy leaks that it must not: the gateway's own address (`ours`
 /// anywhere in the answer), or, for a request the proxy forwarded itself (`forwarded`), the
 /// client's hop-by-hop headers (the [`CANARY`]) or its `Proxy-Authorization`. `None`: nothing.
-pub fn leak(view: &View, ours: &[IpAddr], forwarded: bool) -> Option<String> {
-    if view.addresses.iter().any(|a| ours.contains(a)) {
+pub fn leak(echo: &Echo, ours: &[IpAddr], forwarded: bool) -> Option<String> {
+    if echo.addresses.iter().any(|a| ours.contains(a)) {
         return Some("reveals the gateway's own address to the sites it reaches".into());
     }
     if !forwarded {
         return None;
     }
-    let has = |name: &str| view.headers.iter().any(|(k, _)| k == name);
+    let has = |name: &str| echo.headers.iter().any(|(k, _)| k == name);
     if has("proxy-authorization") {
         return Some("forwards the client's Proxy-Authorization to the sites it reaches".into());
     }
@@ -229,14 +229,14 @@ pub fn leak(view: &View, ours: &[IpAddr], forwarded: bool) -> Option<String> {
     None
 }
 
-/// The verdict on a view through a proxy, given our own addresses (as the judge saw a direct
+/// The verdict on an echo through a proxy, given our own addresses (as the judge saw a direct
 /// request) and the revealing headers a direct request already showed (the judge's own
 /// infrastructure may add `X-Forwarded-For` to everything).
-pub fn classify(view: &View, ours: &[IpAddr], baseline: &[String]) -> Anonymity {
-    if view.addresses.iter().any(|a| ours.contains(a)) {
+pub fn classify(echo: &Echo, ours: &[IpAddr], baseline: &[String]) -> Anonymity {
+    if echo.addresses.iter().any(|a| ours.contains(a)) {
         return Anonymity::Transparent;
     }
-    if view.revealing().iter().any(|h| !baseline.contains(h)) {
+    if echo.revealing().iter().any(|h| !baseline.contains(h)) {
         return Anonymity::Anonymous;
     }
     Anonymity::Elite

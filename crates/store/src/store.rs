@@ -332,12 +332,7 @@ impl Store {
     }
 
     /// The stored bytes of a record, sealed with the primary key.
-    fn encode(
-        &self,
-        id: UpstreamId,
-        raw: &mut RawRecord,
-        creds: Option<&PlainCredentials>,
-    ) {
+    fn encode(&self, id: UpstreamId, raw: &mut RawRecord, creds: Option<&PlainCredentials>) {
         raw.username = None;
         raw.password = None;
         raw.credentials = creds.map(|c| {
