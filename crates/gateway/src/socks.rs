@@ -229,13 +229,29 @@ fn malformed(what: &'static str) -> HandshakeError {
     HandshakeError::Close(GatewayError::new(ErrorKind::ClientMalformed, what))
 }
 
+/// A SOCKS5 handshake up to its request (RFC 1928): the greeting and method, the RFC 1929
+/// login when that method was chosen, then the CONNECT request. Each step answers the client
+/// itself where the protocol says so; the request's reply is left to the caller.
 async fn socks5_handshake<S: Io>(
     gw: &Gateway,
     r: &mut BufReader<S>,
     peer: SocketAddr,
 ) -> Result<SocksRequest, HandshakeError> {
+    let credentials = match socks5_method(gw, r).await? {
+        USER_PASS => Some(socks5_login(gw, r, peer).await?),
+        _ => None,
+    };
+    let target = socks5_request(r).await?;
+    Ok(SocksRequest {
+        target,
+        credentials,
+    })
+}
+
+/// The greeting (`VER NMETHODS METHODS...`) and the method chosen for it, told to the client:
+/// username/password whenever offered, no authentication only while client auth is off.
+async fn socks5_method<S: Io>(gw: &Gateway, r: &mut BufReader<S>) -> Result<u8, HandshakeError> {
     let truncated = |_| malformed("truncated SOCKS5 greeting");
-    // Greeting: VER NMETHODS METHODS...
     let mut head = [0u8; 2];
     r.read_exact(&mut head).await.map_err(truncated)?;
     if head[0] != 5 {
@@ -261,42 +277,51 @@ async fn socks5_handshake<S: Io>(
             "no acceptable SOCKS5 method",
         )));
     }
-    let credentials = if method == USER_PASS {
-        let creds = read_rfc1929(r).await?;
-        // The account is the username up to its routing hints.
-        let account = ClientCredentials {
-            username: creds
-                .username
-                .split('-')
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
-            password: creds.password.clone(),
-        };
-        let ok = gw
-            .auth()
-            .authenticate(peer.ip(), Some(&account))
-            .await
-            .is_ok();
-        r.get_mut()
-            .write_all(&[1, if ok { 0 } else { 1 }])
-            .await
-            .map_err(|_| client_closed())?;
-        if !ok {
-            return Err(HandshakeError::Close(GatewayError::new(
-                ErrorKind::ClientAuth,
-                "SOCKS5 username/password rejected",
-            )));
-        }
-        Some(creds)
-    } else {
-        None
+    Ok(method)
+}
+
+/// The username/password sub-negotiation (RFC 1929), checked and answered: the credentials
+/// as given (routing hints in the username included), or the connection closed.
+async fn socks5_login<S: Io>(
+    gw: &Gateway,
+    r: &mut BufReader<S>,
+    peer: SocketAddr,
+) -> Result<ClientCredentials, HandshakeError> {
+    let creds = read_rfc1929(r).await?;
+    // The account is the username up to its routing hints.
+    let account = ClientCredentials {
+        username: creds
+            .username
+            .split('-')
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        password: creds.password.clone(),
     };
-    // Request: VER CMD RSV ATYP DST.ADDR DST.PORT
-    let mut req = [0u8; 4];
-    r.read_exact(&mut req)
+    let ok = gw
+        .auth()
+        .authenticate(peer.ip(), Some(&account))
         .await
-        .map_err(|_| malformed("truncated SOCKS5 request"))?;
+        .is_ok();
+    r.get_mut()
+        .write_all(&[1, if ok { 0 } else { 1 }])
+        .await
+        .map_err(|_| client_closed())?;
+    if !ok {
+        return Err(HandshakeError::Close(GatewayError::new(
+            ErrorKind::ClientAuth,
+            "SOCKS5 username/password rejected",
+        )));
+    }
+    Ok(creds)
+}
+
+/// The request (`VER CMD RSV ATYP DST.ADDR DST.PORT`): its target, if it is a CONNECT to a
+/// valid address; otherwise the reply code the client is to get.
+async fn socks5_request<S: Io>(r: &mut BufReader<S>) -> Result<Target, HandshakeError> {
+    let truncated = |_| malformed("truncated SOCKS5 request");
+    let mut req = [0u8; 4];
+    r.read_exact(&mut req).await.map_err(truncated)?;
     if req[0] != 5 {
         return Err(HandshakeError::Reply(
             socks5_rep::GENERAL_FAILURE,
@@ -348,10 +373,7 @@ async fn socks5_handshake<S: Io>(
             GatewayError::new(ErrorKind::ClientMalformed, "port 0"),
         ));
     }
-    Ok(SocksRequest {
-        target: Target::new(host, port),
-        credentials,
-    })
+    Ok(Target::new(host, port))
 }
 
 async fn read_rfc1929<S: Io>(r: &mut BufReader<S>) -> Result<ClientCredentials, HandshakeError> {
@@ -506,6 +528,46 @@ mod tests {
             socks4_request(&mut r).await,
             Err(HandshakeError::Close(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn socks5_domain_request_parses() {
+        let mock = Builder::new()
+            .read(&[5, 1, 0, 3, 11])
+            .read(b"example.com")
+            .read(&[0x01, 0xbb])
+            .build();
+        let target = socks5_request(&mut BufReader::new(mock)).await.unwrap();
+        assert_eq!(target.to_string(), "example.com:443");
+    }
+
+    /// Each refused request gets the reply code RFC 1928 gives it, and a request cut short in
+    /// its address is told as a truncated request (it was once called a truncated greeting).
+    #[tokio::test]
+    async fn socks5_requests_are_refused_with_their_reply_codes() {
+        let refused = |bytes: &'static [u8]| async move {
+            let mock = Builder::new().read(bytes).build();
+            match socks5_request(&mut BufReader::new(mock)).await {
+                Ok(t) => panic!("{bytes:?} gave {t}"),
+                Err(HandshakeError::Reply(code, e)) => (Some(code), e),
+                Err(HandshakeError::Close(e)) => (None, e),
+            }
+        };
+        let (code, e) = refused(&[5, 2, 0, 1, 10, 0, 0, 7, 0, 80]).await;
+        assert_eq!(code, Some(socks5_rep::COMMAND_NOT_SUPPORTED), "{e:?}");
+        let (code, e) = refused(&[5, 1, 0, 9, 10, 0, 0, 7, 0, 80]).await;
+        assert_eq!(code, Some(socks5_rep::ADDRESS_TYPE_NOT_SUPPORTED), "{e:?}");
+        let (code, e) = refused(&[5, 1, 0, 1, 10, 0, 0, 7, 0, 0]).await;
+        assert_eq!(
+            (code, e.kind),
+            (
+                Some(socks5_rep::GENERAL_FAILURE),
+                ErrorKind::ClientMalformed
+            )
+        );
+        let (code, e) = refused(&[5, 1, 0, 1, 10, 0]).await;
+        assert_eq!(code, None);
+        assert_eq!(e.detail, "truncated SOCKS5 request");
     }
 
     #[tokio::test]
