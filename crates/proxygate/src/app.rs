@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 use proxygate_admin::api::{self, Actions, Api};
 use proxygate_admin::metrics::{AdminMetrics, PoolCollector, RuntimeCollector};
 use proxygate_admin::persister::{self, persist};
-use proxygate_admin::sources::SourceActions;
+use proxygate_admin::sources::{SourceActions, SourcesRuntime};
 use proxygate_admin::stats::{self, StatsBook};
 use proxygate_admin::{Catalog, control, every};
 use proxygate_core::ConfigErrors;
@@ -184,30 +184,19 @@ fn open_catalog(
     Ok(catalog)
 }
 
+/// Runs the gateway until shutdown: the background loops, the control socket, the admin API
+/// and the listeners, then the drain and a last flush of the stats.
 async fn serve(
     cfg: RootConfig,
     catalog: Catalog,
     (reader, writer): (PoolReader, PoolWriter),
     args: RunArgs,
 ) -> anyhow::Result<()> {
-    let mut auth = ClientAuth::open().with_allow(cfg.gateway.server.allow.clone());
-    if let Some(path) = &cfg.gateway.auth.users_file {
-        auth = auth.with_users(ClientAuth::load_users(path).context("auth.users_file")?);
-    }
+    let auth = client_auth(&cfg)?;
     writer.set_session_ttl(cfg.pool.session_ttl);
     writer.set_new_session_exit(cfg.pool.new_session_exit);
     let pool_size = reader.snapshot().len();
-    if pool_size == 0 && cfg.sources.is_empty() {
-        tracing::warn!(
-            "the pool is empty and no list source is configured: every request will be \
-             answered 503 until upstreams are added"
-        );
-    } else if pool_size == 0 {
-        tracing::info!(
-            sources = cfg.sources.len(),
-            "the pool is empty: it fills as the list sources are fetched and checked"
-        );
-    }
+    announce_empty_pool(&cfg, pool_size);
 
     let registry = prometheus::Registry::new();
     let metrics = proxygate_gateway::Metrics::register(&registry).context("metrics")?;
@@ -217,7 +206,6 @@ async fn serve(
             PoolCollector::new(reader.clone(), catalog.disabled_counter()).context("metrics")?,
         ))
         .context("metrics")?;
-
     let source_names: Vec<String> = cfg.sources.iter().map(|s| s.name.clone()).collect();
     let source_metrics = SourceMetrics::register(&registry, &source_names).context("metrics")?;
 
@@ -230,66 +218,10 @@ async fn serve(
         Some(reader.clone()),
         source_metrics,
     )?;
-    if !cfg.sources.is_empty() {
-        let (tx, rx) = tokio::sync::mpsc::channel(cfg.sources.len());
-        tokio::spawn(
-            sources
-                .refresher(cfg.refresh.full_reimport)
-                .run(tx, shutdown.clone()),
-        );
-        tokio::spawn(Arc::clone(&sources).run_batches(rx, shutdown.clone()));
-        tracing::info!(
-            sources = %source_names.join(", "),
-            "list sources on: fetched now, then on their intervals"
-        );
-    }
-    tokio::spawn(Arc::clone(&sources).run_rechecks(shutdown.clone()));
-    tokio::spawn(Arc::clone(&sources).run_audits(shutdown.clone()));
-    let (swept, janitor) = (Arc::clone(&catalog), cfg.janitor.clone());
-    tokio::spawn(every(janitor.interval, shutdown.clone(), move || {
-        let (swept, janitor) = (Arc::clone(&swept), janitor.clone());
-        async move {
-            let pass = tokio::task::spawn_blocking(move || {
-                swept
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .janitor(proxygate_admin::catalog::unix_ms(), &janitor)
-            })
-            .await;
-            match pass {
-                Ok(Ok(s)) => {
-                    for (id, why) in &s.disabled {
-                        tracing::info!(upstream = id, "janitor disabled: {why}");
-                    }
-                    for (id, why) in &s.deleted {
-                        tracing::info!(upstream = id, "janitor deleted: {why}");
-                    }
-                }
-                Ok(Err(e)) => tracing::error!("janitor: {e}"),
-                Err(e) => tracing::error!("janitor: {e}"),
-            }
-        }
-    }));
-    let actions: Arc<dyn Actions> = Arc::new(SourceActions(Arc::clone(&sources)));
-    let reindexer = writer.clone();
-    tokio::spawn(every(
-        cfg.pool.reindex_interval,
-        shutdown.clone(),
-        move || {
-            reindexer.reindex();
-            async {}
-        },
-    ));
-    // Per-site outcomes that no longer block anything are forgotten, a minute at a time.
-    let sites = reader.clone();
-    tokio::spawn(every(
-        std::time::Duration::from_secs(60),
-        shutdown.clone(),
-        move || {
-            sites.sweep_sites(std::time::Instant::now());
-            async {}
-        },
-    ));
+    spawn_sources(&cfg, &sources, &shutdown);
+    spawn_janitor(&cfg, &catalog, &shutdown);
+    let stats = Arc::new(Mutex::new(StatsBook::default()));
+    spawn_pool_upkeep(&cfg, &reader, &writer, &stats, &shutdown);
     let flushes = admin_metrics.store_flush.clone();
     let persister = tokio::spawn(persister::run(
         cfg.store.stats_flush_interval,
@@ -298,62 +230,21 @@ async fn serve(
         shutdown.clone(),
         move |took| flushes.observe(took.as_secs_f64()),
     ));
-    let stats = Arc::new(Mutex::new(StatsBook::default()));
-    let (sampled, sampled_pool) = (Arc::clone(&stats), reader.clone());
-    tokio::spawn(every(stats::SAMPLE_EVERY, shutdown.clone(), move || {
-        sampled
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .sample(&sampled_pool);
-        async {}
-    }));
-    match control::bind(&cfg.data_dir) {
-        Ok(listener) => {
-            tokio::spawn(control::serve(
-                listener,
-                control::socket_path(&cfg.data_dir),
-                Arc::clone(&catalog),
-                Arc::clone(&actions),
-                shutdown.clone(),
-            ));
-        }
-        Err(e) => tracing::warn!(
-            "control socket {}: {e}; `proxygate pool` commands cannot reach this gateway",
-            control::socket_path(&cfg.data_dir).display()
-        ),
-    }
-    let token = match &cfg.admin.token_file {
-        Some(path) => Some(proxygate_core::Secret::new(
-            proxygate_admin::config::read_token(path)
-                .map_err(|why| anyhow::anyhow!("admin.token_file: {why}"))?
-                .as_str(),
-        )),
-        None => None,
-    };
-    let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (admin.listen)", cfg.admin.listen))?;
-    let admin_addr = admin_listener.local_addr()?;
-    let api = Arc::new(Api {
+    let actions: Arc<dyn Actions> = Arc::new(SourceActions(Arc::clone(&sources)));
+    spawn_control(&cfg, &catalog, &actions, &shutdown);
+    let api = Api {
         catalog: Arc::clone(&catalog),
         store: Arc::clone(&store),
         pool: reader.clone(),
         registry: registry.clone(),
         stats,
-        actions: Arc::clone(&actions),
-        token,
+        actions,
+        token: admin_token(&cfg)?,
         ready_min_healthy: cfg.admin.ready_min_healthy,
         rotating: tokio::sync::Mutex::new(()),
-    });
-    tokio::spawn(api::serve(admin_listener, api, shutdown.clone()));
-    tracing::info!(
-        "admin API on http://{admin_addr} (/metrics, /livez, /readyz, /api/v1){}",
-        if cfg.admin.token_file.is_some() {
-            ", bearer token required"
-        } else {
-            ""
-        }
-    );
+    };
+    start_admin(&cfg, api, &shutdown).await?;
+
     let gateway = Gateway::new(cfg.gateway.clone(), auth, reader.clone(), shutdown, metrics)
         .context("dial.tls_ca_file")?;
     let server = Server::bind(gateway)
@@ -386,13 +277,184 @@ async fn serve(
     }
     signals.abort();
     let _ = persister.await;
-    // Once more after the drain: the last tunnels' outcomes are in.
+    flush_at_exit(store, reader).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Client authentication as configured: the allow-list, and the accounts of
+/// `auth.users_file`.
+fn client_auth(cfg: &RootConfig) -> anyhow::Result<ClientAuth> {
+    let auth = ClientAuth::open().with_allow(cfg.gateway.server.allow.clone());
+    match &cfg.gateway.auth.users_file {
+        Some(path) => Ok(auth.with_users(ClientAuth::load_users(path).context("auth.users_file")?)),
+        None => Ok(auth),
+    }
+}
+
+/// Says at startup what an empty pool means for the first requests.
+fn announce_empty_pool(cfg: &RootConfig, pool_size: usize) {
+    if pool_size == 0 && cfg.sources.is_empty() {
+        tracing::warn!(
+            "the pool is empty and no list source is configured: every request will be \
+             answered 503 until upstreams are added"
+        );
+    } else if pool_size == 0 {
+        tracing::info!(
+            sources = cfg.sources.len(),
+            "the pool is empty: it fills as the list sources are fetched and checked"
+        );
+    }
+}
+
+/// The list sources' loops: fetches and their import batches (when any source is
+/// configured), the rechecks of the pool and the audits.
+fn spawn_sources(cfg: &RootConfig, sources: &Arc<SourcesRuntime>, shutdown: &Shutdown) {
+    if !cfg.sources.is_empty() {
+        let (tx, rx) = tokio::sync::mpsc::channel(cfg.sources.len());
+        tokio::spawn(
+            sources
+                .refresher(cfg.refresh.full_reimport)
+                .run(tx, shutdown.clone()),
+        );
+        tokio::spawn(Arc::clone(sources).run_batches(rx, shutdown.clone()));
+        let names: Vec<&str> = cfg.sources.iter().map(|s| s.name.as_str()).collect();
+        tracing::info!(
+            sources = %names.join(", "),
+            "list sources on: fetched now, then on their intervals"
+        );
+    }
+    tokio::spawn(Arc::clone(sources).run_rechecks(shutdown.clone()));
+    tokio::spawn(Arc::clone(sources).run_audits(shutdown.clone()));
+}
+
+/// The janitor's pass every `janitor.interval`: upstreams dead for too long disabled, then
+/// deleted, each logged with why.
+fn spawn_janitor(cfg: &RootConfig, catalog: &Arc<Mutex<Catalog>>, shutdown: &Shutdown) {
+    let (swept, janitor) = (Arc::clone(catalog), cfg.janitor.clone());
+    tokio::spawn(every(janitor.interval, shutdown.clone(), move || {
+        let (swept, janitor) = (Arc::clone(&swept), janitor.clone());
+        async move {
+            let pass = tokio::task::spawn_blocking(move || {
+                swept
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .janitor(proxygate_admin::catalog::unix_ms(), &janitor)
+            })
+            .await;
+            match pass {
+                Ok(Ok(s)) => {
+                    for (id, why) in &s.disabled {
+                        tracing::info!(upstream = id, "janitor disabled: {why}");
+                    }
+                    for (id, why) in &s.deleted {
+                        tracing::info!(upstream = id, "janitor deleted: {why}");
+                    }
+                }
+                Ok(Err(e)) => tracing::error!("janitor: {e}"),
+                Err(e) => tracing::error!("janitor: {e}"),
+            }
+        }
+    }));
+}
+
+/// The pool's upkeep: its orders re-indexed every `pool.reindex_interval`, per-site outcomes
+/// that no longer block anything forgotten a minute at a time, and the admin API's stats
+/// sampled.
+fn spawn_pool_upkeep(
+    cfg: &RootConfig,
+    reader: &PoolReader,
+    writer: &PoolWriter,
+    stats: &Arc<Mutex<StatsBook>>,
+    shutdown: &Shutdown,
+) {
+    let reindexer = writer.clone();
+    tokio::spawn(every(
+        cfg.pool.reindex_interval,
+        shutdown.clone(),
+        move || {
+            reindexer.reindex();
+            async {}
+        },
+    ));
+    let sites = reader.clone();
+    tokio::spawn(every(
+        std::time::Duration::from_secs(60),
+        shutdown.clone(),
+        move || {
+            sites.sweep_sites(std::time::Instant::now());
+            async {}
+        },
+    ));
+    let (sampled, sampled_pool) = (Arc::clone(stats), reader.clone());
+    tokio::spawn(every(stats::SAMPLE_EVERY, shutdown.clone(), move || {
+        sampled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sample(&sampled_pool);
+        async {}
+    }));
+}
+
+/// The control socket in the data dir, which `proxygate pool` commands reach. Without it the
+/// gateway still serves; the operator is told why.
+fn spawn_control(
+    cfg: &RootConfig,
+    catalog: &Arc<Mutex<Catalog>>,
+    actions: &Arc<dyn Actions>,
+    shutdown: &Shutdown,
+) {
+    match control::bind(&cfg.data_dir) {
+        Ok(listener) => {
+            tokio::spawn(control::serve(
+                listener,
+                control::socket_path(&cfg.data_dir),
+                Arc::clone(catalog),
+                Arc::clone(actions),
+                shutdown.clone(),
+            ));
+        }
+        Err(e) => tracing::warn!(
+            "control socket {}: {e}; `proxygate pool` commands cannot reach this gateway",
+            control::socket_path(&cfg.data_dir).display()
+        ),
+    }
+}
+
+/// The admin API's bearer token, from `admin.token_file` when set.
+fn admin_token(cfg: &RootConfig) -> anyhow::Result<Option<proxygate_core::Secret>> {
+    let Some(path) = &cfg.admin.token_file else {
+        return Ok(None);
+    };
+    let token = proxygate_admin::config::read_token(path)
+        .map_err(|why| anyhow::anyhow!("admin.token_file: {why}"))?;
+    Ok(Some(proxygate_core::Secret::new(token.as_str())))
+}
+
+/// The admin API (`/metrics`, `/livez`, `/readyz`, `/api/v1`) on `admin.listen`.
+async fn start_admin(cfg: &RootConfig, api: Api, shutdown: &Shutdown) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin.listen)", cfg.admin.listen))?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(api::serve(listener, Arc::new(api), shutdown.clone()));
+    tracing::info!(
+        "admin API on http://{addr} (/metrics, /livez, /readyz, /api/v1){}",
+        if cfg.admin.token_file.is_some() {
+            ", bearer token required"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// The stats once more after the drain: the last tunnels' outcomes are in.
+async fn flush_at_exit(store: Arc<Store>, reader: PoolReader) {
     let last = tokio::task::spawn_blocking(move || persist(&store, &reader)).await;
     match last {
         Ok(Ok(n)) => tracing::info!(upstreams = n, "stats flushed"),
         Ok(Err(e)) => tracing::error!("flushing stats at shutdown: {e}"),
         Err(e) => tracing::error!("flushing stats at shutdown: {e}"),
     }
-    tracing::info!("stopped");
-    Ok(())
 }
