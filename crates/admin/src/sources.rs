@@ -236,20 +236,29 @@ impl SourcesRuntime {
         progress: &dyn Progress,
     ) -> Vec<SourceSummary> {
         let now = unix_ms();
-        let mut summaries: Vec<SourceSummary> = reports
-            .iter()
-            .map(|r| SourceSummary {
-                name: r.source.clone(),
-                fetched: r.fetched,
-                unique: r.candidates.len(),
-                dropped_private: r.dropped_private,
-                invalid: r.invalid,
-                error: r.error.clone(),
-                elapsed_ms: crate::millis(r.elapsed),
-                ..SourceSummary::default()
-            })
-            .collect();
-        for r in &reports {
+        let mut summaries = self.fetched(&reports, now);
+        let mut to_check = self.claim(&reports, &mut summaries, check, full);
+        // Low-yield sources' candidates go last.
+        to_check.sort_by_key(|(i, _)| self.quality.get(&summaries[*i].name).check_last);
+        let mut passed_of = vec![0usize; summaries.len()];
+        if !to_check.is_empty() {
+            let _turn = self.checking.lock().await;
+            self.calibrate_if_stale().await;
+            let merged = self
+                .check_candidates(&to_check, &mut summaries, &mut passed_of, progress)
+                .await;
+            self.merge_checked(merged, &mut summaries, import).await;
+        }
+        for s in &summaries {
+            self.metrics.imported(&s.name, s.imported);
+        }
+        self.record_quality(&summaries, &passed_of, now);
+        summaries
+    }
+
+    /// Each source's summary of its fetch so far, counted and logged.
+    fn fetched(&self, reports: &[FetchReport], now: u64) -> Vec<SourceSummary> {
+        for r in reports {
             self.metrics
                 .fetched(&r.source, r.ok(), r.candidates.len(), now / 1000);
             match &r.error {
@@ -270,118 +279,150 @@ impl SourcesRuntime {
                 ),
             }
         }
-        // What to check: across sources each proxy once (the first source's), new ones only
-        // unless this is a full re-import.
+        reports
+            .iter()
+            .map(|r| SourceSummary {
+                name: r.source.clone(),
+                fetched: r.fetched,
+                unique: r.candidates.len(),
+                dropped_private: r.dropped_private,
+                invalid: r.invalid,
+                error: r.error.clone(),
+                elapsed_ms: crate::millis(r.elapsed),
+                ..SourceSummary::default()
+            })
+            .collect()
+    }
+
+    /// What to check, each with the index of its report: across sources each proxy once (the
+    /// first source's claim), new ones only unless this is a `full` re-import, none unless
+    /// `check`. Counts each source's new proxies on the way.
+    fn claim(
+        &self,
+        reports: &[FetchReport],
+        summaries: &mut [SourceSummary],
+        check: bool,
+        full: bool,
+    ) -> Vec<(usize, Candidate)> {
         let mut claimed = HashSet::new();
-        let mut to_check: Vec<(usize, Candidate)> = Vec::new();
-        {
-            let catalog = self.catalog.lock().unwrap_or_else(PoisonError::into_inner);
-            for (i, r) in reports.iter().enumerate() {
-                for c in &r.candidates {
-                    if !claimed.insert(c.id()) {
-                        continue;
-                    }
-                    let known = catalog.contains(c.id());
-                    if !known {
-                        summaries[i].new += 1;
-                    }
-                    if check && (full || !known) {
-                        to_check.push((i, c.clone()));
-                    }
+        let mut to_check = Vec::new();
+        let catalog = self.catalog.lock().unwrap_or_else(PoisonError::into_inner);
+        for (i, r) in reports.iter().enumerate() {
+            for c in &r.candidates {
+                if !claimed.insert(c.id()) {
+                    continue;
+                }
+                let known = catalog.contains(c.id());
+                if !known {
+                    summaries[i].new += 1;
+                }
+                if check && (full || !known) {
+                    to_check.push((i, c.clone()));
                 }
             }
         }
-        // Low-yield sources' candidates go last.
-        to_check.sort_by_key(|(i, _)| self.quality.get(&summaries[*i].name).check_last);
-        let mut passed_of = vec![0usize; summaries.len()];
-        if !to_check.is_empty() {
-            let _turn = self.checking.lock().await;
-            self.calibrate_if_stale().await;
-            let results = self
-                .checker
-                .check_all(
-                    to_check.iter().map(|(_, c)| c.upstream.clone()).collect(),
-                    progress,
-                )
-                .await;
-            let by_id: HashMap<UpstreamId, &(usize, Candidate)> =
-                to_check.iter().map(|t| (t.1.id(), t)).collect();
-            let mut merged = Vec::with_capacity(results.len());
-            for r in &results {
-                let Some((i, cand)) = by_id.get(&r.id) else {
-                    continue;
-                };
-                summaries[*i].checked += 1;
-                if r.passed {
-                    summaries[*i].checked_ok += 1;
-                    passed_of[*i] += 1;
-                }
-                self.metrics.checked(
-                    &summaries[*i].name,
-                    r.passed,
-                    r.inconclusive,
-                    r.latency_ms.unwrap_or(0) as f64 / 1000.0,
+        to_check
+    }
+
+    /// Checks the candidates, each result counted for its source and told to the pool; returns
+    /// the conclusive ones, ready to merge.
+    async fn check_candidates(
+        &self,
+        to_check: &[(usize, Candidate)],
+        summaries: &mut [SourceSummary],
+        passed_of: &mut [usize],
+        progress: &dyn Progress,
+    ) -> Vec<(usize, Checked)> {
+        let results = self
+            .checker
+            .check_all(
+                to_check.iter().map(|(_, c)| c.upstream.clone()).collect(),
+                progress,
+            )
+            .await;
+        let by_id: HashMap<UpstreamId, &(usize, Candidate)> =
+            to_check.iter().map(|t| (t.1.id(), t)).collect();
+        let mut merged = Vec::with_capacity(results.len());
+        for r in &results {
+            let Some((i, cand)) = by_id.get(&r.id) else {
+                continue;
+            };
+            summaries[*i].checked += 1;
+            if r.passed {
+                summaries[*i].checked_ok += 1;
+                passed_of[*i] += 1;
+            }
+            self.metrics.checked(
+                &summaries[*i].name,
+                r.passed,
+                r.inconclusive,
+                r.latency_ms.unwrap_or(0) as f64 / 1000.0,
+            );
+            self.report_to_pool(r);
+            self.metrics
+                .findings(r.tampered.is_some(), r.leak.is_some());
+            if !r.passed {
+                tracing::debug!(
+                    candidate = %cand.upstream,
+                    source = cand.source,
+                    "check failed: {}",
+                    r.detail.as_deref().unwrap_or("-")
                 );
-                self.report_to_pool(r);
-                self.metrics
-                    .findings(r.tampered.is_some(), r.leak.is_some());
-                if !r.passed {
-                    tracing::debug!(
-                        candidate = %cand.upstream,
-                        source = cand.source,
-                        "check failed: {}",
-                        r.detail.as_deref().unwrap_or("-")
+            }
+            if !r.inconclusive {
+                merged.push((
+                    *i,
+                    checked(cand.upstream.clone(), Some(cand.source.clone()), r),
+                ));
+            }
+        }
+        merged
+    }
+
+    /// Merges checked candidates into the catalog (importing those that passed when
+    /// `import`), and counts each source's imports: those that passed and were not in the
+    /// catalog before.
+    async fn merge_checked(
+        &self,
+        merged: Vec<(usize, Checked)>,
+        summaries: &mut [SourceSummary],
+        import: bool,
+    ) {
+        let known: HashSet<UpstreamId> = {
+            let c = self.catalog.lock().unwrap_or_else(PoisonError::into_inner);
+            merged
+                .iter()
+                .map(|(_, m)| m.upstream.id())
+                .filter(|id| c.contains(*id))
+                .collect()
+        };
+        let joining: Vec<usize> = merged
+            .iter()
+            .filter(|(_, m)| import && m.passed && !known.contains(&m.upstream.id()))
+            .map(|(i, _)| *i)
+            .collect();
+        let checked: Vec<Checked> = merged.into_iter().map(|(_, c)| c).collect();
+        let catalog = Arc::clone(&self.catalog);
+        let merge = tokio::task::spawn_blocking(move || {
+            catalog_op(&catalog, |c| c.merge_checked(checked, import))
+        })
+        .await;
+        match merge {
+            Ok(Ok(m)) => {
+                for i in joining {
+                    summaries[i].imported += 1;
+                }
+                if m.imported > 0 || m.reenabled > 0 {
+                    tracing::info!(
+                        imported = m.imported,
+                        reenabled = m.reenabled,
+                        "checked candidates joined the pool"
                     );
                 }
-                if !r.inconclusive {
-                    merged.push((
-                        *i,
-                        checked(cand.upstream.clone(), Some(cand.source.clone()), r),
-                    ));
-                }
             }
-            // Imported: passed, and not in the catalog before this merge.
-            let known: HashSet<UpstreamId> = {
-                let c = self.catalog.lock().unwrap_or_else(PoisonError::into_inner);
-                merged
-                    .iter()
-                    .map(|(_, m)| m.upstream.id())
-                    .filter(|id| c.contains(*id))
-                    .collect()
-            };
-            let joining: Vec<usize> = merged
-                .iter()
-                .filter(|(_, m)| import && m.passed && !known.contains(&m.upstream.id()))
-                .map(|(i, _)| *i)
-                .collect();
-            let checked: Vec<Checked> = merged.into_iter().map(|(_, c)| c).collect();
-            let catalog = Arc::clone(&self.catalog);
-            let merge = tokio::task::spawn_blocking(move || {
-                catalog_op(&catalog, |c| c.merge_checked(checked, import))
-            })
-            .await;
-            match merge {
-                Ok(Ok(m)) => {
-                    for i in joining {
-                        summaries[i].imported += 1;
-                    }
-                    if m.imported > 0 || m.reenabled > 0 {
-                        tracing::info!(
-                            imported = m.imported,
-                            reenabled = m.reenabled,
-                            "checked candidates joined the pool"
-                        );
-                    }
-                }
-                Ok(Err(e)) => tracing::error!("merging checked candidates: {e}"),
-                Err(e) => tracing::error!("merging checked candidates: {e}"),
-            }
+            Ok(Err(e)) => tracing::error!("merging checked candidates: {e}"),
+            Err(e) => tracing::error!("merging checked candidates: {e}"),
         }
-        for s in &summaries {
-            self.metrics.imported(&s.name, s.imported);
-        }
-        self.record_quality(&summaries, &passed_of, now);
-        summaries
     }
 
     /// Stores each source's figures of this fetch, and its yield policy.
