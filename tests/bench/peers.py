@@ -482,6 +482,25 @@ def tcp_out_segments():
     return int(rows[1][rows[0].index("OutSegs")])
 
 
+def time_wait():
+    """TCP sockets in TIME_WAIT on the box (/proc/net/sockstat), every process's."""
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                v = line.split()
+                return int(v[v.index("tw") + 1])
+    return 0
+
+
+def drain_time_wait(most, limit=65.0):
+    """Waits (at most `limit` s; TIME_WAIT lasts 60 s) until at most `most` sockets are in
+    TIME_WAIT. This kernel charges CPU by the tick: the expiry of a burst of them lands on
+    whichever process is running then, perhaps the next cell's gateway (#11, 2026-11-29)."""
+    deadline = time.time() + limit
+    while time_wait() > most and time.time() < deadline:
+        time.sleep(0.5)
+
+
 def machine_ticks():
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
@@ -509,6 +528,9 @@ def run_cell(topo, gateway, scenario, seconds, args):
             "--duration", "1s", "--scenario", "idle", "--tunnels", str(args.idle_tunnels // 10)]
         subprocess.run(warm, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
         time.sleep(args.settle)
+    if args.max_time_wait >= 0:
+        drain_time_wait(args.max_time_wait)
+    tw_at_start = time_wait()
     pids = tree(proc.pid)
     before_cpu = cpu_ticks(pids)
     before_rss = rss_bytes(pids)
@@ -580,6 +602,8 @@ def run_cell(topo, gateway, scenario, seconds, args):
         "peak_rss_mib": peak / 2**20,
         "busy": busy,
         "origin_seen": origin_seen,
+        # Sockets in TIME_WAIT when the cell started (see drain_time_wait).
+        "time_wait_at_start": tw_at_start,
         "mbytes_per_s": r.get("mbytes_per_s"),
         # Bulk: the gateway's CPU per GiB it relayed.
         "cpu_ms_per_gib": cpu_s * 1e3 / (r["bytes"] / 2**30) if r.get("bytes") else None,
@@ -849,6 +873,9 @@ def main():
     ap.add_argument("--idle-tunnels", type=int, default=5000)
     ap.add_argument("--settle", type=float, default=10, help="seconds after idle tunnels close")
     ap.add_argument("--bulk-mib", type=int, default=256)
+    ap.add_argument("--max-time-wait", type=int, default=-1, metavar="N",
+                    help="before each cell wait (at most 65 s) until at most N sockets are in "
+                         "TIME_WAIT; -1 (default) does not wait. Each cell records the count")
     ap.add_argument("--peers", default="proxygate,squid,haproxy,pproxy,direct")
     ap.add_argument("--soak", type=int, default=0, metavar="N",
                     help="then N keep-alive requests through proxygate, memory sampled")
@@ -957,7 +984,8 @@ def main():
                 c = run_cell(topo, g, sc, args.seconds, args)
                 c["pass"] = p + 1
                 cells.append(c)
-                log("   ", fmt_cell(c), f"(origin saw {c['origin_seen']}, busy {c['busy']:.0%})")
+                log("   ", fmt_cell(c), f"(origin saw {c['origin_seen']}, busy {c['busy']:.0%}, "
+                    f"{c['time_wait_at_start']} in TIME_WAIT at its start)")
         soaked = None
         if args.soak:
             log(f"soak: {args.soak} keep-alive requests through proxygate")
