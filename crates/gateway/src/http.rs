@@ -733,10 +733,8 @@ async fn forward(
                 let first_byte = t0.elapsed();
                 note_site(gw, id, &response, &mut budget);
                 gw.metrics().first_byte(first_byte);
-                if cfg.rotate == Rotate::Connection
-                    && let Ok(mut s) = sticky.lock()
-                {
-                    *s = Some((id, budget.routing().clone()));
+                if cfg.rotate == Rotate::Connection {
+                    remember_sticky(sticky, id, budget.routing());
                 }
                 return Ok(answered(up, response, first_byte, &cfg, &target, bytes_up));
             }
@@ -780,12 +778,20 @@ async fn forward(
 /// The upstream this client connection used last for the same routing, under
 /// `dial.rotate = "connection"`.
 fn sticky_upstream(sticky: &Sticky, routing: &Routing) -> Option<UpstreamId> {
-    sticky
-        .lock()
-        .ok()
-        .and_then(|s| s.clone())
-        .filter(|(_, r)| r == routing)
-        .map(|(id, _)| id)
+    let s = sticky.lock().ok()?;
+    s.as_ref().filter(|(_, r)| r == routing).map(|(id, _)| *id)
+}
+
+/// Remembers `id` as this client connection's upstream for `routing`. The routing is cloned
+/// only when it changed (a connection's requests usually all carry the same).
+fn remember_sticky(sticky: &Sticky, id: UpstreamId, routing: &Routing) {
+    let Ok(mut s) = sticky.lock() else {
+        return;
+    };
+    match &mut *s {
+        Some((kept, r)) if r == routing => *kept = id,
+        other => *other = Some((id, routing.clone())),
+    }
 }
 
 /// The upstream's answer made ready for the client: hop-by-hop fields gone, and a body that
@@ -1009,13 +1015,17 @@ async fn upstream_sender(
         } else {
             Purpose::Forward
         };
-        let dialed = match gw.dialer().connect(&lease, target, purpose, budget).await {
+        // The dial boxed: most requests take a kept connection, and its state (~1 KiB) would
+        // make every request's future larger, which hyper and each async layer move whole.
+        let dialed = match Box::pin(gw.dialer().connect(&lease, target, purpose, budget)).await {
             // It will not tunnel to a plain-HTTP port: absolute-form through it, as before.
             Err(e) if http && tunnel && e.kind == ErrorKind::UpstreamRefused => {
                 reuse::refuses_tunnels(id, now);
-                gw.dialer()
-                    .connect(&lease, target, Purpose::Forward, budget)
-                    .await
+                Box::pin(
+                    gw.dialer()
+                        .connect(&lease, target, Purpose::Forward, budget),
+                )
+                .await
             }
             other => other,
         };
@@ -1566,5 +1576,25 @@ mod tests {
             let uri: Uri = s.parse().unwrap();
             assert_eq!(uri_len(&uri), uri.to_string().len(), "{s}");
         }
+    }
+
+    /// The size of what an async fn returns, without calling it (its arguments need not exist).
+    fn future_size<F, A, B, C, D, E, G, R>(_: F) -> usize
+    where
+        F: FnOnce(A, B, C, D, E, G) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every forwarded request's future is held by hyper and moved whole by each async layer
+    /// as it starts the next, each time at its full size: the dial of a new connection (~0.5
+    /// KiB of state, in most requests never entered, as they take a kept connection) is boxed
+    /// out of it. That cut 0.8k of the 41k instructions of a keep-alive request (callgrind).
+    #[test]
+    fn a_forwarded_requests_future_leaves_the_dial_boxed() {
+        let sender = future_size(upstream_sender);
+        assert!(sender <= 900, "upstream_sender's future is {sender} bytes");
+        let handle = future_size(|a, b, c, d, e, _: ()| super::handle(a, b, c, d, e));
+        assert!(handle <= 3300, "a request's future is {handle} bytes");
     }
 }

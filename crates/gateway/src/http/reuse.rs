@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1::SendRequest;
 use proxygate_core::{Target, UpstreamId};
+use rustc_hash::FxBuildHasher;
 
 use super::Body;
 
@@ -44,12 +45,18 @@ const CLOSINGS_TO_LEARN: u32 = 2;
 /// How long what was learned about an upstream holds.
 const LEARNED_FOR: Duration = Duration::from_secs(600);
 
+/// A map hashed by FxHash rather than SipHash: a keep-alive request looks its key up twice
+/// (taken, put back). FxHash is not keyed, so a client could pick origins whose keys collide;
+/// it gains nothing by it, as `idle` never holds more than [`KEPT_PER_WORKER`] keys and
+/// `upstreams` is keyed by the pool's own ids.
+type FxMap<K, V> = HashMap<K, V, FxBuildHasher>;
+
 #[derive(Default)]
 struct Pool {
-    idle: HashMap<Key, Vec<Kept>>,
+    idle: FxMap<Key, Vec<Kept>>,
     /// Connections in `idle`, all keys together.
     kept: usize,
-    upstreams: HashMap<UpstreamId, Learned>,
+    upstreams: FxMap<UpstreamId, Learned>,
 }
 
 /// Idle upstream connections one worker keeps at most, all (upstream, origin) pairs together:
