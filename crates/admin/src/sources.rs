@@ -352,15 +352,7 @@ impl SourcesRuntime {
                 summaries[*i].checked_ok += 1;
                 passed_of[*i] += 1;
             }
-            self.metrics.checked(
-                &summaries[*i].name,
-                r.passed,
-                r.inconclusive,
-                r.latency_ms.unwrap_or(0) as f64 / 1000.0,
-            );
-            self.report_to_pool(r);
-            self.metrics
-                .findings(r.tampered.is_some(), r.leak.is_some());
+            self.record_check(&summaries[*i].name, r);
             if !r.passed {
                 tracing::debug!(
                     candidate = %cand.upstream,
@@ -468,6 +460,20 @@ impl SourcesRuntime {
         }
     }
 
+    /// One check's result, counted for `source` (a list source, or [`POOL`] for a recheck)
+    /// and told to the pool.
+    fn record_check(&self, source: &str, r: &CheckResult) {
+        self.metrics.checked(
+            source,
+            r.passed,
+            r.inconclusive,
+            r.latency_ms.unwrap_or(0) as f64 / 1000.0,
+        );
+        self.report_to_pool(r);
+        self.metrics
+            .findings(r.tampered.is_some(), r.leak.is_some());
+    }
+
     /// A check of a pool member moves its reputation like any attempt.
     fn report_to_pool(&self, r: &CheckResult) {
         if let (Some(pool), false) = (&self.pool, r.inconclusive) {
@@ -528,15 +534,7 @@ impl SourcesRuntime {
                 (false, true) => summary.inconclusive += 1,
                 (false, false) => summary.failed += 1,
             }
-            self.metrics.checked(
-                POOL,
-                r.passed,
-                r.inconclusive,
-                r.latency_ms.unwrap_or(0) as f64 / 1000.0,
-            );
-            self.report_to_pool(r);
-            self.metrics
-                .findings(r.tampered.is_some(), r.leak.is_some());
+            self.record_check(POOL, r);
             if let Some(up) = by_id.get(&r.id) {
                 summary.results.push(CheckLine {
                     id: r.id.to_string(),
