@@ -797,8 +797,8 @@ fn remember_sticky(sticky: &Sticky, id: UpstreamId, routing: &Routing) {
 /// The upstream's answer made ready for the client: hop-by-hop fields gone, and a body that
 /// reports the attempt's outcome (with the bytes each way) when it ends and then hands the
 /// connection back to be kept, unless either side said it closes.
-// Inlined into `forward`, its one caller: as a call it measured ~300 instructions more per
-// keep-alive request (callgrind, two runs), moving the response and the connection into it.
+// Inlined into `forward`, its one caller: as a call it read ~300 instructions more per
+// keep-alive request in two callgrind runs (about the spread of such runs); inlined, level.
 #[inline(always)]
 fn answered(
     up: Upstream,
@@ -1015,7 +1015,7 @@ async fn upstream_sender(
         } else {
             Purpose::Forward
         };
-        // The dial boxed: most requests take a kept connection, and its state (~1 KiB) would
+        // The dial boxed: most requests take a kept connection, and its state (~0.5 KiB) would
         // make every request's future larger, which hyper and each async layer move whole.
         let dialed = match Box::pin(gw.dialer().connect(&lease, target, purpose, budget)).await {
             // It will not tunnel to a plain-HTTP port: absolute-form through it, as before.
@@ -1589,7 +1589,7 @@ mod tests {
     /// Every forwarded request's future is held by hyper and moved whole by each async layer
     /// as it starts the next, each time at its full size: the dial of a new connection (~0.5
     /// KiB of state, in most requests never entered, as they take a kept connection) is boxed
-    /// out of it. That cut 0.8k of the 41k instructions of a keep-alive request (callgrind).
+    /// out of it (see `tests/bench/results-2026-11-29.md` for what it measured).
     #[test]
     fn a_forwarded_requests_future_leaves_the_dial_boxed() {
         let sender = future_size(upstream_sender);
