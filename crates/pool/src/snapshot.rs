@@ -24,7 +24,7 @@ use crate::identity::{ExitGroups, Identity, IdentityCell};
 use crate::{Health, HealthConfig};
 
 /// Pools up to this size are picked from exactly, by a full scan: their orders by reputation
-/// and by latency are never read, so they are not kept.
+/// and by latency are never read, so the reindexer does not refresh them.
 pub const EXACT_MAX: usize = 64;
 
 /// One upstream and its live health.
