@@ -328,8 +328,8 @@ fn spawn_sources(cfg: &RootConfig, sources: &Arc<SourcesRuntime>, shutdown: &Shu
     tokio::spawn(Arc::clone(sources).run_audits(shutdown.clone()));
 }
 
-/// The janitor's pass every `janitor.interval`: upstreams dead for too long disabled, then
-/// deleted, each logged with why.
+/// The janitor's pass every `janitor.interval`: list upstreams dead for long disabled, those
+/// unused for long deleted, each logged with why.
 fn spawn_janitor(cfg: &RootConfig, catalog: &Arc<Mutex<Catalog>>, shutdown: &Shutdown) {
     let (swept, janitor) = (Arc::clone(catalog), cfg.janitor.clone());
     tokio::spawn(every(janitor.interval, shutdown.clone(), move || {
