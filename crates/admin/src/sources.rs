@@ -240,19 +240,18 @@ impl SourcesRuntime {
         let mut to_check = self.claim(&reports, &mut summaries, check, full);
         // Low-yield sources' candidates go last.
         to_check.sort_by_key(|(i, _)| self.quality.get(&summaries[*i].name).check_last);
-        let mut passed_of = vec![0usize; summaries.len()];
         if !to_check.is_empty() {
             let _turn = self.checking.lock().await;
             self.calibrate_if_stale().await;
             let merged = self
-                .check_candidates(&to_check, &mut summaries, &mut passed_of, progress)
+                .check_candidates(&to_check, &mut summaries, progress)
                 .await;
             self.merge_checked(merged, &mut summaries, import).await;
         }
         for s in &summaries {
             self.metrics.imported(&s.name, s.imported);
         }
-        self.record_quality(&summaries, &passed_of, now);
+        self.record_quality(&summaries, now);
         summaries
     }
 
@@ -330,7 +329,6 @@ impl SourcesRuntime {
         &self,
         to_check: &[(usize, Candidate)],
         summaries: &mut [SourceSummary],
-        passed_of: &mut [usize],
         progress: &dyn Progress,
     ) -> Vec<(usize, Checked)> {
         let results = self
@@ -350,7 +348,6 @@ impl SourcesRuntime {
             summaries[*i].checked += 1;
             if r.passed {
                 summaries[*i].checked_ok += 1;
-                passed_of[*i] += 1;
             }
             self.record_check(&summaries[*i].name, r);
             if !r.passed {
@@ -418,9 +415,9 @@ impl SourcesRuntime {
     }
 
     /// Stores each source's figures of this fetch, and its yield policy.
-    fn record_quality(&self, summaries: &[SourceSummary], passed_of: &[usize], now: u64) {
+    fn record_quality(&self, summaries: &[SourceSummary], now: u64) {
         let result = catalog_op(&self.catalog, |c| {
-            for (s, passed) in summaries.iter().zip(passed_of) {
+            for s in summaries {
                 let mut st = c.store().source_stats(&s.name)?;
                 let ok = s.error.is_none() || s.unique > 0;
                 if ok {
@@ -435,7 +432,7 @@ impl SourcesRuntime {
                     fetched: s.fetched as u64,
                     unique: s.unique as u64,
                     new: s.new as u64,
-                    passed: *passed as u64,
+                    passed: s.checked_ok as u64,
                     imported: s.imported as u64,
                 };
                 st.total.fetched += st.last.fetched;
@@ -445,7 +442,7 @@ impl SourcesRuntime {
                 st.total.imported += st.last.imported;
                 // A yield counts only when candidates were checked.
                 if s.checked > 0 {
-                    st.recent.push((s.checked as u64, *passed as u64));
+                    st.recent.push((s.checked as u64, s.checked_ok as u64));
                     let excess = st.recent.len().saturating_sub(RECENT_YIELDS);
                     st.recent.drain(..excess);
                 }
