@@ -5,8 +5,9 @@
 //! [`client_of`] is the part before the NUL.
 //!
 //! Sharded maps behind short mutexes (never held across an await): a lookup or a pin locks
-//! one of [`SESSION_SHARDS`] shards for a hash-map operation. Expired pins are dropped when met, and a
-//! shard is swept of expired pins every [`SWEEP_EVERY`] pins, so idle sessions do not pile up.
+//! one of [`SESSION_SHARDS`] shards for a hash-map operation. Expired pins are dropped when
+//! met, and a shard is swept of expired pins every [`SWEEP_EVERY`] pins, so idle sessions do
+//! not pile up.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};

@@ -11,8 +11,8 @@
 //! has failed there [`SiteConfig::block_after`] times in a row, within
 //! [`SiteConfig::block_for`] of the last failure; it is tried there again after that.
 //!
-//! Memory is a fixed budget: at most [`CAPACITY`] entries in 16 shards (`SITE_SHARDS`); a full shard drops the
-//! stalest of a few entries to make room. Time is an argument.
+//! Memory is a fixed budget: at most [`CAPACITY`] entries in `SITE_SHARDS` (16) shards; a full
+//! shard drops the stalest of a few entries to make room. Time is an argument.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;

@@ -24,9 +24,9 @@
 //! sample (a slow connect while the machine was loaded, one refused connection) would never
 //! get the request that shows it recovered, and a new one would never be tried. So one pick in
 //! [`REMEASURE_EVERY`] on each thread, a first attempt (never a retry, never the pick that pins
-//! a sticky session for its whole TTL), goes to an upstream
-//! *due* for re-measuring (`PickState::is_due`: unused for `pool.remeasure_after`, or never used) when
-//! there is one: in a small pool the longest idle one; in a large pool the next of the
+//! a sticky session for its whole TTL), goes to an upstream *due* for re-measuring
+//! (`PickState::is_due`: unused for `pool.remeasure_after`, or never used) when there is one:
+//! in a small pool the longest idle one; in a large pool the next of the
 //! snapshot's due list (each handed out once per reindex, so the cost stays O(1)). That bounds
 //! what exploration costs at 1 pick in 16, and each stale upstream gets about one request per
 //! `remeasure_after`.
