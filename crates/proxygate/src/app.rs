@@ -218,7 +218,7 @@ async fn serve(
         Some(reader.clone()),
         source_metrics,
     )?;
-    spawn_sources(&cfg, &sources, &shutdown);
+    spawn_sources(&cfg, &sources, &source_names, &shutdown);
     spawn_janitor(&cfg, &catalog, &shutdown);
     let stats = Arc::new(Mutex::new(StatsBook::default()));
     spawn_pool_upkeep(&cfg, &reader, &writer, &stats, &shutdown);
@@ -308,8 +308,13 @@ fn announce_empty_pool(cfg: &RootConfig, pool_size: usize) {
 }
 
 /// The list sources' loops: fetches and their import batches (when any source is
-/// configured), the rechecks of the pool and the audits.
-fn spawn_sources(cfg: &RootConfig, sources: &Arc<SourcesRuntime>, shutdown: &Shutdown) {
+/// configured; `names` are theirs), the rechecks of the pool and the audits.
+fn spawn_sources(
+    cfg: &RootConfig,
+    sources: &Arc<SourcesRuntime>,
+    names: &[String],
+    shutdown: &Shutdown,
+) {
     if !cfg.sources.is_empty() {
         let (tx, rx) = tokio::sync::mpsc::channel(cfg.sources.len());
         tokio::spawn(
@@ -318,7 +323,6 @@ fn spawn_sources(cfg: &RootConfig, sources: &Arc<SourcesRuntime>, shutdown: &Shu
                 .run(tx, shutdown.clone()),
         );
         tokio::spawn(Arc::clone(sources).run_batches(rx, shutdown.clone()));
-        let names: Vec<&str> = cfg.sources.iter().map(|s| s.name.as_str()).collect();
         tracing::info!(
             sources = %names.join(", "),
             "list sources on: fetched now, then on their intervals"
