@@ -2,7 +2,8 @@
 //! `x-peer` (the connecting address: which upstream dialed it), `x-method`, `x-target` (the
 //! request target as received), `x-host`, `x-header-names` (every header name, comma
 //! separated), `x-body-len`, `x-origin` (its own address: which origin answered); the body
-//! echoes the request body.
+//! echoes the request body. `GET /browser-page` is the exception: an HTML page for a browser
+//! ([`BROWSER_PAGE`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -84,11 +85,43 @@ impl Drop for Origin {
     }
 }
 
+/// What `GET /browser-page` answers: a page whose script asks the origin three more times
+/// (two GETs and a POST with a body, synchronously, so that the page is complete when it has
+/// loaded) and writes what each answer's headers say into `<pre id="seen">`, one line each:
+/// `METHOD STATUS x-peer x-target x-body-len`. A browser that dumps its DOM then shows which
+/// upstream carried each request.
+pub const BROWSER_PAGE: &str = r#"<!DOCTYPE html>
+<html><head><title>proxygate browser page</title></head>
+<body><pre id="seen"></pre><script>
+var lines = [];
+function ask(method, target, body) {
+  var x = new XMLHttpRequest();
+  x.open(method, target, false);
+  x.send(body);
+  lines.push([method, x.status, x.getResponseHeader("x-peer"), x.getResponseHeader("x-target"),
+              x.getResponseHeader("x-body-len")].join(" "));
+}
+ask("GET", "/asked?n=1", null);
+ask("GET", "/asked?n=2", null);
+ask("POST", "/asked?n=3", "from the browser");
+document.getElementById("seen").textContent = "page " + location.protocol + "\n" +
+  lines.join("\n") + "\nend";
+</script></body></html>
+"#;
+
 async fn echo(
     req: Request<Incoming>,
     peer: SocketAddr,
     me: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() == hyper::Method::GET && req.uri().path() == "/browser-page" {
+        let page = Response::builder()
+            .header("content-type", "text/html; charset=utf-8")
+            .header("x-peer", peer.ip().to_string())
+            .body(Full::new(Bytes::from_static(BROWSER_PAGE.as_bytes())))
+            .unwrap();
+        return Ok(page);
+    }
     let method = req.method().to_string();
     let target = req.uri().to_string();
     let host = req

@@ -2,14 +2,19 @@
 
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use base64::Engine as _;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PublicKeyData as _};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::Digest as _;
 
 /// A CA (as PEM, to trust) and a server config presenting a certificate it signed.
 pub struct TestPki {
     pub ca_pem: String,
     pub ca_der: CertificateDer<'static>,
     pub server: Arc<rustls::ServerConfig>,
+    /// The server key's SubjectPublicKeyInfo, SHA-256, base64: what Chromium's
+    /// `--ignore-certificate-errors-spki-list` pins.
+    pub server_spki_sha256: String,
 }
 
 impl TestPki {
@@ -31,6 +36,8 @@ impl TestPki {
         ])
         .unwrap();
         let cert = params.signed_by(&key, &issuer).unwrap();
+        let server_spki_sha256 = base64::engine::general_purpose::STANDARD
+            .encode(sha2::Sha256::digest(key.subject_public_key_info()));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let server = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -45,6 +52,7 @@ impl TestPki {
             ca_pem: ca.pem(),
             ca_der: ca.der().clone(),
             server: Arc::new(server),
+            server_spki_sha256,
         }
     }
 
