@@ -27,6 +27,8 @@ markdown tables (and writes the raw figures as JSON with --json-out).
                                               # user-space instructions per request (callgrind)
     tests/bench/peers.py --peers proxygate,sockmap,haproxy --scenarios in-tunnel,bulk
                                               # against tunnels joined in the kernel (root)
+    tests/bench/peers.py --pool 10000 --peers proxygate,haproxy --scenarios connect
+                                              # 10,000 upstream addresses per pool (root)
 
 `--instructions N` runs each gateway under valgrind's callgrind instead and counts the
 instructions it executes in user space for N requests per scenario (closed loop, after a
@@ -40,18 +42,27 @@ Every gateway runs one event-loop thread by default (proxygate `server.workers =
 and the upstreams share the cores, and a gateway given more threads than its peers only pays
 for them in wake-ups and in its tail.
 
+`--pool N` gives every gateway's pools N upstream addresses instead of three, spread over the
+same three processes of each kind: the cost of a pool the size of a scraped list, per request
+and in memory (each gateway's RSS once started, before any load, is printed per pool). The run
+then moves into a network namespace of its own (`unshare --net`, root), whose only interface is
+its loopback: the upstreams listen on every address there, so 127.A.B.C:PORT reaches the
+process on PORT for every A.B.C, and nothing listens beyond the namespace.
+
 Loopback only; every process it starts is stopped at the end. Run it on an otherwise idle
 machine: the figures are ratios between gateways measured in the same run, and the absolute
 numbers mean little on a shared, noisy box.
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -132,6 +143,30 @@ def free_port():
         return s.getsockname()[1]
 
 
+NAMESPACE_MARK = "PG_PEERS_OWN_NETNS"
+
+
+def enter_namespace():
+    """Runs the rest of this script in a network namespace of its own, its loopback up: with
+    `--pool` above 3 the upstreams listen on every address, and there every address is its
+    loopback's. Re-executes once under `unshare --net` (root); the build has been done."""
+    if os.environ.get(NAMESPACE_MARK) == "1":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+        got = fcntl.ioctl(s, siocgifflags, struct.pack("16sH", b"lo", 0))
+        flags = struct.unpack("16sH", got)[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sH", b"lo", flags | iff_up))
+        s.close()
+        return
+    unshare = shutil.which("unshare")
+    if not unshare or os.geteuid() != 0:
+        raise SystemExit("--pool above 3 runs in a network namespace of its own: needs root and "
+                         "unshare (util-linux)")
+    argv = [unshare, "--net", "--", sys.executable, str(Path(__file__).resolve())]
+    argv += [a for a in sys.argv[1:] if a != "--no-build"] + ["--no-build"]
+    os.execve(unshare, argv, {**os.environ, NAMESPACE_MARK: "1"})
+
+
 def wait_port(port, what, limit=20.0):
     end = time.time() + limit
     while time.time() < end:
@@ -178,8 +213,10 @@ class Topology:
     """Every process of the run, stopped on exit."""
 
     def __init__(self, work: Path, loadgen: Path, proxygate: Path, proxygate_extra: str = "",
-                 threads: int = 1, baseline: Path = None):
+                 threads: int = 1, baseline: Path = None, pool: int = 3):
         self.work = work
+        # Upstream addresses per pool (`--pool`): three are the three processes themselves.
+        self.pool = pool
         # Event-loop threads of proxygate (server.workers) and HAProxy (nbthread) alike; squid
         # and pproxy have one.
         self.threads = threads
@@ -191,6 +228,8 @@ class Topology:
         self.proxygate_extra = proxygate_extra
         self.procs = []
         self.gateways = {}  # (name, pool) -> (port, Popen)
+        # (name, pool) -> the gateway's RSS (bytes) once started, before any load.
+        self.rss_at_start = {}
         # Gateways run under callgrind (--instructions), counting only when switched on.
         self.callgrind = False
 
@@ -282,12 +321,15 @@ http {{
         for i in range(3):
             port = free_port()
             conf = self.work / f"tinyproxy{i}.conf"
+            # With a pool of more addresses than processes (in a namespace of its own): every
+            # address, and clients from all of 127/8.
+            listen = "" if self.pool > 3 else "Listen 127.0.0.1\n"
+            allow = "127.0.0.0/8" if self.pool > 3 else "127.0.0.1"
             conf.write_text(f"""Port {port}
-Listen 127.0.0.1
-Timeout 600
+{listen}Timeout 600
 MaxClients 10000
 LogLevel Critical
-Allow 127.0.0.1
+Allow {allow}
 DisableViaHeader Yes
 """)
             p = self.spawn(f"tinyproxy{i}", [sbin("tinyproxy"), "-d", "-c", str(conf)])
@@ -298,14 +340,36 @@ DisableViaHeader Yes
         self.microsocks = []
         for i in range(3):
             port = free_port()
-            p = self.spawn(f"microsocks{i}",
-                           [sbin("microsocks"), "-i", "127.0.0.1", "-p", str(port)])
+            bind = "0.0.0.0" if self.pool > 3 else "127.0.0.1"
+            p = self.spawn(f"microsocks{i}", [sbin("microsocks"), "-i", bind, "-p", str(port)])
             self.upstream_procs["socks"].append(p)
             self.microsocks.append(port)
             if i == 0:
                 self.gateways[("direct", "socks")] = (port, p)
         for p in self.tinyproxies + self.microsocks:
             wait_port(p, "an upstream")
+
+    def addresses(self, ports):
+        """A pool's upstream addresses, `HOST:PORT`: one per process, or `--pool` of them over
+        127/8 (127.1.0.1 upwards), each on one of the processes' ports in turn."""
+        if self.pool <= 3:
+            return [f"127.0.0.1:{u}" for u in ports[:self.pool]]
+        return [f"127.{1 + k // 62500}.{k // 250 % 250}.{k % 250 + 1}:{ports[k % len(ports)]}"
+                for k in range(self.pool)]
+
+    def started(self, name, pool, port, proc):
+        self.gateways[(name, pool)] = (port, proc)
+        # A pool of many addresses may still be loading after the port opens (proxygate
+        # reads its upstreams before it listens; the others, their config): RSS once it is
+        # level over half a second.
+        last = -1
+        for _ in range(120):
+            now = rss_bytes(tree(proc.pid))
+            if now == last:
+                break
+            last = now
+            time.sleep(0.5)
+        self.rss_at_start[(name, pool)] = last
 
     def start_gateways(self, names):
         for name in names:
@@ -338,15 +402,15 @@ strategy = "round_robin"
 [log]
 level = "warn"
 """.replace("{threads}", str(workers)) + self.proxygate_extra)
+            listed = self.work / f"{name}-{pool}-upstreams.txt"
+            listed.write_text("".join(f"{scheme}://{a}\n" for a in self.addresses(ups)))
             argv = [str(binary), "run", "--config", str(conf), "--listen",
                     f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0", "--data-dir",
-                    str(self.work / f"{name}-{pool}-data")]
-            for u in ups:
-                argv += ["--upstream", f"{scheme}://127.0.0.1:{u}"]
+                    str(self.work / f"{name}-{pool}-data"), "--upstreams-file", str(listed)]
             p = self.spawn(f"{name}-{pool}", self.gateway_argv(f"{name}-{pool}", argv),
                            env={**os.environ, "RUST_LOG": "warn"})
-            wait_port(port, name, 60)
-            self.gateways[(name, pool)] = (port, p)
+            wait_port(port, name, 120)
+            self.started(name, pool, port, p)
 
     def start_squid(self):
         port = free_port()
@@ -354,8 +418,9 @@ level = "warn"
         d.mkdir()
         os.chmod(d, 0o777)
         peers = "\n".join(
-            f"cache_peer 127.0.0.1 parent {u} 0 no-query no-digest round-robin name=t{i}"
-            for i, u in enumerate(self.tinyproxies))
+            f"cache_peer {a.rsplit(':', 1)[0]} parent {a.rsplit(':', 1)[1]} 0 no-query "
+            f"no-digest round-robin name=t{i}"
+            for i, a in enumerate(self.addresses(self.tinyproxies)))
         conf = d / "squid.conf"
         conf.write_text(f"""http_port 127.0.0.1:{port}
 {peers}
@@ -373,13 +438,13 @@ via off
 shutdown_lifetime 1 seconds
 """)
         p = self.spawn("squid", self.gateway_argv("squid", [sbin("squid"), "-N", "-f", str(conf)]))
-        wait_port(port, "squid", 60)
-        self.gateways[("squid", "http")] = (port, p)
+        wait_port(port, "squid", 120)
+        self.started("squid", "http", port, p)
 
     def start_haproxy(self):
         hport, sport = free_port(), free_port()
         servers = lambda ups, tag: "\n".join(  # noqa: E731
-            f"    server {tag}{i} 127.0.0.1:{u}" for i, u in enumerate(ups))
+            f"    server {tag}{i} {a}" for i, a in enumerate(self.addresses(ups)))
         conf = self.work / "haproxy.cfg"
         conf.write_text(f"""global
     maxconn {FD_LIMIT // 2 - 100}
@@ -404,8 +469,9 @@ backend microsocks
 """)
         p = self.spawn("haproxy", self.gateway_argv(
             "haproxy", [sbin("haproxy"), "-db", "-f", str(conf)]))
-        wait_port(hport, "haproxy", 60)
-        self.gateways[("haproxy", "http")] = (hport, p)
+        wait_port(hport, "haproxy", 120)
+        wait_port(sport, "haproxy", 120)
+        self.started("haproxy", "http", hport, p)
         self.gateways[("haproxy", "socks")] = (sport, p)
 
     def start_sockmap(self):
@@ -420,11 +486,11 @@ backend microsocks
                                   ("socks", self.microsocks, "socks5")]:
             port = free_port()
             argv = [shutil.which("pproxy"), "-l", f"{scheme}://127.0.0.1:{port}", "-s", "rr"]
-            for u in ups:
-                argv += ["-r", f"{scheme}://127.0.0.1:{u}"]
+            for a in self.addresses(ups):
+                argv += ["-r", f"{scheme}://{a}"]
             p = self.spawn(f"pproxy-{pool}", self.gateway_argv(f"pproxy-{pool}", argv))
-            wait_port(port, "pproxy", 60)
-            self.gateways[("pproxy", pool)] = (port, p)
+            wait_port(port, "pproxy", 120)
+            self.started("pproxy", pool, port, p)
 
 
 def tree(pid):
@@ -894,6 +960,10 @@ def main():
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
                     help="count user-space instructions per request under callgrind instead, "
                     "N requests per scenario and gateway")
+    ap.add_argument("--pool", type=int, default=3, metavar="N",
+                    help="upstream addresses per pool, spread over the three upstream processes "
+                    "of its kind (default 3: one each); more than 3 runs in a network namespace "
+                    "of its own (root)")
     ap.add_argument("--json-out")
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the work directory (configs, logs, callgrind dumps for "
@@ -910,6 +980,10 @@ def main():
     if not args.no_build:
         subprocess.run(["cargo", "build", "--locked", "--release", "-p", "proxygate",
                         "-p", "proxygate-loadgen"], cwd=REPO, check=True)
+    if args.pool < 1:
+        raise SystemExit("--pool needs at least one address")
+    if args.pool > 3:
+        enter_namespace()
     target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release"
     work = Path(tempfile.mkdtemp(prefix="pg-peers-"))
     os.chmod(work, 0o755)
@@ -917,7 +991,7 @@ def main():
         log(f"work directory (kept): {work}")
     topo = Topology(work, target / "pg-loadgen", target / "proxygate",
                     args.proxygate_config.replace("\\n", "\n"), args.threads,
-                    Path(args.baseline) if args.baseline else None)
+                    Path(args.baseline) if args.baseline else None, args.pool)
     cells = []
     if args.instructions:
         if "squid" in gateways:
@@ -1018,6 +1092,9 @@ def main():
         print(box)
     print()
     print(ratios(cells))
+    print(f"\nRSS once started, before any load, {args.pool:,} upstream addresses per pool: "
+          + "; ".join(f"{g} {pool} {b / 2**20:.1f} MiB"
+                      for (g, pool), b in sorted(topo.rss_at_start.items())) + ".")
     if soaked:
         print(f"\nSoak: {soaked['completed']:,} of {soaked['requests']:,} keep-alive requests "
               f"through proxygate in {soaked['seconds']} s ({soaked['rps']:.0f}/s), errors "
@@ -1025,8 +1102,11 @@ def main():
               f"RSS {soaked['rss_warm_mib']:.1f} MiB once warm, {soaked['rss_peak_mib']:.1f} "
               f"MiB at most, {soaked['rss_end_mib']:.1f} MiB at the end.")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"when": stamp, "versions": versions,
-                                                   "cells": cells, "soak": soaked}, indent=1))
+        rss_at_start = {f"{g}/{pool}": round(b / 2**20, 2)
+                        for (g, pool), b in topo.rss_at_start.items()}
+        Path(args.json_out).write_text(json.dumps({
+            "when": stamp, "versions": versions, "pool": args.pool,
+            "rss_at_start_mib": rss_at_start, "cells": cells, "soak": soaked}, indent=1))
     bad = [c for c in cells if c["gateway"] == "proxygate" and (
         c["errors"] or (c["completed"] == 0 and c["scenario"] != "idle"))]
     if soaked and (sum(soaked["errors"].values()) or soaked["completed"] != soaked["requests"]):
