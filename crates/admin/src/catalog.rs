@@ -374,8 +374,15 @@ pub fn to_saved(s: &Stats) -> Saved {
     }
 }
 
+/// Whether [`live_stats`] would take anything from the stored stats: an entry never used, never
+/// re-checked or never measured since this process started. An entry used since the last
+/// flush rarely is one, so the persister reads the stored stats only then.
+pub fn needs_stored(e: &Entry, now: Instant) -> bool {
+    e.since_last_use(now).is_none() || e.since_last_check(now).is_none() || !e.health.has_latency()
+}
+
 /// An entry's live stats in the store's shape (`previous` supplies what the pool does not
-/// track).
+/// track: see [`needs_stored`]).
 pub fn live_stats(e: &Entry, now: Instant, now_unix: u64, previous: &Stats) -> Stats {
     let h = &e.health;
     let at = |ago: std::time::Duration| {
@@ -394,8 +401,7 @@ pub fn live_stats(e: &Entry, now: Instant, now_unix: u64, previous: &Stats) -> S
             .map(at)
             .or(previous.last_health_check_unix_ms),
         latency_histogram: h
-            .latency()
-            .map(|l| l.encode())
+            .latency_encoded()
             .or_else(|| previous.latency_histogram.clone()),
     }
 }

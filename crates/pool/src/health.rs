@@ -315,6 +315,24 @@ impl Health {
             .cloned()
     }
 
+    /// The response-time distribution since first measured, encoded as the store keeps it
+    /// ([`Latency::encode`]), if any: encoded in place, with no copy of the histogram.
+    pub fn latency_encoded(&self) -> Option<String> {
+        self.latency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_deref()
+            .map(Latency::encode)
+    }
+
+    /// Whether a response time was ever measured (the distribution exists).
+    pub fn has_latency(&self) -> bool {
+        self.latency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
     /// What happened since the last call (and starts the next interval).
     pub fn take_interval(&self) -> Interval {
         let [s, f, rt] = &self.interval;
