@@ -233,6 +233,26 @@ async fn strategy_reputation_health_and_stats_from_the_cli() {
     let worst = &list["upstreams"][0];
     assert_eq!(worst["address"], dead.to_string());
     let id = worst["id"].as_str().unwrap().to_owned();
+    // Pages of the same order: `total` counts them all, `upstreams` holds the page.
+    let first = gw.api("/api/v1/upstreams?sort=reputation&limit=1").await;
+    assert_eq!(first["total"], 2);
+    assert_eq!(first["upstreams"].as_array().unwrap().len(), 1);
+    assert_eq!(first["upstreams"][0]["id"], worst["id"]);
+    let second = gw
+        .api("/api/v1/upstreams?sort=reputation&offset=1&limit=5")
+        .await;
+    assert_eq!(second["upstreams"].as_array().unwrap().len(), 1);
+    assert_eq!(second["upstreams"][0]["address"], good.addr.to_string());
+    let best = gw.api("/api/v1/upstreams?sort=-reputation&limit=1").await;
+    assert_eq!(best["upstreams"][0]["id"], second["upstreams"][0]["id"]);
+    let past = gw.api("/api/v1/upstreams?offset=9").await;
+    assert_eq!(
+        (
+            past["total"].as_u64(),
+            past["upstreams"].as_array().map(Vec::len)
+        ),
+        (Some(2), Some(0))
+    );
 
     // Why does it score what it scores?
     let e = gw.api(&format!("/api/v1/upstreams/{}", &id[..6])).await;
