@@ -97,46 +97,58 @@ fn expected(protocol: &str, egress: &str) -> Vec<String> {
     ]
 }
 
-/// Every request the upstream carried went to one of `ports`: Chromium sent nothing else
-/// through the gateway (no background fetches leave a hermetic test).
-fn only_to(fake: &FakeUpstream, ports: &[u16]) {
-    let seen = fake.seen().requests;
-    assert!(!seen.is_empty());
-    for r in &seen {
-        assert!(
-            ports.iter().any(|p| r.contains(&format!(":{p}"))),
-            "the upstream carried a request to somewhere else: {r} (all: {seen:?})"
-        );
+/// The two origins Chromium loads the page from: plain HTTP, and HTTPS with a certificate
+/// pinned by its key.
+struct Pages {
+    pki: TestPki,
+    plain: Origin,
+    tls: Origin,
+}
+
+impl Pages {
+    async fn start() -> Pages {
+        let pki = TestPki::new();
+        let plain = Origin::start().await;
+        let tls = Origin::start_on("127.0.0.1:0".parse().unwrap(), Some(pki.acceptor())).await;
+        Pages { pki, plain, tls }
+    }
+
+    /// Loads the page over HTTP, then over HTTPS, through `proxy`: every request of each page
+    /// reached the origin through `fake` (its egress address), and `fake` carried nothing but
+    /// them (no background fetch of Chromium's left this hermetic test).
+    async fn load_through(&self, proxy: &str, gw: &Gateway, fake: &FakeUpstream) {
+        let egress = fake.egress.to_string();
+        let plain = format!("{}/browser-page", self.plain.url());
+        let tls = format!("https://localhost:{}/browser-page", self.tls.addr.port());
+        for (url, protocol) in [(plain, "http:"), (tls, "https:")] {
+            let dom = chromium(proxy, &url, &self.pki).await;
+            assert_eq!(
+                seen_by_page(&dom),
+                expected(protocol, &egress),
+                "{}",
+                gw.logs()
+            );
+        }
+        let ports = [self.plain.addr.port(), self.tls.addr.port()];
+        let seen = fake.seen().requests;
+        assert!(!seen.is_empty());
+        for r in &seen {
+            assert!(
+                ports.iter().any(|p| r.contains(&format!(":{p}"))),
+                "the upstream carried a request to somewhere else: {r} (all: {seen:?})"
+            );
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_through_an_http_proxy_over_an_upstream_with_credentials() {
-    let pki = TestPki::new();
-    let origin = Origin::start().await;
-    let tls_origin = Origin::start_on("127.0.0.1:0".parse().unwrap(), Some(pki.acceptor())).await;
+    let pages = Pages::start().await;
     let fake = FakeUpstream::start(Kind::Http, Some(("chrome", "s3cret"))).await;
     let gw = Gateway::builder().upstream(fake.url("http")).start().await;
-    let proxy = format!("http://{}", gw.addr);
-    let egress = fake.egress.to_string();
-
-    let dom = chromium(&proxy, &format!("{}/browser-page", origin.url()), &pki).await;
-    assert_eq!(
-        seen_by_page(&dom),
-        expected("http:", &egress),
-        "{}",
-        gw.logs()
-    );
-    let url = format!("https://localhost:{}/browser-page", tls_origin.addr.port());
-    let dom = chromium(&proxy, &url, &pki).await;
-    assert_eq!(
-        seen_by_page(&dom),
-        expected("https:", &egress),
-        "{}",
-        gw.logs()
-    );
-
-    only_to(&fake, &[origin.addr.port(), tls_origin.addr.port()]);
+    pages
+        .load_through(&format!("http://{}", gw.addr), &gw, &fake)
+        .await;
     // Every handshake with the upstream presented the operator's credentials, none the
     // browser's (it sent none).
     let auth = fake.seen().auth;
@@ -149,72 +161,32 @@ async fn chromium_through_an_http_proxy_over_an_upstream_with_credentials() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_through_a_socks5_proxy() {
-    let pki = TestPki::new();
-    let origin = Origin::start().await;
-    let tls_origin = Origin::start_on("127.0.0.1:0".parse().unwrap(), Some(pki.acceptor())).await;
+    let pages = Pages::start().await;
     let fake = FakeUpstream::start(Kind::Socks5, Some(("chrome", "s3cret"))).await;
     let gw = Gateway::builder()
         .upstream(fake.url("socks5h"))
         .start()
         .await;
-    let proxy = format!("socks5://{}", gw.addr);
-    let egress = fake.egress.to_string();
-
-    let dom = chromium(&proxy, &format!("{}/browser-page", origin.url()), &pki).await;
-    assert_eq!(
-        seen_by_page(&dom),
-        expected("http:", &egress),
-        "{}",
-        gw.logs()
-    );
-    let url = format!("https://localhost:{}/browser-page", tls_origin.addr.port());
-    let dom = chromium(&proxy, &url, &pki).await;
-    assert_eq!(
-        seen_by_page(&dom),
-        expected("https:", &egress),
-        "{}",
-        gw.logs()
-    );
-
-    only_to(&fake, &[origin.addr.port(), tls_origin.addr.port()]);
+    pages
+        .load_through(&format!("socks5://{}", gw.addr), &gw, &fake)
+        .await;
     // Chromium sends SOCKS5 targets as names (an address literal too), resolved remotely:
     // the gateway passes the name on to a `socks5h` upstream.
+    let seen = fake.seen().requests;
     assert!(
-        fake.seen()
-            .requests
-            .iter()
+        seen.iter()
             .any(|r| r.starts_with("socks5 domain localhost:")),
-        "{:?}",
-        fake.seen().requests
+        "{seen:?}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_through_a_socks4_proxy() {
-    let pki = TestPki::new();
-    let origin = Origin::start().await;
-    let tls_origin = Origin::start_on("127.0.0.1:0".parse().unwrap(), Some(pki.acceptor())).await;
+    let pages = Pages::start().await;
     let fake = FakeUpstream::start(Kind::Http, None).await;
     let gw = Gateway::builder().upstream(fake.url("http")).start().await;
     // SOCKS4 carries no names: Chromium resolves `localhost` itself and sends the address.
-    let proxy = format!("socks4://{}", gw.addr);
-    let egress = fake.egress.to_string();
-
-    let dom = chromium(&proxy, &format!("{}/browser-page", origin.url()), &pki).await;
-    assert_eq!(
-        seen_by_page(&dom),
-        expected("http:", &egress),
-        "{}",
-        gw.logs()
-    );
-    let url = format!("https://localhost:{}/browser-page", tls_origin.addr.port());
-    let dom = chromium(&proxy, &url, &pki).await;
-    assert_eq!(
-        seen_by_page(&dom),
-        expected("https:", &egress),
-        "{}",
-        gw.logs()
-    );
-
-    only_to(&fake, &[origin.addr.port(), tls_origin.addr.port()]);
+    pages
+        .load_through(&format!("socks4://{}", gw.addr), &gw, &fake)
+        .await;
 }
