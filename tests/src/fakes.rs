@@ -30,6 +30,8 @@ pub struct Seen {
     /// Per request: `CONNECT host:port`, `GET http://...` (absolute form), `socks5 domain
     /// host:port`, `socks5 ip addr`, `socks4a host:port`, `socks4 addr`.
     pub requests: Vec<String>,
+    /// An HTTPS fake's TLS handshakes, in order: whether each resumed an earlier session.
+    pub tls_resumed: Vec<bool>,
 }
 
 /// A running fake upstream.
@@ -169,6 +171,9 @@ impl FakeUpstream {
                         Kind::Http => http_proxy(ctx, stream).await,
                         Kind::Https(acceptor) => {
                             if let Ok(tls) = acceptor.accept(stream).await {
+                                let resumed = tls.get_ref().1.handshake_kind()
+                                    == Some(rustls::HandshakeKind::Resumed);
+                                ctx.seen.lock().unwrap().tls_resumed.push(resumed);
                                 http_proxy(ctx, tls).await;
                             }
                         }

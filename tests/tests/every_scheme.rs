@@ -203,6 +203,17 @@ async fn check_scheme(scheme: &str) {
         !r.header("x-header-names").contains("proxy-authorization"),
         "{r:?}"
     );
+    if scheme == "https" {
+        // A TLS upstream's sessions are resumed: one full handshake, then abbreviated ones
+        // (a full one costs the gateway a signature check and a key exchange per tunnel).
+        let resumed = s.fake.seen().tls_resumed;
+        assert!(resumed.len() >= 3, "{resumed:?}");
+        assert!(
+            !resumed[0],
+            "the first handshake is a full one: {resumed:?}"
+        );
+        assert!(resumed[1..].iter().all(|r| *r), "{resumed:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
