@@ -576,8 +576,9 @@ async fn list(api: &Api, q: &HashMap<String, String>) -> Resp {
     if desc {
         rows.reverse();
     }
-    /// Written straight from the rows: through `json!` every row became a map of owned keys
-    /// and values first, ~4 KiB each, 41 MiB of RSS to list 10,000 upstreams.
+    /// Written straight from the rows. Through `json!` every row became a map of owned keys
+    /// and values first: listing 10,000 upstreams took the gateway from 49 to 90 MiB of RSS,
+    /// where written from the rows it takes it to 67.
     #[derive(Serialize)]
     struct Page<'a> {
         total: usize,

@@ -375,8 +375,10 @@ pub fn to_saved(s: &Stats) -> Saved {
 }
 
 /// Whether [`live_stats`] would take anything from the stored stats: an entry never used, never
-/// re-checked or never measured since this process started. An entry used since the last
-/// flush rarely is one, so the persister reads the stored stats only then.
+/// re-checked or never measured since this process started. The persister reads the stored
+/// stats only then. An upstream this process added has been checked (its probation) and
+/// measured by its first uses; one loaded from the store at start has not been re-checked
+/// until it goes on probation again or the checker visits it, and is read as before.
 pub fn needs_stored(e: &Entry, now: Instant) -> bool {
     e.since_last_use(now).is_none() || e.since_last_check(now).is_none() || !e.health.has_latency()
 }
