@@ -23,7 +23,11 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1024;
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_REPLY_HEAD_BYTES: usize = 8 * 1024;
 pub const DEFAULT_KEEP_IDLE: Duration = Duration::from_secs(30);
-pub const DEFAULT_KEEP_IDLE_MAX: usize = 16;
+/// Idle upstream connections kept per (upstream, origin) and worker. 16 starved a busy origin:
+/// with 1,000 keep-alive clients through three upstreams, connections came back faster than
+/// requests took them, and past 16 each was closed and the next request dialled anew (13.1
+/// TCP segments per request against 9.1 at 256; `tests/bench/results-2026-11-29.md`).
+pub const DEFAULT_KEEP_IDLE_MAX: usize = 256;
 pub const DEFAULT_HEDGE_RATIO: f64 = 0.1;
 pub const DEFAULT_HEDGE_MIN_DELAY: Duration = Duration::from_millis(100);
 pub const DEFAULT_HEDGE_MAX_DELAY: Duration = Duration::from_secs(3);

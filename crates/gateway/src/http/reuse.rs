@@ -14,7 +14,7 @@
 //! such a tunnel is marked too and gets absolute-form again.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1::SendRequest;
@@ -53,7 +53,8 @@ type FxMap<K, V> = HashMap<K, V, FxBuildHasher>;
 
 #[derive(Default)]
 struct Pool {
-    idle: FxMap<Key, Vec<Kept>>,
+    /// Per key, oldest first: a request takes the newest, a full list drops the oldest.
+    idle: FxMap<Key, VecDeque<Kept>>,
     /// Connections in `idle`, all keys together.
     kept: usize,
     upstreams: FxMap<UpstreamId, Learned>,
@@ -101,7 +102,9 @@ pub(crate) fn ended(key: &Key, conn: u64, now: Instant) {
         let Some(i) = list.iter().position(|k| k.conn == conn) else {
             return;
         };
-        let k = list.remove(i);
+        let Some(k) = list.remove(i) else {
+            return;
+        };
         if list.is_empty() {
             pool.idle.remove(key);
         }
@@ -125,7 +128,7 @@ pub(crate) fn take(
         let mut found = None;
         let mut closed = Vec::new();
         let before = list.len();
-        while let Some(k) = list.pop() {
+        while let Some(k) = list.pop_back() {
             if now.duration_since(k.since) >= keep_idle {
                 continue;
             }
@@ -174,11 +177,11 @@ pub(crate) fn put(
         let list = pool.idle.entry((upstream, target)).or_default();
         if list.len() >= max {
             // The oldest goes: it is the likeliest to have been closed.
-            list.remove(0);
+            list.pop_front();
             pool.kept -= 1;
         }
         pool.kept += 1;
-        list.push(Kept {
+        list.push_back(Kept {
             sender,
             conn,
             tunnel,
@@ -251,7 +254,7 @@ pub(crate) fn sweep(keep_idle: Duration, now: Instant) {
             list.retain(|k| now.duration_since(k.since) < keep_idle && !k.sender.is_closed());
             !list.is_empty()
         });
-        pool.kept = pool.idle.values().map(Vec::len).sum();
+        pool.kept = pool.idle.values().map(VecDeque::len).sum();
         pool.upstreams
             .retain(|_, l| now.duration_since(l.at) < LEARNED_FOR);
     });
@@ -261,7 +264,7 @@ pub(crate) fn sweep(keep_idle: Duration, now: Instant) {
 #[cfg(test)]
 pub(crate) fn kept() -> usize {
     with(|pool| {
-        let n = pool.idle.values().map(Vec::len).sum();
+        let n = pool.idle.values().map(VecDeque::len).sum();
         assert_eq!(n, pool.kept, "the running count drifted");
         n
     })
@@ -318,6 +321,44 @@ mod tests {
         let (s, _p) = sender().await;
         put(UpstreamId(3), t.clone(), s, conn_id(), true, 3, now);
         sweep(Duration::from_secs(30), later);
+        assert_eq!(kept(), 0);
+    }
+
+    /// A hundred responses end at once on one (upstream, origin), as under a hundred keep-alive
+    /// clients of one origin: by default every connection is kept for the requests that follow
+    /// (newest first); past a cap the oldest go.
+    #[tokio::test]
+    async fn a_busy_origin_keeps_what_its_responses_hand_back() {
+        let now = Instant::now();
+        let idle = Duration::from_secs(30);
+        let (busy, capped) = (target("busy.example:80"), target("capped.example:80"));
+        let mut peers = Vec::new();
+        let mut ids = Vec::new();
+        for _ in 0..100 {
+            let (s, p) = sender().await;
+            peers.push(p);
+            let id = conn_id();
+            ids.push(id);
+            let max = crate::config::DEFAULT_KEEP_IDLE_MAX;
+            put(UpstreamId(5), busy.clone(), s, id, false, max, now);
+        }
+        for want in ids.iter().rev() {
+            let k = take(UpstreamId(5), &busy, idle, now).unwrap();
+            assert_eq!(k.conn, *want);
+        }
+        assert!(take(UpstreamId(5), &busy, idle, now).is_none());
+
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let (s, p) = sender().await;
+            peers.push(p);
+            let id = conn_id();
+            ids.push(id);
+            put(UpstreamId(6), capped.clone(), s, id, false, 3, now);
+        }
+        for want in ids[2..].iter().rev() {
+            assert_eq!(take(UpstreamId(6), &capped, idle, now).unwrap().conn, *want);
+        }
         assert_eq!(kept(), 0);
     }
 
