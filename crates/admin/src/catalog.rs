@@ -374,18 +374,11 @@ pub fn to_saved(s: &Stats) -> Saved {
     }
 }
 
-/// Whether [`live_stats`] would take anything from the stored stats: an entry never used, never
-/// re-checked or never measured since this process started. The persister reads the stored
-/// stats only then. An upstream this process added has been checked (its probation) and
-/// measured by its first uses; one loaded from the store at start has not been re-checked
-/// until it goes on probation again or the checker visits it, and is read as before.
-pub fn needs_stored(e: &Entry, now: Instant) -> bool {
-    e.since_last_use(now).is_none() || e.since_last_check(now).is_none() || !e.health.has_latency()
-}
-
-/// An entry's live stats in the store's shape (`previous` supplies what the pool does not
-/// track: see [`needs_stored`]).
-pub fn live_stats(e: &Entry, now: Instant, now_unix: u64, previous: &Stats) -> Stats {
+/// An entry's live stats in the store's shape. What the pool does not track is left empty: the
+/// last use, the last check and the histogram of an entry not used, re-checked or measured
+/// since this process started ([`lacks_stored`]; [`fill_from_stored`] takes them from the
+/// store's).
+pub fn live_only(e: &Entry, now: Instant, now_unix: u64) -> Stats {
     let h = &e.health;
     let at = |ago: std::time::Duration| {
         now_unix.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX))
@@ -397,15 +390,39 @@ pub fn live_stats(e: &Entry, now: Instant, now_unix: u64, previous: &Stats) -> S
         consecutive_failures: h.consecutive_failures(),
         total_uses: h.total_uses(),
         failures: h.failures(),
-        last_used_unix_ms: e.since_last_use(now).map(at).or(previous.last_used_unix_ms),
-        last_health_check_unix_ms: e
-            .since_last_check(now)
-            .map(at)
-            .or(previous.last_health_check_unix_ms),
-        latency_histogram: h
-            .latency_encoded()
-            .or_else(|| previous.latency_histogram.clone()),
+        last_used_unix_ms: e.since_last_use(now).map(at),
+        last_health_check_unix_ms: e.since_last_check(now).map(at),
+        latency_histogram: h.latency_encoded(),
     }
+}
+
+/// Whether [`live_only`]'s stats lack something the stored stats supply. An upstream this
+/// process added has been checked (its probation) and measured by its first uses; one loaded
+/// from the store at start has not been re-checked until it goes on probation again or the
+/// checker visits it.
+pub fn lacks_stored(live: &Stats) -> bool {
+    live.last_used_unix_ms.is_none()
+        || live.last_health_check_unix_ms.is_none()
+        || live.latency_histogram.is_none()
+}
+
+/// Fills in from `stored` what [`live_only`]'s stats lack.
+pub fn fill_from_stored(live: &mut Stats, stored: &Stats) {
+    live.last_used_unix_ms = live.last_used_unix_ms.or(stored.last_used_unix_ms);
+    live.last_health_check_unix_ms = live
+        .last_health_check_unix_ms
+        .or(stored.last_health_check_unix_ms);
+    if live.latency_histogram.is_none() {
+        live.latency_histogram = stored.latency_histogram.clone();
+    }
+}
+
+/// An entry's live stats in the store's shape, `previous` supplying what the pool does not
+/// track.
+pub fn live_stats(e: &Entry, now: Instant, now_unix: u64, previous: &Stats) -> Stats {
+    let mut live = live_only(e, now, now_unix);
+    fill_from_stored(&mut live, previous);
+    live
 }
 
 impl Catalog {

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use proxygate_core::Shutdown;
 use proxygate_pool::{Entry, PoolReader};
-use proxygate_store::{Stats, Store, StoreError};
+use proxygate_store::{Store, StoreError};
 
-use crate::catalog::{live_stats, needs_stored, unix_ms};
+use crate::catalog::{fill_from_stored, lacks_stored, live_only, unix_ms};
 
 /// Writes the live stats of every upstream used since the last call, in one batch. Returns
 /// how many were written.
@@ -31,12 +31,12 @@ pub fn persist(store: &Store, pool: &PoolReader) -> Result<usize, StoreError> {
         .iter()
         .map(|e| {
             // The stored stats only where the live ones lack something: a read and a parse
-            // fewer per upstream, for nearly every upstream of a busy pool.
-            let stored = match needs_stored(e, now) {
-                true => store.stats(e.id)?,
-                false => Stats::default(),
-            };
-            Ok((e.id, live_stats(e, now, now_unix, &stored)))
+            // fewer per upstream, for nearly every upstream this process added.
+            let mut stats = live_only(e, now, now_unix);
+            if lacks_stored(&stats) {
+                fill_from_stored(&mut stats, &store.stats(e.id)?);
+            }
+            Ok((e.id, stats))
         })
         .collect::<Result<Vec<_>, StoreError>>()
         .and_then(|batch| store.write_stats(batch.iter().map(|(id, s)| (*id, s))));
@@ -144,7 +144,7 @@ mod tests {
         let checked = saved.last_health_check_unix_ms;
         let e = snap.get(id).unwrap();
         assert!(
-            needs_stored(e, Instant::now()),
+            lacks_stored(&live_only(e, Instant::now(), unix_ms())),
             "no check since the restart"
         );
         reader

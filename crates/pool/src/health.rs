@@ -325,14 +325,6 @@ impl Health {
             .map(Latency::encode)
     }
 
-    /// Whether a response time was ever measured (the distribution exists).
-    pub fn has_latency(&self) -> bool {
-        self.latency
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
-    }
-
     /// What happened since the last call (and starts the next interval).
     pub fn take_interval(&self) -> Interval {
         let [s, f, rt] = &self.interval;
