@@ -284,6 +284,27 @@ mod tests {
         (sender, theirs)
     }
 
+    /// Puts `n` new connections to `t` through `upstream`, capped at `max`; returns their ids,
+    /// oldest first. Their far ends go to `peers`, to be held open.
+    async fn put_many(
+        (upstream, t): (UpstreamId, &Target),
+        n: usize,
+        tunnel: bool,
+        max: usize,
+        now: Instant,
+        peers: &mut Vec<tokio::io::DuplexStream>,
+    ) -> Vec<u64> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let (s, p) = sender().await;
+            peers.push(p);
+            let id = conn_id();
+            ids.push(id);
+            put(upstream, t.clone(), s, id, tunnel, max, now);
+        }
+        ids
+    }
+
     fn target(s: &str) -> Target {
         Target::parse_authority(s).unwrap()
     }
@@ -309,11 +330,7 @@ mod tests {
         let now = Instant::now();
         let t = target("c.example:80");
         let mut peers = Vec::new();
-        for _ in 0..5 {
-            let (s, p) = sender().await;
-            peers.push(p);
-            put(UpstreamId(3), t.clone(), s, conn_id(), true, 3, now);
-        }
+        put_many((UpstreamId(3), &t), 5, true, 3, now, &mut peers).await;
         assert_eq!(kept(), 3);
         let later = now + Duration::from_secs(31);
         assert!(take(UpstreamId(3), &t, Duration::from_secs(30), later).is_none());
@@ -333,29 +350,15 @@ mod tests {
         let idle = Duration::from_secs(30);
         let (busy, capped) = (target("busy.example:80"), target("capped.example:80"));
         let mut peers = Vec::new();
-        let mut ids = Vec::new();
-        for _ in 0..100 {
-            let (s, p) = sender().await;
-            peers.push(p);
-            let id = conn_id();
-            ids.push(id);
-            let max = crate::config::DEFAULT_KEEP_IDLE_MAX;
-            put(UpstreamId(5), busy.clone(), s, id, false, max, now);
-        }
+        let max = crate::config::DEFAULT_KEEP_IDLE_MAX;
+        let ids = put_many((UpstreamId(5), &busy), 100, false, max, now, &mut peers).await;
         for want in ids.iter().rev() {
             let k = take(UpstreamId(5), &busy, idle, now).unwrap();
             assert_eq!(k.conn, *want);
         }
         assert!(take(UpstreamId(5), &busy, idle, now).is_none());
 
-        let mut ids = Vec::new();
-        for _ in 0..5 {
-            let (s, p) = sender().await;
-            peers.push(p);
-            let id = conn_id();
-            ids.push(id);
-            put(UpstreamId(6), capped.clone(), s, id, false, 3, now);
-        }
+        let ids = put_many((UpstreamId(6), &capped), 5, false, 3, now, &mut peers).await;
         for want in ids[2..].iter().rev() {
             assert_eq!(take(UpstreamId(6), &capped, idle, now).unwrap().conn, *want);
         }
