@@ -21,6 +21,7 @@ pub const DEFAULT_MAX_HEADERS: usize = 100;
 pub const DEFAULT_MAX_TARGET_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1024;
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_KEEPALIVE_RELEASE_AFTER: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_REPLY_HEAD_BYTES: usize = 8 * 1024;
 pub const DEFAULT_KEEP_IDLE: Duration = Duration::from_secs(30);
 /// Idle upstream connections kept per (upstream, origin) and worker. 16 starved a busy origin:
@@ -84,6 +85,10 @@ pub struct ServerConfig {
     /// A kept-alive client connection may wait this long for its next request head.
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// A kept-alive connection idle this long gives back its HTTP buffers (16 KiB) until its
+    /// next request comes. At or past `keepalive_timeout`: never.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_release_after: Duration,
     /// How long shutdown waits for open connections before it closes them.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -207,6 +212,7 @@ impl Default for ServerConfig {
             max_headers: DEFAULT_MAX_HEADERS,
             max_target_bytes: DEFAULT_MAX_TARGET_BYTES,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            keepalive_release_after: DEFAULT_KEEPALIVE_RELEASE_AFTER,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             connect_ports: crate::policy::Ports::default(),
             splice: true,
@@ -310,6 +316,7 @@ impl Config {
             ("server.header_read_timeout", s.header_read_timeout),
             ("server.idle_timeout", s.idle_timeout),
             ("server.keepalive_timeout", s.keepalive_timeout),
+            ("server.keepalive_release_after", s.keepalive_release_after),
             ("dial.connect_timeout", self.dial.connect_timeout),
             ("dial.handshake_timeout", self.dial.handshake_timeout),
             ("dial.response_timeout", self.dial.response_timeout),

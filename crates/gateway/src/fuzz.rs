@@ -8,7 +8,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use proxygate_core::{Shutdown, ShutdownTrigger, Target, Upstream};
@@ -148,8 +148,7 @@ pub fn http_server(data: &[u8]) {
     };
     let opened = opened(&gw);
     runtime().block_on(async {
-        let served =
-            crate::http::serve_http(gw, Scripted::new(data), peer(), Arc::new(slot), opened).await;
+        let served = crate::http::serve_http(gw, Scripted::new(data), peer(), slot, opened).await;
         if let Some((tunnel, _slot)) = served {
             tunnel.await;
         }

@@ -295,13 +295,6 @@ impl Gateway {
     }
 }
 
-/// What holds a connection's slot while its tunnel is relayed: the slot itself, or the share
-/// of it that a CONNECT tunnel keeps (hyper's path hands out shares).
-pub(crate) enum Held {
-    Slot { _slot: ConnectionSlot },
-    Share { _share: Arc<ConnectionSlot> },
-}
-
 /// What a connection's first read left for the protocol that serves it.
 #[derive(Debug)]
 pub struct Opened {
@@ -340,7 +333,7 @@ pin_project_lite::pin_project! {
 
 impl<C> Tunneling<C> {
     /// The tunnel, holding `held` (the connection's slot) until it ends.
-    pub(crate) fn holding(mut self: Tunnel<C>, held: Held) -> Tunnel<C> {
+    pub(crate) fn holding(mut self: Tunnel<C>, held: ConnectionSlot) -> Tunnel<C> {
         if let Some(report) = self.as_mut().project().report {
             report._held = Some(held);
         }
@@ -359,7 +352,7 @@ struct TunnelReport {
     error: Option<ErrorKind>,
     target: proxygate_core::Target,
     _active: GaugeGuard,
-    _held: Option<Held>,
+    _held: Option<ConnectionSlot>,
 }
 
 impl<C: Io> Future for Tunneling<C> {

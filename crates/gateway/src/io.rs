@@ -168,8 +168,8 @@ impl Fresh {
 /// The TCP socket a relay stream reads from and writes to directly, if it is one: a
 /// `TcpStream`, a registered [`Fresh`] connection, a [`Rewind`] of either (or of a `Rewind`),
 /// or a boxed stream of these; and whether a `Rewind` has replayed all its bytes (until then
-/// reads do not reach the socket; writes always do). Anything else (TLS, hyper's upgraded
-/// connection, a test pipe) is `None`.
+/// reads do not reach the socket; writes always do). Anything else (TLS, a test pipe) is
+/// `None`.
 ///
 /// The relay is generic over its streams; the plain TCP ones are told apart by type, which the
 /// compiler resolves for each type (inlined: no call, no comparison left at run time) but a
@@ -232,8 +232,8 @@ pub(crate) fn error_pending(tcp: &TcpStream) -> bool {
 /// FIN after it in a segment of its own, which the peer acknowledges apart. At the end of every
 /// tunnel whose far side closes first, one loopback segment (and the kernel's work for it, on
 /// both ends) fewer: 34.0 -> 33.05 segments per one-request CONNECT tunnel over all four hops,
-/// as through HAProxy, which does the same. Other streams (TLS, hyper's upgraded connections,
-/// test pipes) write as usual ([`tcp_under`]).
+/// as through HAProxy, which does the same. Other streams (TLS, test pipes) write as
+/// usual ([`tcp_under`]).
 pub(crate) fn poll_write_last<W: AsyncWrite + Unpin + 'static>(
     w: &mut W,
     cx: &mut Context<'_>,

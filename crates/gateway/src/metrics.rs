@@ -94,6 +94,7 @@ pub struct Metrics {
     requests: Vec<IntCounter>,
     active_connections: IntGauge,
     active_tunnels: IntGauge,
+    parked_connections: IntGauge,
     bytes_up: IntCounter,
     bytes_down: IntCounter,
     connect: Histogram,
@@ -178,6 +179,11 @@ impl Metrics {
             "proxygate_active_tunnels",
             "Tunnels (CONNECT and SOCKS) relaying now.",
         )?;
+        let parked_connections = IntGauge::new(
+            "proxygate_parked_connections",
+            "Kept-alive HTTP client connections idle past server.keepalive_release_after now: \
+             waiting for their next request without HTTP buffers.",
+        )?;
         let connect = histogram(
             "proxygate_upstream_connect_seconds",
             "TCP (and TLS) connect time to an upstream, of successful connects.",
@@ -213,6 +219,7 @@ impl Metrics {
             Box::new(selections.clone()),
             Box::new(active_connections.clone()),
             Box::new(active_tunnels.clone()),
+            Box::new(parked_connections.clone()),
             Box::new(connect.clone()),
             Box::new(handshake.clone()),
             Box::new(first_byte.clone()),
@@ -242,6 +249,7 @@ impl Metrics {
                 .collect(),
             active_connections,
             active_tunnels,
+            parked_connections,
             connect,
             handshake,
             first_byte,
@@ -264,6 +272,17 @@ impl Metrics {
     /// A tunnel starts relaying; the guard counts it active until dropped.
     pub fn tunnel(&self) -> GaugeGuard {
         GaugeGuard::new(&self.active_tunnels)
+    }
+
+    /// A kept-alive connection let go of its HTTP buffers; the guard counts it parked until
+    /// dropped.
+    pub fn parked(&self) -> GaugeGuard {
+        GaugeGuard::new(&self.parked_connections)
+    }
+
+    /// Connections parked now.
+    pub fn parked_now(&self) -> i64 {
+        self.parked_connections.get()
     }
 
     /// One client request ended: `None` served, or the error kind it was answered with.
@@ -296,12 +315,12 @@ impl Metrics {
         self.selections[strategy as usize].inc();
     }
 
-    /// An attempt failed with `kind`.
     /// A hedged connect ended: `won` when the hedge served the client.
     pub fn hedge(&self, won: bool) {
         self.hedges[usize::from(!won)].inc();
     }
 
+    /// An attempt failed with `kind`.
     pub fn failure(&self, kind: ErrorKind) {
         self.failures[kind.index()].inc();
     }
@@ -354,13 +373,14 @@ mod tests {
         let before = count(&registry);
         assert_eq!(
             before,
-            4 + 5 * OUTCOMES + 2 + ErrorKind::ALL.len() + Strategy::ALL.len() + 2 + 3 + 2 + 2
+            4 + 5 * OUTCOMES + 2 + ErrorKind::ALL.len() + Strategy::ALL.len() + 3 + 3 + 2 + 2
         );
         m.request(RequestKind::Socks4, Some(ErrorKind::Internal));
         m.request(RequestKind::HttpConnect, None);
         m.failure(ErrorKind::UpstreamIo);
         m.attempt(Strategy::Random, true);
         let _open = m.connection(Protocol::Unknown);
+        let _parked = m.parked();
         assert_eq!(count(&registry), before, "traffic adds no series");
         let text = prometheus::TextEncoder::new()
             .encode_to_string(&registry.gather())
@@ -372,6 +392,7 @@ mod tests {
             "proxygate_selections_total{strategy=\"random\"} 1",
             "proxygate_upstream_retries_total 1",
             "proxygate_active_connections 1",
+            "proxygate_parked_connections 1",
             "proxygate_client_connections_total{protocol=\"unknown\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");

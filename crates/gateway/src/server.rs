@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::gateway::{ConnectionSlot, Held, Live, Opened, Tunnel};
+use crate::gateway::{ConnectionSlot, Live, Opened, Tunnel};
 use crate::io::Rewind;
 use crate::metrics::{Protocol, RequestKind};
 use crate::{Gateway, GatewayError, http, socks};
@@ -111,16 +111,18 @@ impl Gateway {
         match protocol {
             Protocol::Socks5 => Box::pin(socks::serve_socks5(self, stream, peer, opened))
                 .await
-                .map(|t| t.holding(Held::Slot { _slot: slot })),
+                .map(|t| t.holding(slot)),
             Protocol::Socks4 => Box::pin(socks::serve_socks4(self, stream, opened))
                 .await
-                .map(|t| t.holding(Held::Slot { _slot: slot })),
-            // A CONNECT tunnel keeps its share of the connection's slot until it closes.
-            Protocol::Http => {
-                Box::pin(http::serve_http(self, stream, peer, Arc::new(slot), opened))
+                .map(|t| t.holding(slot)),
+            // Awaited apart: a kept-alive connection holds nothing of its first request's state.
+            Protocol::Http => match Box::pin(http::serve_first(self, stream, peer, opened)).await {
+                http::First::Tunnel(t) => Some(t.holding(slot)),
+                http::First::Kept(kept) => Box::pin(http::serve_kept(kept, slot))
                     .await
-                    .map(|(t, share)| t.holding(Held::Share { _share: share }))
-            }
+                    .map(|(t, slot)| t.holding(slot)),
+                http::First::Closed => None,
+            },
             Protocol::Unknown => {
                 let e = GatewayError::new(
                     ErrorKind::ClientMalformed,
@@ -256,8 +258,9 @@ impl Server {
     ///
     /// Each worker is a thread with a single-threaded runtime that accepts on its own sockets
     /// and runs the connections it accepted start to end: no cross-thread wake-ups on the data
-    /// path. Every connection, a CONNECT or SOCKS tunnel included, is a task of ours (hyper
-    /// forgets upgraded connections), so the drain waits for tunnels too. Returns how many
+    /// path. Every connection, a CONNECT or SOCKS tunnel included, is a task of ours (a
+    /// CONNECT that hyper answered is handed back to it, not upgraded in a task of hyper's),
+    /// so the drain waits for tunnels too. Returns how many
     /// were still open when the grace period ran out; they are closed as their worker's
     /// runtime stops.
     pub async fn run(self) -> usize {
