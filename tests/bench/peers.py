@@ -99,7 +99,12 @@ SCENARIOS = {
     "bulk": ("http", HTTP_GATEWAYS + ["direct", "sockmap"]),
     "in-tunnel-1k": ("http", HTTP_GATEWAYS + ["direct", "sockmap"]),
     "idle": ("http", HTTP_GATEWAYS),
+    "idle-keepalive": ("http", HTTP_GATEWAYS),
 }
+
+# Cells that hold --idle-tunnels connections idle and measure the memory they hold: CONNECT
+# tunnels, and kept-alive connections after one absolute-form request each.
+IDLE_SCENARIOS = ("idle", "idle-keepalive")
 
 
 def variant_workers(name):
@@ -585,13 +590,13 @@ def loadgen_argv(topo, port, concurrency):
 def run_cell(topo, gateway, scenario, seconds, args):
     pool, _ = SCENARIOS[scenario]
     port, proc = topo.gateways[(gateway, pool)]
-    if scenario == "idle" and args.idle_tunnels >= 100:
+    if scenario in IDLE_SCENARIOS and args.idle_tunnels >= 100:
         # A tenth of the tunnels held and closed first, then the settle: the level "before"
         # is a warm process's (thread stacks touched, pools and allocator arenas made), as a
         # gateway that has served before, not a fresh one's. Without it whichever gateway ran
         # its idle cell first read 1.3-1.4x "after", the second 1.0x, the same binary alike.
         warm = loadgen_argv(topo, port, 200) + [
-            "--duration", "1s", "--scenario", "idle", "--tunnels", str(args.idle_tunnels // 10)]
+            "--duration", "1s", "--scenario", scenario, "--tunnels", str(args.idle_tunnels // 10)]
         subprocess.run(warm, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
         time.sleep(args.settle)
     if args.max_time_wait >= 0:
@@ -612,10 +617,10 @@ def run_cell(topo, gateway, scenario, seconds, args):
     others0 = others()
     segs0 = tcp_out_segments()
     m0 = machine_ticks()
-    concurrency = {"idle": 200, "bulk": 1}.get(scenario, args.concurrency)
+    concurrency = {"idle": 200, "idle-keepalive": 200, "bulk": 1}.get(scenario, args.concurrency)
     argv = loadgen_argv(topo, port, concurrency) + [
         "--duration", f"{seconds}s"] + LOADGEN.get(scenario, ["--scenario", scenario])
-    if scenario == "idle":
+    if scenario in IDLE_SCENARIOS:
         argv += ["--tunnels", str(args.idle_tunnels)]
     lg = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = before_rss
@@ -632,9 +637,13 @@ def run_cell(topo, gateway, scenario, seconds, args):
             chunk = None
         if chunk:
             err_buf += chunk
-        if scenario == "idle" and established_at is None and "established" in err_buf:
+        if scenario in IDLE_SCENARIOS and established_at is None and "established" in err_buf:
             established_at = time.time()
-        if established_at and held_rss is None and time.time() - established_at > min(2, seconds / 2):
+        # Tunnels hold their memory at once. Kept-alive connections go on holding buffers for
+        # a while after their answer (proxygate's server.keepalive_release_after, 1 s, then the
+        # allocator's return of what they freed): measured a second before the hold ends.
+        hold = min(2, seconds / 2) if scenario == "idle" else max(0.5, seconds - 1)
+        if established_at and held_rss is None and time.time() - established_at > hold:
             held_rss = rss_bytes(tree(proc.pid))
     out, rest = lg.communicate()
     err_buf += rest or ""
@@ -648,7 +657,7 @@ def run_cell(topo, gateway, scenario, seconds, args):
     except (ValueError, IndexError):
         raise SystemExit(f"pg-loadgen failed for {gateway}/{scenario}: {err_buf}{out}")
     done = r["completed"]
-    if scenario == "idle":
+    if scenario in IDLE_SCENARIOS:
         done = r.get("tunnels") or 0
     cpu_s = (after_cpu - before_cpu) / CLK_TCK
     busy = 1 - (m1[1] - m0[1]) / max(1, m1[0] - m0[0])
@@ -674,7 +683,7 @@ def run_cell(topo, gateway, scenario, seconds, args):
         # Bulk: the gateway's CPU per GiB it relayed.
         "cpu_ms_per_gib": cpu_s * 1e3 / (r["bytes"] / 2**30) if r.get("bytes") else None,
     }
-    if done and scenario != "idle":
+    if done and scenario not in IDLE_SCENARIOS:
         # Where the box's CPU went per request: at a saturated box the rate is about the
         # cores over their sum, so a gateway's rate ratio to another is bounded by the rest.
         per = lambda ticks: ticks / CLK_TCK * 1e6 / done  # noqa: E731
@@ -692,11 +701,16 @@ def run_cell(topo, gateway, scenario, seconds, args):
         # gateway that splits a message or sends ACKs of its own where data could carry them
         # makes every hop's kernel work more.
         cell["segments_per_req"] = (segs1 - segs0) / done
-    if scenario == "idle":
+    if scenario in IDLE_SCENARIOS:
         # Hand the tunnels back, then see how much of the memory the gateway returns.
         cell["idle_tunnels"] = r.get("tunnels")
-        if held_rss is not None and args.idle_tunnels:
-            cell["rss_per_idle_tunnel_kib"] = (held_rss - before_rss) / args.idle_tunnels / 1024
+        # Per connection held: a gateway that closed some (a kept-alive connection its upstream
+        # would not keep) is measured over the rest.
+        m = re.search(r"established (\d+)", err_buf)
+        held = int(m.group(1)) if m else args.idle_tunnels
+        cell["held"] = held
+        if held_rss is not None and held:
+            cell["rss_per_idle_tunnel_kib"] = (held_rss - before_rss) / held / 1024
         time.sleep(args.settle)
         after = rss_bytes(tree(proc.pid))
         cell["rss_after_ratio"] = after / before_rss if before_rss else None
@@ -810,10 +824,11 @@ def soak(topo, requests, scenario="keepalive"):
 def fmt_cell(c):
     if c is None:
         return "–"
-    if c["scenario"] == "idle":
+    if c["scenario"] in IDLE_SCENARIOS:
         kib = c.get("rss_per_idle_tunnel_kib")
         ratio = c.get("rss_after_ratio")
-        return (f"{kib:.1f} KiB/tunnel, after {ratio:.1f}x" if kib is not None and ratio
+        what = "tunnel" if c["scenario"] == "idle" else "conn"
+        return (f"{kib:.1f} KiB/{what}, after {ratio:.1f}x" if kib is not None and ratio
                 else "n/a") + (f" [{c['errors']} err]" if c["errors"] else "")
     if c["scenario"] == "bulk":
         s = f"{c['mbytes_per_s']:.0f} MB/s"
@@ -910,7 +925,9 @@ def ratios(cells):
                           ("in-tunnel", "box_us", "box CPU per in-tunnel request"),
                           ("bulk", "cpu_ms_per_gib", "CPU per GiB relayed"),
                           ("keepalive", "rps", "keep-alive req/s"),
-                          ("idle", "rss_per_idle_tunnel_kib", "RSS per idle tunnel")]:
+                          ("idle", "rss_per_idle_tunnel_kib", "RSS per idle tunnel"),
+                          ("idle-keepalive", "rss_per_idle_tunnel_kib",
+                           "RSS per idle keep-alive connection")]:
         variants = sorted({c["gateway"] for c in cells if is_variant(c["gateway"])})
         for us in ["proxygate"] + variants:
             ours = mean(sc, us, key)
@@ -1035,10 +1052,11 @@ def main():
         topo.origin(args.bulk_mib)
         topo.upstreams()
         topo.start_gateways(gateways)
-        order = [(s, g) for s in scenarios for g in gateways if speaks(g, s) and s != "idle"]
+        order = [(s, g) for s in scenarios for g in gateways
+                 if speaks(g, s) and s not in IDLE_SCENARIOS]
         # Idle tunnels first, once, while every gateway is fresh: memory a process has freed
         # is reused by the next round, so later rounds measure the allocator, not the tunnel.
-        first = [("idle", g) for g in gateways if "idle" in scenarios]
+        first = [(s, g) for s in IDLE_SCENARIOS for g in gateways if s in scenarios]
         for p in range(args.passes):
             cells_of_pass = order if p % 2 == 0 else list(reversed(order))
             if p == 0:
@@ -1108,7 +1126,7 @@ def main():
             "when": stamp, "versions": versions, "pool": args.pool,
             "rss_at_start_mib": rss_at_start, "cells": cells, "soak": soaked}, indent=1))
     bad = [c for c in cells if c["gateway"] == "proxygate" and (
-        c["errors"] or (c["completed"] == 0 and c["scenario"] != "idle"))]
+        c["errors"] or (c["completed"] == 0 and c["scenario"] not in IDLE_SCENARIOS))]
     if soaked and (sum(soaked["errors"].values()) or soaked["completed"] != soaked["requests"]):
         bad.append(soaked)
     if bad:

@@ -17,7 +17,11 @@
 //! - `bulk`: GETs of a large body (`--bulk-path`) through CONNECT tunnels, reporting MB/s;
 //! - `idle`: `--tunnels` CONNECT tunnels opened and held idle for `--duration` (prints
 //!   `established N` on stderr once they are up, for whoever measures the proxy meanwhile), then
-//!   each is checked with one GET.
+//!   each is checked with one GET;
+//! - `idle-keepalive`: `--tunnels` proxy connections, each with one absolute-form GET answered
+//!   and kept alive, held idle for `--duration` (`established N` as above), then each checked
+//!   with one more absolute-form GET. A proxy that closed a connection after its answer (it or
+//!   its upstream would not keep it alive) counts it as not held.
 //!
 //! Closed loop by default (`--concurrency` workers, each sending its next request when the
 //! last is answered). With `--rate R`, open loop: requests are due at fixed intervals and each
@@ -53,6 +57,7 @@ enum Scenario {
     AbsoluteNew,
     Bulk,
     Idle,
+    IdleKeepalive,
 }
 
 #[derive(Debug, Parser)]
@@ -88,7 +93,7 @@ struct Args {
     /// The path of a large body (bulk).
     #[arg(long, default_value = "/bulk")]
     bulk_path: String,
-    /// Tunnels held open (idle).
+    /// Tunnels (idle) or kept-alive connections (idle-keepalive) held open.
     #[arg(long, default_value_t = 1000)]
     tunnels: usize,
     /// One request's limit.
@@ -414,7 +419,9 @@ impl Run {
                 }
                 n
             }
-            Scenario::Idle => return Err(fail("idle is not a request scenario")),
+            Scenario::Idle | Scenario::IdleKeepalive => {
+                return Err(fail("idle scenarios are not request scenarios"));
+            }
         };
         self.bytes.fetch_add(body, Ordering::Relaxed);
         Ok(())
@@ -615,11 +622,23 @@ async fn idle(run: Arc<Run>) -> anyhow::Result<(Tally, usize)> {
     let mut opening = tokio::task::JoinSet::new();
     for _ in 0..run.args.tunnels {
         let gate = Arc::clone(&gate);
-        let timeout = run.args.timeout;
+        let run = Arc::clone(&run);
         opening.spawn(async move {
             let _slot = gate.acquire_owned().await;
             let t0 = Instant::now();
-            let c = tokio::time::timeout(timeout, Conn::connect_tunnel(proxy, origin))
+            let open = async {
+                if run.args.scenario == Scenario::IdleKeepalive {
+                    let mut c = Conn::open(proxy).await?;
+                    let (_, keep) = c.exchange(&run.get_absolute).await?;
+                    if !keep {
+                        return Err(fail("not kept alive"));
+                    }
+                    Ok(c)
+                } else {
+                    Conn::connect_tunnel(proxy, origin).await
+                }
+            };
+            let c = tokio::time::timeout(run.args.timeout, open)
                 .await
                 .unwrap_or_else(|_| Err(fail("timeout")));
             (t0.elapsed(), c)
@@ -640,11 +659,13 @@ async fn idle(run: Arc<Run>) -> anyhow::Result<(Tally, usize)> {
     eprintln!("established {}", open.len());
     tokio::time::sleep(run.args.duration).await;
     // Still alive? One request through each.
+    let check = match run.args.scenario {
+        Scenario::IdleKeepalive => &run.get_absolute_close,
+        _ => &run.get_origin_form_close,
+    };
     let mut alive = 0;
     for mut c in open {
-        if let Ok(Ok(_)) =
-            tokio::time::timeout(run.args.timeout, c.exchange(&run.get_origin_form_close)).await
-        {
+        if let Ok(Ok(_)) = tokio::time::timeout(run.args.timeout, c.exchange(check)).await {
             alive += 1;
         }
     }
@@ -767,7 +788,7 @@ fn main() -> anyhow::Result<()> {
         let start = Instant::now();
         let until = start + run.args.duration;
         let (tally, late, tunnels) = match (run.args.scenario, run.args.rate) {
-            (Scenario::Idle, _) => {
+            (Scenario::Idle | Scenario::IdleKeepalive, _) => {
                 let (t, alive) = idle(Arc::clone(&run)).await?;
                 (t, None, Some(alive))
             }
