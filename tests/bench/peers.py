@@ -59,6 +59,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
