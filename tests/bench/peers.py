@@ -705,10 +705,11 @@ def run_cell(topo, gateway, scenario, seconds, args):
     if scenario in IDLE_SCENARIOS:
         # Hand the tunnels back, then see how much of the memory the gateway returns.
         cell["idle_tunnels"] = r.get("tunnels")
-        # Per connection held: a gateway that closed some (a kept-alive connection its upstream
-        # would not keep) is measured over the rest.
+        # Per connection held: established, and still answering at the end. A gateway that
+        # closed some (HAProxy in TCP mode passes tinyproxy's close after an absolute-form
+        # answer, whatever the client asked) is measured over the rest.
         m = re.search(r"established (\d+)", err_buf)
-        held = int(m.group(1)) if m else args.idle_tunnels
+        held = min(int(m.group(1)) if m else args.idle_tunnels, r.get("tunnels") or 0)
         cell["held"] = held
         if held_rss is not None and held:
             cell["rss_per_idle_tunnel_kib"] = (held_rss - before_rss) / held / 1024
@@ -829,8 +830,10 @@ def fmt_cell(c):
         kib = c.get("rss_per_idle_tunnel_kib")
         ratio = c.get("rss_after_ratio")
         what = "tunnel" if c["scenario"] == "idle" else "conn"
+        held = c.get("held")
         return (f"{kib:.1f} KiB/{what}, after {ratio:.1f}x" if kib is not None and ratio
-                else "n/a") + (f" [{c['errors']} err]" if c["errors"] else "")
+                else "n/a") + (f" [{c['errors']} err]" if c["errors"] else "") + (
+                    f" [{held} held]" if held is not None and held < c["completed"] else "")
     if c["scenario"] == "bulk":
         s = f"{c['mbytes_per_s']:.0f} MB/s"
         if c["gateway"] != "direct" and c.get("cpu_ms_per_gib"):
