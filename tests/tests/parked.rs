@@ -2,7 +2,7 @@
 //! their HTTP buffers ("parked", counted by `proxygate_parked_connections`) and are served on as
 //! before: the next request, a head split over the park, pipelined requests, a request with a
 //! body, a CONNECT; an answer the client was slow to read arrives whole first; the keep-alive
-//! limit and a client's close end a parked connection as they ended an idle one.
+//! limit, a client's close and shutdown end a parked connection as they ended an idle one.
 
 #![allow(
     clippy::unwrap_used,
@@ -378,4 +378,33 @@ async fn a_slow_head_after_the_park_gets_408_at_the_keepalive_limit() {
     let rest = c.rest().await;
     let rest = String::from_utf8_lossy(&rest);
     assert!(rest.starts_with("HTTP/1.1 408"), "{rest}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_kept_alive_connections_at_once_parked_or_not() {
+    let origin = Origin::start().await;
+    let up = FakeUpstream::start(Kind::Http, None).await;
+    for release in ["200ms", "1h"] {
+        let mut gw = gateway(
+            &up,
+            &format!("keepalive_release_after = \"{release}\"\nshutdown_grace = \"60s\""),
+        )
+        .await;
+        let mut c = Client::connect(&gw).await;
+        c.send(get(&origin, "/one").as_bytes()).await;
+        c.response().await;
+        if release == "200ms" {
+            until_parked(&gw, 1.0).await;
+        }
+        let t0 = Instant::now();
+        gw.signal("TERM");
+        assert!(c.rest().await.is_empty(), "{release}");
+        let status = gw.wait(Duration::from_secs(20)).await;
+        assert!(status.success(), "{release}: {status:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{release}: {:?}",
+            t0.elapsed()
+        );
+    }
 }
