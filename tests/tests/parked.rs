@@ -134,6 +134,18 @@ async fn until_parked(gw: &Gateway, n: f64) {
     .await;
 }
 
+/// Parks after 200 ms; a kept-alive connection idle for 1.5 s is closed.
+const SHORT_KEEPALIVE: &str = "keepalive_release_after = \"200ms\"\nkeepalive_timeout = \"1500ms\"";
+
+/// A new client connection, parked after its one request (for `path`), the only one parked.
+async fn parked_client(gw: &Gateway, origin: &Origin, path: &str) -> Client {
+    let mut c = Client::connect(gw).await;
+    c.send(get(origin, path).as_bytes()).await;
+    c.response().await;
+    until_parked(gw, 1.0).await;
+    c
+}
+
 async fn gateway(upstream: &FakeUpstream, server: &str) -> Gateway {
     Gateway::builder()
         .config(&format!("[server]\n{server}"))
@@ -255,60 +267,49 @@ async fn a_later_connect_before_the_park_is_a_tunnel_too() {
     );
 }
 
+/// POSTs 8 MiB to the echoing origin on a new connection with a small receive window and
+/// reads the echo slowly: a little, then nothing for a second (ten release periods), then the
+/// rest, which must be the body sent. The sockets on the way hold far less than 8 MiB, so the
+/// end of the answer waits in the gateway meanwhile.
+async fn echo_read_slowly(gw: &Gateway, origin: &Origin, close: bool) -> Client {
+    let body: Vec<u8> = (0..8usize << 20).map(|i| (i % 251) as u8).collect();
+    let mut c = Client::connect_slow(gw).await;
+    let head = format!(
+        "POST {}/big HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n{}\r\n",
+        origin.url(),
+        origin.addr,
+        body.len(),
+        if close { "Connection: close\r\n" } else { "" }
+    );
+    c.send(head.as_bytes()).await;
+    c.send(&body).await;
+    // The origin answers once it has the whole body.
+    c.fill().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (head, echoed) = c.response().await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        echoed == body,
+        "the answer came back altered ({} bytes)",
+        echoed.len()
+    );
+    c
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_read_slowly_arrives_whole_before_the_park() {
     let origin = Origin::start().await;
     let up = FakeUpstream::start(Kind::Http, None).await;
     let gw = gateway(&up, "keepalive_release_after = \"100ms\"").await;
-    let mut c = Client::connect_slow(&gw).await;
-    // 8 MiB echoed back: far more than the sockets on the way hold, so the end of the answer
-    // waits in the gateway while the client does not read.
-    let body: Vec<u8> = (0..8usize << 20).map(|i| (i % 251) as u8).collect();
-    let head = format!(
-        "POST {}/big HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
-        origin.url(),
-        origin.addr,
-        body.len()
-    );
-    c.send(head.as_bytes()).await;
-    c.send(&body).await;
-    // The origin answers once it has the whole body: read a little of the answer, then stop
-    // for ten release periods.
-    c.fill().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (head, echoed) = c.response().await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        echoed == body,
-        "the answer came back altered ({} bytes)",
-        echoed.len()
-    );
+    let mut c = echo_read_slowly(&gw, &origin, false).await;
     // Parked once it was all taken, and still serving.
     until_parked(&gw, 1.0).await;
     c.send(get(&origin, "/after").as_bytes()).await;
     let (head, _) = c.response().await;
     assert_target(&head, "/after");
-
-    // The same with `Connection: close`: hyper ends the connection itself after the answer,
-    // which must still arrive whole before the gateway closes.
-    let mut c = Client::connect_slow(&gw).await;
-    let head = format!(
-        "POST {}/big HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        origin.url(),
-        origin.addr,
-        body.len()
-    );
-    c.send(head.as_bytes()).await;
-    c.send(&body).await;
-    c.fill().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (head, echoed) = c.response().await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        echoed == body,
-        "the answer came back altered ({} bytes)",
-        echoed.len()
-    );
+    // With `Connection: close` hyper ends the connection itself after the answer, which
+    // arrives whole before the gateway closes.
+    let mut c = echo_read_slowly(&gw, &origin, true).await;
     assert!(c.rest().await.is_empty());
 }
 
@@ -316,11 +317,7 @@ async fn an_answer_read_slowly_arrives_whole_before_the_park() {
 async fn a_parked_connection_ends_at_the_keepalive_limit_or_with_its_client() {
     let origin = Origin::start().await;
     let up = FakeUpstream::start(Kind::Http, None).await;
-    let gw = gateway(
-        &up,
-        "keepalive_release_after = \"200ms\"\nkeepalive_timeout = \"1500ms\"",
-    )
-    .await;
+    let gw = gateway(&up, SHORT_KEEPALIVE).await;
     // A connection in use outlives keepalive_timeout: it bounds idleness, not a life.
     let mut c = Client::connect(&gw).await;
     let t0 = Instant::now();
@@ -346,10 +343,7 @@ async fn a_parked_connection_ends_at_the_keepalive_limit_or_with_its_client() {
     );
     assert_eq!(parked(&gw).await, 0.0);
     // A client that closes its parked connection: gone from the gauge, and no error counted.
-    let mut c = Client::connect(&gw).await;
-    c.send(get(&origin, "/two").as_bytes()).await;
-    c.response().await;
-    until_parked(&gw, 1.0).await;
+    let c = parked_client(&gw, &origin, "/two").await;
     drop(c);
     until_parked(&gw, 0.0).await;
     let (_, text) = gw.admin_get("/metrics").await;
@@ -365,15 +359,8 @@ async fn a_parked_connection_ends_at_the_keepalive_limit_or_with_its_client() {
 async fn a_slow_head_after_the_park_gets_408_at_the_keepalive_limit() {
     let origin = Origin::start().await;
     let up = FakeUpstream::start(Kind::Http, None).await;
-    let gw = gateway(
-        &up,
-        "keepalive_release_after = \"200ms\"\nkeepalive_timeout = \"1500ms\"",
-    )
-    .await;
-    let mut c = Client::connect(&gw).await;
-    c.send(get(&origin, "/one").as_bytes()).await;
-    c.response().await;
-    until_parked(&gw, 1.0).await;
+    let gw = gateway(&up, SHORT_KEEPALIVE).await;
+    let mut c = parked_client(&gw, &origin, "/one").await;
     c.send(b"GET http://").await;
     let rest = c.rest().await;
     let rest = String::from_utf8_lossy(&rest);
