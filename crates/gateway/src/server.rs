@@ -260,9 +260,8 @@ impl Server {
     /// and runs the connections it accepted start to end: no cross-thread wake-ups on the data
     /// path. Every connection, a CONNECT or SOCKS tunnel included, is a task of ours (a
     /// CONNECT that hyper answered is handed back to it, not upgraded in a task of hyper's),
-    /// so the drain waits for tunnels too. Returns how many
-    /// were still open when the grace period ran out; they are closed as their worker's
-    /// runtime stops.
+    /// so the drain waits for tunnels too. Returns how many were still open when the grace
+    /// period ran out; they are closed as their worker's runtime stops.
     pub async fn run(self) -> usize {
         let gw = self.live.gateway();
         let permits = Arc::new(Semaphore::new(gw.config().server.max_connections));
