@@ -157,7 +157,7 @@ impl hyper::rt::Timer for ParkTimer {
         Box::pin(ParkSleep {
             sleep: tokio::time::sleep_until(deadline),
             park: Arc::clone(&self.park),
-            since: deadline - self.release,
+            since: idle_since(deadline, self.release),
             release: self.release,
             keepalive: self.keepalive,
         })
@@ -173,6 +173,11 @@ impl hyper::rt::Timer for ParkTimer {
     fn now(&self) -> std::time::Instant {
         Instant::now().into_std()
     }
+}
+
+/// When an idle wait ending at `deadline` began (hyper sets it `release` after the start).
+fn idle_since(deadline: Instant, release: Duration) -> Instant {
+    deadline.checked_sub(release).unwrap_or(deadline)
 }
 
 pin_project_lite::pin_project! {
@@ -191,7 +196,7 @@ pin_project_lite::pin_project! {
 impl ParkSleep {
     fn reset(self: Pin<&mut Self>, deadline: Instant) {
         let this = self.project();
-        *this.since = deadline - *this.release;
+        *this.since = idle_since(deadline, *this.release);
         this.sleep.reset(deadline);
     }
 }
