@@ -295,6 +295,10 @@ impl Gateway {
     }
 }
 
+/// A connection's first read's buffer, and a parked HTTP connection's when its next request
+/// comes: what a request head usually fits in.
+pub(crate) const FIRST_READ: usize = 4096;
+
 /// What a connection's first read left for the protocol that serves it.
 #[derive(Debug)]
 pub struct Opened {

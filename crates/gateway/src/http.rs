@@ -331,6 +331,13 @@ async fn serve_hyper<S: Io>(
         conn.poll_without_shutdown(cx)
     })
     .await;
+    // A CONNECT hyper answered: the connection is its tunnel's if hyper let it go cleanly.
+    let tunnel = kept
+        .tunnel
+        .lock()
+        .ok()
+        .and_then(|mut t| t.take())
+        .map(|t| *t);
     // hyper lets a connection go without flushing what it last wrote (the end of an answer
     // before a close, a CONNECT's 200): polled again, it flushes. A client that takes none of
     // it for `keepalive_timeout` is closed.
@@ -341,8 +348,8 @@ async fn serve_hyper<S: Io>(
         });
         if !matches!(tokio::time::timeout(keepalive, flushed).await, Ok(Ok(()))) {
             tracing::debug!("http connection closed with its last answer not taken");
-            if let Some(t) = kept.tunnel.lock().ok().and_then(|mut t| t.take()) {
-                crate::gateway::client_gone(t.0);
+            if let Some((est, _)) = tunnel {
+                crate::gateway::client_gone(est);
             }
             return LetGo::Closed;
         }
@@ -353,12 +360,6 @@ async fn serve_hyper<S: Io>(
     {
         tracing::debug!(error = %e, "http connection ended with an error");
     }
-    let tunnel = kept
-        .tunnel
-        .lock()
-        .ok()
-        .and_then(|mut t| t.take())
-        .map(|t| *t);
     let hyper::server::conn::http1::Parts { io, read_buf, .. } = conn.into_parts();
     let (prefix, stream) = io.into_inner().into_inner().into_parts();
     // Its own copy: hyper's read buffer (8 KiB) is what the connection lets go of.
@@ -397,7 +398,7 @@ async fn next_head<S: Io>(
     deadline: tokio::time::Instant,
     limits: HeadLimits,
 ) -> Option<BytesMut> {
-    let mut buf = BytesMut::with_capacity(unread.len().max(NEXT_HEAD_READ));
+    let mut buf = BytesMut::with_capacity(unread.len().max(crate::gateway::FIRST_READ));
     buf.extend_from_slice(&unread);
     drop(unread);
     let head = tokio::time::timeout_at(deadline, read_first_head(stream, buf, limits))
@@ -447,10 +448,6 @@ async fn parked<S: Io>(
         () = idle_limit => None,
     }
 }
-
-/// The first read of a request head after an idle wait: what a head usually fits in (as a new
-/// connection's first read).
-const NEXT_HEAD_READ: usize = 4096;
 
 /// The limits of a request head.
 #[derive(Debug, Clone, Copy)]

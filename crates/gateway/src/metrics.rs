@@ -280,11 +280,6 @@ impl Metrics {
         GaugeGuard::new(&self.parked_connections)
     }
 
-    /// Connections parked now.
-    pub fn parked_now(&self) -> i64 {
-        self.parked_connections.get()
-    }
-
     /// One client request ended: `None` served, or the error kind it was answered with.
     pub fn request(&self, kind: RequestKind, error: Option<ErrorKind>) {
         let outcome = error.map_or(0, |e| 1 + e.index());

@@ -71,7 +71,7 @@ impl Gateway {
         // SOCKS greeting (a read, not a peek: one syscall fewer per connection).
         let head_deadline = tokio::time::Instant::now() + self.config().server.header_read_timeout;
         let mut stream = stream;
-        let mut first = BytesMut::with_capacity(FIRST_READ);
+        let mut first = BytesMut::with_capacity(crate::gateway::FIRST_READ);
         // Often the client's first bytes are in by the time its connection is served: read
         // them without a timer (a new socket counts as readable, so a read that finds nothing
         // costs the one recv the wait below would have made anyway).
@@ -150,9 +150,6 @@ fn try_first_read(
 ) -> Poll<io::Result<usize>> {
     tokio_util::io::poll_read_buf(Pin::new(stream), cx, first)
 }
-
-/// The first read's buffer: what a request head usually fits in.
-const FIRST_READ: usize = 4096;
 
 /// The runtimes serving connections (one per data-plane thread), for metrics.
 pub type Runtimes = Arc<Mutex<Vec<tokio::runtime::Handle>>>;
@@ -531,7 +528,7 @@ mod tests {
                 panic!("{n} bytes never arrived");
             };
             queued(&stream, 3);
-            let mut first = bytes::BytesMut::with_capacity(super::FIRST_READ);
+            let mut first = bytes::BytesMut::with_capacity(crate::gateway::FIRST_READ);
             let read = std::future::poll_fn(|cx| {
                 std::task::Poll::Ready(super::try_first_read(&mut stream, &mut first, cx))
             })
