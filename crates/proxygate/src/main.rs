@@ -146,6 +146,7 @@ struct RunArgs {
 use mimalloc as _;
 
 fn main() -> ExitCode {
+    memory::configure();
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
