@@ -250,6 +250,8 @@ pub struct Explained {
 /// Percentiles of one upstream's response times, ms.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct LatencyView {
+    /// The histogram's weight: every measured attempt until one value's count passes 65,535,
+    /// then older ones count half (`Latency::record`).
     pub samples: u64,
     pub p50: Option<u64>,
     pub p95: Option<u64>,

@@ -2,8 +2,8 @@
 //!
 //! - [`Latency`]: one upstream's distribution since it was first measured (kept across
 //!   restarts with its stats), for p50/p95/p99 per upstream. Allocated on the upstream's first
-//!   measured attempt; about 1 KiB (1 ms to 2 min, two significant bits short of two digits:
-//!   values are exact to within ~6 %).
+//!   measured attempt; about 560 bytes (1 ms to 2 min, two significant bits short of two
+//!   digits: values are exact to within ~6 %; 16-bit counts, halved when one would overflow).
 //! - [`Recent`]: what every attempt of the pool did since the last [`Recent::take`]: counts
 //!   and a finer histogram (two significant digits), per lease shard so reporting threads do
 //!   not share a lock. The control plane takes it once a minute to build its 5 min / 1 h /
@@ -23,8 +23,15 @@ use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 pub const MAX_MS: u64 = 120_000;
 
 /// One upstream's response-time distribution.
+///
+/// Counts are 16-bit, which halves the histogram (448 bytes of counts rather than 896, for
+/// every upstream ever measured: a pool of 10,000 holds 10,000 of them). When a value's count
+/// would pass 65,535, every count is halved first, rounding up so that no value seen is
+/// forgotten: the shape, and so every quantile, stays as it was, and older samples weigh half
+/// as much as the ones after. [`Latency::len`] is the histogram's weight, not every sample
+/// ever recorded (the stats count those).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Latency(Histogram<u32>);
+pub struct Latency(Histogram<u16>);
 
 impl Latency {
     pub fn new() -> Latency {
@@ -33,10 +40,19 @@ impl Latency {
 
     /// Records one response time (ms); clamped to 1..=[`MAX_MS`].
     pub fn record(&mut self, ms: u64) {
-        self.0.saturating_record(ms.clamp(1, MAX_MS));
+        let ms = ms.clamp(1, MAX_MS);
+        if self.0.count_at(ms) == u16::MAX {
+            self.halve();
+        }
+        self.0.saturating_record(ms);
     }
 
-    /// Measured samples.
+    /// Every count halved, rounded up.
+    fn halve(&mut self) {
+        self.0 = scaled(&self.0, 2);
+    }
+
+    /// Measured samples (the histogram's weight: halving halves it).
     pub fn len(&self) -> u64 {
         self.0.len()
     }
@@ -60,16 +76,34 @@ impl Latency {
     }
 
     /// Reads back [`Latency::encode`]; `None` for anything else (a corrupt value is dropped,
-    /// not fatal: the distribution starts afresh).
+    /// not fatal: the distribution starts afresh). Counts past 16 bits (written by an earlier
+    /// release, whose counts were 32-bit) are scaled down together, as halving would have.
     pub fn decode(text: &str) -> Option<Latency> {
         let bytes = BASE64.decode(text).ok()?;
-        let h: Histogram<u32> = Deserializer::new()
+        let h: Histogram<u64> = Deserializer::new()
             .deserialize(&mut bytes.as_slice())
             .ok()?;
-        let mut fresh = new_histogram(1);
-        fresh.add(&h).ok()?;
-        Some(Latency(fresh))
+        let most = h
+            .iter_recorded()
+            .map(|v| v.count_at_value())
+            .max()
+            .unwrap_or(0);
+        let divisor = most.div_ceil(u64::from(u16::MAX)).max(1);
+        Some(Latency(scaled(&h, divisor)))
     }
+}
+
+/// `h`'s counts divided by `divisor`, rounded up, in a fresh per-upstream histogram (values
+/// outside its bounds clamped to them).
+fn scaled<T: hdrhistogram::Counter>(h: &Histogram<T>, divisor: u64) -> Histogram<u16> {
+    let mut out = new_histogram(1);
+    for v in h.iter_recorded() {
+        let n = v.count_at_value().as_u64().div_ceil(divisor);
+        let at = v.value_iterated_to().clamp(1, MAX_MS);
+        // Within bounds, and `n` fits: at most u16::MAX after the division.
+        let _ = out.record_n(at, u16::try_from(n).unwrap_or(u16::MAX));
+    }
+    out
 }
 
 impl Default for Latency {
@@ -78,7 +112,7 @@ impl Default for Latency {
     }
 }
 
-fn new_histogram(sigfig: u8) -> Histogram<u32> {
+fn new_histogram<T: hdrhistogram::Counter>(sigfig: u8) -> Histogram<T> {
     match Histogram::new_with_bounds(1, MAX_MS, sigfig) {
         Ok(h) => h,
         // The bounds are constants that hdrhistogram accepts.
@@ -187,6 +221,44 @@ mod tests {
         assert_eq!(back, l);
         assert_eq!(Latency::decode("not base64!"), None);
         assert_eq!(Latency::decode("AAAA"), None);
+    }
+
+    /// A count that would pass 16 bits halves every count (rounded up): the quantiles stay,
+    /// nothing seen is forgotten, and recording goes on.
+    #[test]
+    fn a_full_count_halves_the_histogram_and_keeps_its_shape() {
+        let mut l = Latency::new();
+        l.record(30);
+        for _ in 0..1_000 {
+            l.record(1_000);
+        }
+        for _ in 0..70_000 {
+            l.record(100);
+        }
+        // 65,535 at 100 ms, then halved to 32,768 (1,000 ms: 500; 30 ms: 1), then 4,465 more.
+        assert_eq!(l.len(), 1 + 500 + 32_768 + 4_465);
+        assert!((97..=103).contains(&l.quantile_ms(0.5).unwrap()));
+        assert!((960..=1_040).contains(&l.quantile_ms(0.999).unwrap()));
+        assert!(l.quantile_ms(0.0).unwrap() <= 31);
+        assert_eq!(Latency::decode(&l.encode()).unwrap(), l);
+    }
+
+    /// What an earlier release stored (32-bit counts, past 16 bits) reads back scaled, with
+    /// its quantiles.
+    #[test]
+    fn counts_past_16_bits_are_scaled_down_on_decode() {
+        let mut h: Histogram<u32> = new_histogram(1);
+        h.record_n(100, 200_000).unwrap();
+        h.record_n(500, 1_000).unwrap();
+        h.record_n(7, 1).unwrap();
+        let mut bytes = Vec::new();
+        V2Serializer::new().serialize(&h, &mut bytes).unwrap();
+        let l = Latency::decode(&BASE64.encode(bytes)).unwrap();
+        // Divided by 4 (200,000 / 65,535 rounded up), rounded up.
+        assert_eq!(l.len(), 50_000 + 250 + 1);
+        assert!((97..=103).contains(&l.quantile_ms(0.5).unwrap()));
+        assert!((480..=520).contains(&l.quantile_ms(0.999).unwrap()));
+        assert_eq!(l.quantile_ms(0.0), Some(7));
     }
 
     #[test]
