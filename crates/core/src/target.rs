@@ -136,12 +136,22 @@ impl Target {
     pub fn push_authority(&self, out: &mut Vec<u8>) {
         match &self.host {
             Host::Ip(IpAddr::V4(ip)) => {
-                let [a, b, c, d] = ip.octets();
-                push_decimal(out, a.into());
-                for octet in [b, c, d] {
-                    out.push(b'.');
-                    push_decimal(out, octet.into());
+                // Written on the stack and appended at once: one capacity check, not one
+                // per byte. "255.255.255.255:65535" is 21 bytes.
+                let mut buf = [0u8; 21];
+                let mut at = 0;
+                for (i, octet) in ip.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        buf[at] = b'.';
+                        at += 1;
+                    }
+                    at += write_decimal(&mut buf[at..], octet.into());
                 }
+                buf[at] = b':';
+                at += 1;
+                at += write_decimal(&mut buf[at..], self.port);
+                out.extend_from_slice(&buf[..at]);
+                return;
             }
             Host::Domain(name) => out.extend_from_slice(name.as_bytes()),
             Host::Ip(IpAddr::V6(ip)) => {
@@ -157,15 +167,27 @@ impl Target {
 
 /// Appends `n` in decimal, no leading zeros (as `Display` writes it, without fmt).
 pub fn push_decimal(out: &mut Vec<u8>, n: u16) {
-    let mut leading = true;
-    for unit in [10_000, 1_000, 100, 10] {
-        let digit = n / unit % 10;
-        if digit != 0 || !leading {
-            out.push(b'0' + digit as u8);
-            leading = false;
-        }
+    let mut buf = [0u8; 5];
+    let len = write_decimal(&mut buf, n);
+    out.extend_from_slice(&buf[..len]);
+}
+
+/// Writes `n` in decimal, no leading zeros, at the start of `buf` (at least 5 bytes, or as
+/// many as `n` has digits): how many bytes it wrote.
+fn write_decimal(buf: &mut [u8], n: u16) -> usize {
+    let len = match n {
+        0..=9 => 1,
+        10..=99 => 2,
+        100..=999 => 3,
+        1_000..=9_999 => 4,
+        _ => 5,
+    };
+    let mut n = n;
+    for slot in buf[..len].iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        n /= 10;
     }
-    out.push(b'0' + (n % 10) as u8);
+    len
 }
 
 /// A decimal port in 1..=65535.
