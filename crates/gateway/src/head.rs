@@ -127,9 +127,10 @@ fn run(buf: &[u8], class: u8) -> usize {
 fn all_printable(x: u64) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
-    // A byte below 0x20 borrows into its high bit; a byte of 0x80 or more has it set already.
+    // A byte below 0x20 borrows into its high bit (`& !x` leaves out the bytes whose high bit
+    // was set before: the next test takes those).
     let below_space = x.wrapping_sub(ONES * 0x20) & !x & HIGHS;
-    // A byte above 0x7e carries into its high bit with 1 added (0x7f -> 0x80), or has it set.
+    // A byte of 0x7f carries into its high bit with 1 added; one of 0x80 or more has it set.
     let above_tilde = (x.wrapping_add(ONES) | x) & HIGHS;
     below_space | above_tilde == 0
 }
