@@ -100,8 +100,8 @@ pub struct Health {
     /// When an attempt last re-checked this upstream: an outcome recorded while it was on
     /// probation (its first use, or its first after a backoff). 0: never.
     last_check_ms: AtomicU64,
-    /// Response times since first measured; allocated on the first measurement.
-    latency: Mutex<Option<Box<Latency>>>,
+    /// Response times since first measured; empty (no allocation) until the first.
+    latency: Mutex<Latency>,
     /// Successes, failures and summed response time (ms) since the control plane last took
     /// them ([`Health::take_interval`]): its per-upstream windows.
     interval: [AtomicU64; 3],
@@ -244,7 +244,7 @@ impl Health {
             response_ema: AtomicU32::new(NONE),
             dirty: AtomicBool::new(false),
             last_check_ms: AtomicU64::new(0),
-            latency: Mutex::new(None),
+            latency: Mutex::new(Latency::new()),
             interval: Default::default(),
         }
     }
@@ -263,7 +263,7 @@ impl Health {
             failures: AtomicU64::new(saved.failures),
             success_ema: AtomicU32::new(store_f32(saved.success_rate)),
             response_ema: AtomicU32::new(store_f32(saved.response_time_ms)),
-            latency: Mutex::new(saved.latency.clone().map(Box::new)),
+            latency: Mutex::new(saved.latency.clone().unwrap_or_default()),
             ..Health::new(hot)
         };
         let hot = h.hot();
@@ -308,21 +308,15 @@ impl Health {
 
     /// The response-time distribution since first measured (a copy), if any.
     pub fn latency(&self) -> Option<Latency> {
-        self.latency
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_deref()
-            .cloned()
+        let l = self.latency.lock().unwrap_or_else(PoisonError::into_inner);
+        (!l.is_empty()).then(|| l.clone())
     }
 
     /// The response-time distribution since first measured, encoded as the store keeps it
     /// ([`Latency::encode`]), if any: encoded in place, with no copy of the histogram.
     pub fn latency_encoded(&self) -> Option<String> {
-        self.latency
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_deref()
-            .map(Latency::encode)
+        let l = self.latency.lock().unwrap_or_else(PoisonError::into_inner);
+        (!l.is_empty()).then(|| l.encode())
     }
 
     /// What happened since the last call (and starts the next interval).
@@ -472,7 +466,6 @@ impl Health {
                     self.latency
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .get_or_insert_with(Box::default)
                         .record(ms);
                 }
                 Counted::Success(measured.then(|| crate::millis(rt)))
