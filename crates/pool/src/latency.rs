@@ -323,7 +323,10 @@ mod tests {
         };
         let spread = |r: u64| 1 + (r % 17).pow(4) + r % 1_000;
         let clustered = |r: u64| 40 + r % 25;
-        for (name, draw) in [("spread", &spread as &dyn Fn(u64) -> u64), ("clustered", &clustered)] {
+        for (name, draw) in [
+            ("spread", &spread as &dyn Fn(u64) -> u64),
+            ("clustered", &clustered),
+        ] {
             for n in [1, 2, 7, 100, 5_000] {
                 let mut sparse = Latency::new();
                 let mut dense: Histogram<u64> = new_histogram(1);
@@ -333,7 +336,9 @@ mod tests {
                     dense.record(ms).unwrap();
                 }
                 assert_eq!(sparse.len(), dense.len(), "{name} {n}");
-                for q in [0.0, 0.001, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0, 1.5] {
+                for q in [
+                    0.0, 0.001, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0, 1.5,
+                ] {
                     assert_eq!(
                         sparse.quantile_ms(q),
                         Some(dense.value_at_quantile(q)),

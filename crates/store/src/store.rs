@@ -363,7 +363,7 @@ impl Store {
         self.encode(id, &mut raw, creds.as_ref());
         // Stats first: a crash between the two leaves an orphan stats row (ignored), never a
         // record without stats.
-        let default = serde_json::to_vec(&Stats::default()).unwrap_or_default();
+        let default = Stats::default().encode();
         let _ = self
             .stats
             .compare_and_swap(id_key(id), None as Option<&[u8]>, Some(default))
@@ -466,7 +466,7 @@ impl Store {
             .stats
             .get(id_key(id))
             .map_err(self.err())?
-            .and_then(|v| serde_json::from_slice(&v).ok())
+            .and_then(|v| Stats::decode(&v))
             .unwrap_or_default())
     }
 
@@ -475,7 +475,7 @@ impl Store {
         let mut out = HashMap::with_capacity(self.stats.len());
         for item in &self.stats {
             let (k, v) = item.map_err(self.err())?;
-            if let (Some(id), Ok(s)) = (key_id(&k), serde_json::from_slice::<Stats>(&v)) {
+            if let (Some(id), Some(s)) = (key_id(&k), Stats::decode(&v)) {
                 out.insert(id, s);
             }
         }
@@ -494,7 +494,7 @@ impl Store {
         let mut n = 0;
         for (id, s) in stats {
             if self.contains(id)? {
-                batch.insert(&id_key(id), serde_json::to_vec(s).unwrap_or_default());
+                batch.insert(&id_key(id), s.encode());
                 n += 1;
                 if n % STATS_CHUNK == 0 {
                     self.stats
@@ -896,7 +896,8 @@ mod tests {
             [
                 "add_reputation_fields",
                 "encrypt_credentials",
-                "list_sources"
+                "list_sources",
+                "binary_stats"
             ]
         );
         assert_eq!(store.schema_version().unwrap(), CURRENT_VERSION);
@@ -953,10 +954,55 @@ mod tests {
         store.flush().unwrap();
         drop(store);
         let (store, report) = reopen(dir.path(), None).unwrap();
-        assert_eq!(report.migrated, ["encrypt_credentials", "list_sources"]);
+        assert_eq!(
+            report.migrated,
+            ["encrypt_credentials", "list_sources", "binary_stats"]
+        );
         let mut got = store.records().unwrap();
         got.sort_by_key(|r| r.upstream.port);
         assert_eq!(got, vec![a, b]);
+    }
+
+    /// Schema 4's JSON stats rows are rewritten in the binary shape at the next open and
+    /// read back the same; a row the persister already wrote binary is left as it is.
+    #[test]
+    fn json_stats_rows_become_binary_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (a, b) = (record(URLS[0]), record(URLS[1]));
+        store.put(&a).unwrap();
+        store.put(&b).unwrap();
+        let old = Stats {
+            reputation: 91,
+            success_rate: Some(0.75),
+            total_uses: 8,
+            failures: 2,
+            last_used_unix_ms: Some(1_796_000_000_000),
+            latency_histogram: Some("AAEC".into()),
+            ..Stats::default()
+        };
+        let json = serde_json::to_vec(&old).unwrap();
+        store.stats.insert(id_key(a.upstream.id()), json).unwrap();
+        let newer = Stats {
+            reputation: 12,
+            ..Stats::default()
+        };
+        store.write_stats([(b.upstream.id(), &newer)]).unwrap();
+        store
+            .meta
+            .insert("schema_version", &4u32.to_be_bytes())
+            .unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let (store, report) = reopen(dir.path(), None).unwrap();
+        assert_eq!(report.migrated, ["binary_stats"]);
+        assert_eq!(store.schema_version().unwrap(), 5);
+        for (id, want) in [(a.upstream.id(), &old), (b.upstream.id(), &newer)] {
+            let row = store.stats.get(id_key(id)).unwrap().unwrap();
+            assert_eq!(row.first(), Some(&1), "binary");
+            assert_eq!(&store.stats(id).unwrap(), want);
+        }
+        assert_eq!(store.all_stats().unwrap().len(), 2);
     }
 
     #[test]

@@ -13,27 +13,50 @@
 //! | 2 | + `proxy_type`, `origin`, `disabled`, `added_unix_ms`; a `stats` row per upstream |
 //! | 3 | credentials sealed in an AES-256-GCM envelope; no plaintext left |
 //! | 4 | origin `source` with the source's name; `checks` tree; per-source stats (`sources`) |
+//! | 5 | stats rows binary ([`Stats::encode`]) rather than JSON, a quarter of the bytes |
 
 use super::Store;
 use crate::record::{PlainCredentials, RawRecord, key_id};
 use crate::{Stats, StoreError};
 
 /// The schema this build reads and writes.
-pub const CURRENT_VERSION: u32 = 4;
+pub const CURRENT_VERSION: u32 = 5;
 
 type Step = fn(&Store) -> Result<(), StoreError>;
 
 /// `(version it produces, name, step)`, in order.
-const MIGRATIONS: [(u32, &str, Step); 3] = [
+const MIGRATIONS: [(u32, &str, Step); 4] = [
     (2, "add_reputation_fields", add_reputation_fields),
     (3, "encrypt_credentials", encrypt_credentials),
     (4, "list_sources", list_sources),
+    (5, "binary_stats", binary_stats),
 ];
 
 /// Version 4 only adds: records may carry origin `source`, which older builds cannot read
 /// (hence the version), and the `checks` tree (opened, so created, by every open). No record
 /// changes shape.
 fn list_sources(_store: &Store) -> Result<(), StoreError> {
+    Ok(())
+}
+
+/// Version 5: every JSON stats row rewritten in the binary shape (compare-and-swap, so a
+/// row the persister wrote meanwhile stays). Rows that read as neither are left: they read
+/// as fresh stats, as before. Older builds would read binary rows as fresh stats without a
+/// word, hence the version: they refuse the data dir instead.
+fn binary_stats(store: &Store) -> Result<(), StoreError> {
+    for item in &store.stats {
+        let (k, v) = item.map_err(store.err())?;
+        if v.first() != Some(&b'{') {
+            continue;
+        }
+        let Some(stats) = Stats::decode(&v) else {
+            continue;
+        };
+        let _ = store
+            .stats
+            .compare_and_swap(&k, Some(v), Some(stats.encode()))
+            .map_err(store.err())?;
+    }
     Ok(())
 }
 
