@@ -28,7 +28,7 @@ use serde_json::Value;
 fn open_db(path: std::path::PathBuf) -> sled::Db {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match sled::open(&path) {
+        match proxygate_store::sled_config(&path).open() {
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")
                     && std::time::Instant::now() < deadline =>

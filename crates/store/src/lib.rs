@@ -25,4 +25,5 @@ pub use crypto::{KEY_ENV, KEY_FILE, Key, KeyId, KeyOrigin, Keyring, NEXT_KEY_FIL
 pub use error::StoreError;
 pub use record::{CheckRecord, FetchSummary, Origin, Record, SourceStats, Stats};
 pub use store::migrate::{self, CURRENT_VERSION};
+pub use store::segments::config as sled_config;
 pub use store::{OpenReport, RotationProgress, Store};

@@ -27,6 +27,8 @@ use migrate::CURRENT_VERSION;
 /// The sled database's directory inside the data dir.
 const DB_DIR: &str = "db";
 
+pub mod segments;
+
 /// Stats records per sled batch in [`Store::write_stats`]. One batch of a whole busy pool is
 /// held and logged at once: with 10,000 upstreams written every 5 s the gateway's RSS swung
 /// between 81 and 110 MiB; in batches of 256 (64 read the same) it stays at 74-89, and a
@@ -100,10 +102,29 @@ fn read_u32(tree: &sled::Tree, name: &str, dir: &Path) -> Result<Option<u32>, St
         .map(u32::from_be_bytes))
 }
 
+/// The schema version `db` holds: its `meta` record, else 1 for data from before versions were
+/// written, else (a new database) the current one. Creates nothing.
+fn stored_version(db: &sled::Db, dir: &Path) -> Result<u32, StoreError> {
+    let names = db.tree_names();
+    let exists = |name: &str| names.iter().any(|n| n.as_ref() == name.as_bytes());
+    let tree = |name: &str| db.open_tree(name).map_err(db_err(dir));
+    let stored = match exists("meta") {
+        true => read_u32(&tree("meta")?, "schema_version", dir)?,
+        false => None,
+    };
+    Ok(match stored {
+        Some(v) => v,
+        None if exists("upstreams") && !tree("upstreams")?.is_empty() => 1,
+        None => CURRENT_VERSION,
+    })
+}
+
 impl Store {
-    /// Whether `dir` holds a data dir (a database, at least).
+    /// Whether `dir` holds a data dir (a database, at least; also one caught between the
+    /// two renames of a segment resize, which the next open finishes).
     pub fn exists(dir: &Path) -> bool {
-        dir.join(DB_DIR).exists()
+        let path = dir.join(DB_DIR);
+        path.exists() || segments::set_aside(&path).exists()
     }
 
     /// Opens (creating when missing) the data dir. `env_key` is `ENCRYPTION_KEY`'s value.
@@ -116,24 +137,12 @@ impl Store {
                 .create(dir)
                 .map_err(|e| StoreError::io(dir, e))?;
         }
-        let db = sled::Config::new()
-            .path(dir.join(DB_DIR))
-            .open()
-            .map_err(db_err(dir))?;
-        let tree = |name: &str| db.open_tree(name).map_err(db_err(dir));
+        let path = dir.join(DB_DIR);
+        segments::finish_resize(&path).map_err(|e| StoreError::io(&path, e))?;
+        let stored_segments = segments::stored_size(&path);
+        let db = segments::config(&path).open().map_err(db_err(dir))?;
         // Look before creating anything: a newer data dir must be left exactly as it is.
-        let names = db.tree_names();
-        let exists = |name: &str| names.iter().any(|n| n.as_ref() == name.as_bytes());
-        let stored_version = match exists("meta") {
-            true => read_u32(&tree("meta")?, "schema_version", dir)?,
-            false => None,
-        };
-        let version = match stored_version {
-            Some(v) => v,
-            // Data from before versions were written: the first shape.
-            None if exists("upstreams") && !tree("upstreams")?.is_empty() => 1,
-            None => CURRENT_VERSION,
-        };
+        let version = stored_version(&db, dir)?;
         if version > CURRENT_VERSION {
             return Err(StoreError::NewerSchema {
                 dir: dir.to_owned(),
@@ -141,6 +150,14 @@ impl Store {
                 supported: CURRENT_VERSION,
             });
         }
+        let db = match stored_segments {
+            Some(old) if old != segments::SIZE => {
+                drop(db);
+                segments::resize(&path, old, dir)?
+            }
+            _ => db,
+        };
+        let tree = |name: &str| db.open_tree(name).map_err(db_err(dir));
         let meta = tree("meta")?;
         let upstreams = tree("upstreams")?;
         let mut report = OpenReport::default();
@@ -722,7 +739,7 @@ mod tests {
 
     /// The raw database, as test code that builds or inspects old shapes opens it.
     fn sled_open(path: PathBuf) -> sled::Result<sled::Db> {
-        waiting(|| sled::open(&path), is_lock_error)
+        waiting(|| segments::config(&path).open(), is_lock_error)
     }
 
     const URLS: [&str; 3] = [
@@ -1003,6 +1020,112 @@ mod tests {
             assert_eq!(&store.stats(id).unwrap(), want);
         }
         assert_eq!(store.all_stats().unwrap().len(), 2);
+    }
+
+    /// A data dir as every build before made it (sled's 512 KiB segments: a store opened,
+    /// filled and closed, then its `conf` put back to 512 KiB is not possible, so the
+    /// database is built at that size and filled through a store opened on it before the
+    /// resize existed: by hand, as the old open did).
+    fn legacy_sized(dir: &Path) -> (Record, Stats) {
+        let path = dir.join(DB_DIR);
+        std::fs::create_dir_all(dir).unwrap();
+        let db = waiting(
+            || {
+                sled::Config::new()
+                    .path(&path)
+                    .segment_size(512 * 1024)
+                    .open()
+            },
+            is_lock_error,
+        )
+        .unwrap();
+        let a = record(URLS[0]);
+        let mut raw = RawRecord::from_record(&a);
+        raw.username = Some("alice".into());
+        raw.password = Some("s@cret:1".into());
+        let tree = db.open_tree("upstreams").unwrap();
+        tree.insert(id_key(a.upstream.id()), raw.encode()).unwrap();
+        let stats = Stats {
+            reputation: 77,
+            total_uses: 5,
+            ..Stats::default()
+        };
+        db.open_tree("stats")
+            .unwrap()
+            .insert(id_key(a.upstream.id()), serde_json::to_vec(&stats).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+        (a, stats)
+    }
+
+    /// Opened, a data dir of 512 KiB segments is copied to [`segments::SIZE`] and swapped in:
+    /// every record and stat reads back (and migrates on as before), nothing is left beside
+    /// it, and the next open finds the new size.
+    #[test]
+    fn a_data_dir_of_small_segments_is_copied_to_large_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, stats) = legacy_sized(dir.path());
+        let path = dir.path().join(DB_DIR);
+        assert_eq!(segments::stored_size(&path), Some(512 * 1024));
+        let (store, report) = reopen(dir.path(), None).unwrap();
+        assert_eq!(segments::stored_size(&path), Some(segments::SIZE));
+        assert!(report.migrated.contains(&"encrypt_credentials"));
+        assert_eq!(store.records().unwrap(), vec![a.clone()]);
+        assert_eq!(store.stats(a.upstream.id()).unwrap(), stats);
+        drop(store);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(DB_DIR))
+            .collect();
+        assert_eq!(names, [DB_DIR]);
+        let (store, report) = reopen(dir.path(), None).unwrap();
+        assert!(report.migrated.is_empty());
+        assert_eq!(store.records().unwrap(), vec![a]);
+    }
+
+    /// Killed before the swap (an unfinished copy beside the database) or between its two
+    /// renames (the database set aside, the finished copy not yet in its place), the next
+    /// open finishes the resize, with every record.
+    #[test]
+    fn an_interrupted_resize_is_finished_at_the_next_open() {
+        for between_renames in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (a, _) = legacy_sized(dir.path());
+            let path = dir.path().join(DB_DIR);
+            // A copy as `resize` makes it (here whole, or cut short: an empty database).
+            let fresh = path.with_extension("resizing");
+            {
+                let copy = sled::Config::new()
+                    .path(&fresh)
+                    .segment_size(segments::SIZE)
+                    .open()
+                    .unwrap();
+                if between_renames {
+                    let from = sled_open(path.clone()).unwrap();
+                    for name in from.tree_names() {
+                        let t = copy.open_tree(&name).unwrap();
+                        for item in &from.open_tree(&name).unwrap() {
+                            let (k, v) = item.unwrap();
+                            t.insert(k, v).unwrap();
+                        }
+                    }
+                }
+                copy.flush().unwrap();
+            }
+            if between_renames {
+                std::fs::rename(&path, segments::set_aside(&path)).unwrap();
+                assert!(Store::exists(dir.path()), "a data dir, mid-swap");
+            }
+            let (store, _) = reopen(dir.path(), None).unwrap();
+            assert_eq!(
+                store.records().unwrap(),
+                vec![a],
+                "between renames: {between_renames}"
+            );
+            assert_eq!(segments::stored_size(&path), Some(segments::SIZE));
+            assert!(!fresh.exists() && !segments::set_aside(&path).exists());
+        }
     }
 
     #[test]

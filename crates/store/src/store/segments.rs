@@ -1,0 +1,140 @@
+//! sled's segment size: the unit its log is written and cleaned in. sled 0.34 refuses to open a
+//! database with another size than it was made with, so a data dir made with another (every
+//! one before this, at sled's default of 512 KiB) is copied once into a new database of
+//! [`SIZE`] and swapped in, at open.
+//!
+//! Why 16 MiB, sled's largest: the persister rewrites the stats row of every upstream used in
+//! an interval, one batch every `store.stats_flush_interval`. When that batch is more than
+//! about a quarter of a segment, sled's segment cleaner never catches up: it keeps relocating
+//! live pages out of segments the next batch turns to garbage again. Measured with a busy pool
+//! (`results-2026-11-30.md`), bytes written to the data dir in 30 s of traffic: 10,000
+//! upstreams 130 MiB at 512 KiB segments, 4-5 MiB from 2 MiB up; 40,000 upstreams 233 MiB at
+//! 512 KiB, 774 at 2 MiB, 119 at 4 MiB, 11 at 8 MiB, 8 at 16 MiB; 100,000 upstreams 1.2 GiB in
+//! 40 s at 8 MiB, 23 MiB at 16 MiB. sled writes only what it logs, so a small data dir stays
+//! small on disk.
+//!
+//! The swap: the copy is made in `db.resizing` and flushed, checked against the original
+//! (sled's checksum of every key and value), then `db` is renamed to `db.before-resize` and
+//! `db.resizing` to `db`, and the old one removed. Killed at any point, the next open finishes
+//! it ([`finish_resize`]): a leftover `db.resizing` beside `db` is an unfinished copy (removed,
+//! and the copy starts over); `db.before-resize` means the copy was complete.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{db_err, is_lock_error};
+use crate::StoreError;
+
+/// The segment size of the databases this build makes.
+pub const SIZE: usize = 16 << 20;
+
+/// How long an open waits for sled's threads of a handle this process just dropped to let go
+/// of the database's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// The sled configuration the database at `path` opens with: the segment size it was made
+/// with, or [`SIZE`] for a new one. For tools and tests that open a data dir's database
+/// directly (`DATA_DIR/db`), without the store.
+pub fn config(path: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(path)
+        .segment_size(stored_size(path).unwrap_or(SIZE))
+}
+
+/// The segment size the database at `path` was made with (sled's `conf` file: lines of text,
+/// then a CRC32); `None` where there is none yet, or it says nothing sled would read either.
+pub(crate) fn stored_size(path: &Path) -> Option<usize> {
+    let bytes = std::fs::read(path.join("conf")).ok()?;
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .find_map(|l| l.strip_prefix("segment_size:")?.trim().parse().ok())
+}
+
+/// Where the copy is made.
+fn in_progress(path: &Path) -> PathBuf {
+    path.with_extension("resizing")
+}
+
+/// Where the original waits between the two renames.
+pub(crate) fn set_aside(path: &Path) -> PathBuf {
+    path.with_extension("before-resize")
+}
+
+/// Finishes or undoes a resize that was killed: see the module's text.
+pub(crate) fn finish_resize(path: &Path) -> std::io::Result<()> {
+    let (aside, fresh) = (set_aside(path), in_progress(path));
+    if aside.exists() {
+        if !path.exists() {
+            std::fs::rename(&fresh, path)?;
+        }
+        std::fs::remove_dir_all(&aside)?;
+    } else if fresh.exists() && path.exists() {
+        std::fs::remove_dir_all(&fresh)?;
+    }
+    Ok(())
+}
+
+/// Copies the database at `path` (segments of `old` bytes, not open in this process) into one
+/// of [`SIZE`], swaps it in, and returns it open. `dir` is the data dir, for errors.
+pub(crate) fn resize(path: &Path, old: usize, dir: &Path) -> Result<sled::Db, StoreError> {
+    let started = Instant::now();
+    let fresh = in_progress(path);
+    let io = |p: &Path| {
+        let p = p.to_owned();
+        move |e| StoreError::io(&p, e)
+    };
+    let db = |e| db_err(dir)(e);
+    let copied = {
+        let from = open_waiting(sled::Config::new().path(path).segment_size(old), dir)?;
+        let to = open_waiting(sled::Config::new().path(&fresh).segment_size(SIZE), dir)?;
+        let mut copied = 0usize;
+        for name in from.tree_names() {
+            let (source, copy) = (
+                from.open_tree(&name).map_err(db)?,
+                to.open_tree(&name).map_err(db)?,
+            );
+            for item in source.iter() {
+                let (k, v) = item.map_err(db)?;
+                copy.insert(k, v).map_err(db)?;
+                copied += 1;
+            }
+        }
+        to.flush().map_err(db)?;
+        if from.checksum().map_err(db)? != to.checksum().map_err(db)? {
+            return Err(StoreError::Db {
+                dir: dir.to_owned(),
+                message: format!(
+                    "the copy made to change the database's segment size ({}) differs from it; \
+                     the database is left as it was",
+                    fresh.display()
+                ),
+            });
+        }
+        copied
+    };
+    std::fs::rename(path, set_aside(path)).map_err(io(path))?;
+    std::fs::rename(&fresh, path).map_err(io(&fresh))?;
+    std::fs::remove_dir_all(set_aside(path)).map_err(io(&set_aside(path)))?;
+    tracing::info!(
+        entries = copied,
+        from_bytes = old,
+        to_bytes = SIZE,
+        took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "database copied to larger log segments (fewer bytes rewritten per stats flush)"
+    );
+    open_waiting(config(path), dir)
+}
+
+/// Opens `config`'s database, waiting while the lock is held by sled's threads of a handle this
+/// process just dropped (a lock held by anything else still fails, after [`LOCK_WAIT`]).
+fn open_waiting(config: sled::Config, dir: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(e) if is_lock_error(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other.map_err(db_err(dir)),
+        }
+    }
+}
