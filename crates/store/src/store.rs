@@ -153,7 +153,18 @@ impl Store {
         let db = match stored_segments {
             Some(old) if old != segments::SIZE => {
                 drop(db);
-                segments::resize(&path, old, dir)?
+                match segments::resize(&path, old, dir) {
+                    Ok(db) => db,
+                    // Out of disk, say: the database works as it is, only with more writes.
+                    Err(e) => {
+                        tracing::warn!(
+                            "could not copy the database to larger log segments ({e}); it keeps \
+                             segments of {old} bytes until a later start manages"
+                        );
+                        segments::finish_resize(&path).map_err(|e| StoreError::io(&path, e))?;
+                        segments::open_waiting(segments::config(&path), dir)?
+                    }
+                }
             }
             _ => db,
         };
@@ -1126,6 +1137,31 @@ mod tests {
             assert_eq!(segments::stored_size(&path), Some(segments::SIZE));
             assert!(!fresh.exists() && !segments::set_aside(&path).exists());
         }
+    }
+
+    /// A copy that cannot be made (here its path is a dangling link, where out of disk would
+    /// be likelier) leaves the database at its old size, opened and whole: the store serves.
+    #[test]
+    fn a_failed_resize_keeps_the_database_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, stats) = legacy_sized(dir.path());
+        let path = dir.path().join(DB_DIR);
+        std::os::unix::fs::symlink(
+            dir.path().join("nowhere/at/all"),
+            path.with_extension("resizing"),
+        )
+        .unwrap();
+        let (store, _) = reopen(dir.path(), None).unwrap();
+        assert_eq!(segments::stored_size(&path), Some(512 * 1024));
+        assert_eq!(store.records().unwrap(), vec![a]);
+        assert_eq!(
+            store
+                .stats(store.records().unwrap()[0].upstream.id())
+                .unwrap(),
+            stats
+        );
+        store.put(&record(URLS[1])).unwrap();
+        assert_eq!(store.records().unwrap().len(), 2);
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //! (sled's checksum of every key and value), then `db` is renamed to `db.before-resize` and
 //! `db.resizing` to `db`, and the old one removed. Killed at any point, the next open finishes
 //! it ([`finish_resize`]): a leftover `db.resizing` beside `db` is an unfinished copy (removed,
-//! and the copy starts over); `db.before-resize` means the copy was complete.
+//! and the copy starts over); `db.before-resize` means the copy was complete. A copy that
+//! fails (out of disk) leaves the database as it was, opened at its old size.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -127,7 +128,7 @@ pub(crate) fn resize(path: &Path, old: usize, dir: &Path) -> Result<sled::Db, St
 
 /// Opens `config`'s database, waiting while the lock is held by sled's threads of a handle this
 /// process just dropped (a lock held by anything else still fails, after [`LOCK_WAIT`]).
-fn open_waiting(config: sled::Config, dir: &Path) -> Result<sled::Db, StoreError> {
+pub(crate) fn open_waiting(config: sled::Config, dir: &Path) -> Result<sled::Db, StoreError> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
         match config.open() {
