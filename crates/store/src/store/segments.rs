@@ -4,14 +4,15 @@
 //! [`SIZE`] and swapped in, at open.
 //!
 //! Why 16 MiB, sled's largest: the persister rewrites the stats row of every upstream used in
-//! an interval, one batch every `store.stats_flush_interval`. When that batch is more than
-//! about a quarter of a segment, sled's segment cleaner never catches up: it keeps relocating
-//! live pages out of segments the next batch turns to garbage again. Measured with a busy pool
-//! (`results-2026-11-30.md`), bytes written to the data dir in 30 s of traffic: 10,000
-//! upstreams 130 MiB at 512 KiB segments, 4-5 MiB from 2 MiB up; 40,000 upstreams 233 MiB at
-//! 512 KiB, 774 at 2 MiB, 119 at 4 MiB, 11 at 8 MiB, 8 at 16 MiB; 100,000 upstreams 1.2 GiB in
-//! 40 s at 8 MiB, 23 MiB at 16 MiB. sled writes only what it logs, so a small data dir stays
-//! small on disk.
+//! an interval, one batch every `store.stats_flush_interval`, and with small segments sled
+//! rewrote far more than those rows (its segment cleaner relocating live pages out of segments
+//! each batch leaves partly dead). Measured with a busy pool (`results-2026-11-30.md`), bytes
+//! written to the data dir in 30-40 s of traffic: 10,000 upstreams 114-152 MiB at 512 KiB
+//! segments (binary rows or JSON), 3-7 MiB from 2 MiB up; 40,000 upstreams 266 MiB at 512 KiB, 774 at 2 MiB, 119 at
+//! 4 MiB, 8-11 at 8 and 16 MiB; 100,000 upstreams 345 MiB at 512 KiB (JSON rows), 1.2 GiB at 8
+//! MiB, 23 MiB at 16 MiB. Past that it turns: 200,000 upstreams 904 MiB at 16 MiB against 361 at 512 KiB
+//! (386 with JSON rows; all far too much: what would hold there is not found yet). sled writes only what it logs,
+//! so a small data dir stays small on disk.
 //!
 //! The swap: the copy is made in `db.resizing` and flushed, checked against the original
 //! (sled's checksum of every key and value), then `db` is renamed to `db.before-resize` and
