@@ -1033,10 +1033,9 @@ mod tests {
         assert_eq!(store.all_stats().unwrap().len(), 2);
     }
 
-    /// A data dir as every build before made it (sled's 512 KiB segments: a store opened,
-    /// filled and closed, then its `conf` put back to 512 KiB is not possible, so the
-    /// database is built at that size and filled through a store opened on it before the
-    /// resize existed: by hand, as the old open did).
+    /// A data dir as builds before ac37704 made it: sled's default 512 KiB segments, with a
+    /// record of plaintext credentials and a JSON stats row, written by hand (the store itself
+    /// now makes 16 MiB segments, and sled cannot change a database's size in place).
     fn legacy_sized(dir: &Path) -> (Record, Stats) {
         let path = dir.join(DB_DIR);
         std::fs::create_dir_all(dir).unwrap();
