@@ -6,13 +6,21 @@
 //! Why 16 MiB, sled's largest: the persister rewrites the stats row of every upstream used in
 //! an interval, one batch every `store.stats_flush_interval`, and with small segments sled
 //! rewrote far more than those rows (its segment cleaner relocating live pages out of segments
-//! each batch leaves partly dead). Measured with a busy pool (`results-2026-11-30.md`), bytes
-//! written to the data dir in 30-40 s of traffic: 10,000 upstreams 114-152 MiB at 512 KiB
-//! segments (binary rows or JSON), 3-7 MiB from 2 MiB up; 40,000 upstreams 266 MiB at 512 KiB, 774 at 2 MiB, 119 at
-//! 4 MiB, 8-11 at 8 and 16 MiB; 100,000 upstreams 345 MiB at 512 KiB (JSON rows), 1.2 GiB at 8
-//! MiB, 23 MiB at 16 MiB. Past that it turns: 200,000 upstreams 904 MiB at 16 MiB against 361 at 512 KiB
-//! (386 with JSON rows; all far too much: what would hold there is not found yet). sled writes only what it logs,
-//! so a small data dir stays small on disk.
+//! each batch leaves partly dead). Measured with a busy pool (`results-2026-11-30.md`), MiB
+//! written to the data dir in 30 s of traffic (40 s for 100,000 and 200,000), on a data dir
+//! whose upstreams are used for the first time (every stats row grows from its default) and
+//! then on one used before:
+//!
+//! | upstreams | first use, 512 KiB | first use, 16 MiB | used before, 512 KiB | used before, 16 MiB |
+//! |---|---|---|---|---|
+//! | 10,000 | 114-152 | 7 | 42-43 | 8-15 |
+//! | 40,000 | 266 | 9 | 51 | 13 |
+//! | 100,000 | 345 | 23 | – | – |
+//! | 200,000 | 361-386 | 904 | 76 | 54 |
+//!
+//! Sizes between were worse than either end for some pools (40,000 at 2 MiB: 774). Pools of
+//! 200,000 used for the first time are the case this does not help. sled writes only what it
+//! logs, so a small data dir stays small on disk.
 //!
 //! The swap: the copy is made in `db.resizing` and flushed, checked against the original
 //! (sled's checksum of every key and value), then `db` is renamed to `db.before-resize` and
