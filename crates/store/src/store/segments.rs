@@ -61,7 +61,7 @@ pub(crate) fn stored_size(path: &Path) -> Option<usize> {
 }
 
 /// Where the copy is made.
-fn in_progress(path: &Path) -> PathBuf {
+pub(crate) fn in_progress(path: &Path) -> PathBuf {
     path.with_extension("resizing")
 }
 
@@ -97,18 +97,7 @@ pub(crate) fn resize(path: &Path, old: usize, dir: &Path) -> Result<sled::Db, St
     let copied = {
         let from = open_waiting(sled::Config::new().path(path).segment_size(old), dir)?;
         let to = open_waiting(sled::Config::new().path(&fresh).segment_size(SIZE), dir)?;
-        let mut copied = 0usize;
-        for name in from.tree_names() {
-            let (source, copy) = (
-                from.open_tree(&name).map_err(db)?,
-                to.open_tree(&name).map_err(db)?,
-            );
-            for item in source.iter() {
-                let (k, v) = item.map_err(db)?;
-                copy.insert(k, v).map_err(db)?;
-                copied += 1;
-            }
-        }
+        let copied = copy_all(&from, &to).map_err(db)?;
         to.flush().map_err(db)?;
         if from.checksum().map_err(db)? != to.checksum().map_err(db)? {
             return Err(StoreError::Db {
@@ -133,6 +122,20 @@ pub(crate) fn resize(path: &Path, old: usize, dir: &Path) -> Result<sled::Db, St
         "database copied to larger log segments (fewer bytes rewritten per stats flush)"
     );
     open_waiting(config(path), dir)
+}
+
+/// Copies every tree of `from`, key by key, into `to` (not flushed); returns how many entries.
+pub(crate) fn copy_all(from: &sled::Db, to: &sled::Db) -> sled::Result<usize> {
+    let mut copied = 0;
+    for name in from.tree_names() {
+        let (source, copy) = (from.open_tree(&name)?, to.open_tree(&name)?);
+        for item in source.iter() {
+            let (k, v) = item?;
+            copy.insert(k, v)?;
+            copied += 1;
+        }
+    }
+    Ok(copied)
 }
 
 /// Opens `config`'s database, waiting while the lock is held by sled's threads of a handle this
