@@ -5,7 +5,7 @@
 //! [`CheckRecord`]), `settings` (name -> value), `sources` (name -> [`SourceStats`]), `meta`
 //! (`schema_version`, `key_id`, `rotation`).
 //! Every operator-facing write is followed by [`Store::flush`] before it is acknowledged;
-//! live stats are written in batches by the caller's persister.
+//! live stats are written behind, once per interval, by the caller's persister.
 
 use std::collections::HashMap;
 use std::os::unix::fs::DirBuilderExt;
@@ -28,12 +28,6 @@ use migrate::CURRENT_VERSION;
 const DB_DIR: &str = "db";
 
 pub mod segments;
-
-/// Stats records per sled batch in [`Store::write_stats`]. One batch of a whole busy pool is
-/// held and logged at once: with 10,000 upstreams written every 5 s the gateway's RSS swung
-/// between 81 and 110 MiB; in batches of 256 (64 read the same) it stays at 74-89, and a
-/// flush takes as long (`tests/bench/results-2026-11-29.md`, "Pools of 10,000 upstreams").
-const STATS_CHUNK: usize = 256;
 
 /// The open data dir.
 pub struct Store {
@@ -431,19 +425,20 @@ impl Store {
         Ok(true)
     }
 
-    /// Writes checks in one batch (upstreams removed meanwhile are skipped). Not durable
-    /// until [`Store::flush`].
+    /// Writes checks (upstreams removed meanwhile are skipped), each on its own: see
+    /// [`Store::write_stats`] for why not a sled batch. Not durable until [`Store::flush`].
     pub fn put_checks<'a>(
         &self,
         checks: impl IntoIterator<Item = (UpstreamId, &'a CheckRecord)>,
     ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
         for (id, c) in checks {
             if self.contains(id)? {
-                batch.insert(&id_key(id), serde_json::to_vec(c).unwrap_or_default());
+                self.checks
+                    .insert(id_key(id), serde_json::to_vec(c).unwrap_or_default())
+                    .map_err(self.err())?;
             }
         }
-        self.checks.apply_batch(batch).map_err(self.err())
+        Ok(())
     }
 
     /// Every upstream's last check.
@@ -510,28 +505,30 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes stats (upstreams removed meanwhile are skipped) in batches of [`STATS_CHUNK`],
-    /// then flushes once. This is the persister's one write per interval. Each upstream's
-    /// record stands alone: a crash between two batches keeps the first, and the persister
-    /// writes every one of them again after an error.
+    /// Writes stats (upstreams removed meanwhile are skipped), then flushes once. This is the
+    /// persister's one write per interval. Each upstream's record stands alone, so a crash
+    /// midway keeps those written, and the persister writes every one of them again after an
+    /// error.
+    ///
+    /// Row by row, not in sled batches. Once the database outgrew a 16 MiB log segment, each
+    /// batch cost ~4 MiB of storage writes, likely because sled rolls its log's IO buffer twice
+    /// per batch (`pin_log`; each roll a write and a `sync_file_range`). The `store_writes`
+    /// bench, 20,000 changed rows of 200,000: 276 MiB in batches of 256, 4.1 MiB row by row.
+    /// One batch of the whole flush writes a little more than row by row but holds it all in
+    /// memory at once (`tests/bench/results-2026-11-30.md`, "Stats row by row").
     pub fn write_stats<'a>(
         &self,
         stats: impl IntoIterator<Item = (UpstreamId, &'a Stats)>,
     ) -> Result<usize, StoreError> {
-        let mut batch = sled::Batch::default();
         let mut n = 0;
         for (id, s) in stats {
             if self.contains(id)? {
-                batch.insert(&id_key(id), s.encode());
+                self.stats
+                    .insert(id_key(id), s.encode())
+                    .map_err(self.err())?;
                 n += 1;
-                if n % STATS_CHUNK == 0 {
-                    self.stats
-                        .apply_batch(std::mem::take(&mut batch))
-                        .map_err(self.err())?;
-                }
             }
         }
-        self.stats.apply_batch(batch).map_err(self.err())?;
         self.flush()?;
         Ok(n)
     }
@@ -1278,7 +1275,7 @@ mod tests {
     }
 
     #[test]
-    fn stats_batches_skip_removed_upstreams() {
+    fn stats_writes_skip_removed_upstreams() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let (a, b) = (record(URLS[0]), record(URLS[1]));
@@ -1302,10 +1299,10 @@ mod tests {
     }
 
     #[test]
-    fn stats_of_more_upstreams_than_a_batch_are_all_written() {
+    fn stats_of_many_upstreams_are_all_written() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        let n = STATS_CHUNK * 2 + 3;
+        let n = 515;
         let records: Vec<Record> = (0..n)
             .map(|i| record(&format!("http://10.1.{}.{}:8080", i / 250, i % 250 + 1)))
             .collect();
