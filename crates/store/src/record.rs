@@ -3,7 +3,7 @@
 //! Records are JSON in sled, keyed by the upstream id (8 bytes, big endian). Credentials sit in
 //! the record as one AES-256-GCM envelope (base64) of `{"username":..,"password":..}`; the
 //! plaintext `username`/`password` fields exist only in records of schema version 2 and older,
-//! which the migrations re-encrypt. Stats rows are binary ([`Stats::encode`], schema 5): the
+//! which the migrations re-encrypt. Stats rows are binary (`Stats::encode`, schema 5): the
 //! persister rewrites every used upstream's each interval, and sled holds them in memory.
 
 use std::str::FromStr;

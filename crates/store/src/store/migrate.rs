@@ -13,7 +13,7 @@
 //! | 2 | + `proxy_type`, `origin`, `disabled`, `added_unix_ms`; a `stats` row per upstream |
 //! | 3 | credentials sealed in an AES-256-GCM envelope; no plaintext left |
 //! | 4 | origin `source` with the source's name; `checks` tree; per-source stats (`sources`) |
-//! | 5 | stats rows binary ([`Stats::encode`]) rather than JSON, a quarter of the bytes |
+//! | 5 | stats rows binary (`Stats::encode`) rather than JSON, a quarter of the bytes |
 
 use super::Store;
 use crate::record::{PlainCredentials, RawRecord, key_id};
