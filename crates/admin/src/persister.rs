@@ -1,4 +1,4 @@
-//! The persister: writes live reputation stats behind, in one batch every
+//! The persister: writes live reputation stats behind, once every
 //! `store.stats_flush_interval`, and once more after the shutdown drain ([`persist`]). A crash
 //! loses at most one interval of stats, never an acknowledged operator change (those are
 //! flushed before they are acknowledged, by the [`crate::catalog`]).
@@ -12,8 +12,8 @@ use proxygate_store::{Store, StoreError};
 
 use crate::catalog::{fill_from_stored, lacks_stored, live_only, unix_ms};
 
-/// Writes the live stats of every upstream used since the last call, in one batch. Returns
-/// how many were written.
+/// Writes the live stats of every upstream used since the last call ([`Store::write_stats`]),
+/// flushed once. Returns how many were written.
 pub fn persist(store: &Store, pool: &PoolReader) -> Result<usize, StoreError> {
     let snap = pool.snapshot();
     let now = Instant::now();

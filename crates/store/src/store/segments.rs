@@ -4,9 +4,9 @@
 //! [`SIZE`] and swapped in, at open.
 //!
 //! Why 16 MiB, sled's largest: the persister rewrites the stats row of every upstream used in
-//! an interval, one batch every `store.stats_flush_interval`, and with small segments sled
+//! an interval, once every `store.stats_flush_interval`, and with small segments sled
 //! rewrote far more than those rows (its segment cleaner relocating live pages out of segments
-//! each batch leaves partly dead). Measured with a busy pool (`results-2026-11-30.md`), MiB
+//! each write leaves partly dead). Measured with a busy pool (`results-2026-11-30.md`), MiB
 //! written to the data dir in 30 s of traffic (40 s for 100,000 and 200,000), on a data dir
 //! whose upstreams are used for the first time (every stats row grows from its default) and
 //! then on one used before:
@@ -18,14 +18,17 @@
 //! | 100,000 | 345 | 23 | – | – |
 //! | 200,000 | 361-386 | 904 | 76 | 54 |
 //!
-//! Sizes between were worse than either end for some pools (40,000 at 2 MiB: 774). Pools of
-//! 200,000 used for the first time are the case this does not help. sled writes only what it
-//! logs, so a small data dir stays small on disk.
+//! Sizes between were worse than either end for some pools (40,000 at 2 MiB: 774). The stats
+//! were then written in sled batches of 256 rows; the 200,000 row was those batches, each
+//! costing ~4 MiB once the database outgrew a segment. Written row by row (6499ffe), 200,000
+//! upstreams write 56 MiB on first use and 9 used before, on a box where the batches wrote 746
+//! and 262 ([`crate::Store::write_stats`]). sled writes only what it logs, so a small data dir
+//! stays small on disk.
 //!
 //! The swap: the copy is made in `db.resizing` and flushed, checked against the original
 //! (sled's checksum of every key and value), then `db` is renamed to `db.before-resize` and
 //! `db.resizing` to `db`, and the old one removed. Killed at any point, the next open finishes
-//! it ([`finish_resize`]): a leftover `db.resizing` beside `db` is an unfinished copy (removed,
+//! it (`finish_resize`): a leftover `db.resizing` beside `db` is an unfinished copy (removed,
 //! and the copy starts over); `db.before-resize` means the copy was complete. A copy that
 //! fails (out of disk) leaves the database as it was, opened at its old size.
 
