@@ -9,7 +9,8 @@ upstream and -s rr (one instance per pool); proxygate (release build) with the s
 round robin. Then it runs every scenario of pg-loadgen against every gateway that speaks it,
 interleaved, in two passes (the second in reverse order), and records per cell: requests per
 second, latency (p50/p99 from the client), the gateway's own CPU per completed request (its
-whole process tree, from /proc/PID/stat), its peak RSS, the machine's busy share, and whether
+whole process tree, from /proc/PID/stat), its peak RSS, the bytes it sent to storage (its
+/proc/PID/io write_bytes: proxygate's data dir), the machine's busy share, and whether
 the origin's request counter agrees with what the client saw. For the scenarios of one
 request's work it also splits the box's CPU per request between the gateway, the upstreams, the
 origin, the client and the rest: at a saturated box the rate is about its cores over that
@@ -541,6 +542,19 @@ def rss_bytes(pids):
     return total
 
 
+def storage_written(pids):
+    """Bytes the processes have sent to storage (write_bytes of /proc/PID/io: page-cache pages
+    dirtied, written back whenever): a data dir's writes, logs, a cache. 0 on a tmpfs."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/io") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("write_bytes:"))
+        except (OSError, ValueError, StopIteration):
+            pass
+    return total
+
+
 def children_cpu_s():
     """CPU seconds of our children that have been waited for (the generator, once reaped)."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -606,6 +620,7 @@ def run_cell(topo, gateway, scenario, seconds, args):
     pids = tree(proc.pid)
     before_cpu = cpu_ticks(pids)
     before_rss = rss_bytes(pids)
+    before_written = storage_written(pids)
     before_origin = topo.origin_requests()
     # The rest of the box, for where its CPU goes per request: the upstreams of the cell's
     # pool (process trees; a gateway's own pool when it is "direct"), the origin, and the
@@ -651,6 +666,7 @@ def run_cell(topo, gateway, scenario, seconds, args):
     m1 = machine_ticks()
     segs1 = tcp_out_segments()
     after_cpu = cpu_ticks(tree(proc.pid))
+    written = storage_written(tree(proc.pid)) - before_written
     others1 = others()
     origin_seen = topo.origin_requests() - before_origin - 1  # less our own status request
     try:
@@ -676,6 +692,9 @@ def run_cell(topo, gateway, scenario, seconds, args):
         "send_late_p50_us": (r.get("send_late_us") or {}).get("p50"),
         "cpu_us_per_req": cpu_s * 1e6 / done if done else None,
         "peak_rss_mib": peak / 2**20,
+        # Bytes the gateway sent to storage during the cell (proxygate: its data dir's stats,
+        # written behind every 5 s; squid: its logs).
+        "written_bytes": written,
         "busy": busy,
         "origin_seen": origin_seen,
         # Sockets in TIME_WAIT when the cell started (see drain_time_wait).
@@ -1117,6 +1136,14 @@ def main():
     print(f"\nRSS once started, before any load, {args.pool:,} upstream addresses per pool: "
           + "; ".join(f"{g} {pool} {b / 2**20:.1f} MiB"
                       for (g, pool), b in sorted(topo.rss_at_start.items())) + ".")
+    written = {}
+    for c in cells:
+        w = written.setdefault(c["gateway"], [0, 0])
+        w[0] += c.get("written_bytes") or 0
+        w[1] += c["completed"] if c["scenario"] not in IDLE_SCENARIOS else 0
+    print("\nSent to storage during the cells (write_bytes; a data dir, logs; 0 on a tmpfs): "
+          + "; ".join(f"{g} {b / 2**20:.1f} MiB ({b / n:.0f} B per request)" if n else
+                      f"{g} {b / 2**20:.1f} MiB" for g, (b, n) in written.items()) + ".")
     if soaked:
         print(f"\nSoak: {soaked['completed']:,} of {soaked['requests']:,} keep-alive requests "
               f"through proxygate in {soaked['seconds']} s ({soaked['rps']:.0f}/s), errors "
