@@ -1299,6 +1299,33 @@ mod tests {
     }
 
     #[test]
+    fn checks_are_written_for_present_upstreams_and_kept_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (record(URLS[0]), record(URLS[1]));
+        let check = CheckRecord {
+            checked_unix_ms: 7,
+            passed: true,
+            exit_ip: Some("192.0.2.9".into()),
+            latency_ms: Some(120),
+            ..CheckRecord::default()
+        };
+        {
+            let store = open(dir.path());
+            store.put(&a).unwrap();
+            store.put(&b).unwrap();
+            assert!(store.remove(b.upstream.id()).unwrap());
+            store
+                .put_checks([(a.upstream.id(), &check), (b.upstream.id(), &check)])
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = open(dir.path());
+        let checks = store.checks().unwrap();
+        assert_eq!(checks.len(), 1, "{checks:?}");
+        assert_eq!(checks.get(&a.upstream.id()), Some(&check));
+    }
+
+    #[test]
     fn stats_of_many_upstreams_are_all_written() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
