@@ -134,7 +134,9 @@ impl Store {
         let path = dir.join(DB_DIR);
         segments::finish_resize(&path).map_err(|e| StoreError::io(&path, e))?;
         let stored_segments = segments::stored_size(&path);
-        let db = segments::config(&path).open().map_err(db_err(dir))?;
+        let db = segments::sized(&path, stored_segments.unwrap_or(segments::SIZE))
+            .open()
+            .map_err(db_err(dir))?;
         // Look before creating anything: a newer data dir must be left exactly as it is.
         let version = stored_version(&db, dir)?;
         if version > CURRENT_VERSION {
@@ -156,6 +158,7 @@ impl Store {
                              segments of {old} bytes until a later start manages"
                         );
                         segments::finish_resize(&path).map_err(|e| StoreError::io(&path, e))?;
+                        // Read again: finishing may have swapped the larger copy in.
                         segments::open_waiting(segments::config(&path), dir)?
                     }
                 }
@@ -1036,16 +1039,7 @@ mod tests {
     fn legacy_sized(dir: &Path) -> (Record, Stats) {
         let path = dir.join(DB_DIR);
         std::fs::create_dir_all(dir).unwrap();
-        let db = waiting(
-            || {
-                sled::Config::new()
-                    .path(&path)
-                    .segment_size(512 * 1024)
-                    .open()
-            },
-            is_lock_error,
-        )
-        .unwrap();
+        let db = waiting(|| segments::sized(&path, 512 * 1024).open(), is_lock_error).unwrap();
         let a = record(URLS[0]);
         let mut raw = RawRecord::from_record(&a);
         raw.username = Some("alice".into());
@@ -1103,11 +1097,7 @@ mod tests {
             // A copy as `resize` makes it (here whole, or cut short: an empty database).
             let fresh = segments::in_progress(&path);
             {
-                let copy = sled::Config::new()
-                    .path(&fresh)
-                    .segment_size(segments::SIZE)
-                    .open()
-                    .unwrap();
+                let copy = segments::sized(&fresh, segments::SIZE).open().unwrap();
                 if between_renames {
                     let from = sled_open(path.clone()).unwrap();
                     assert_eq!(segments::copy_all(&from, &copy).unwrap(), 2);

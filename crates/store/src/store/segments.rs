@@ -49,9 +49,12 @@ const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// with, or [`SIZE`] for a new one. For tools and tests that open a data dir's database
 /// directly (`DATA_DIR/db`), without the store.
 pub fn config(path: &Path) -> sled::Config {
-    sled::Config::new()
-        .path(path)
-        .segment_size(stored_size(path).unwrap_or(SIZE))
+    sized(path, stored_size(path).unwrap_or(SIZE))
+}
+
+/// The sled configuration of the database at `path` with segments of `size` bytes.
+pub(crate) fn sized(path: &Path, size: usize) -> sled::Config {
+    sled::Config::new().path(path).segment_size(size)
 }
 
 /// The segment size the database at `path` was made with (sled's `conf` file: lines of text,
@@ -98,8 +101,8 @@ pub(crate) fn resize(path: &Path, old: usize, dir: &Path) -> Result<sled::Db, St
     };
     let db = |e| db_err(dir)(e);
     let copied = {
-        let from = open_waiting(sled::Config::new().path(path).segment_size(old), dir)?;
-        let to = open_waiting(sled::Config::new().path(&fresh).segment_size(SIZE), dir)?;
+        let from = open_waiting(sized(path, old), dir)?;
+        let to = open_waiting(sized(&fresh, SIZE), dir)?;
         let copied = copy_all(&from, &to).map_err(db)?;
         to.flush().map_err(db)?;
         if from.checksum().map_err(db)? != to.checksum().map_err(db)? {
@@ -124,7 +127,7 @@ pub(crate) fn resize(path: &Path, old: usize, dir: &Path) -> Result<sled::Db, St
         took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "database copied to larger log segments (fewer bytes rewritten per stats flush)"
     );
-    open_waiting(config(path), dir)
+    open_waiting(sized(path, SIZE), dir)
 }
 
 /// Copies every tree of `from`, key by key, into `to` (not flushed); returns how many entries.
