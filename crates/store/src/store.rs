@@ -434,14 +434,29 @@ impl Store {
         &self,
         checks: impl IntoIterator<Item = (UpstreamId, &'a CheckRecord)>,
     ) -> Result<(), StoreError> {
-        for (id, c) in checks {
+        self.insert_present(&self.checks, checks, |c| {
+            serde_json::to_vec(c).unwrap_or_default()
+        })
+        .map(|_| ())
+    }
+
+    /// Inserts each row of an upstream that still has a record into `tree`, one by one (not a
+    /// sled batch: see [`Store::write_stats`]), encoding only those; returns how many. Not
+    /// flushed.
+    fn insert_present<'a, T: 'a>(
+        &self,
+        tree: &sled::Tree,
+        rows: impl IntoIterator<Item = (UpstreamId, &'a T)>,
+        encode: impl Fn(&T) -> Vec<u8>,
+    ) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for (id, row) in rows {
             if self.contains(id)? {
-                self.checks
-                    .insert(id_key(id), serde_json::to_vec(c).unwrap_or_default())
-                    .map_err(self.err())?;
+                tree.insert(id_key(id), encode(row)).map_err(self.err())?;
+                n += 1;
             }
         }
-        Ok(())
+        Ok(n)
     }
 
     /// Every upstream's last check.
@@ -523,15 +538,7 @@ impl Store {
         &self,
         stats: impl IntoIterator<Item = (UpstreamId, &'a Stats)>,
     ) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for (id, s) in stats {
-            if self.contains(id)? {
-                self.stats
-                    .insert(id_key(id), s.encode())
-                    .map_err(self.err())?;
-                n += 1;
-            }
-        }
+        let n = self.insert_present(&self.stats, stats, Stats::encode)?;
         self.flush()?;
         Ok(n)
     }
