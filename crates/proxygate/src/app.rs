@@ -107,6 +107,13 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The catalog holds the config's upstreams now. Kept, the list would hold ~110 bytes per
+    // upstream for the process's whole life (1.1 MB with 10,000).
+    drop(upstreams);
+    // What the start freed (the config's list, the files it was read from, the store's
+    // records as read) goes back now: this thread next allocates little, so mimalloc would
+    // keep those pages (results-2026-11-30.md, "A pool's memory in long use").
+    crate::memory::give_back_all();
     let mut cfg = cfg;
     // What `pool strategy --reset` returns to: the config's choice (or --strategy's).
     let configured = cfg.pool.strategy;

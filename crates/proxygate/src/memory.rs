@@ -26,6 +26,21 @@ pub(crate) fn give_back() {
     }
 }
 
+/// [`give_back`], and more: every empty page of this thread's heap freed at once, not after
+/// its delay, and abandoned pages collected. For the main thread once the pool is loaded,
+/// after which it allocates little (milliseconds, once).
+pub(crate) fn give_back_all() {
+    // SAFETY: as in `give_back`; `force` only makes the same walk free what it finds at once.
+    #[expect(
+        unsafe_code,
+        reason = "one FFI call with a bool argument to the allocator this binary links; a \
+                  measured win (RSS of a 10,000-upstream gateway once started) with no safe API"
+    )]
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+    }
+}
+
 /// mimalloc v3's `mi_option_arena_max_object_size` (`mi_option_e` in `mimalloc.h`; the sys
 /// crate names only the older options): the largest request, in KiB, it serves from its
 /// arenas, past which it maps memory from the system for that request alone.
@@ -72,6 +87,38 @@ pub(crate) fn configure() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The process's anonymous resident memory, from `/proc/self/status`.
+    fn rss_anon_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Pages a thread freed stay resident until the allocator is next called on a path that
+    /// purges; `give_back_all` hands them back at once. 64 MiB in 4 KiB blocks, written and
+    /// freed on one thread: at least half of it leaves RSS (other tests run beside this one,
+    /// hence the margin).
+    #[test]
+    fn give_back_all_returns_what_this_thread_freed() {
+        std::thread::spawn(|| {
+            let blocks: Vec<Vec<u8>> = (0..16 * 1024).map(|_| vec![1u8; 4096]).collect();
+            assert!(blocks.iter().all(|b| b[4095] == 1));
+            drop(blocks);
+            let freed = rss_anon_kib();
+            give_back_all();
+            let after = rss_anon_kib();
+            assert!(
+                freed.saturating_sub(after) >= 32 * 1024,
+                "RssAnon {freed} KiB with 64 MiB freed, {after} KiB after give_back_all"
+            );
+        })
+        .join()
+        .unwrap();
+    }
 
     /// Index 45 is the option meant (its default is 2 GiB, no other option's), and
     /// `configure` sets it: a renumbered enum in a newer mimalloc would otherwise leave the
