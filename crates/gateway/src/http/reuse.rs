@@ -51,25 +51,56 @@ const LEARNED_FOR: Duration = Duration::from_secs(600);
 /// `upstreams` is keyed by the pool's own ids.
 type FxMap<K, V> = HashMap<K, V, FxBuildHasher>;
 
-#[derive(Default)]
 struct Pool {
     /// Per key, oldest first: a request takes the newest, a full list drops the oldest.
     idle: FxMap<Key, VecDeque<Kept>>,
     /// Connections in `idle`, all keys together.
     kept: usize,
+    /// What was learned per upstream: every upstream this worker sent absolute-form requests
+    /// through in the last [`LEARNED_FOR`], so up to the whole pool on every worker.
     upstreams: FxMap<UpstreamId, Learned>,
+    /// The origin of [`Learned::at`].
+    epoch: Instant,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            idle: FxMap::default(),
+            kept: 0,
+            upstreams: FxMap::default(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Pool {
+    /// `now` in whole seconds on this worker's clock (0 before its epoch).
+    fn secs(&self, now: Instant) -> u32 {
+        u32::try_from(now.saturating_duration_since(self.epoch).as_secs()).unwrap_or(u32::MAX)
+    }
+
+    /// Whether what was learned at `at` still holds at `now` (to the second).
+    fn holds(&self, at: u32, now: Instant) -> bool {
+        u64::from(self.secs(now).saturating_sub(at)) < LEARNED_FOR.as_secs()
+    }
 }
 
 /// Idle upstream connections one worker keeps at most, all (upstream, origin) pairs together:
 /// each holds a descriptor, and a client touring many origins must not pile them up.
 pub(crate) const KEPT_PER_WORKER: usize = 1024;
 
+/// 8 bytes, so 16 per map slot with its key (an `Instant` made slots of 32): with 10,000
+/// upstreams, 16,384 slots of 17 bytes with their control bytes, ~280 KB per worker rather
+/// than the ~540 massif found (results-2026-11-30.md, "A pool's memory in long use").
 #[derive(Debug, Clone, Copy)]
 struct Learned {
-    closings: u32,
+    /// When last learned, in seconds on the worker's clock ([`Pool::secs`]).
+    at: u32,
+    /// Closings seen, up to 255 (only [`CLOSINGS_TO_LEARN`] matters).
+    closings: u8,
     /// It refused a CONNECT to a plain-HTTP origin.
     refuses_tunnels: bool,
-    at: Instant,
 }
 
 thread_local! {
@@ -192,18 +223,24 @@ pub(crate) fn put(
 
 /// What is known of `upstream`, fresh as of `now`.
 fn learned(pool: &mut Pool, upstream: UpstreamId, now: Instant) -> &mut Learned {
+    let at = pool.secs(now);
     let l = pool.upstreams.entry(upstream).or_insert(Learned {
+        at,
         closings: 0,
         refuses_tunnels: false,
-        at: now,
     });
-    l.at = now;
+    l.at = at;
     l
+}
+
+/// One more closing seen from an upstream.
+fn closed(l: &mut Learned) {
+    l.closings = l.closings.saturating_add(1);
 }
 
 fn learn_closed(pool: &mut Pool, upstream: UpstreamId, tunnel: bool, since: Instant, now: Instant) {
     if !tunnel && now.duration_since(since) < CLOSED_SOON {
-        learned(pool, upstream, now).closings += 1;
+        closed(learned(pool, upstream, now));
     }
 }
 
@@ -215,7 +252,7 @@ pub(crate) fn found_closed(upstream: UpstreamId, tunnel: bool, since: Instant, n
 
 /// The upstream said it closes the connection after the response (`Connection: close`).
 pub(crate) fn closing(upstream: UpstreamId, now: Instant) {
-    with(|pool| learned(pool, upstream, now).closings += 1);
+    with(|pool| closed(learned(pool, upstream, now)));
 }
 
 /// What was learned about an HTTP upstream.
@@ -232,9 +269,9 @@ pub(crate) fn known(upstream: UpstreamId, now: Instant) -> Known {
     with(|pool| {
         pool.upstreams
             .get(&upstream)
-            .filter(|l| now.duration_since(l.at) < LEARNED_FOR)
+            .filter(|l| pool.holds(l.at, now))
             .map(|l| Known {
-                closes: l.closings >= CLOSINGS_TO_LEARN,
+                closes: u32::from(l.closings) >= CLOSINGS_TO_LEARN,
                 refuses_tunnels: l.refuses_tunnels,
             })
             .unwrap_or_default()
@@ -255,8 +292,9 @@ pub(crate) fn sweep(keep_idle: Duration, now: Instant) {
             !list.is_empty()
         });
         pool.kept = pool.idle.values().map(VecDeque::len).sum();
+        let now_secs = pool.secs(now);
         pool.upstreams
-            .retain(|_, l| now.duration_since(l.at) < LEARNED_FOR);
+            .retain(|_, l| u64::from(now_secs.saturating_sub(l.at)) < LEARNED_FOR.as_secs());
     });
 }
 
@@ -399,6 +437,11 @@ mod tests {
         assert_eq!(kept(), 0);
     }
 
+    #[test]
+    fn learned_fits_a_16_byte_slot() {
+        assert_eq!(std::mem::size_of::<(UpstreamId, Learned)>(), 16);
+    }
+
     #[tokio::test]
     async fn an_upstream_is_known_to_close_after_two_closings_and_to_refuse_tunnels() {
         let now = Instant::now();
@@ -418,8 +461,13 @@ mod tests {
         assert!(!known(up, now).refuses_tunnels);
         refuses_tunnels(up, now);
         assert!(known(up, now).refuses_tunnels);
-        // Learned things are forgotten in time.
-        sweep(idle, now + LEARNED_FOR);
-        assert_eq!(known(up, now + LEARNED_FOR), Known::default());
+        // Learned things are forgotten in time, to the second.
+        let almost = now + LEARNED_FOR - Duration::from_secs(2);
+        sweep(idle, almost);
+        assert!(known(up, almost).closes);
+        let past = now + LEARNED_FOR + Duration::from_secs(1);
+        assert_eq!(known(up, past), Known::default());
+        sweep(idle, past);
+        assert_eq!(known(up, now), Known::default());
     }
 }
