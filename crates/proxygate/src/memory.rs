@@ -27,8 +27,8 @@ pub(crate) fn give_back() {
 }
 
 /// [`give_back`], and more: every empty page of this thread's heap freed at once, not after
-/// its delay, and abandoned pages collected. For the main thread once the pool is loaded,
-/// after which it allocates little (milliseconds, once).
+/// its delay, and abandoned pages collected. For the main thread, once, when the pool is
+/// loaded: it allocates little after that.
 pub(crate) fn give_back_all() {
     // SAFETY: as in `give_back`; `force` only makes the same walk free what it finds at once.
     #[expect(

@@ -79,11 +79,12 @@ impl Pool {
     fn secs(&self, now: Instant) -> u32 {
         u32::try_from(now.saturating_duration_since(self.epoch).as_secs()).unwrap_or(u32::MAX)
     }
+}
 
-    /// Whether what was learned at `at` still holds at `now` (to the second).
-    fn holds(&self, at: u32, now: Instant) -> bool {
-        u64::from(self.secs(now).saturating_sub(at)) < LEARNED_FOR.as_secs()
-    }
+/// Whether what was learned at `at` still holds at `now`, both in seconds on the worker's
+/// clock ([`Pool::secs`]): for [`LEARNED_FOR`], to the second.
+fn holds(at: u32, now: u32) -> bool {
+    u64::from(now.saturating_sub(at)) < LEARNED_FOR.as_secs()
 }
 
 /// Idle upstream connections one worker keeps at most, all (upstream, origin) pairs together:
@@ -267,9 +268,10 @@ pub(crate) struct Known {
 /// What was learned about `upstream` lately.
 pub(crate) fn known(upstream: UpstreamId, now: Instant) -> Known {
     with(|pool| {
+        let now = pool.secs(now);
         pool.upstreams
             .get(&upstream)
-            .filter(|l| pool.holds(l.at, now))
+            .filter(|l| holds(l.at, now))
             .map(|l| Known {
                 closes: u32::from(l.closings) >= CLOSINGS_TO_LEARN,
                 refuses_tunnels: l.refuses_tunnels,
@@ -292,9 +294,8 @@ pub(crate) fn sweep(keep_idle: Duration, now: Instant) {
             !list.is_empty()
         });
         pool.kept = pool.idle.values().map(VecDeque::len).sum();
-        let now_secs = pool.secs(now);
-        pool.upstreams
-            .retain(|_, l| u64::from(now_secs.saturating_sub(l.at)) < LEARNED_FOR.as_secs());
+        let now = pool.secs(now);
+        pool.upstreams.retain(|_, l| holds(l.at, now));
     });
 }
 
