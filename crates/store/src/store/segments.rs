@@ -27,9 +27,9 @@
 //!
 //! sled's log buffer is a segment's size too, and its written part stayed resident until the
 //! segment was full: a sawtooth of up to 16 MiB in the gateway's RSS. The sled this workspace
-//! builds (`crates/sled`, a patch) gives those pages back once they are in the log file, so the
-//! size costs writes nothing and memory nothing (10,000 upstreams in use, 200 s: RssAnon 27-30
-//! MiB, where it swung between 31 and 47).
+//! builds (`crates/sled`, a patch) gives those pages back once they are in the log file, so
+//! large segments no longer cost memory (10,000 upstreams in use, 200 s: RssAnon 27-30 MiB,
+//! where it swung between 31 and 47).
 //!
 //! The swap: the copy is made in `db.resizing` and flushed, checked against the original
 //! (sled's checksum of every key and value), then `db` is renamed to `db.before-resize` and
