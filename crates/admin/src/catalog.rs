@@ -464,9 +464,9 @@ impl Catalog {
         let (mut changed, mut removed) = (0, 0);
         for (id, u) in &wanted {
             let record = match self.records.get(id) {
-                Some(r) if r.upstream == **u => continue,
+                Some(r) if *r.upstream == **u => continue,
                 Some(r) => Record {
-                    upstream: (*u).clone(),
+                    upstream: Arc::new((*u).clone()),
                     ..r.clone()
                 },
                 None => Record::new((*u).clone(), Origin::Config, unix_ms()),
@@ -534,7 +534,7 @@ impl Catalog {
     fn publish_at(&self, now: u64) {
         self.disabled.store(self.disabled(), Ordering::Relaxed);
         let Some(live) = &self.live else { return };
-        let items: Vec<(Upstream, Option<Saved>, Identity)> = {
+        let items: Vec<(Arc<Upstream>, Option<Saved>, Identity)> = {
             let snap = live.pool.reader().snapshot();
             self.records
                 .values()
@@ -545,7 +545,7 @@ impl Catalog {
                         Some(_) => None,
                         None => self.store.stats(id).ok().map(|s| to_saved(&s)),
                     };
-                    (r.upstream.clone(), saved, self.identity(r, now))
+                    (Arc::clone(&r.upstream), saved, self.identity(r, now))
                 })
                 .collect()
         };
@@ -711,7 +711,7 @@ impl Catalog {
         };
         Ok((
             Record {
-                upstream,
+                upstream: Arc::new(upstream),
                 disabled: e.disabled,
                 origin,
                 added_unix_ms: e.added_unix_ms,
@@ -1093,7 +1093,7 @@ impl Catalog {
         let stored = self.store.all_stats()?;
         let mut out = String::new();
         for (id, r) in &self.records {
-            let mut upstream = r.upstream.clone();
+            let mut upstream = Upstream::clone(&r.upstream);
             let credentials = if decrypt {
                 None
             } else {
@@ -1244,6 +1244,37 @@ mod tests {
         assert!(matches!(c.remove(id), Err(OpError::NotFound(_))));
     }
 
+    /// The live pool's entries and the catalog's records hold one copy of each upstream
+    /// between them, whichever way it came in (config, `pool add`, the store at a start),
+    /// and keep sharing it across later publishes.
+    #[test]
+    fn pool_entries_share_the_records_upstreams() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = [
+            Upstream::parse("http://10.0.0.1:1").unwrap(),
+            Upstream::parse("socks5://u:p@10.0.0.2:2").unwrap(),
+        ];
+        {
+            let (mut c, _) = catalog(dir.path());
+            c.sync_config(&config).unwrap();
+        }
+        let (mut c, reader) = catalog(dir.path());
+        c.sync_config(&config).unwrap();
+        c.add(&["http://10.0.0.3:3".into(), "http://10.0.0.4:4".into()])
+            .unwrap();
+        let shared = |c: &Catalog| {
+            let snap = reader.snapshot();
+            assert_eq!(snap.len(), c.records.len());
+            snap.entries()
+                .iter()
+                .all(|e| Arc::ptr_eq(&e.upstream, &c.record(e.id).unwrap().upstream))
+        };
+        assert!(shared(&c));
+        let last = reader.snapshot().entries()[3].id;
+        c.set_disabled(last, true).unwrap();
+        c.set_disabled(last, false).unwrap();
+        assert!(shared(&c));
+    }
     #[test]
     fn invalid_input_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();

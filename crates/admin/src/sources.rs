@@ -505,11 +505,11 @@ impl SourcesRuntime {
                 return Ok(c
                     .records()
                     .filter(|(r, _)| !r.disabled)
-                    .map(|(r, _)| r.upstream.clone())
+                    .map(|(r, _)| Upstream::clone(&r.upstream))
                     .collect());
             }
             ids.iter()
-                .map(|id| Ok(c.record(*id)?.upstream.clone()))
+                .map(|id| Ok(Upstream::clone(&c.record(*id)?.upstream)))
                 .collect()
         })?;
         Ok(self.check_members(ups, progress).await)
@@ -591,7 +591,7 @@ impl SourcesRuntime {
                 backoff_ended || (unused && unchecked)
             })
             .take(RECHECK_BATCH)
-            .map(|e| e.upstream.clone())
+            .map(|e| Upstream::clone(&e.upstream))
             .collect()
     }
 

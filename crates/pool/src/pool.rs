@@ -376,7 +376,7 @@ fn least_bad(
 
 impl PoolWriter {
     /// Replaces the set of upstreams; upstreams that stay keep their health.
-    pub fn replace(&self, upstreams: impl IntoIterator<Item = Upstream>) {
+    pub fn replace(&self, upstreams: impl IntoIterator<Item = impl Into<Arc<Upstream>>>) {
         let shared = &self.0.shared;
         self.0
             .publish(|previous| Some(Snapshot::build(upstreams, previous, shared)));
@@ -384,9 +384,9 @@ impl PoolWriter {
 
     /// [`PoolWriter::replace`], where upstreams new to the pool start from saved stats, and
     /// each takes the identity given (exit IP, tier).
-    pub fn replace_saved(
+    pub fn replace_saved<U: Into<Arc<Upstream>>>(
         &self,
-        upstreams: impl IntoIterator<Item = (Upstream, Option<crate::health::Saved>, Identity)>,
+        upstreams: impl IntoIterator<Item = (U, Option<crate::health::Saved>, Identity)>,
     ) {
         let shared = &self.0.shared;
         self.0
@@ -572,8 +572,8 @@ mod tests {
         };
         let new = Upstream::parse("socks5://10.9.9.9:1080").unwrap();
         w.replace_saved([
-            (live.clone(), Some(saved.clone()), Identity::default()),
-            (new.clone(), Some(saved), Identity::default()),
+            (Arc::clone(&live), Some(saved.clone()), Identity::default()),
+            (Arc::new(new.clone()), Some(saved), Identity::default()),
         ]);
         let snap = r.snapshot();
         let h = &snap.get(live.id()).unwrap().health;

@@ -32,7 +32,8 @@ pub const EXACT_MAX: usize = 64;
 pub struct Entry {
     pub health: Health,
     pub id: UpstreamId,
-    pub upstream: Upstream,
+    /// Shared with the catalog's record of it.
+    pub upstream: Arc<Upstream>,
     /// Its exit IP and trust tier, as last published.
     pub(crate) identity: IdentityCell,
     /// The pool's clock and policy, so a lease needs nothing but its entry (no shared
@@ -318,14 +319,14 @@ impl Snapshot {
     /// Builds a snapshot from `upstreams`, deduplicated by id (the first occurrence wins),
     /// reusing entries of `previous` so their health survives.
     pub fn build(
-        upstreams: impl IntoIterator<Item = Upstream>,
+        upstreams: impl IntoIterator<Item = impl Into<Arc<Upstream>>>,
         previous: &Snapshot,
         shared: &Arc<Shared>,
     ) -> Snapshot {
         Snapshot::build_saved(
             upstreams
                 .into_iter()
-                .map(|u| (u, None, Identity::default())),
+                .map(|u| (u.into(), None, Identity::default())),
             previous,
             shared,
         )
@@ -334,14 +335,15 @@ impl Snapshot {
     /// [`Snapshot::build`], where an upstream not in `previous` starts from its saved stats
     /// when it has some, and every upstream takes the identity given (entries carried over
     /// are updated in place).
-    pub fn build_saved(
-        upstreams: impl IntoIterator<Item = (Upstream, Option<Saved>, Identity)>,
+    pub fn build_saved<U: Into<Arc<Upstream>>>(
+        upstreams: impl IntoIterator<Item = (U, Option<Saved>, Identity)>,
         previous: &Snapshot,
         shared: &Arc<Shared>,
     ) -> Snapshot {
         let mut entries = Vec::new();
         let mut by_id = HashMap::new();
         for (upstream, saved, identity) in upstreams {
+            let upstream: Arc<Upstream> = upstream.into();
             let id = upstream.id();
             if by_id.contains_key(&id) {
                 continue;
@@ -567,7 +569,7 @@ mod tests {
         let a = Arc::clone(first.get(up("http://a:1").id()).unwrap());
         let second = Snapshot::build([up("socks5://b:2"), up("http://a:1")], &first, &shared);
         assert!(Arc::ptr_eq(&a, second.get(a.id).unwrap()));
-        assert_eq!(second.entries()[0].upstream, up("socks5://b:2"));
+        assert_eq!(*second.entries()[0].upstream, up("socks5://b:2"));
     }
 
     #[test]

@@ -109,7 +109,7 @@ mod tests {
             let Ok(record) = crate::store::decode_record(ring(), id, rest) else {
                 panic!("does not decode: {}", String::from_utf8_lossy(rest));
             };
-            let creds = record.upstream.credentials.unwrap();
+            let creds = record.upstream.credentials.as_ref().unwrap();
             assert_eq!(creds.password.expose(), "pass");
         }
     }

@@ -7,6 +7,7 @@
 //! persister rewrites every used upstream's each interval, and sled holds them in memory.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use proxygate_core::{Credentials, Host, ProxyType, Scheme, Secret, Upstream, UpstreamId};
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,8 @@ use serde::{Deserialize, Serialize};
 /// What the store keeps of one upstream (its live stats are kept apart, in [`Stats`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
-    pub upstream: Upstream,
+    /// Shared with the live pool's entry of it: one copy per upstream, not two.
+    pub upstream: Arc<Upstream>,
     /// Disabled upstreams stay in the store but never serve.
     pub disabled: bool,
     pub origin: Origin,
@@ -31,9 +33,9 @@ pub struct Record {
 
 impl Record {
     /// A new record of `origin`, enabled, added now (`now_unix_ms`).
-    pub fn new(upstream: Upstream, origin: Origin, now_unix_ms: u64) -> Record {
+    pub fn new(upstream: impl Into<Arc<Upstream>>, origin: Origin, now_unix_ms: u64) -> Record {
         Record {
-            upstream,
+            upstream: upstream.into(),
             disabled: false,
             origin,
             added_unix_ms: now_unix_ms,
@@ -437,7 +439,7 @@ impl RawRecord {
             _ => Origin::Operator,
         };
         Ok(Record {
-            upstream: Upstream {
+            upstream: Arc::new(Upstream {
                 scheme,
                 host,
                 port: self.port,
@@ -447,7 +449,7 @@ impl RawRecord {
                 }),
                 country: self.country.clone(),
                 proxy_type,
-            },
+            }),
             disabled: self.disabled,
             origin,
             added_unix_ms: self.added_unix_ms,
