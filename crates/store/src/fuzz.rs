@@ -13,11 +13,18 @@ fn ring() -> &'static Keyring {
     RING.get_or_init(|| Keyring::new(Key::from_bytes([7; 32]), KeyOrigin::Env))
 }
 
-/// A stored record as read back at load (JSON, then the credentials envelope). The first 8
-/// bytes pick the record id the envelope is bound to.
+/// A stored record as read back at load (binary or JSON, then the credentials envelope). The
+/// first 8 bytes pick the record id the envelope is bound to. Whatever reads as a record must
+/// be written back in a shape that reads as the same record.
 pub fn sealed_record(data: &[u8]) {
     let (id, bytes) = split_id(data);
     let _ = crate::store::decode_record(ring(), id, bytes);
+    if let Ok(raw) = crate::record::RawRecord::decode(bytes) {
+        assert_eq!(
+            crate::record::RawRecord::decode(&raw.encode()).as_ref(),
+            Ok(&raw)
+        );
+    }
 }
 
 /// A raw envelope: under the fuzz key as is, and re-sealed, which must open to the same bytes.
@@ -104,6 +111,7 @@ mod tests {
         for bytes in [
             sample_record(),
             include_bytes!("../../fuzz/seeds/sealed_record/with_credentials").to_vec(),
+            include_bytes!("../../fuzz/seeds/sealed_record/binary_with_credentials").to_vec(),
         ] {
             let (id, rest) = split_id(&bytes);
             let Ok(record) = crate::store::decode_record(ring(), id, rest) else {

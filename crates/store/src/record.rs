@@ -1,14 +1,18 @@
 //! The store's domain types ([`Record`], [`Stats`], [`Origin`]) and their on-disk shapes.
 //!
-//! Records are JSON in sled, keyed by the upstream id (8 bytes, big endian). Credentials sit in
-//! the record as one AES-256-GCM envelope (base64) of `{"username":..,"password":..}`; the
-//! plaintext `username`/`password` fields exist only in records of schema version 2 and older,
-//! which the migrations re-encrypt. Stats rows are binary (`Stats::encode`, schema 5): the
-//! persister rewrites every used upstream's each interval, and sled holds them in memory.
+//! Records are binary in sled (`RawRecord::encode`, schema 6; JSON before, and still for a
+//! record that shape cannot hold exactly), keyed by the upstream id (8 bytes, big endian).
+//! Credentials sit in the record as one AES-256-GCM envelope of `{"username":..,"password":..}`;
+//! the plaintext `username`/`password` fields exist only in records of schema version 2 and
+//! older, which the migrations re-encrypt. Stats rows are binary (`Stats::encode`, schema 5):
+//! the persister rewrites every used upstream's each interval, and sled holds them in memory,
+//! as it holds every record.
 
 use std::str::FromStr;
 use std::sync::Arc;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use proxygate_core::{Credentials, Host, ProxyType, Scheme, Secret, Upstream, UpstreamId};
 use serde::{Deserialize, Serialize};
 
@@ -112,15 +116,12 @@ impl Stats {
     /// the histogram, where the JSON of schema 4 took ~300 plus its base64: the persister
     /// rewrites every used upstream's row each interval, and sled holds them all in memory.
     pub(crate) fn encode(&self) -> Vec<u8> {
-        use base64::Engine;
         // A histogram that is not base64 (it always is: `Latency::encode`) is left out
         // rather than stored broken; the distribution then starts afresh.
-        let histogram = self.latency_histogram.as_deref().and_then(|h| {
-            base64::engine::general_purpose::STANDARD
-                .decode(h)
-                .ok()
-                .filter(|b| !b.is_empty())
-        });
+        let histogram = self
+            .latency_histogram
+            .as_deref()
+            .and_then(|h| BASE64.decode(h).ok().filter(|b| !b.is_empty()));
         let mut present = 0;
         for (set, flag) in [
             (self.success_rate.is_some(), HAS_SUCCESS_RATE),
@@ -166,7 +167,6 @@ impl Stats {
     }
 
     fn decode_binary(mut rest: &[u8]) -> Option<Stats> {
-        use base64::Engine;
         let [reputation, present, ..] = *rest else {
             return None;
         };
@@ -206,7 +206,7 @@ impl Stats {
             0 if rest.is_empty() => None,
             0 => return None,
             _ if rest.is_empty() => return None,
-            _ => Some(base64::engine::general_purpose::STANDARD.encode(rest)),
+            _ => Some(BASE64.encode(rest)),
         };
         Some(Stats {
             reputation,
@@ -327,8 +327,9 @@ pub struct FetchSummary {
 }
 
 /// A record as stored. Every field past the address is optional so that records of every
-/// schema version parse; the migrations bring them to the current shape.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// schema version parse; the migrations bring them to the current shape. Stored binary
+/// ([`RawRecord::encode`], schema 6) or, where that shape cannot hold it exactly, JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RawRecord {
     pub scheme: String,
     pub host: String,
@@ -382,9 +383,244 @@ impl Drop for PlainCredentials {
     }
 }
 
+/// The first byte of a record in the binary shape (schema 6): never `{`, which starts the
+/// JSON records of schema 5 and older (still read, and still written for a record the binary
+/// shape cannot hold exactly).
+const RECORD_BINARY: u8 = 1;
+
+/// The second byte: the disabled flag over the scheme's, proxy type's and origin's codes.
+const DISABLED: u8 = 0x80;
+
+/// The third byte: which fields follow, and the host's form.
+const HAS_COUNTRY: u8 = 1;
+const HAS_SOURCE: u8 = 2;
+const HAS_REASON: u8 = 4;
+const HAS_ANONYMITY: u8 = 8;
+const HAS_CREDENTIALS: u8 = 16;
+const HOST_V4: u8 = 32;
+const HOST_V6: u8 = 64;
+
+/// The codes of a proxy type and an origin (0: absent).
+const PROXY_TYPES: [&str; 3] = ["datacenter", "residential", "mobile"];
+const ORIGINS: [&str; 3] = ["operator", "config", "source"];
+
+/// `value`'s code among `names` (0 for `None`, else its place plus one), when it is one of
+/// them exactly.
+fn code_of(value: Option<&str>, names: &[&str]) -> Option<u8> {
+    match value {
+        None => Some(0),
+        Some(v) => names
+            .iter()
+            .position(|n| *n == v)
+            .and_then(|i| u8::try_from(i + 1).ok()),
+    }
+}
+
+/// The name of `code` among `names`.
+fn name_of(code: u8, names: &[&str]) -> Result<Option<String>, String> {
+    match code {
+        0 => Ok(None),
+        c => names
+            .get(usize::from(c) - 1)
+            .map(|n| Some((*n).to_owned()))
+            .ok_or_else(|| format!("unknown code {c}")),
+    }
+}
+
+/// Appends `bytes`, its length first (a varint).
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// Reads one [`put_bytes`] off the front of `rest`.
+fn take_bytes<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = usize::try_from(take_varint(rest)?).ok()?;
+    let (bytes, tail) = rest.split_at_checked(len)?;
+    *rest = tail;
+    Some(bytes)
+}
+
 impl RawRecord {
+    /// Reads a stored record: the binary shape of [`RawRecord::encode`] or JSON.
     pub(crate) fn decode(bytes: &[u8]) -> Result<RawRecord, String> {
-        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+        match bytes.split_first() {
+            Some((&RECORD_BINARY, rest)) => RawRecord::decode_binary(rest)
+                .ok_or_else(|| "a binary record that does not read (truncated?)".to_owned()),
+            _ => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn decode_binary(mut rest: &[u8]) -> Option<RawRecord> {
+        let [kinds, present, ..] = *rest else {
+            return None;
+        };
+        rest = &rest[2..];
+        if present
+            & !(HAS_COUNTRY
+                | HAS_SOURCE
+                | HAS_REASON
+                | HAS_ANONYMITY
+                | HAS_CREDENTIALS
+                | HOST_V4
+                | HOST_V6)
+            != 0
+            || present & (HOST_V4 | HOST_V6) == HOST_V4 | HOST_V6
+        {
+            return None;
+        }
+        let scheme = Scheme::ALL.get(usize::from(kinds & 7))?.as_str().to_owned();
+        let proxy_type = name_of((kinds >> 3) & 3, &PROXY_TYPES).ok()?;
+        let origin = name_of((kinds >> 5) & 3, &ORIGINS).ok()?;
+        let host = if present & HOST_V4 != 0 {
+            let (ip, tail) = rest.split_first_chunk::<4>()?;
+            rest = tail;
+            std::net::Ipv4Addr::from(*ip).to_string()
+        } else if present & HOST_V6 != 0 {
+            let (ip, tail) = rest.split_first_chunk::<16>()?;
+            rest = tail;
+            format!("[{}]", std::net::Ipv6Addr::from(*ip))
+        } else {
+            String::from_utf8(take_bytes(&mut rest)?.to_vec()).ok()?
+        };
+        let (port, tail) = rest.split_first_chunk::<2>()?;
+        rest = tail;
+        let port = u16::from_be_bytes(*port);
+        let added_unix_ms = take_varint(&mut rest)?;
+        let mut text = |flag: u8| -> Option<Option<String>> {
+            if present & flag == 0 {
+                return Some(None);
+            }
+            String::from_utf8(take_bytes(&mut rest)?.to_vec())
+                .ok()
+                .map(Some)
+        };
+        let country = text(HAS_COUNTRY)?;
+        let source = text(HAS_SOURCE)?;
+        let disabled_reason = text(HAS_REASON)?;
+        let listed_anonymity = text(HAS_ANONYMITY)?;
+        let credentials = match present & HAS_CREDENTIALS {
+            0 => None,
+            _ => Some(BASE64.encode(take_bytes(&mut rest)?)),
+        };
+        if !rest.is_empty() {
+            return None;
+        }
+        Some(RawRecord {
+            scheme,
+            host,
+            port,
+            country,
+            proxy_type,
+            disabled: kinds & DISABLED != 0,
+            origin,
+            added_unix_ms,
+            source,
+            disabled_reason,
+            listed_anonymity,
+            credentials,
+            username: None,
+            password: None,
+        })
+    }
+
+    /// The stored bytes: [`RECORD_BINARY`], a byte of the scheme's, proxy type's and origin's
+    /// codes and the disabled flag, a byte of which fields follow and the host's form, the
+    /// host (4 or 16 bytes for an IP address, else its text), the port, the time added (a
+    /// varint), then the fields present, each its length and bytes, the credentials envelope
+    /// as bytes rather than base64. A config upstream at an IPv4 address takes 15 bytes where
+    /// its JSON took ~120: sled keeps values of up to 22 bytes inside its node rather than in
+    /// an allocation of their own, and keeps every record in memory. A record the binary shape
+    /// cannot hold exactly (plaintext credentials of schema 2 and older, a scheme, proxy type
+    /// or origin not spelled as this build spells it, an envelope that is not base64) stays
+    /// JSON, which every build reads.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        self.encode_binary().unwrap_or_else(|| self.encode_json())
+    }
+
+    /// The JSON shape (schema 5 and older).
+    pub(crate) fn encode_json(&self) -> Vec<u8> {
+        // Serializing plain strings and numbers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    fn encode_binary(&self) -> Option<Vec<u8>> {
+        if self.username.is_some() || self.password.is_some() {
+            return None;
+        }
+        let scheme = Scheme::ALL
+            .iter()
+            .position(|s| s.as_str() == self.scheme)
+            .and_then(|i| u8::try_from(i).ok())?;
+        let proxy_type = code_of(self.proxy_type.as_deref(), &PROXY_TYPES)?;
+        let origin = code_of(self.origin.as_deref(), &ORIGINS)?;
+        let credentials = match &self.credentials {
+            None => None,
+            Some(b64) => {
+                let bytes = BASE64.decode(b64).ok()?;
+                // Only an envelope that reads back as the same text.
+                if BASE64.encode(&bytes) != *b64 {
+                    return None;
+                }
+                Some(bytes)
+            }
+        };
+        let mut present = 0;
+        for (set, flag) in [
+            (self.country.is_some(), HAS_COUNTRY),
+            (self.source.is_some(), HAS_SOURCE),
+            (self.disabled_reason.is_some(), HAS_REASON),
+            (self.listed_anonymity.is_some(), HAS_ANONYMITY),
+            (credentials.is_some(), HAS_CREDENTIALS),
+        ] {
+            if set {
+                present |= flag;
+            }
+        }
+        let v4 = self
+            .host
+            .parse::<std::net::Ipv4Addr>()
+            .ok()
+            .filter(|ip| ip.to_string() == self.host);
+        let v6 = self
+            .host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
+            .filter(|ip| format!("[{ip}]") == self.host);
+        present |= match (v4, v6) {
+            (Some(_), _) => HOST_V4,
+            (None, Some(_)) => HOST_V6,
+            (None, None) => 0,
+        };
+        let mut kinds = scheme | proxy_type << 3 | origin << 5;
+        if self.disabled {
+            kinds |= DISABLED;
+        }
+        let mut out = Vec::with_capacity(24);
+        out.extend([RECORD_BINARY, kinds, present]);
+        match (v4, v6) {
+            (Some(ip), _) => out.extend(ip.octets()),
+            (None, Some(ip)) => out.extend(ip.octets()),
+            (None, None) => put_bytes(&mut out, self.host.as_bytes()),
+        }
+        out.extend(self.port.to_be_bytes());
+        put_varint(&mut out, self.added_unix_ms);
+        for text in [
+            &self.country,
+            &self.source,
+            &self.disabled_reason,
+            &self.listed_anonymity,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            put_bytes(&mut out, text.as_bytes());
+        }
+        if let Some(c) = credentials {
+            put_bytes(&mut out, &c);
+        }
+        Some(out)
     }
 
     /// [`RawRecord::decode`] of record `id`, as the store's error.
@@ -393,11 +629,6 @@ impl RawRecord {
             what: id.to_string(),
             reason,
         })
-    }
-
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        // Serializing plain strings and numbers cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
     }
 
     /// The address part of a record (everything but credentials).
@@ -616,5 +847,148 @@ mod tests {
         assert_eq!(take_varint(&mut rest), None);
         let mut rest: &[u8] = &[0x80, 0x80];
         assert_eq!(take_varint(&mut rest), None);
+    }
+
+    /// A config upstream at an IPv4 address, as `from_record` writes it.
+    fn plain_record() -> RawRecord {
+        RawRecord {
+            scheme: "http".into(),
+            host: "127.2.1.1".into(),
+            port: 8888,
+            proxy_type: Some("datacenter".into()),
+            origin: Some("config".into()),
+            added_unix_ms: 1_796_000_000_123,
+            ..RawRecord::default()
+        }
+    }
+
+    /// Every field set, a domain host.
+    fn full_record() -> RawRecord {
+        RawRecord {
+            scheme: "socks5h".into(),
+            host: "proxy.example.net".into(),
+            port: 1080,
+            country: Some("DE".into()),
+            proxy_type: Some("mobile".into()),
+            disabled: true,
+            origin: Some("source".into()),
+            added_unix_ms: 7,
+            source: Some("proxyscrape-socks5".into()),
+            disabled_reason: Some("quarantined: rewrote a body".into()),
+            listed_anonymity: Some("elite".into()),
+            credentials: Some(BASE64.encode([9u8; 61])),
+            username: None,
+            password: None,
+        }
+    }
+
+    /// Records in every form the binary shape holds read back as they were, and the common
+    /// one fits in the 22 bytes sled keeps inside its node (no allocation per record).
+    #[test]
+    fn binary_records_read_back_as_written() {
+        let plain = plain_record();
+        let row = plain.encode();
+        assert_eq!(row.first(), Some(&RECORD_BINARY));
+        assert!(row.len() <= 22, "{} bytes", row.len());
+        assert!(
+            row.len() * 7 < plain.encode_json().len(),
+            "{} bytes",
+            row.len()
+        );
+        let mut shapes = vec![plain, full_record()];
+        for (scheme, host, proxy_type, origin) in [
+            ("https", "[2001:db8::1]", None, None),
+            ("socks4", "10.0.0.1", Some("residential"), Some("operator")),
+            (
+                "socks4a",
+                "[::ffff:10.0.0.1]",
+                Some("datacenter"),
+                Some("source"),
+            ),
+            (
+                "socks5",
+                "xn--bcher-kva.example",
+                Some("mobile"),
+                Some("config"),
+            ),
+            // Not an address as this build writes it: kept as text, exactly.
+            ("http", "127.000.000.001", None, None),
+            ("http", "[2001:DB8::1]", None, None),
+            ("http", "", None, None),
+        ] {
+            shapes.push(RawRecord {
+                scheme: scheme.into(),
+                host: host.into(),
+                proxy_type: proxy_type.map(str::to_owned),
+                origin: origin.map(str::to_owned),
+                port: 65535,
+                added_unix_ms: u64::MAX,
+                ..RawRecord::default()
+            });
+        }
+        for raw in shapes {
+            let row = raw.encode();
+            assert_eq!(row.first(), Some(&RECORD_BINARY), "{raw:?}");
+            assert_eq!(RawRecord::decode(&row), Ok(raw));
+        }
+    }
+
+    /// What the binary shape cannot hold exactly stays JSON, and reads back as it was.
+    #[test]
+    fn records_the_binary_shape_cannot_hold_stay_json() {
+        let odd = |f: fn(&mut RawRecord)| {
+            let mut r = full_record();
+            f(&mut r);
+            r
+        };
+        for raw in [
+            odd(|r| r.username = Some("alice".into())),
+            odd(|r| r.password = Some("s@cret".into())),
+            odd(|r| r.scheme = "HTTP".into()),
+            odd(|r| r.scheme = "gopher".into()),
+            odd(|r| r.proxy_type = Some("Residential".into())),
+            odd(|r| r.origin = Some("janitor".into())),
+            odd(|r| r.credentials = Some("not base64!".into())),
+            // Base64 that decodes, but not to the same text again.
+            odd(|r| r.credentials = Some("AB==".into())),
+        ] {
+            let row = raw.encode();
+            assert_eq!(row.first(), Some(&b'{'), "{raw:?}");
+            assert_eq!(RawRecord::decode(&row), Ok(raw));
+        }
+    }
+
+    /// A binary record cut short, with a byte too many, or with a value no build writes is
+    /// an error (the record is reported corrupt), never a panic or a wrong record.
+    #[test]
+    fn broken_binary_records_are_refused() {
+        let row = full_record().encode();
+        for len in 0..row.len() {
+            assert!(RawRecord::decode(&row[..len]).is_err(), "cut at {len}");
+        }
+        let mut longer = row.clone();
+        longer.push(0);
+        assert!(RawRecord::decode(&longer).is_err());
+        let plain = plain_record().encode();
+        let with = |i: usize, b: u8| {
+            let mut r = plain.clone();
+            r[i] = b;
+            r
+        };
+        for broken in [
+            with(1, plain[1] & !7 | 6), // scheme code 6
+            with(2, plain[2] | 0x80),   // an unknown field
+            with(2, HOST_V4 | HOST_V6), // two host forms
+            with(2, HAS_SOURCE),        // the address read as a text host of 127 bytes
+        ] {
+            assert!(RawRecord::decode(&broken).is_err(), "{broken:?}");
+        }
+        let mut domain = RawRecord {
+            host: "ab".into(),
+            ..plain_record()
+        }
+        .encode();
+        domain[4] = 0xff; // not UTF-8
+        assert!(RawRecord::decode(&domain).is_err());
     }
 }

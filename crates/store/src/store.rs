@@ -918,10 +918,10 @@ mod tests {
             };
             tree.insert(
                 id_key(a.upstream.id()),
-                v1(&a, Some("alice"), Some("s@cret:1")).encode(),
+                v1(&a, Some("alice"), Some("s@cret:1")).encode_json(),
             )
             .unwrap();
-            tree.insert(id_key(c.upstream.id()), v1(&c, None, None).encode())
+            tree.insert(id_key(c.upstream.id()), v1(&c, None, None).encode_json())
                 .unwrap();
             db.flush().unwrap();
         }
@@ -932,7 +932,8 @@ mod tests {
                 "add_reputation_fields",
                 "encrypt_credentials",
                 "list_sources",
-                "binary_stats"
+                "binary_stats",
+                "binary_records"
             ]
         );
         assert_eq!(store.schema_version().unwrap(), CURRENT_VERSION);
@@ -959,6 +960,10 @@ mod tests {
         )
         .unwrap();
         assert!(raw.password.is_none() && raw.username.is_none() && raw.credentials.is_some());
+        for id in [a.upstream.id(), c.upstream.id()] {
+            let row = store.upstreams.get(id_key(id)).unwrap().unwrap();
+            assert_eq!(row.first(), Some(&1), "binary");
+        }
         drop(store);
         // Idempotent: a second open migrates nothing and reads the same.
         let (store, report) = reopen(dir.path(), None).unwrap();
@@ -984,14 +989,19 @@ mod tests {
         raw.password = Some("hunter2".into());
         store
             .upstreams
-            .insert(id_key(b.upstream.id()), raw.encode())
+            .insert(id_key(b.upstream.id()), raw.encode_json())
             .unwrap();
         store.flush().unwrap();
         drop(store);
         let (store, report) = reopen(dir.path(), None).unwrap();
         assert_eq!(
             report.migrated,
-            ["encrypt_credentials", "list_sources", "binary_stats"]
+            [
+                "encrypt_credentials",
+                "list_sources",
+                "binary_stats",
+                "binary_records"
+            ]
         );
         let mut got = store.records().unwrap();
         got.sort_by_key(|r| r.upstream.port);
@@ -1030,8 +1040,8 @@ mod tests {
         store.flush().unwrap();
         drop(store);
         let (store, report) = reopen(dir.path(), None).unwrap();
-        assert_eq!(report.migrated, ["binary_stats"]);
-        assert_eq!(store.schema_version().unwrap(), 5);
+        assert_eq!(report.migrated, ["binary_stats", "binary_records"]);
+        assert_eq!(store.schema_version().unwrap(), CURRENT_VERSION);
         for (id, want) in [(a.upstream.id(), &old), (b.upstream.id(), &newer)] {
             let row = store.stats.get(id_key(id)).unwrap().unwrap();
             assert_eq!(row.first(), Some(&1), "binary");
@@ -1052,7 +1062,8 @@ mod tests {
         raw.username = Some("alice".into());
         raw.password = Some("s@cret:1".into());
         let tree = db.open_tree("upstreams").unwrap();
-        tree.insert(id_key(a.upstream.id()), raw.encode()).unwrap();
+        tree.insert(id_key(a.upstream.id()), raw.encode_json())
+            .unwrap();
         let stats = Stats {
             reputation: 77,
             total_uses: 5,

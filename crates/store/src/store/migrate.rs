@@ -14,22 +14,24 @@
 //! | 3 | credentials sealed in an AES-256-GCM envelope; no plaintext left |
 //! | 4 | origin `source` with the source's name; `checks` tree; per-source stats (`sources`) |
 //! | 5 | stats rows binary (`Stats::encode`) rather than JSON, a quarter of the bytes |
+//! | 6 | records binary (`RawRecord::encode`) where they fit, an eighth of the bytes |
 
 use super::Store;
 use crate::record::{PlainCredentials, RawRecord, key_id};
 use crate::{Stats, StoreError};
 
 /// The schema this build reads and writes.
-pub const CURRENT_VERSION: u32 = 5;
+pub const CURRENT_VERSION: u32 = 6;
 
 type Step = fn(&Store) -> Result<(), StoreError>;
 
 /// `(version it produces, name, step)`, in order.
-const MIGRATIONS: [(u32, &str, Step); 4] = [
+const MIGRATIONS: [(u32, &str, Step); 5] = [
     (2, "add_reputation_fields", add_reputation_fields),
     (3, "encrypt_credentials", encrypt_credentials),
     (4, "list_sources", list_sources),
     (5, "binary_stats", binary_stats),
+    (6, "binary_records", binary_records),
 ];
 
 /// Version 4 only adds: records may carry origin `source`, which older builds cannot read
@@ -55,6 +57,29 @@ fn binary_stats(store: &Store) -> Result<(), StoreError> {
         let _ = store
             .stats
             .compare_and_swap(&k, Some(v), Some(stats.encode()))
+            .map_err(store.err())?;
+    }
+    Ok(())
+}
+
+/// Version 6: every JSON record rewritten in the binary shape where it fits (those that do
+/// not stay JSON, still read), compare-and-swap so that a record changed meanwhile stays.
+/// Older builds would refuse binary records as corrupt, one by one, hence the version: they
+/// refuse the data dir instead.
+fn binary_records(store: &Store) -> Result<(), StoreError> {
+    for item in &store.upstreams {
+        let (k, v) = item.map_err(store.err())?;
+        if v.first() != Some(&b'{') {
+            continue;
+        }
+        let Some(id) = key_id(&k) else { continue };
+        let bytes = RawRecord::decode_of(id, &v)?.encode();
+        if bytes.first() == Some(&b'{') {
+            continue;
+        }
+        let _ = store
+            .upstreams
+            .compare_and_swap(&k, Some(v), Some(bytes))
             .map_err(store.err())?;
     }
     Ok(())
