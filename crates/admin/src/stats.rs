@@ -3,10 +3,14 @@
 //!
 //! The pool counts every attempt as it reports (the whole pool's counts and response-time
 //! histogram, and each upstream's counts and summed response time since the last look). The
-//! book takes those every [`SAMPLE_EVERY`] (and before answering) into the current minute,
-//! and keeps 1,440 closed minutes. Memory is bounded: a minute keeps at most
-//! [`UPSTREAMS_PER_MINUTE`] upstreams (the busiest), each 24 bytes, and one histogram for the
-//! whole pool.
+//! book takes those every [`SAMPLE_EVERY`] (and before answering) into the current minute. It
+//! keeps the last [`MINUTES_KEPT`] closed minutes, for the 5-minute and hour windows, and the
+//! last [`HOURS_KEPT`] closed hours, each the sum of its minutes, for the day: the day's window
+//! starts at the top of the hour that holds its first minute (so it spans 24 to 25 hours, and
+//! says where it starts). Memory is bounded and small: a closed minute or hour keeps at most
+//! [`UPSTREAMS_PER_MINUTE`] upstreams (the busiest), 24 bytes each, and the pool's histogram as
+//! its recorded buckets only. A day of minutes, each a dense histogram and a hash map, held ~100
+//! MiB with 1,100 busy upstreams (8 MiB with none).
 //!
 //! Percentiles: the pool's are exact for the window (to two significant digits); an
 //! upstream's are over its whole measured life (its histogram is kept with its stats), its
@@ -24,9 +28,11 @@ use crate::catalog::unix_ms;
 
 /// How often the book takes the pool's counts.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
-/// Minutes kept: one day.
-pub const MINUTES: usize = 1440;
-/// Upstreams kept per minute (the busiest).
+/// Closed minutes kept: the hour window's.
+pub const MINUTES_KEPT: usize = 60;
+/// Closed hours kept: the day window's.
+pub const HOURS_KEPT: usize = 24;
+/// Upstreams kept per closed minute or hour (the busiest).
 pub const UPSTREAMS_PER_MINUTE: usize = 1024;
 /// Upstreams with fewer attempts in a window are not ranked top or bottom.
 pub const MIN_RANKED_ATTEMPTS: u64 = 3;
@@ -34,6 +40,7 @@ pub const MIN_RANKED_ATTEMPTS: u64 = 3;
 pub const RANKED: usize = 10;
 
 const MINUTE_MS: u64 = 60_000;
+const HOUR_MS: u64 = 60 * MINUTE_MS;
 
 /// The windows the API offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +77,7 @@ impl Span {
     }
 }
 
-/// One upstream over one minute.
+/// One upstream over one minute (or hour).
 #[derive(Debug, Clone, Copy, Default)]
 struct UpstreamMinute {
     id: UpstreamId,
@@ -79,18 +86,116 @@ struct UpstreamMinute {
     response_ms_sum: u64,
 }
 
+impl UpstreamMinute {
+    fn attempts(&self) -> u64 {
+        u64::from(self.successes) + u64::from(self.failures)
+    }
+}
+
+/// Adds `u`'s counts into its row of `rows`.
+fn add_upstream(rows: &mut HashMap<UpstreamId, UpstreamMinute>, u: &UpstreamMinute) {
+    let t = rows.entry(u.id).or_insert(UpstreamMinute {
+        id: u.id,
+        ..UpstreamMinute::default()
+    });
+    t.successes = t.successes.saturating_add(u.successes);
+    t.failures = t.failures.saturating_add(u.failures);
+    t.response_ms_sum += u.response_ms_sum;
+}
+
+/// The busiest `keep` of `rows`.
+fn busiest(rows: HashMap<UpstreamId, UpstreamMinute>, keep: usize) -> Vec<UpstreamMinute> {
+    let mut all: Vec<_> = rows.into_values().collect();
+    if all.len() > keep {
+        all.sort_unstable_by_key(|u| (std::cmp::Reverse(u.attempts()), u.id));
+        all.truncate(keep);
+    }
+    all
+}
+
+/// A minute or an hour still filling.
 #[derive(Debug, Default)]
-struct Minute {
+struct Open {
     start_unix_ms: u64,
     pool: Window,
     upstreams: HashMap<UpstreamId, UpstreamMinute>,
 }
 
-/// The last day of the pool's attempts, minute by minute.
+impl Open {
+    /// Its figures, kept compact: the busiest upstreams only, the histogram's recorded buckets.
+    fn close(self) -> Closed {
+        let response_ms = self
+            .pool
+            .response_ms
+            .iter_recorded()
+            .map(|v| {
+                (
+                    u32::try_from(v.value_iterated_to()).unwrap_or(u32::MAX),
+                    v.count_at_value(),
+                )
+            })
+            .collect();
+        Closed {
+            start_unix_ms: self.start_unix_ms,
+            successes: self.pool.successes,
+            failures: self.pool.failures,
+            response_ms,
+            upstreams: busiest(self.upstreams, UPSTREAMS_PER_MINUTE).into(),
+        }
+    }
+
+    /// Adds a closed minute into this hour. The hour's rows stay bounded: past four minutes'
+    /// worth, only the busiest two minutes' worth go on.
+    fn absorb(&mut self, m: &Closed) {
+        m.add_to(&mut self.pool, &mut self.upstreams);
+        if self.upstreams.len() > 4 * UPSTREAMS_PER_MINUTE {
+            let kept = busiest(
+                std::mem::take(&mut self.upstreams),
+                2 * UPSTREAMS_PER_MINUTE,
+            );
+            self.upstreams = kept.into_iter().map(|u| (u.id, u)).collect();
+        }
+    }
+}
+
+/// A closed minute or hour.
+#[derive(Debug)]
+struct Closed {
+    start_unix_ms: u64,
+    successes: u64,
+    failures: u64,
+    /// The pool's response times: each recorded bucket of its histogram, as (the bucket's
+    /// highest value, count). A few dozen where the dense histogram holds 1,408 counters.
+    response_ms: Box<[(u32, u32)]>,
+    /// Its busiest upstreams.
+    upstreams: Box<[UpstreamMinute]>,
+}
+
+impl Closed {
+    /// Adds its figures into a window's.
+    fn add_to(&self, pool: &mut Window, rows: &mut HashMap<UpstreamId, UpstreamMinute>) {
+        pool.successes += self.successes;
+        pool.failures += self.failures;
+        for &(ms, n) in &self.response_ms {
+            // A value the same histogram recorded, so within its bounds.
+            let _ = pool.response_ms.record_n(u64::from(ms), n);
+        }
+        for u in &self.upstreams {
+            add_upstream(rows, u);
+        }
+    }
+}
+
+/// The last day of the pool's attempts: by the minute for the last hour, by the hour before.
 #[derive(Debug, Default)]
 pub struct StatsBook {
-    closed: VecDeque<Minute>,
-    current: Minute,
+    /// The last [`MINUTES_KEPT`] closed minutes, oldest first.
+    minutes: VecDeque<Closed>,
+    /// The last [`HOURS_KEPT`] closed hours, oldest first.
+    hours: VecDeque<Closed>,
+    /// The closed minutes of the hour under way, summed.
+    hour: Open,
+    current: Open,
 }
 
 /// One upstream over a window.
@@ -146,7 +251,9 @@ impl StatsBook {
         self.sample_at(pool, unix_ms());
     }
 
-    fn sample_at(&mut self, pool: &PoolReader, now_unix_ms: u64) {
+    /// [`StatsBook::sample`] at `now_unix_ms` (tests drive the clock).
+    #[doc(hidden)]
+    pub fn sample_at(&mut self, pool: &PoolReader, now_unix_ms: u64) {
         let minute = now_unix_ms - now_unix_ms % MINUTE_MS;
         if self.current.start_unix_ms == 0 {
             self.current.start_unix_ms = minute;
@@ -154,17 +261,23 @@ impl StatsBook {
         // Close the minute first: what the pool counted since the last look (at most
         // SAMPLE_EVERY ago) goes to the minute now, so short windows see it.
         if minute > self.current.start_unix_ms {
-            let mut done = std::mem::take(&mut self.current);
+            let done = std::mem::take(&mut self.current).close();
             self.current.start_unix_ms = minute;
-            if done.upstreams.len() > UPSTREAMS_PER_MINUTE {
-                let mut all: Vec<_> = done.upstreams.into_values().collect();
-                all.sort_by_key(|u| std::cmp::Reverse(u.successes + u.failures));
-                all.truncate(UPSTREAMS_PER_MINUTE);
-                done.upstreams = all.into_iter().map(|u| (u.id, u)).collect();
+            let hour = done.start_unix_ms - done.start_unix_ms % HOUR_MS;
+            if hour > self.hour.start_unix_ms {
+                let full = std::mem::take(&mut self.hour);
+                if full.start_unix_ms > 0 {
+                    self.hours.push_back(full.close());
+                    while self.hours.len() > HOURS_KEPT {
+                        self.hours.pop_front();
+                    }
+                }
+                self.hour.start_unix_ms = hour;
             }
-            self.closed.push_back(done);
-            while self.closed.len() > MINUTES {
-                self.closed.pop_front();
+            self.hour.absorb(&done);
+            self.minutes.push_back(done);
+            while self.minutes.len() > MINUTES_KEPT {
+                self.minutes.pop_front();
             }
         }
         let recent = pool.take_recent();
@@ -174,21 +287,15 @@ impl StatsBook {
             if i.is_empty() {
                 continue;
             }
-            let u = self
-                .current
-                .upstreams
-                .entry(e.id)
-                .or_insert(UpstreamMinute {
+            add_upstream(
+                &mut self.current.upstreams,
+                &UpstreamMinute {
                     id: e.id,
-                    ..UpstreamMinute::default()
-                });
-            u.successes = u
-                .successes
-                .saturating_add(u32::try_from(i.successes).unwrap_or(u32::MAX));
-            u.failures = u
-                .failures
-                .saturating_add(u32::try_from(i.failures).unwrap_or(u32::MAX));
-            u.response_ms_sum += i.response_ms_sum;
+                    successes: u32::try_from(i.successes).unwrap_or(u32::MAX),
+                    failures: u32::try_from(i.failures).unwrap_or(u32::MAX),
+                    response_ms_sum: i.response_ms_sum,
+                },
+            );
         }
     }
 
@@ -197,27 +304,35 @@ impl StatsBook {
         self.report_at(span, pool, unix_ms())
     }
 
-    fn report_at(&self, span: Span, pool: &PoolReader, now_unix_ms: u64) -> Report {
-        let from = now_unix_ms.saturating_sub(span.minutes() * MINUTE_MS);
-        let minutes = self
-            .closed
-            .iter()
-            .filter(|m| m.start_unix_ms >= from)
-            .chain(std::iter::once(&self.current));
+    /// [`StatsBook::report`] at `now_unix_ms`.
+    #[doc(hidden)]
+    pub fn report_at(&self, span: Span, pool: &PoolReader, now_unix_ms: u64) -> Report {
+        let mut from = now_unix_ms.saturating_sub(span.minutes() * MINUTE_MS);
         let mut total = Window::default();
         let mut per: HashMap<UpstreamId, UpstreamMinute> = HashMap::new();
-        for m in minutes {
-            total.merge(&m.pool);
-            for u in m.upstreams.values() {
-                let t = per.entry(u.id).or_insert(UpstreamMinute {
-                    id: u.id,
-                    ..UpstreamMinute::default()
-                });
-                t.successes = t.successes.saturating_add(u.successes);
-                t.failures = t.failures.saturating_add(u.failures);
-                t.response_ms_sum += u.response_ms_sum;
+        let open = |o: &Open, total: &mut Window, per: &mut HashMap<_, _>| {
+            total.merge(&o.pool);
+            for u in o.upstreams.values() {
+                add_upstream(per, u);
+            }
+        };
+        match span {
+            Span::Day => {
+                // Whole hours: from the top of the hour that holds the window's first minute.
+                let first = from - from % HOUR_MS;
+                for h in self.hours.iter().filter(|h| h.start_unix_ms >= first) {
+                    h.add_to(&mut total, &mut per);
+                    from = from.min(h.start_unix_ms);
+                }
+                open(&self.hour, &mut total, &mut per);
+            }
+            Span::FiveMinutes | Span::Hour => {
+                for m in self.minutes.iter().filter(|m| m.start_unix_ms >= from) {
+                    m.add_to(&mut total, &mut per);
+                }
             }
         }
+        open(&self.current, &mut total, &mut per);
         let snap = pool.snapshot();
         let mut ranked: Vec<UpstreamWindow> = per
             .values()

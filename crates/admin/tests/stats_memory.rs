@@ -1,0 +1,124 @@
+//! What the stats book holds after a day: live heap bytes, counted by this test binary's
+//! allocator (exact, unlike RSS), with more upstreams busy every minute than a minute keeps.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use proxygate_admin::stats::{Span, StatsBook, UPSTREAMS_PER_MINUTE};
+use proxygate_core::{Outcome, Upstream};
+use proxygate_pool::{HealthConfig, Pool, Strategy};
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call is passed on to the system allocator unchanged; only a count is kept.
+#[expect(
+    unsafe_code,
+    reason = "a counting allocator: the exact heap a structure holds, which RSS cannot say"
+)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+const MINUTE_MS: u64 = 60_000;
+const HOUR_MS: u64 = 60 * MINUTE_MS;
+
+/// A book fed 25 hours of minutes, `n` upstreams each with one attempt a minute: the heap it
+/// holds then (past what the first minute allocated), and its day and hour windows, which
+/// must count exactly the minutes they say they span.
+fn a_day(n: usize) -> isize {
+    let (pool, writer) = Pool::create(Strategy::RoundRobin, HealthConfig::default());
+    let ups: Vec<Upstream> = (0..n)
+        .filter_map(|i| Upstream::parse(&format!("http://10.{}.{}.1:8080", i / 256, i % 256)).ok())
+        .collect();
+    let ids: Vec<_> = ups.iter().map(Upstream::id).collect();
+    assert_eq!(ids.len(), n);
+    writer.replace(ups);
+    let ok = Outcome {
+        connect: Some(std::time::Duration::from_millis(20)),
+        handshake: Some(std::time::Duration::ZERO),
+        ..Outcome::default()
+    };
+    let t0 = 1_700_000_000_000 - 1_700_000_000_000 % MINUTE_MS;
+    let mut book = StatsBook::default();
+    // Minute m's attempts are reported before the sample at its start, so they count in it.
+    let minute = |book: &mut StatsBook, m: u64| {
+        for id in &ids {
+            // Always there; were one not, the exact counts below would say so.
+            if let Some(lease) = pool.lease(*id) {
+                lease.report(&ok);
+            }
+        }
+        book.sample_at(&pool, t0 + m * MINUTE_MS);
+    };
+    // Every upstream measured once (its histogram allocated) before counting.
+    minute(&mut book, 0);
+    let before = LIVE.load(Ordering::Relaxed);
+    let minutes = 25 * 60;
+    for m in 1..=minutes {
+        minute(&mut book, m);
+    }
+    let held = LIVE.load(Ordering::Relaxed) - before;
+    let now = t0 + minutes * MINUTE_MS + 1;
+    let n = n as u64;
+    let spanned = |from: u64| (1..=minutes).filter(|m| t0 + m * MINUTE_MS >= from).count() as u64;
+    let day = book.report_at(Span::Day, &pool, now);
+    assert!(day.from_unix_ms <= now - 24 * HOUR_MS && day.from_unix_ms % HOUR_MS == 0);
+    assert!(day.from_unix_ms > now - 25 * HOUR_MS);
+    assert_eq!(day.attempts, n * spanned(day.from_unix_ms));
+    assert_eq!(
+        day.active_upstreams as u64,
+        n.min(2 * UPSTREAMS_PER_MINUTE as u64)
+    );
+    assert_eq!(day.response_ms.p50, Some(20));
+    let hour = book.report_at(Span::Hour, &pool, now);
+    assert_eq!(hour.from_unix_ms, now - HOUR_MS);
+    assert_eq!(hour.attempts, n * 60);
+    let five = book.report_at(Span::FiveMinutes, &pool, now);
+    assert_eq!(five.attempts, n * 5);
+    held
+}
+
+/// A day of minutes held ~100 MiB with more upstreams busy each minute than a minute keeps,
+/// and 8 MiB with three (a dense histogram and a hash map per minute, 1,440 of them).
+#[test]
+fn a_day_of_minutes_stays_small() {
+    // One test, the two cases in turn: the count is the whole process's.
+    for (n, most) in [(3, 256 << 10), (UPSTREAMS_PER_MINUTE + 100, 4 << 20)] {
+        let held = a_day(n);
+        eprintln!(
+            "a day with {n} upstreams busy: {:.2} MiB held",
+            held as f64 / 1048576.0
+        );
+        assert!(held < most, "{n} upstreams: {held} bytes held");
+    }
+}
