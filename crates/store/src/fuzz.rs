@@ -46,6 +46,15 @@ pub fn stats_row(data: &[u8]) {
     }
 }
 
+/// A stored check row as read back at load (binary, or the JSON before schema 6): whatever
+/// reads must write back to a row that reads the same.
+pub fn check_row(data: &[u8]) {
+    if let Some(check) = crate::CheckRecord::decode(data) {
+        let row = check.encode();
+        assert_eq!(crate::CheckRecord::decode(&row).as_ref(), Some(&check));
+    }
+}
+
 fn split_id(data: &[u8]) -> (UpstreamId, &[u8]) {
     let mut id = [0u8; 8];
     let n = data.len().min(8);
@@ -103,6 +112,27 @@ mod tests {
         );
         for name in ["binary_measured", "binary_fresh", "json_schema4"] {
             stats_row(&seed(name));
+        }
+    }
+
+    /// The committed seeds of `check_row`, binary and JSON, read as the same check.
+    #[test]
+    fn the_committed_check_seeds_read() {
+        let seed = |name: &str| {
+            std::fs::read(format!(
+                "{}/../fuzz/seeds/check_row/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap()
+        };
+        let json = crate::CheckRecord::decode(&seed("json_schema5")).unwrap();
+        assert_eq!(json.latency_ms, Some(412));
+        assert_eq!(
+            crate::CheckRecord::decode(&seed("binary_passed")),
+            Some(json)
+        );
+        for name in ["binary_passed", "json_schema5"] {
+            check_row(&seed(name));
         }
     }
 

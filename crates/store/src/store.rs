@@ -434,10 +434,8 @@ impl Store {
         &self,
         checks: impl IntoIterator<Item = (UpstreamId, &'a CheckRecord)>,
     ) -> Result<(), StoreError> {
-        self.insert_present(&self.checks, checks, |c| {
-            serde_json::to_vec(c).unwrap_or_default()
-        })
-        .map(|_| ())
+        self.insert_present(&self.checks, checks, CheckRecord::encode)
+            .map(|_| ())
     }
 
     /// Inserts each row of an upstream that still has a record into `tree`, one by one (not a
@@ -464,7 +462,7 @@ impl Store {
         let mut out = HashMap::with_capacity(self.checks.len());
         for item in &self.checks {
             let (k, v) = item.map_err(self.err())?;
-            if let (Some(id), Ok(c)) = (key_id(&k), serde_json::from_slice::<CheckRecord>(&v)) {
+            if let (Some(id), Some(c)) = (key_id(&k), CheckRecord::decode(&v)) {
                 out.insert(id, c);
             }
         }
@@ -1028,6 +1026,18 @@ mod tests {
         };
         let json = serde_json::to_vec(&old).unwrap();
         store.stats.insert(id_key(a.upstream.id()), json).unwrap();
+        // A check row as builds before schema 6 wrote it.
+        let check = CheckRecord {
+            checked_unix_ms: 5,
+            passed: true,
+            judge: Some("http://127.0.0.1:9/judge".into()),
+            integrity_passes: 2,
+            ..CheckRecord::default()
+        };
+        store
+            .checks
+            .insert(id_key(a.upstream.id()), serde_json::to_vec(&check).unwrap())
+            .unwrap();
         let newer = Stats {
             reputation: 12,
             ..Stats::default()
@@ -1048,6 +1058,9 @@ mod tests {
             assert_eq!(&store.stats(id).unwrap(), want);
         }
         assert_eq!(store.all_stats().unwrap().len(), 2);
+        let row = store.checks.get(id_key(a.upstream.id())).unwrap().unwrap();
+        assert_eq!(row.first(), Some(&1), "binary");
+        assert_eq!(store.checks().unwrap().get(&a.upstream.id()), Some(&check));
     }
 
     /// A data dir as builds before ac37704 made it: sled's default 512 KiB segments, with a

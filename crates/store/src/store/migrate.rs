@@ -14,11 +14,11 @@
 //! | 3 | credentials sealed in an AES-256-GCM envelope; no plaintext left |
 //! | 4 | origin `source` with the source's name; `checks` tree; per-source stats (`sources`) |
 //! | 5 | stats rows binary (`Stats::encode`) rather than JSON, a quarter of the bytes |
-//! | 6 | records binary (`RawRecord::encode`) where they fit, an eighth of the bytes |
+//! | 6 | records binary (`RawRecord::encode`) where they fit, an eighth of the bytes; check rows binary (`CheckRecord::encode`), a third |
 
 use super::Store;
 use crate::record::{PlainCredentials, RawRecord, key_id};
-use crate::{Stats, StoreError};
+use crate::{CheckRecord, Stats, StoreError};
 
 /// The schema this build reads and writes.
 pub const CURRENT_VERSION: u32 = 6;
@@ -63,10 +63,24 @@ fn binary_stats(store: &Store) -> Result<(), StoreError> {
 }
 
 /// Version 6: every JSON record rewritten in the binary shape where it fits (those that do
-/// not stay JSON, still read), compare-and-swap so that a record changed meanwhile stays.
-/// Older builds would refuse binary records as corrupt, one by one, hence the version: they
-/// refuse the data dir instead.
+/// not stay JSON, still read), and every JSON check row in its binary shape, compare-and-swap
+/// so that a row changed meanwhile stays. Older builds would refuse binary records as
+/// corrupt, one by one, and forget binary checks, hence the version: they refuse the data
+/// dir instead.
 fn binary_records(store: &Store) -> Result<(), StoreError> {
+    for item in &store.checks {
+        let (k, v) = item.map_err(store.err())?;
+        if v.first() != Some(&b'{') {
+            continue;
+        }
+        let Some(check) = CheckRecord::decode(&v) else {
+            continue;
+        };
+        let _ = store
+            .checks
+            .compare_and_swap(&k, Some(v), Some(check.encode()))
+            .map_err(store.err())?;
+    }
     for item in &store.upstreams {
         let (k, v) = item.map_err(store.err())?;
         if v.first() != Some(&b'{') {
