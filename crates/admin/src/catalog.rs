@@ -83,6 +83,9 @@ pub struct Catalog {
     trust: TrustPolicy,
 }
 
+/// Inserts in one batch past which the record map is rebuilt full ([`Catalog::repack`]).
+const REPACK_MIN: usize = 64;
+
 /// The start of the reason of a quarantined upstream: disabled for tampering, released by an
 /// operator only (`proxygate pool enable`), never by a later check.
 pub const QUARANTINED: &str = "quarantined: ";
@@ -475,6 +478,7 @@ impl Catalog {
             self.records.insert(*id, record);
             changed += 1;
         }
+        self.repack(changed);
         let stale: Vec<UpstreamId> = self
             .records
             .iter()
@@ -492,6 +496,17 @@ impl Catalog {
             self.publish();
         }
         Ok((changed, removed))
+    }
+
+    /// Rebuilds the record map in one pass after a batch that inserted `added` records, when
+    /// they were many. A `BTreeMap` filled a key at a time, in the ids' hash order, keeps its
+    /// nodes about two thirds full; one collected from its own sorted entries is built full,
+    /// as [`Catalog::load`] builds it at a restart (massif, 40,000 config upstreams on first
+    /// use: 6.25 MB of map, against 4.24 MB restarted).
+    fn repack(&mut self, added: usize) {
+        if added >= REPACK_MIN && added.saturating_mul(16) >= self.records.len() {
+            self.records = std::mem::take(&mut self.records).into_iter().collect();
+        }
     }
 
     /// Attaches the live pool and publishes the enabled upstreams to it, with their saved
@@ -623,6 +638,7 @@ impl Catalog {
             out.ids.push(id.to_string());
             self.records.insert(id, r);
         }
+        self.repack(out.added);
         if !stats.is_empty() {
             self.store
                 .write_stats(stats.iter().map(|(id, s)| (*id, s)))?;
@@ -963,6 +979,7 @@ impl Catalog {
             }
             checks.push((id, check));
         }
+        self.repack(out.imported);
         self.store
             .put_checks(checks.iter().map(|(id, c)| (*id, c)))?;
         self.store.flush()?;
