@@ -41,10 +41,12 @@ impl Default for Identity {
     }
 }
 
+/// The top bit of a group key: set when it is an exit IP's.
+const EXIT: u64 = 1 << 63;
+
 /// The group key of an upstream: its exit IP's when known (top bit set), else its own id's
 /// (top bit clear), so an upstream with an unknown exit is alone in its group.
 pub fn group_key(id: UpstreamId, exit: Option<IpAddr>) -> u64 {
-    const EXIT: u64 = 1 << 63;
     match exit {
         Some(ip) => {
             // Fixed keys: stable within the process, which is all a key needs.
@@ -99,7 +101,8 @@ impl IdentityCell {
 /// and a `Vec` apiece cost ~90 bytes per upstream (~0.9 MB at 10,000) for nothing.
 #[derive(Debug, Default)]
 pub(crate) struct ExitGroups {
-    /// Group key to group index.
+    /// Group key to group index, for the keys of known exits only: an unknown exit's key is
+    /// its upstream's own, which no other member shares, and a config pool knows no exits.
     index: HashMap<u64, u32>,
     /// Every member's position, group by group, each group's in entry order; groups in order
     /// of first member.
@@ -131,6 +134,7 @@ impl ExitGroups {
             }
             group_of.push(i);
         }
+        index.retain(|key, _| key & EXIT != 0);
         let to_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         if sizes.len() == group_of.len() {
             // Every member its own group, in entry order: group i is position i.
@@ -199,7 +203,8 @@ impl ExitGroups {
         (0..m.len()).map(move |k| m[(start + k) % m.len()])
     }
 
-    /// The members (positions) of the group with key `key`.
+    /// The members (positions) of the group with key `key`, when it is a known exit's (empty
+    /// for an unknown exit's key: that member is alone in its group).
     pub(crate) fn members_of(&self, key: u64) -> &[u32] {
         self.index
             .get(&key)
@@ -272,29 +277,39 @@ mod tests {
 
     #[test]
     fn groups_and_turns() {
-        let g = ExitGroups::build([7, 9, 7, 8, 7]);
+        let [k7, k8, k9] = [7, 8, 9].map(|k| k | EXIT);
+        let g = ExitGroups::build([k7, k9, k7, k8, k7]);
         assert!(g.is_shared());
         assert_eq!(g.len(), 3);
-        assert_eq!(g.members_of(7), [0, 2, 4]);
-        assert_eq!(g.members_of(1), [] as [u32; 0]);
+        assert_eq!(g.members_of(k7), [0, 2, 4]);
+        assert_eq!(g.members_of(1 | EXIT), [] as [u32; 0]);
         let first: Vec<u32> = g.in_turn(0).collect();
         let second: Vec<u32> = g.in_turn(0).collect();
         assert_eq!(first, [0, 2, 4]);
         assert_eq!(second, [2, 4, 0]);
         assert_eq!(g.in_turn(1).collect::<Vec<_>>(), [1]);
         assert_eq!(g.in_turn(2).collect::<Vec<_>>(), [3]);
-        assert_eq!(g.members_of(8), [3]);
+        assert_eq!(g.members_of(k8), [3]);
+        // Keys of unknown exits group too (two upstreams with one id never meet), but no
+        // member is found by them.
+        let mixed = ExitGroups::build([5, k7, k7]);
+        assert!(mixed.is_shared() && mixed.len() == 2);
+        assert_eq!(
+            (mixed.members_of(5), mixed.members_of(k7)),
+            (&[][..], &[1, 2][..])
+        );
         assert_eq!(g.in_turn(3).count(), 0);
-        let alone = ExitGroups::build([1, 2, 3]);
+        let alone = ExitGroups::build([1, 2, 3 | EXIT]);
         assert!(!alone.is_shared());
         assert_eq!(alone.len(), 3);
-        assert_eq!(alone.members_of(3), [2]);
-        assert_eq!(alone.members_of(4), [] as [u32; 0]);
+        assert_eq!(alone.members_of(3 | EXIT), [2]);
+        assert_eq!(alone.members_of(4 | EXIT), [] as [u32; 0]);
         assert_eq!(alone.in_turn(1).collect::<Vec<_>>(), [1]);
         assert_eq!(alone.in_turn(1).collect::<Vec<_>>(), [1]);
         assert_eq!(alone.in_turn(3).count(), 0);
-        // Lone exits keep no arrays per group, only their positions.
+        // Lone exits keep no arrays per group, only their positions, and unknown exits no key.
         assert!(alone.starts.is_empty() && alone.turns.is_empty());
+        assert_eq!(alone.index.len(), 1);
         let none = ExitGroups::build([]);
         assert!(!none.is_shared() && none.len() == 0 && none.members_of(1).is_empty());
     }

@@ -511,11 +511,14 @@ impl Snapshot {
         let Some(e) = self.get(id) else {
             return Vec::new();
         };
-        self.exits
-            .members_of(e.exit_group())
-            .iter()
-            .map(|pos| self.members.entries[*pos as usize].id)
-            .collect()
+        match self.exits.members_of(e.exit_group()) {
+            // An unknown exit's: alone.
+            [] => vec![id],
+            group => group
+                .iter()
+                .map(|pos| self.members.entries[*pos as usize].id)
+                .collect(),
+        }
     }
 
     pub(crate) fn members(&self) -> &Members {
