@@ -1292,6 +1292,7 @@ mod tests {
         c.set_disabled(last, false).unwrap();
         assert!(shared(&c));
     }
+
     #[test]
     fn invalid_input_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
