@@ -77,8 +77,11 @@ pub struct Catalog {
     health: HealthConfig,
     /// How many records are disabled, for the metrics (the pool never holds them).
     disabled: Arc<AtomicUsize>,
-    /// Every upstream's last check through itself.
-    checks: HashMap<UpstreamId, CheckRecord>,
+    /// Every upstream's last check through itself, as the store's binary row
+    /// ([`CheckRecord::encode`], ~70 bytes), read back when asked for ([`Catalog::check`]).
+    /// Every member of a list pool has one: held as structs with their strings, a record and
+    /// its check took 750 bytes, 378 as rows (`tests/memory.rs`).
+    checks: HashMap<UpstreamId, Box<[u8]>>,
     /// When a list upstream is `verified`.
     trust: TrustPolicy,
 }
@@ -438,7 +441,11 @@ impl Catalog {
             .into_iter()
             .map(|r| (r.upstream.id(), r))
             .collect();
-        let checks = store.checks()?;
+        let checks = store
+            .checks()?
+            .into_iter()
+            .map(|(id, c)| (id, c.encode().into_boxed_slice()))
+            .collect();
         let c = Catalog {
             store,
             records,
@@ -530,7 +537,8 @@ impl Catalog {
 
     /// What the pool is told of `r`: its exit as last checked, its tier now.
     fn identity(&self, r: &Record, now: u64) -> Identity {
-        let check = self.checks.get(&r.upstream.id());
+        let check = self.check(r.upstream.id());
+        let check = check.as_ref();
         Identity {
             exit: check
                 .and_then(|c| c.exit_ip.as_deref())
@@ -766,7 +774,8 @@ impl Catalog {
             None => stored.clone(),
         };
         let state = self.state(r, entry.as_deref(), &stats, now);
-        let check = self.checks.get(&id);
+        let check = self.check(id);
+        let check = check.as_ref();
         Row {
             id: id.to_string(),
             scheme: r.upstream.scheme.as_str(),
@@ -905,7 +914,8 @@ impl Catalog {
         for c in checked {
             let id = c.upstream.id();
             let mut check = c.check;
-            let prev = self.checks.get(&id);
+            let prev = self.check(id);
+            let prev = prev.as_ref();
             check.failing_since_unix_ms = match (c.passed, prev) {
                 (true, _) => None,
                 (false, Some(prev)) => prev.failing_since_unix_ms.or(Some(check.checked_unix_ms)),
@@ -969,7 +979,7 @@ impl Catalog {
                 }
                 None => continue,
             }
-            self.checks.insert(id, check.clone());
+            self.checks.insert(id, check.encode().into_boxed_slice());
             if let Some((ident, disabled)) = before
                 && let Some(r) = self.records.get(&id)
                 && !r.disabled
@@ -991,10 +1001,15 @@ impl Catalog {
     }
 
     /// Every record and its last check, for the re-check scheduler and the sources' figures.
-    pub fn records(&self) -> impl Iterator<Item = (&Record, Option<&CheckRecord>)> {
-        self.records
-            .values()
-            .map(|r| (r, self.checks.get(&r.upstream.id())))
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.records.values()
+    }
+
+    /// Upstream `id`'s last check through itself, if it was checked.
+    pub fn check(&self, id: UpstreamId) -> Option<CheckRecord> {
+        self.checks
+            .get(&id)
+            .and_then(|row| CheckRecord::decode(row))
     }
 
     /// One janitor pass at `now` (Unix ms): disables list upstreams dead for long, deletes
@@ -1016,7 +1031,7 @@ impl Catalog {
                         .or(stored.get(&id).and_then(|s| s.last_used_unix_ms)),
                     None => stored.get(&id).and_then(|s| s.last_used_unix_ms),
                 };
-                (id, verdict(r, self.checks.get(&id), last_used, now, cfg))
+                (id, verdict(r, self.check(id).as_ref(), last_used, now, cfg))
             })
             .collect();
         for (id, v) in verdicts {
@@ -1054,7 +1069,7 @@ impl Catalog {
         self.records.values().filter(|r| !r.disabled).any(|r| {
             let id = r.upstream.id();
             snap.get(id)
-                .is_some_and(|e| e.tier() != tier_of(r, self.checks.get(&id), &self.trust, now))
+                .is_some_and(|e| e.tier() != tier_of(r, self.check(id).as_ref(), &self.trust, now))
         })
     }
 
@@ -1355,12 +1370,12 @@ mod tests {
             .unwrap();
         c.merge_checked(vec![checked("http://8.8.8.8:80", false, 30)], true)
             .unwrap();
-        assert_eq!(c.checks[&id].failing_since_unix_ms, Some(20));
+        assert_eq!(c.check(id).unwrap().failing_since_unix_ms, Some(20));
         // Durable: a new catalog over the store sees the record and its check.
         let store = Arc::clone(c.store());
         drop(c);
         let again = Catalog::load(store, HealthConfig::default()).unwrap();
-        assert_eq!(again.checks[&id].failing_since_unix_ms, Some(20));
+        assert_eq!(again.check(id).unwrap().failing_since_unix_ms, Some(20));
         assert_eq!(again.record(id).unwrap().origin, Origin::Source);
     }
 
@@ -1551,7 +1566,9 @@ mod tests {
         let tier = |r: &proxygate_pool::PoolReader| r.snapshot().get(id).unwrap().tier();
         // A streak that began now: verified 1 s from now, with no check in between.
         let now = unix_ms();
-        c.checks.get_mut(&id).unwrap().integrity_since_unix_ms = Some(now);
+        let mut check = c.check(id).unwrap();
+        check.integrity_since_unix_ms = Some(now);
+        c.checks.insert(id, check.encode().into_boxed_slice());
         c.publish();
         assert_eq!(tier(&reader), Tier::Untrusted);
         let cfg = crate::janitor::Config::default();

@@ -504,8 +504,8 @@ impl SourcesRuntime {
             if ids.is_empty() {
                 return Ok(c
                     .records()
-                    .filter(|(r, _)| !r.disabled)
-                    .map(|(r, _)| Upstream::clone(&r.upstream))
+                    .filter(|r| !r.disabled)
+                    .map(|r| Upstream::clone(&r.upstream))
                     .collect());
             }
             ids.iter()
@@ -573,7 +573,10 @@ impl SourcesRuntime {
         let now_unix = unix_ms();
         let checks: HashMap<UpstreamId, u64> = catalog_op(&self.catalog, |c| {
             Ok(c.records()
-                .filter_map(|(r, chk)| chk.map(|k| (r.upstream.id(), k.checked_unix_ms)))
+                .filter_map(|r| {
+                    let id = r.upstream.id();
+                    c.check(id).map(|k| (id, k.checked_unix_ms))
+                })
                 .collect())
         })
         .unwrap_or_default();
@@ -688,7 +691,7 @@ impl SourcesRuntime {
         catalog_op(&self.catalog, |c| {
             let mut alive: HashMap<&str, (u64, u64)> = HashMap::new();
             let mut served: HashMap<&str, (u64, u64)> = HashMap::new();
-            for (r, _) in c.records() {
+            for r in c.records() {
                 let (Origin::Source, Some(src)) = (r.origin, r.source.as_deref()) else {
                     continue;
                 };

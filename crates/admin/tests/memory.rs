@@ -5,11 +5,11 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use proxygate_admin::catalog::Catalog;
+use proxygate_admin::catalog::{Catalog, Checked};
 use proxygate_admin::stats::{Span, StatsBook, UPSTREAMS_PER_MINUTE};
 use proxygate_core::{Outcome, Upstream};
 use proxygate_pool::{HealthConfig, Pool, Strategy};
-use proxygate_store::Store;
+use proxygate_store::{CheckRecord, Store};
 
 struct Counting;
 
@@ -162,4 +162,47 @@ fn a_catalog_filled_at_first_start_is_as_small_as_one_loaded() {
         filled <= loaded + loaded / 50,
         "{filled} filled against {loaded} loaded"
     );
+}
+
+/// A list pool's catalog: every member has its last check, kept as the store's binary row
+/// (~70 bytes) rather than the struct and its strings. 750 bytes per upstream, its record and
+/// its check, when the catalog held the structs; 378 as rows.
+#[test]
+fn a_list_pools_checks_are_kept_compact() {
+    let _turn = alone();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), None).unwrap().0);
+    let n = 4_000;
+    let checked: Vec<Checked> = upstreams(n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, upstream)| Checked {
+            upstream,
+            integrity_ok: true,
+            source: Some("proxyscrape-http".into()),
+            listed_anonymity: Some("elite".into()),
+            passed: true,
+            check: CheckRecord {
+                checked_unix_ms: 1_796_000_000_000 + i as u64,
+                passed: true,
+                anonymity: Some("elite".into()),
+                exit_ip: Some(format!("203.0.{}.{}", i / 256, i % 256)),
+                latency_ms: Some(400 + i as u64 % 100),
+                judge: Some("http://judge.example.net/azenv.php".into()),
+                ..CheckRecord::default()
+            },
+        })
+        .collect();
+    let mut with = Catalog::load(Arc::clone(&store), HealthConfig::default()).unwrap();
+    let merged = with.merge_checked(checked, true).unwrap();
+    assert_eq!((merged.imported, merged.checks), (n, n));
+    let id = Upstream::parse("http://10.0.7.1:8080").unwrap().id();
+    assert_eq!(
+        with.check(id).unwrap().exit_ip.as_deref(),
+        Some("203.0.0.7")
+    );
+    let all = held_by(with);
+    let per_check = all / n as isize;
+    eprintln!("a catalog of {n} checked list upstreams: {all} bytes, {per_check} per upstream");
+    assert!(per_check < 520, "{per_check} bytes per checked upstream");
 }

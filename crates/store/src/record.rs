@@ -316,7 +316,7 @@ impl CheckRecord {
     /// in declaration order: times and the latency as varints, texts as their length and
     /// bytes. ~70 bytes where the JSON took ~250: sled holds every row in memory, one per
     /// checked upstream.
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         let mut present = if self.passed { CHECK_PASSED } else { 0 };
         for (set, flag) in [
             (self.anonymity.is_some(), CHECK_ANONYMITY),
@@ -362,7 +362,7 @@ impl CheckRecord {
 
     /// Reads a check row: the binary shape of [`CheckRecord::encode`] or the JSON before it.
     /// `None` for anything else (the upstream then counts as never checked, as before).
-    pub(crate) fn decode(bytes: &[u8]) -> Option<CheckRecord> {
+    pub fn decode(bytes: &[u8]) -> Option<CheckRecord> {
         match bytes.split_first()? {
             (b'{', _) => serde_json::from_slice(bytes).ok(),
             (&CHECK_BINARY, rest) => CheckRecord::decode_binary(rest),
