@@ -471,7 +471,9 @@ impl Catalog {
         for u in upstreams {
             wanted.entry(u.id()).or_insert(u);
         }
-        let (mut changed, mut removed) = (0, 0);
+        let mut removed = 0;
+        let mut fresh = Vec::new();
+        let mut failed = None;
         for (id, u) in &wanted {
             let record = match self.records.get(id) {
                 Some(r) if *r.upstream == **u => continue,
@@ -481,11 +483,18 @@ impl Catalog {
                 },
                 None => Record::new((*u).clone(), Origin::Config, unix_ms()),
             };
-            self.store.put(&record)?;
-            self.records.insert(*id, record);
-            changed += 1;
+            if let Err(e) = self.store.put(&record) {
+                failed = Some(e);
+                break;
+            }
+            fresh.push(record);
         }
-        self.repack(changed);
+        let changed = fresh.len();
+        // What was written is held, even when a later write failed.
+        self.hold(fresh);
+        if let Some(e) = failed {
+            return Err(e);
+        }
         let stale: Vec<UpstreamId> = self
             .records
             .iter()
@@ -514,6 +523,29 @@ impl Catalog {
         if added >= REPACK_MIN && added.saturating_mul(16) >= self.records.len() {
             self.records = std::mem::take(&mut self.records).into_iter().collect();
         }
+    }
+
+    /// Takes a batch of records (new or replacing) into the map. A large one is merged in one
+    /// pass, the map built once and full after the store's writes rather than node by node
+    /// among them, so a first start with many upstreams leaves no half-emptied nodes mixed
+    /// into pages with live blocks.
+    fn hold(&mut self, batch: Vec<Record>) {
+        let large =
+            batch.len() >= REPACK_MIN && batch.len().saturating_mul(16) >= self.records.len();
+        if !large {
+            for r in batch {
+                self.records.insert(r.upstream.id(), r);
+            }
+            return;
+        }
+        for r in &batch {
+            self.records.remove(&r.upstream.id());
+        }
+        let old = std::mem::take(&mut self.records);
+        self.records = old
+            .into_iter()
+            .chain(batch.into_iter().map(|r| (r.upstream.id(), r)))
+            .collect();
     }
 
     /// Attaches the live pool and publishes the enabled upstreams to it, with their saved
