@@ -664,9 +664,15 @@ impl Catalog {
         stats: Vec<(UpstreamId, Stats)>,
     ) -> Result<Added, StoreError> {
         let mut out = Added::default();
+        // Held in one pass after the writes ([`Catalog::hold`]); a later line for the same id
+        // updates the earlier one, as it would in the map.
+        let mut batch: Vec<Record> = Vec::new();
+        let mut at: HashMap<UpstreamId, usize> = HashMap::new();
+        let mut failed = None;
         for mut r in records {
             let id = r.upstream.id();
-            if let Some(old) = self.records.get(&id) {
+            let earlier = at.get(&id).and_then(|i| batch.get(*i));
+            if let Some(old) = earlier.or_else(|| self.records.get(&id)) {
                 // Re-adding keeps what the operator set (disabled) and when it came.
                 r.disabled |= old.disabled;
                 r.added_unix_ms = old.added_unix_ms;
@@ -674,11 +680,23 @@ impl Catalog {
             } else {
                 out.added += 1;
             }
-            self.store.put(&r)?;
+            if let Err(e) = self.store.put(&r) {
+                failed = Some(e);
+                break;
+            }
             out.ids.push(id.to_string());
-            self.records.insert(id, r);
+            match at.get(&id).and_then(|i| batch.get_mut(*i)) {
+                Some(slot) => *slot = r,
+                None => {
+                    at.insert(id, batch.len());
+                    batch.push(r);
+                }
+            }
         }
-        self.repack(out.added);
+        self.hold(batch);
+        if let Some(e) = failed {
+            return Err(e);
+        }
         if !stats.is_empty() {
             self.store
                 .write_stats(stats.iter().map(|(id, s)| (*id, s)))?;
@@ -1338,6 +1356,40 @@ mod tests {
         c.set_disabled(last, true).unwrap();
         c.set_disabled(last, false).unwrap();
         assert!(shared(&c));
+    }
+
+    /// An import, small or large enough to be held in one pass, counts a repeated line as an
+    /// update of the first and keeps what the operator set before (disabled, when added).
+    #[test]
+    fn imports_count_repeats_and_keep_what_the_operator_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, reader) = catalog(dir.path());
+        let a = c.add(&["http://10.0.0.1:1".into()]).unwrap();
+        let id: UpstreamId = a.ids[0].parse().unwrap();
+        c.set_disabled(id, true).unwrap();
+        let added_at = c.record(id).unwrap().added_unix_ms;
+        for n in [3, 200] {
+            let mut urls: Vec<String> = (0..n)
+                .map(|i| format!("http://10.1.{}.{}:1", i / 250, i % 250))
+                .collect();
+            urls.push("http://10.0.0.1:1".into());
+            urls.push(urls[0].clone());
+            let text = urls.join("\n");
+            let out = c.import(&text).unwrap();
+            assert_eq!(out.ids.len(), n + 2);
+            let fresh = if n == 3 { 3 } else { n - 3 };
+            assert_eq!((out.added, out.updated), (fresh, n + 2 - fresh), "{n}");
+            let r = c.record(id).unwrap();
+            assert!(r.disabled && r.added_unix_ms == added_at);
+            assert_eq!(c.records.len(), n + 1);
+            assert_eq!(reader.snapshot().len(), n);
+        }
+        // Held as written: a new catalog over the store reads the same.
+        let store = Arc::clone(c.store());
+        let held: Vec<Record> = c.records.values().cloned().collect();
+        drop(c);
+        let again = Catalog::load(store, HealthConfig::default()).unwrap();
+        assert_eq!(again.records.values().cloned().collect::<Vec<_>>(), held);
     }
 
     #[test]
