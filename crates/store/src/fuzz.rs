@@ -86,17 +86,20 @@ pub fn sample_record() -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// A committed seed of fuzz target `target`.
+    fn committed(target: &str, name: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/../fuzz/seeds/{target}/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
     /// The committed seeds of `stats_row` read as the shapes they stand for, so the fuzzer
     /// starts from rows past the first byte.
     #[test]
     fn the_committed_stats_seeds_read() {
-        let seed = |name: &str| {
-            std::fs::read(format!(
-                "{}/../fuzz/seeds/stats_row/{name}",
-                env!("CARGO_MANIFEST_DIR")
-            ))
-            .unwrap()
-        };
+        let seed = |name: &str| committed("stats_row", name);
         let measured = crate::Stats::decode(&seed("binary_measured")).unwrap();
         assert_eq!((measured.reputation, measured.total_uses), (87, 1_234_567));
         assert!(measured.latency_histogram.is_some());
@@ -118,13 +121,7 @@ mod tests {
     /// The committed seeds of `check_row`, binary and JSON, read as the same check.
     #[test]
     fn the_committed_check_seeds_read() {
-        let seed = |name: &str| {
-            std::fs::read(format!(
-                "{}/../fuzz/seeds/check_row/{name}",
-                env!("CARGO_MANIFEST_DIR")
-            ))
-            .unwrap()
-        };
+        let seed = |name: &str| committed("check_row", name);
         let json = crate::CheckRecord::decode(&seed("json_schema5")).unwrap();
         assert_eq!(json.latency_ms, Some(412));
         assert_eq!(

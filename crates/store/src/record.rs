@@ -122,18 +122,13 @@ impl Stats {
             .latency_histogram
             .as_deref()
             .and_then(|h| BASE64.decode(h).ok().filter(|b| !b.is_empty()));
-        let mut present = 0;
-        for (set, flag) in [
+        let present = flags([
             (self.success_rate.is_some(), HAS_SUCCESS_RATE),
             (self.response_time_avg_ms.is_some(), HAS_RESPONSE_TIME),
             (self.last_used_unix_ms.is_some(), HAS_LAST_USED),
             (self.last_health_check_unix_ms.is_some(), HAS_LAST_CHECK),
             (histogram.is_some(), HAS_HISTOGRAM),
-        ] {
-            if set {
-                present |= flag;
-            }
-        }
+        ]);
         let mut out = Vec::with_capacity(48 + histogram.as_ref().map_or(0, Vec::len));
         out.extend([STATS_BINARY, self.reputation, present]);
         for rate in [self.success_rate, self.response_time_avg_ms]
@@ -220,6 +215,17 @@ impl Stats {
             latency_histogram,
         })
     }
+}
+
+/// The OR of the flags of the fields set: the byte (or two) of a binary row that says which
+/// optional fields follow.
+fn flags<T: Copy + Default + std::ops::BitOr<Output = T>>(
+    fields: impl IntoIterator<Item = (bool, T)>,
+) -> T {
+    fields
+        .into_iter()
+        .filter(|(set, _)| *set)
+        .fold(T::default(), |all, (_, flag)| all | flag)
 }
 
 /// Appends `v` as an unsigned LEB128 varint (7 bits a byte, low first; 1-10 bytes).
@@ -317,8 +323,8 @@ impl CheckRecord {
     /// bytes. ~70 bytes where the JSON took ~250: sled holds every row in memory, one per
     /// checked upstream.
     pub fn encode(&self) -> Vec<u8> {
-        let mut present = if self.passed { CHECK_PASSED } else { 0 };
-        for (set, flag) in [
+        let present = flags([
+            (self.passed, CHECK_PASSED),
             (self.anonymity.is_some(), CHECK_ANONYMITY),
             (self.exit_ip.is_some(), CHECK_EXIT),
             (self.latency_ms.is_some(), CHECK_LATENCY),
@@ -328,11 +334,7 @@ impl CheckRecord {
             (self.leak.is_some(), CHECK_LEAK),
             (self.tampered.is_some(), CHECK_TAMPERED),
             (self.integrity_since_unix_ms.is_some(), CHECK_SINCE),
-        ] {
-            if set {
-                present |= flag;
-            }
-        }
+        ]);
         let mut out = Vec::with_capacity(80);
         out.push(CHECK_BINARY);
         out.extend(present.to_le_bytes());
@@ -680,18 +682,13 @@ impl RawRecord {
                 Some(bytes)
             }
         };
-        let mut present = 0;
-        for (set, flag) in [
+        let mut present = flags([
             (self.country.is_some(), HAS_COUNTRY),
             (self.source.is_some(), HAS_SOURCE),
             (self.disabled_reason.is_some(), HAS_REASON),
             (self.listed_anonymity.is_some(), HAS_ANONYMITY),
             (credentials.is_some(), HAS_CREDENTIALS),
-        ] {
-            if set {
-                present |= flag;
-            }
-        }
+        ]);
         let v4 = self
             .host
             .parse::<std::net::Ipv4Addr>()

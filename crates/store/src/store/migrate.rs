@@ -41,62 +41,55 @@ fn list_sources(_store: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Version 5: every JSON stats row rewritten in the binary shape (compare-and-swap, so a
-/// row the persister wrote meanwhile stays). Rows that read as neither are left: they read
-/// as fresh stats, as before. Older builds would read binary rows as fresh stats without a
-/// word, hence the version: they refuse the data dir instead.
-fn binary_stats(store: &Store) -> Result<(), StoreError> {
-    for item in &store.stats {
+/// Rewrites each JSON row of `tree` (first byte `{`) as `binary` makes it from its key and
+/// bytes, compare-and-swap so that a row written meanwhile stays; a row `binary` leaves
+/// (`None`) stays as it is.
+fn rewrite_json_rows(
+    store: &Store,
+    tree: &sled::Tree,
+    binary: impl Fn(&[u8], &[u8]) -> Result<Option<Vec<u8>>, StoreError>,
+) -> Result<(), StoreError> {
+    for item in tree {
         let (k, v) = item.map_err(store.err())?;
         if v.first() != Some(&b'{') {
             continue;
         }
-        let Some(stats) = Stats::decode(&v) else {
+        let Some(row) = binary(&k, &v)? else {
             continue;
         };
-        let _ = store
-            .stats
-            .compare_and_swap(&k, Some(v), Some(stats.encode()))
+        let _ = tree
+            .compare_and_swap(&k, Some(v), Some(row))
             .map_err(store.err())?;
     }
     Ok(())
 }
 
+/// Version 5: every JSON stats row rewritten in the binary shape (a row the persister wrote
+/// meanwhile stays). Rows that read as neither are left: they read as fresh stats, as before.
+/// Older builds would read binary rows as fresh stats without a word, hence the version: they
+/// refuse the data dir instead.
+fn binary_stats(store: &Store) -> Result<(), StoreError> {
+    rewrite_json_rows(store, &store.stats, |_, v| {
+        Ok(Stats::decode(v).map(|s| s.encode()))
+    })
+}
+
 /// Version 6: every JSON record rewritten in the binary shape where it fits (those that do
-/// not stay JSON, still read), and every JSON check row in its binary shape, compare-and-swap
-/// so that a row changed meanwhile stays. Older builds would refuse binary records as
+/// not stay JSON, still read), and every JSON check row in its binary shape (rows that read
+/// as neither are left, as never checked). Older builds would refuse binary records as
 /// corrupt, one by one, and forget binary checks, hence the version: they refuse the data
 /// dir instead.
 fn binary_records(store: &Store) -> Result<(), StoreError> {
-    for item in &store.checks {
-        let (k, v) = item.map_err(store.err())?;
-        if v.first() != Some(&b'{') {
-            continue;
-        }
-        let Some(check) = CheckRecord::decode(&v) else {
-            continue;
+    rewrite_json_rows(store, &store.checks, |_, v| {
+        Ok(CheckRecord::decode(v).map(|c| c.encode()))
+    })?;
+    rewrite_json_rows(store, &store.upstreams, |k, v| {
+        let Some(id) = key_id(k) else {
+            return Ok(None);
         };
-        let _ = store
-            .checks
-            .compare_and_swap(&k, Some(v), Some(check.encode()))
-            .map_err(store.err())?;
-    }
-    for item in &store.upstreams {
-        let (k, v) = item.map_err(store.err())?;
-        if v.first() != Some(&b'{') {
-            continue;
-        }
-        let Some(id) = key_id(&k) else { continue };
-        let bytes = RawRecord::decode_of(id, &v)?.encode();
-        if bytes.first() == Some(&b'{') {
-            continue;
-        }
-        let _ = store
-            .upstreams
-            .compare_and_swap(&k, Some(v), Some(bytes))
-            .map_err(store.err())?;
-    }
-    Ok(())
+        let bytes = RawRecord::decode_of(id, v)?.encode();
+        Ok((bytes.first() != Some(&b'{')).then_some(bytes))
+    })
 }
 
 /// Applies every migration past `from`; returns their names.
