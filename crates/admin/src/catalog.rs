@@ -441,11 +441,7 @@ impl Catalog {
             .into_iter()
             .map(|r| (r.upstream.id(), r))
             .collect();
-        let checks = store
-            .checks()?
-            .into_iter()
-            .map(|(id, c)| (id, c.encode().into_boxed_slice()))
-            .collect();
+        let checks = store.check_rows()?;
         let c = Catalog {
             store,
             records,
@@ -1037,11 +1033,15 @@ impl Catalog {
             {
                 changed = true;
             }
-            checks.push((id, check));
+            checks.push(id);
         }
         self.repack(out.imported);
-        self.store
-            .put_checks(checks.iter().map(|(id, c)| (*id, c)))?;
+        // The rows just held, written as they are.
+        self.store.put_checks(
+            checks
+                .iter()
+                .filter_map(|id| self.checks.get(id).map(|row| (*id, &**row))),
+        )?;
         self.store.flush()?;
         out.checks = checks.len();
         if changed {

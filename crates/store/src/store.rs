@@ -428,20 +428,21 @@ impl Store {
         Ok(true)
     }
 
-    /// Writes checks (upstreams removed meanwhile are skipped), each on its own: see
-    /// [`Store::write_stats`] for why not a sled batch. Not durable until [`Store::flush`].
+    /// Writes check rows ([`CheckRecord::encode`]; upstreams removed meanwhile are skipped),
+    /// each on its own: see [`Store::write_stats`] for why not a sled batch. Not durable until
+    /// [`Store::flush`].
     pub fn put_checks<'a>(
         &self,
-        checks: impl IntoIterator<Item = (UpstreamId, &'a CheckRecord)>,
+        rows: impl IntoIterator<Item = (UpstreamId, &'a [u8])>,
     ) -> Result<(), StoreError> {
-        self.insert_present(&self.checks, checks, CheckRecord::encode)
+        self.insert_present(&self.checks, rows, <[u8]>::to_vec)
             .map(|_| ())
     }
 
     /// Inserts each row of an upstream that still has a record into `tree`, one by one (not a
     /// sled batch: see [`Store::write_stats`]), encoding only those; returns how many. Not
     /// flushed.
-    fn insert_present<'a, T: 'a>(
+    fn insert_present<'a, T: ?Sized + 'a>(
         &self,
         tree: &sled::Tree,
         rows: impl IntoIterator<Item = (UpstreamId, &'a T)>,
@@ -457,13 +458,16 @@ impl Store {
         Ok(n)
     }
 
-    /// Every upstream's last check.
-    pub fn checks(&self) -> Result<HashMap<UpstreamId, CheckRecord>, StoreError> {
+    /// Every upstream's last check, as its stored row ([`CheckRecord::decode`] reads it); rows
+    /// that do not read are left out.
+    pub fn check_rows(&self) -> Result<HashMap<UpstreamId, Box<[u8]>>, StoreError> {
         let mut out = HashMap::with_capacity(self.checks.len());
         for item in &self.checks {
             let (k, v) = item.map_err(self.err())?;
-            if let (Some(id), Some(c)) = (key_id(&k), CheckRecord::decode(&v)) {
-                out.insert(id, c);
+            if let Some(id) = key_id(&k)
+                && CheckRecord::decode(&v).is_some()
+            {
+                out.insert(id, Box::from(&*v));
             }
         }
         Ok(out)
@@ -1060,7 +1064,8 @@ mod tests {
         assert_eq!(store.all_stats().unwrap().len(), 2);
         let row = store.checks.get(id_key(a.upstream.id())).unwrap().unwrap();
         assert_eq!(row.first(), Some(&1), "binary");
-        assert_eq!(store.checks().unwrap().get(&a.upstream.id()), Some(&check));
+        let rows = store.check_rows().unwrap();
+        assert_eq!(CheckRecord::decode(&rows[&a.upstream.id()]), Some(check));
     }
 
     /// A data dir as builds before ac37704 made it: sled's default 512 KiB segments, with a
@@ -1335,15 +1340,16 @@ mod tests {
             store.put(&a).unwrap();
             store.put(&b).unwrap();
             assert!(store.remove(b.upstream.id()).unwrap());
+            let row = check.encode();
             store
-                .put_checks([(a.upstream.id(), &check), (b.upstream.id(), &check)])
+                .put_checks([(a.upstream.id(), &row[..]), (b.upstream.id(), &row[..])])
                 .unwrap();
             store.flush().unwrap();
         }
         let store = open(dir.path());
-        let checks = store.checks().unwrap();
+        let checks = store.check_rows().unwrap();
         assert_eq!(checks.len(), 1, "{checks:?}");
-        assert_eq!(checks.get(&a.upstream.id()), Some(&check));
+        assert_eq!(CheckRecord::decode(&checks[&a.upstream.id()]), Some(check));
     }
 
     #[test]
