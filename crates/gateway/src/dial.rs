@@ -13,6 +13,7 @@
 //! upstream refusing service. (Implementations disagree on 500/503, so those count as the
 //! upstream's.)
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -245,9 +246,9 @@ impl Connector {
         self.handshake_after(up, io, target, None, None, now).await
     }
 
-    /// [`Connector::handshake`], for an `http`/`https` upstream whose CONNECT request
-    /// (`connect_request`) went out in part already: `unsent` is the rest. The phase starts at
-    /// `now` (the caller's clock reading, one fewer here).
+    /// [`Connector::handshake`], for an upstream whose first message went out in part already
+    /// (an `http` upstream's [`connect_request`], a SOCKS5 upstream's greeting): `unsent` is
+    /// the rest. The phase starts at `now` (the caller's clock reading, one fewer here).
     async fn handshake_after(
         &self,
         up: &Upstream,
@@ -269,7 +270,7 @@ impl Connector {
                     // Boxed: a SOCKS handshake's state (tokio-socks' for SOCKS4 over a
                     // kilobyte, ours for SOCKS5 its 262-byte reply buffer) inline would size
                     // (and move) every handshake, HTTP CONNECTs' too.
-                    Box::pin(socks_connect(up, io, target, &self.policy)).await
+                    Box::pin(socks_connect(up, io, target, &self.policy, unsent)).await
                 }
             }
         };
@@ -354,6 +355,19 @@ fn connect_and_send(addr: SocketAddr, early: &[u8]) -> Early {
         Ok(n) => Early::Sent(sock, n),
         Err(e) if crate::io::would_wait(&e) => Early::Connecting(sock),
         Err(e) => Early::Failed(e),
+    }
+}
+
+/// What opens the handshake with `up`, sent with the connect: a plain HTTP proxy's CONNECT
+/// for a tunnel (`forward`: no tunnel, hyper writes the request), a SOCKS5 upstream's
+/// greeting. `None`: the send with the connect is of nothing, to learn whether it is done.
+fn first_message(up: &Upstream, target: &Target, forward: bool) -> Option<Cow<'static, [u8]>> {
+    match up.scheme {
+        Scheme::Http if !forward => Some(Cow::Owned(connect_request(up, target))),
+        Scheme::Socks5 | Scheme::Socks5h => Some(Cow::Borrowed(crate::socks5_client::greeting(
+            up.credentials.is_some(),
+        ))),
+        _ => None,
     }
 }
 
@@ -497,12 +511,14 @@ async fn http_connect_with(
     ))
 }
 
-/// A SOCKS tunnel through `up`.
+/// A SOCKS tunnel through `up`; `unsent`, for SOCKS5, what is left to send of its greeting
+/// (`None`: all of it).
 pub(crate) async fn socks_connect(
     up: &Upstream,
     io: BoxedIo,
     target: &Target,
     policy: &Policy,
+    unsent: Option<&[u8]>,
 ) -> Result<BoxedIo, GatewayError> {
     let creds = up.credentials.as_ref();
     let remote_dns = matches!(up.scheme, Scheme::Socks5h | Scheme::Socks4a);
@@ -524,7 +540,7 @@ pub(crate) async fn socks_connect(
                 TargetAddr::Domain(d, port) => crate::socks5_client::Dest::Domain(d, *port),
             };
             let creds = creds.map(|c| (c.username.expose(), c.password.expose()));
-            crate::socks5_client::connect(up, target, io, dest, creds).await?
+            crate::socks5_client::connect(up, target, io, dest, creds, unsent).await?
         }
         _ => {
             if let TargetAddr::Ip(a) = &addr
@@ -1115,8 +1131,7 @@ impl Dialer {
         let up = lease.upstream();
         let t0 = Instant::now();
         let forward = purpose == Purpose::Forward && up.scheme.is_http();
-        // A tunnel through a plain HTTP proxy: its CONNECT goes out with the connect.
-        let early = (up.scheme == Scheme::Http && !forward).then(|| connect_request(up, target));
+        let early = first_message(up, target, forward);
         let early_bytes = early.as_deref().unwrap_or_default();
         // Where it can, the connection is made here and now (a loopback or LAN upstream is
         // usually connected by the time connect(2) returns), without the general path's
@@ -1528,6 +1543,30 @@ mod early_tests {
             String::from_utf8(connect_request(&plain, &name)).unwrap(),
             "CONNECT example.com:80 HTTP/1.1\r\nHost: example.com:80\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn the_first_message_goes_out_with_the_connect_where_there_is_one() {
+        let target = Target::parse_authority("example.com:443").unwrap();
+        let first = |url: &str, forward: bool| {
+            first_message(&Upstream::parse(url).unwrap(), &target, forward).map(Cow::into_owned)
+        };
+        assert_eq!(
+            first("http://127.0.0.1:3128", false),
+            Some(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n".to_vec())
+        );
+        // A forwarded request is hyper's to write.
+        assert_eq!(first("http://127.0.0.1:3128", true), None);
+        // A SOCKS5 upstream's greeting, one method offered: the send with the connect is not
+        // one of nothing, and the handshake does not send it again.
+        assert_eq!(first("socks5://127.0.0.1:1080", false), Some(vec![5, 1, 0]));
+        assert_eq!(
+            first("socks5h://u:p@127.0.0.1:1080", false),
+            Some(vec![5, 1, 2])
+        );
+        // SOCKS4's request goes through tokio-socks; TLS first for HTTPS.
+        assert_eq!(first("socks4a://127.0.0.1:1080", false), None);
+        assert_eq!(first("https://127.0.0.1:3129", false), None);
     }
 
     /// A connector whose own timeouts are long (10 s), and an upstream that accepts but never

@@ -24,15 +24,24 @@ use crate::{Config, Gateway, Metrics};
 pub struct Scripted {
     input: Vec<u8>,
     at: usize,
+    /// The most one read yields.
+    max_read: usize,
     /// Bytes written to it.
     pub written: usize,
 }
 
 impl Scripted {
     pub fn new(input: &[u8]) -> Self {
+        Self::reading_at_most(input, usize::MAX)
+    }
+
+    /// One that yields at most `max_read` bytes a read, as a peer whose messages come in
+    /// pieces would (and one that answers a message at a time, before the next is sent).
+    pub fn reading_at_most(input: &[u8], max_read: usize) -> Self {
         Self {
             input: input.to_vec(),
             at: 0,
+            max_read: max_read.max(1),
             written: 0,
         }
     }
@@ -45,7 +54,7 @@ impl AsyncRead for Scripted {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let rest = &self.input[self.at..];
-        let n = rest.len().min(buf.remaining());
+        let n = rest.len().min(buf.remaining()).min(self.max_read);
         buf.put_slice(&rest[..n]);
         self.at += n;
         Poll::Ready(Ok(()))
@@ -184,8 +193,10 @@ pub fn upstream_connect_reply(data: &[u8]) {
     ));
 }
 
-/// A SOCKS upstream's replies (the first byte picks SOCKS5 with or without a password, or
-/// SOCKS4a).
+/// A SOCKS upstream's replies. The first byte picks SOCKS5 with or without a password, or
+/// SOCKS4a (`% 3`), and how the replies arrive (`/ 3 % 3`): a byte a read, two bytes a read
+/// (a SOCKS5 upstream's answers are two bytes, each sent before our next message), or all at
+/// once (an upstream that sends more than it should before our next message).
 pub fn upstream_socks_reply(data: &[u8]) {
     let (pick, data) = data.split_first().unwrap_or((&0, &[]));
     let up = upstream(match pick % 3 {
@@ -193,12 +204,18 @@ pub fn upstream_socks_reply(data: &[u8]) {
         1 => "socks5h://user:pass@192.0.2.2:1080",
         _ => "socks4a://192.0.2.2:1080",
     });
+    let max_read = match pick / 3 % 3 {
+        0 => 1,
+        1 => 2,
+        _ => usize::MAX,
+    };
     let policy = Config::default().policy();
     let _ = runtime().block_on(crate::dial::socks_connect(
         &up,
-        Box::new(Scripted::new(data)),
+        Box::new(Scripted::reading_at_most(data, max_read)),
         &target(),
         &policy,
+        None,
     ));
 }
 

@@ -26,14 +26,23 @@ pub(crate) enum Dest<'a> {
 /// port (2).
 const MAX_MESSAGE: usize = 4 + 1 + 255 + 2;
 
+/// The greeting that opens a SOCKS5 handshake: version 5, one method offered (no
+/// authentication, or username and password when there are `credentials`). It can go out with
+/// the connect, as an HTTP upstream's CONNECT does.
+pub(crate) fn greeting(credentials: bool) -> &'static [u8] {
+    if credentials { &[5, 1, 2] } else { &[5, 1, 0] }
+}
+
 /// `CONNECT dest` through the SOCKS5 upstream `up` on `io`, with `credentials` (username,
-/// password) if it wants them; the stream to the target.
+/// password) if it wants them; the stream to the target. `unsent` is what is left to send of
+/// the [`greeting`] when some of it went out with the connect (`None`: all of it).
 pub(crate) async fn connect(
     up: &Upstream,
     target: &Target,
     mut io: BoxedIo,
     dest: Dest<'_>,
     credentials: Option<(&str, &str)>,
+    unsent: Option<&[u8]>,
 ) -> Result<BoxedIo, GatewayError> {
     let fail = |kind: ErrorKind, why: &str| {
         GatewayError::new(kind, format!("{up}: SOCKS to {target}: {why}"))
@@ -67,20 +76,21 @@ pub(crate) async fn connect(
 
     // The method: no authentication, or username and password (the one offered).
     let method = if credentials.is_some() { 2 } else { 0 };
-    io.write_all(&[5, 1, method]).await.map_err(io_fail)?;
-    // Exact reads until the request: the upstream sends no more than its answer (a method
-    // choice, an authentication status) before it has our next message.
-    io.read_exact(&mut buf[..2]).await.map_err(io_fail)?;
-    match buf[..2] {
-        [5, m] if m == method => {}
-        [5, 0xff] => return Err(fail(ErrorKind::UpstreamAuth, "no acceptable auth method")),
-        [5, _] => return Err(fail(ErrorKind::UpstreamProtocol, "unknown auth method")),
-        _ => {
+    let greeting = unsent.unwrap_or_else(|| greeting(credentials.is_some()));
+    if !greeting.is_empty() {
+        io.write_all(greeting).await.map_err(io_fail)?;
+    }
+    match answer(&mut io, &mut buf).await.map_err(io_fail)? {
+        Some([5, m]) if m == method => {}
+        Some([5, 0xff]) => return Err(fail(ErrorKind::UpstreamAuth, "no acceptable auth method")),
+        Some([5, _]) => return Err(fail(ErrorKind::UpstreamProtocol, "unknown auth method")),
+        Some(_) => {
             return Err(fail(
                 ErrorKind::UpstreamProtocol,
                 "invalid response version",
             ));
         }
+        None => return Err(fail(ErrorKind::UpstreamProtocol, MORE_THAN_ITS_ANSWER)),
     }
     if let Some((user, password)) = credentials {
         let (Some(ulen), Some(plen)) = (
@@ -98,12 +108,15 @@ pub(crate) async fn connect(
         auth.push(plen);
         auth.extend_from_slice(password.as_bytes());
         io.write_all(&auth).await.map_err(io_fail)?;
-        io.read_exact(&mut buf[..2]).await.map_err(io_fail)?;
-        if buf[1] != 0 {
-            return Err(fail(
-                ErrorKind::UpstreamAuth,
-                "password authentication failed",
-            ));
+        match answer(&mut io, &mut buf).await.map_err(io_fail)? {
+            Some([_, 0]) => {}
+            Some(_) => {
+                return Err(fail(
+                    ErrorKind::UpstreamAuth,
+                    "password authentication failed",
+                ));
+            }
+            None => return Err(fail(ErrorKind::UpstreamProtocol, MORE_THAN_ITS_ANSWER)),
         }
     }
 
@@ -149,6 +162,26 @@ pub(crate) async fn connect(
     } else {
         Box::new(Rewind::new(Bytes::copy_from_slice(&buf[len..got]), io))
     })
+}
+
+const MORE_THAN_ITS_ANSWER: &str = "sent more than its answer before our next message";
+
+/// A two-byte answer (a method choice, an authentication status), `None` if more came with it.
+///
+/// Read into room for more rather than exactly: a read that comes back short tells the
+/// reactor the socket is drained, where an exact read of two bytes leaves it marked readable
+/// and the next read, once our next message is out, finds nothing (a recv per tunnel). The
+/// upstream sends nothing more before it has our next message.
+async fn answer(io: &mut BoxedIo, buf: &mut [u8; MAX_MESSAGE]) -> std::io::Result<Option<[u8; 2]>> {
+    let mut got = 0;
+    while got < 2 {
+        let n = io.read(&mut buf[got..]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+    }
+    Ok((got == 2).then_some([buf[0], buf[1]]))
 }
 
 /// A reply code's failure: what it costs whom, and its RFC 1928 wording (`None`: succeeded).
@@ -220,6 +253,18 @@ mod tests {
         trickle: bool,
         close: bool,
     ) -> Result<BoxedIo, GatewayError> {
+        run_after(url, dest, steps, trickle, close, None).await
+    }
+
+    /// [`run`], `unsent` being what is left of the greeting (the rest went with the connect).
+    async fn run_after(
+        url: &str,
+        dest: Dest<'_>,
+        steps: Vec<Step>,
+        trickle: bool,
+        close: bool,
+        unsent: Option<&[u8]>,
+    ) -> Result<BoxedIo, GatewayError> {
         let (near, far) = tokio::io::duplex(1024);
         tokio::spawn(upstream(far, steps, trickle, close));
         let up = up(url);
@@ -235,8 +280,103 @@ mod tests {
             Box::new(near),
             dest,
             creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+            unsent,
         )
         .await
+    }
+
+    #[tokio::test]
+    async fn a_greeting_that_went_out_with_the_connect_is_not_sent_again() {
+        let v4: std::net::SocketAddr = "192.0.2.7:443".parse().unwrap();
+        let req = vec![5, 1, 0, 1, 192, 0, 2, 7, 1, 187];
+        let reply = vec![5, 0, 0, 1, 10, 0, 0, 1, 0x1f, 0x90];
+        for (unsent, first) in [(&[][..], vec![]), (&[0][..], vec![0])] {
+            let steps = vec![(first, vec![5, 0]), (req.clone(), reply.clone())];
+            let io = run_after(
+                "socks5://192.0.2.2:1080",
+                Dest::Ip(v4),
+                steps,
+                false,
+                false,
+                Some(unsent),
+            )
+            .await;
+            assert!(io.is_ok(), "unsent {unsent:?}: {:?}", io.err());
+        }
+    }
+
+    /// Records the room each read offers.
+    struct Rooms {
+        inner: DuplexStream,
+        rooms: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl tokio::io::AsyncRead for Rooms {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            self.rooms.lock().unwrap().push(buf.remaining());
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Rooms {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// Every answer is read into room for more than it: a short read tells tokio the socket
+    /// is drained, where an exact read leaves it marked readable and the next read, after our
+    /// next message, would be a recv that finds nothing.
+    #[tokio::test]
+    async fn answers_are_read_into_room_for_more() {
+        let (near, far) = tokio::io::duplex(1024);
+        let mut req = vec![5, 1, 0, 3, 14];
+        req.extend_from_slice(b"origin.example");
+        req.extend_from_slice(&[1, 187]);
+        let steps = vec![
+            (vec![5, 1, 2], vec![5, 2]),
+            (b"\x01\x04user\x04pass".to_vec(), vec![1, 0]),
+            (req, vec![5, 0, 0, 1, 10, 0, 0, 1, 0x1f, 0x90]),
+        ];
+        tokio::spawn(upstream(far, steps, false, false));
+        let rooms = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let io = Rooms {
+            inner: near,
+            rooms: rooms.clone(),
+        };
+        connect(
+            &up("socks5h://user:pass@192.0.2.2:1080"),
+            &target(),
+            Box::new(io),
+            Dest::Domain("origin.example", 443),
+            Some(("user", "pass")),
+            None,
+        )
+        .await
+        .unwrap();
+        let rooms = rooms.lock().unwrap().clone();
+        assert!(rooms.len() >= 3, "{rooms:?}");
+        assert!(rooms.iter().all(|&r| r > 2), "{rooms:?}");
     }
 
     #[tokio::test]
@@ -309,6 +449,20 @@ mod tests {
             (
                 "socks5://h:1",
                 vec![(vec![5, 1, 0], vec![5, 2])],
+                ErrorKind::UpstreamProtocol,
+            ),
+            // More than a method choice before our next message.
+            (
+                "socks5://h:1",
+                vec![(vec![5, 1, 0], vec![5, 0, 5, 0, 0, 1, 0, 0, 0, 0, 0, 0])],
+                ErrorKind::UpstreamProtocol,
+            ),
+            (
+                "socks5://u:p@h:1",
+                vec![
+                    (vec![5, 1, 2], vec![5, 2]),
+                    (b"\x01\x01u\x01p".to_vec(), vec![1, 0, 5]),
+                ],
                 ErrorKind::UpstreamProtocol,
             ),
             (
