@@ -717,8 +717,10 @@ fn report(
     }
 }
 
-fn print_text(r: &Report) {
-    println!(
+/// The report as text: a line, then a line for each figure it has.
+fn write_text(out: &mut impl std::io::Write, r: &Report) -> std::io::Result<()> {
+    writeln!(
+        out,
         "{:?} via {} ({} loop, {} {}): {} ok, {} errors in {:.1} s = {:.0}/s",
         r.scenario,
         r.proxy,
@@ -733,34 +735,38 @@ fn print_text(r: &Report) {
         r.errors.values().sum::<u64>(),
         r.seconds,
         r.rps
-    );
+    )?;
     if let Some(l) = &r.latency_us {
-        println!(
+        writeln!(
+            out,
             "  latency us: p50 {} p90 {} p99 {} p99.9 {} max {} mean {:.0}",
             l.p50, l.p90, l.p99, l.p999, l.max, l.mean
-        );
+        )?;
     }
     if let Some(l) = &r.send_late_us {
-        println!(
+        writeln!(
+            out,
             "  sent after due us: p50 {} p99 {} max {}",
             l.p50, l.p99, l.max
-        );
+        )?;
     }
     if r.bytes > 0 {
-        println!("  {} bytes, {:.1} MB/s", r.bytes, r.mbytes_per_s);
+        writeln!(out, "  {} bytes, {:.1} MB/s", r.bytes, r.mbytes_per_s)?;
     }
     if r.reconnects > 0 {
-        println!(
+        writeln!(
+            out,
             "  {} requests sent again after a kept-alive connection closed",
             r.reconnects
-        );
+        )?;
     }
     if let Some(t) = r.tunnels {
-        println!("  {t} tunnels still answering after the hold");
+        writeln!(out, "  {t} tunnels still answering after the hold")?;
     }
     for (kind, n) in &r.errors {
-        println!("  error {kind}: {n}");
+        writeln!(out, "  error {kind}: {n}")?;
     }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -801,17 +807,94 @@ fn main() -> anyhow::Result<()> {
         let seconds = start.elapsed().as_secs_f64();
         anyhow::Ok(report(&run, &tally, late.as_ref(), seconds, tunnels))
     })?;
-    if json {
-        println!("{}", serde_json::to_string(&r)?);
+    emit(&mut std::io::stdout().lock(), &r, json)
+}
+
+/// The report to `out`, as JSON or text. A reader that has seen enough (`| head -1`) and closed
+/// the pipe is no failure of the run.
+fn emit(out: &mut impl std::io::Write, r: &Report, json: bool) -> anyhow::Result<()> {
+    let written = if json {
+        writeln!(out, "{}", serde_json::to_string(r)?)
     } else {
-        print_text(&r);
+        write_text(out, r)
     }
-    Ok(())
+    .and_then(|()| out.flush());
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        w => Ok(w?),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Takes `room` bytes, then answers as a closed pipe does.
+    struct Pipe {
+        got: Vec<u8>,
+        room: usize,
+    }
+
+    impl std::io::Write for Pipe {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.got.len() >= self.room {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            let n = buf.len().min(self.room - self.got.len());
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_report_reads_as_text_and_a_closed_pipe_ends_it_quietly() {
+        let mut errors = BTreeMap::new();
+        errors.insert("refused".to_owned(), 2);
+        let r = Report {
+            scenario: Scenario::Connect,
+            proxy: "127.0.0.1:3128".parse().unwrap(),
+            mode: "closed",
+            concurrency: 50,
+            rate: None,
+            seconds: 2.0,
+            completed: 1000,
+            errors,
+            rps: 500.0,
+            latency_us: None,
+            send_late_us: None,
+            bytes: 0,
+            mbytes_per_s: 0.0,
+            tunnels: None,
+            reconnects: 0,
+        };
+        let mut all = Pipe {
+            got: Vec::new(),
+            room: usize::MAX,
+        };
+        emit(&mut all, &r, false).unwrap();
+        assert_eq!(
+            String::from_utf8(all.got).unwrap(),
+            "Connect via 127.0.0.1:3128 (closed loop, 50 workers): 1000 ok, 2 errors in 2.0 s = \
+             500/s\n  error refused: 2\n"
+        );
+        // `| head -c 10`: the rest finds the pipe closed.
+        for json in [false, true] {
+            let mut head = Pipe {
+                got: Vec::new(),
+                room: 10,
+            };
+            emit(&mut head, &r, json).unwrap();
+            assert_eq!(head.got.len(), 10);
+        }
+        let mut full = Pipe {
+            got: Vec::new(),
+            room: 0,
+        };
+        assert!(write_text(&mut full, &r).is_err());
+    }
 
     #[test]
     fn durations() {
