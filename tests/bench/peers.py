@@ -56,11 +56,13 @@ numbers mean little on a shared, noisy box.
 """
 
 import argparse
+import errno
 import fcntl
 import json
 import math
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -185,11 +187,12 @@ def wait_port(port, what, limit=20.0):
     raise SystemExit(f"{what} did not listen on 127.0.0.1:{port}")
 
 
-def ensure_packages(valgrind=False):
+def ensure_packages(valgrind=False, perf=False):
     need = []
     for binary, pkg in [("nginx", "nginx-light"), ("squid", "squid"), ("haproxy", "haproxy"),
                         ("tinyproxy", "tinyproxy"), ("microsocks", "microsocks")] + (
-                            [("callgrind_control", "valgrind")] if valgrind else []):
+                            [("callgrind_control", "valgrind")] if valgrind else []) + (
+                            [("perf", "linux-perf")] if perf else []):
         if not (shutil.which(binary) or Path(f"/usr/sbin/{binary}").exists()):
             need.append(pkg)
     if need:
@@ -594,6 +597,92 @@ def machine_ticks():
     return sum(v), idle
 
 
+def perf_syscalls_work():
+    """Whether perf can count syscalls by name here (its syscall tracepoints; root, or a
+    permissive perf_event_paranoid, and a kernel with them)."""
+    try:
+        r = subprocess.run(["perf", "stat", "-x,", "-e", "syscalls:sys_enter_close", "--",
+                            "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and "sys_enter_close" in r.stderr and "<not" not in r.stderr
+
+
+# The syscalls counted by name (those a relay makes, and what the peers use instead); the rest
+# are counted together. Every syscall tracepoint of the kernel (~350) takes perf seconds to
+# switch on and off, for each cell.
+SYSCALLS = ["accept4", "accept", "connect", "socket", "close", "shutdown", "setsockopt",
+            "getsockopt", "fcntl", "ioctl", "read", "write", "readv", "writev", "recvfrom",
+            "sendto", "recvmsg", "sendmsg", "splice", "sendfile64", "epoll_wait", "epoll_pwait",
+            "epoll_ctl", "poll", "select", "pselect6", "futex", "clock_gettime", "gettimeofday",
+            "io_uring_enter", "madvise", "mmap", "munmap", "brk"]
+
+
+def count_syscalls(pids, out):
+    """perf stat counting the syscalls of `pids` (every thread, and any started later), in all
+    and by name (SYSCALLS), into `out`, until stopped with `syscalls_counted`. It returns once
+    the counting is on: perf starts with its events off and answers the `enable` it is sent
+    (attaching to a process's threads took it up to a few hundred ms, whose requests a fixed
+    wait missed)."""
+    have = Path("/sys/kernel/tracing/events/syscalls")
+    named = [f"syscalls:sys_enter_{n}" for n in SYSCALLS
+             if not have.is_dir() or (have / f"sys_enter_{n}").is_dir()]
+    ctl, ack = Path(f"{out}.ctl"), Path(f"{out}.ack")
+    for f in (ctl, ack):
+        f.unlink(missing_ok=True)
+        os.mkfifo(f)
+    counter = subprocess.Popen(["perf", "stat", "-x,", "-o", str(out), "-D", "-1",
+                                "--control", f"fifo:{ctl},{ack}", "-e",
+                                ",".join(["raw_syscalls:sys_enter"] + named),
+                                "-p", ",".join(str(p) for p in pids)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    acks = os.open(ack, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        until = time.time() + 30
+        while True:
+            try:
+                w = os.open(ctl, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as e:  # ENXIO: perf has not opened it yet
+                if e.errno != errno.ENXIO or time.time() > until or counter.poll() is not None:
+                    raise SystemExit(f"--syscalls: perf did not start counting ({e})")
+                time.sleep(0.01)
+        os.write(w, b"enable\n")
+        os.close(w)
+        got = b""
+        while b"ack" not in got:
+            ready, _, _ = select.select([acks], [], [], max(0.0, until - time.time()))
+            if not ready:
+                raise SystemExit("--syscalls: perf did not answer `enable` within 30 s")
+            got += os.read(acks, 64)
+    finally:
+        os.close(acks)
+    return counter
+
+
+def syscalls_counted(counter, out):
+    """Stops `counter` (count_syscalls) and reads its counts: {name: count}, nonzero ones."""
+    counter.send_signal(signal.SIGINT)
+    try:
+        counter.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        counter.kill()
+        counter.wait()
+    counts, total = {}, 0
+    for line in Path(out).read_text().splitlines():
+        f = line.split(",")
+        if line.startswith("#") or len(f) < 3 or not f[0].strip().isdigit():
+            continue
+        if f[2].strip() == "raw_syscalls:sys_enter":
+            total += int(f[0])
+        elif int(f[0]):
+            name = f[2].strip().removeprefix("syscalls:sys_enter_")
+            counts[name] = counts.get(name, 0) + int(f[0])
+    if total > sum(counts.values()):
+        counts["other"] = total - sum(counts.values())
+    return counts
+
+
 def loadgen_argv(topo, port, concurrency):
     """pg-loadgen through the gateway on `port` to the origin's page, JSON out; the caller
     adds the scenario and how long or how many."""
@@ -602,7 +691,7 @@ def loadgen_argv(topo, port, concurrency):
             "--path", "/index.html"]
 
 
-def run_cell(topo, gateway, scenario, seconds, args):
+def run_cell(topo, gateway, scenario, seconds, args, counted=True):
     pool, _ = SCENARIOS[scenario]
     port, proc = topo.gateways[(gateway, pool)]
     if scenario in IDLE_SCENARIOS and args.idle_tunnels >= 100:
@@ -638,6 +727,10 @@ def run_cell(topo, gateway, scenario, seconds, args):
         "--duration", f"{seconds}s"] + LOADGEN.get(scenario, ["--scenario", scenario])
     if scenario in IDLE_SCENARIOS:
         argv += ["--tunnels", str(args.idle_tunnels)]
+    counter = None
+    if args.syscalls and counted and scenario not in IDLE_SCENARIOS:
+        counted_to = topo.work / f"syscalls-{gateway}-{scenario}.csv"
+        counter = count_syscalls(tree(proc.pid), counted_to)
     lg = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = before_rss
     held_rss = None
@@ -663,6 +756,7 @@ def run_cell(topo, gateway, scenario, seconds, args):
             held_rss = rss_bytes(tree(proc.pid))
     out, rest = lg.communicate()
     err_buf += rest or ""
+    syscalls = syscalls_counted(counter, counted_to) if counter else None
     m1 = machine_ticks()
     segs1 = tcp_out_segments()
     after_cpu = cpu_ticks(tree(proc.pid))
@@ -721,6 +815,10 @@ def run_cell(topo, gateway, scenario, seconds, args):
         # gateway that splits a message or sends ACKs of its own where data could carry them
         # makes every hop's kernel work more.
         cell["segments_per_req"] = (segs1 - segs0) / done
+        if syscalls is not None:
+            # The gateway's syscalls per request, by name (--syscalls): a count that repeats
+            # where CPU time moves with the box, as instructions do under callgrind.
+            cell["syscalls_per_req"] = {k: v / done for k, v in sorted(syscalls.items())}
     if scenario in IDLE_SCENARIOS:
         # Hand the tunnels back, then see how much of the memory the gateway returns.
         cell["idle_tunnels"] = r.get("tunnels")
@@ -915,6 +1013,24 @@ def box_table(cells, gateways):
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def syscalls_table(cells, gateways):
+    """The gateway's syscalls per request (means over passes, --syscalls), in all and by name:
+    those made at least once in twenty requests, most first."""
+    lines = ["| scenario | gateway | syscalls | by name |", "|---|---|---|---|"]
+    for sc in ONE_REQUEST_SCENARIOS:
+        for g in gateways:
+            runs = [c for c in cells if c["scenario"] == sc and c["gateway"] == g
+                    and c.get("syscalls_per_req") is not None]
+            if not runs:
+                continue
+            names = {k for c in runs for k in c["syscalls_per_req"]}
+            m = {k: sum(c["syscalls_per_req"].get(k, 0) for c in runs) / len(runs) for k in names}
+            by = ", ".join(f"{k} {v:.2f}" for k, v in sorted(m.items(), key=lambda kv: -kv[1])
+                           if v >= 0.05)
+            lines.append(f"| {sc} | {g} | {sum(m.values()):.2f} | {by} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def ratios(cells):
     """Key ratios of proxygate (and of each `proxygate-wN` and `proxygate-base`) against each
     peer (means over passes)."""
@@ -1004,6 +1120,10 @@ def main():
                     help="upstream addresses per pool, spread over the three upstream processes "
                     "of its kind (default 3: one each); more than 3 runs in a network namespace "
                     "of its own (root)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="count each gateway's syscalls per request by name with perf (its "
+                    "syscall tracepoints: root). Counting costs each syscall a little: read "
+                    "the CPU figures of such a run with that in mind")
     ap.add_argument("--json-out")
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the work directory (configs, logs, callgrind dumps for "
@@ -1016,7 +1136,11 @@ def main():
     for s in scenarios:
         if s not in SCENARIOS:
             raise SystemExit(f"unknown scenario {s}")
-    ensure_packages(valgrind=bool(args.instructions))
+    ensure_packages(valgrind=bool(args.instructions), perf=args.syscalls)
+    if args.syscalls and not perf_syscalls_work():
+        raise SystemExit("--syscalls: perf cannot count syscalls here (its syscall tracepoints "
+                         "need root or kernel.perf_event_paranoid <= -1, and a kernel with "
+                         "them)")
     if not args.no_build:
         subprocess.run(["cargo", "build", "--locked", "--release", "-p", "proxygate",
                         "-p", "proxygate-loadgen"], cwd=REPO, check=True)
@@ -1093,7 +1217,7 @@ def main():
                     for wsc, wg in [(s2, g2) for s2, g2 in order
                                     if s2 in ("connect", "socks5")]:
                         log(f"warm-up: {wsc} via {wg}, not counted")
-                        run_cell(topo, wg, wsc, 1, args)
+                        run_cell(topo, wg, wsc, 1, args, counted=False)
                     continue
                 log(f"pass {p + 1}: {sc} via {g}")
                 c = run_cell(topo, g, sc, args.seconds, args)
@@ -1131,6 +1255,11 @@ def main():
         print("\nWhere the box's CPU went per request (means over passes; `rest of the box` is "
               "every other process and the kernel's own work outside them):\n")
         print(box)
+    counted = syscalls_table(cells, gateways)
+    if counted:
+        print("\nThe gateway's syscalls per request (perf's syscall tracepoints; means over "
+              "passes):\n")
+        print(counted)
     print()
     print(ratios(cells))
     print(f"\nRSS once started, before any load, {args.pool:,} upstream addresses per pool: "
@@ -1157,7 +1286,9 @@ def main():
             "when": stamp, "versions": versions, "pool": args.pool,
             "rss_at_start_mib": rss_at_start, "cells": cells, "soak": soaked}, indent=1))
     bad = [c for c in cells if c["gateway"] == "proxygate" and (
-        c["errors"] or (c["completed"] == 0 and c["scenario"] not in IDLE_SCENARIOS))]
+        c["errors"] or (c["completed"] == 0 and c["scenario"] not in IDLE_SCENARIOS)
+        or (args.syscalls and c["scenario"] in ONE_REQUEST_SCENARIOS
+            and not c.get("syscalls_per_req")))]
     if soaked and (sum(soaked["errors"].values()) or soaked["completed"] != soaked["requests"]):
         bad.append(soaked)
     if bad:
