@@ -651,10 +651,20 @@ def count_syscalls(pids, out):
         os.close(w)
         got = b""
         while b"ack" not in got:
-            ready, _, _ = select.select([acks], [], [], max(0.0, until - time.time()))
-            if not ready:
+            left = until - time.time()
+            if left <= 0 or not select.select([acks], [], [], left)[0]:
                 raise SystemExit("--syscalls: perf did not answer `enable` within 30 s")
-            got += os.read(acks, 64)
+            try:
+                chunk = os.read(acks, 64)
+            except BlockingIOError:
+                chunk = None
+            if not chunk:
+                # End of the FIFO: perf closed it. Gone, or about to write again.
+                if counter.poll() is not None:
+                    raise SystemExit("--syscalls: perf exited before counting")
+                time.sleep(0.01)
+                continue
+            got += chunk
     finally:
         os.close(acks)
     return counter
