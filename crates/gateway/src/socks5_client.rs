@@ -44,60 +44,111 @@ pub(crate) async fn connect(
     credentials: Option<(&str, &str)>,
     unsent: Option<&[u8]>,
 ) -> Result<BoxedIo, GatewayError> {
-    let fail = |kind: ErrorKind, why: &str| {
-        GatewayError::new(kind, format!("{up}: SOCKS to {target}: {why}"))
-    };
-    let io_fail = |e: std::io::Error| fail(ErrorKind::UpstreamIo, &e.to_string());
+    let steps = Steps { up, target };
     // The request, checked before anything goes out.
-    let mut request = Vec::with_capacity(MAX_MESSAGE);
-    request.extend_from_slice(&[5, 1, 0]);
-    match dest {
-        Dest::Ip(std::net::SocketAddr::V4(a)) => {
-            request.push(1);
-            request.extend_from_slice(&a.ip().octets());
-            request.extend_from_slice(&a.port().to_be_bytes());
-        }
-        Dest::Ip(std::net::SocketAddr::V6(a)) => {
-            request.push(4);
-            request.extend_from_slice(&a.ip().octets());
-            request.extend_from_slice(&a.port().to_be_bytes());
-        }
-        Dest::Domain(name, port) => {
-            let len = u8::try_from(name.len())
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| fail(ErrorKind::TargetUnreachable, "name of 0 or over 255 bytes"))?;
-            request.extend_from_slice(&[3, len]);
-            request.extend_from_slice(name.as_bytes());
-            request.extend_from_slice(&port.to_be_bytes());
-        }
-    }
+    let request = steps.request(dest)?;
     let mut buf = [0u8; MAX_MESSAGE];
-
-    // The method: no authentication, or username and password (the one offered).
-    let method = if credentials.is_some() { 2 } else { 0 };
-    let greeting = unsent.unwrap_or_else(|| greeting(credentials.is_some()));
-    if !greeting.is_empty() {
-        io.write_all(greeting).await.map_err(io_fail)?;
-    }
-    match answer(&mut io, &mut buf).await.map_err(io_fail)? {
-        Some([5, m]) if m == method => {}
-        Some([5, 0xff]) => return Err(fail(ErrorKind::UpstreamAuth, "no acceptable auth method")),
-        Some([5, _]) => return Err(fail(ErrorKind::UpstreamProtocol, "unknown auth method")),
-        Some(_) => {
-            return Err(fail(
-                ErrorKind::UpstreamProtocol,
-                "invalid response version",
-            ));
-        }
-        None => return Err(fail(ErrorKind::UpstreamProtocol, MORE_THAN_ITS_ANSWER)),
-    }
+    steps
+        .method(&mut io, &mut buf, credentials.is_some(), unsent)
+        .await?;
     if let Some((user, password)) = credentials {
+        steps
+            .authenticate(&mut io, &mut buf, user, password)
+            .await?;
+    }
+    io.write_all(&request).await.map_err(|e| steps.io(&e))?;
+    let (len, got) = steps.reply(&mut io, &mut buf).await?;
+    Ok(if got == len {
+        io
+    } else {
+        Box::new(Rewind::new(Bytes::copy_from_slice(&buf[len..got]), io))
+    })
+}
+
+/// The handshake's steps, in RFC 1928's order, and how each failure reads.
+struct Steps<'a> {
+    up: &'a Upstream,
+    target: &'a Target,
+}
+
+impl Steps<'_> {
+    fn fail(&self, kind: ErrorKind, why: &str) -> GatewayError {
+        GatewayError::new(
+            kind,
+            format!("{}: SOCKS to {}: {why}", self.up, self.target),
+        )
+    }
+
+    fn io(&self, e: &std::io::Error) -> GatewayError {
+        self.fail(ErrorKind::UpstreamIo, &e.to_string())
+    }
+
+    /// The `CONNECT` request for `dest`.
+    fn request(&self, dest: Dest<'_>) -> Result<Vec<u8>, GatewayError> {
+        let mut request = Vec::with_capacity(MAX_MESSAGE);
+        request.extend_from_slice(&[5, 1, 0]);
+        match dest {
+            Dest::Ip(std::net::SocketAddr::V4(a)) => {
+                request.push(1);
+                request.extend_from_slice(&a.ip().octets());
+                request.extend_from_slice(&a.port().to_be_bytes());
+            }
+            Dest::Ip(std::net::SocketAddr::V6(a)) => {
+                request.push(4);
+                request.extend_from_slice(&a.ip().octets());
+                request.extend_from_slice(&a.port().to_be_bytes());
+            }
+            Dest::Domain(name, port) => {
+                let len = u8::try_from(name.len())
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| {
+                        self.fail(ErrorKind::TargetUnreachable, "name of 0 or over 255 bytes")
+                    })?;
+                request.extend_from_slice(&[3, len]);
+                request.extend_from_slice(name.as_bytes());
+                request.extend_from_slice(&port.to_be_bytes());
+            }
+        }
+        Ok(request)
+    }
+
+    /// The greeting (what is `unsent` of it) and the upstream's choice of method: no
+    /// authentication, or username and password when we have `credentials` (the one offered).
+    async fn method(
+        &self,
+        io: &mut BoxedIo,
+        buf: &mut [u8; MAX_MESSAGE],
+        credentials: bool,
+        unsent: Option<&[u8]>,
+    ) -> Result<(), GatewayError> {
+        let greeting = unsent.unwrap_or_else(|| greeting(credentials));
+        if !greeting.is_empty() {
+            io.write_all(greeting).await.map_err(|e| self.io(&e))?;
+        }
+        let method = if credentials { 2 } else { 0 };
+        match answer(io, buf).await.map_err(|e| self.io(&e))? {
+            Some([5, m]) if m == method => Ok(()),
+            Some([5, 0xff]) => Err(self.fail(ErrorKind::UpstreamAuth, "no acceptable auth method")),
+            Some([5, _]) => Err(self.fail(ErrorKind::UpstreamProtocol, "unknown auth method")),
+            Some(_) => Err(self.fail(ErrorKind::UpstreamProtocol, "invalid response version")),
+            None => Err(self.fail(ErrorKind::UpstreamProtocol, MORE_THAN_ITS_ANSWER)),
+        }
+    }
+
+    /// RFC 1929: the username and password, and the upstream's verdict.
+    async fn authenticate(
+        &self,
+        io: &mut BoxedIo,
+        buf: &mut [u8; MAX_MESSAGE],
+        user: &str,
+        password: &str,
+    ) -> Result<(), GatewayError> {
         let (Some(ulen), Some(plen)) = (
             u8::try_from(user.len()).ok().filter(|&n| n > 0),
             u8::try_from(password.len()).ok().filter(|&n| n > 0),
         ) else {
-            return Err(fail(
+            return Err(self.fail(
                 ErrorKind::UpstreamAuth,
                 "username and password must be 1 to 255 bytes",
             ));
@@ -107,61 +158,54 @@ pub(crate) async fn connect(
         auth.extend_from_slice(user.as_bytes());
         auth.push(plen);
         auth.extend_from_slice(password.as_bytes());
-        io.write_all(&auth).await.map_err(io_fail)?;
-        match answer(&mut io, &mut buf).await.map_err(io_fail)? {
-            Some([_, 0]) => {}
-            Some(_) => {
-                return Err(fail(
-                    ErrorKind::UpstreamAuth,
-                    "password authentication failed",
-                ));
-            }
-            None => return Err(fail(ErrorKind::UpstreamProtocol, MORE_THAN_ITS_ANSWER)),
+        io.write_all(&auth).await.map_err(|e| self.io(&e))?;
+        match answer(io, buf).await.map_err(|e| self.io(&e))? {
+            Some([_, 0]) => Ok(()),
+            Some(_) => Err(self.fail(ErrorKind::UpstreamAuth, "password authentication failed")),
+            None => Err(self.fail(ErrorKind::UpstreamProtocol, MORE_THAN_ITS_ANSWER)),
         }
     }
 
-    io.write_all(&request).await.map_err(io_fail)?;
-    // The reply: its head, then as much of the rest as the reads bring.
-    let mut got = 0;
-    let len = loop {
-        let n = io.read(&mut buf[got..]).await.map_err(io_fail)?;
-        if n == 0 {
-            return Err(fail(
-                ErrorKind::UpstreamIo,
-                "closed before the reply was complete",
-            ));
+    /// The reply to our request: its head, then as much of the rest as the reads bring. Its
+    /// length, and how many bytes are in `buf` (more when the target spoke right behind it).
+    async fn reply(
+        &self,
+        io: &mut BoxedIo,
+        buf: &mut [u8; MAX_MESSAGE],
+    ) -> Result<(usize, usize), GatewayError> {
+        let mut got = 0;
+        loop {
+            let n = io.read(&mut buf[got..]).await.map_err(|e| self.io(&e))?;
+            if n == 0 {
+                return Err(self.fail(
+                    ErrorKind::UpstreamIo,
+                    "closed before the reply was complete",
+                ));
+            }
+            got += n;
+            if got < 4 || (buf[3] == 3 && got < 5) {
+                continue;
+            }
+            if buf[0] != 5 {
+                return Err(self.fail(ErrorKind::UpstreamProtocol, "invalid response version"));
+            }
+            if buf[2] != 0 {
+                return Err(self.fail(ErrorKind::UpstreamProtocol, "invalid reserved byte"));
+            }
+            if let Some((kind, why)) = refusal(buf[1]) {
+                return Err(self.fail(kind, why));
+            }
+            let len = match buf[3] {
+                1 => 4 + 4 + 2,
+                4 => 4 + 16 + 2,
+                3 => 4 + 1 + usize::from(buf[4]) + 2,
+                _ => return Err(self.fail(ErrorKind::UpstreamProtocol, "unknown address type")),
+            };
+            if got >= len {
+                return Ok((len, got));
+            }
         }
-        got += n;
-        if got < 4 || (buf[3] == 3 && got < 5) {
-            continue;
-        }
-        if buf[0] != 5 {
-            return Err(fail(
-                ErrorKind::UpstreamProtocol,
-                "invalid response version",
-            ));
-        }
-        if buf[2] != 0 {
-            return Err(fail(ErrorKind::UpstreamProtocol, "invalid reserved byte"));
-        }
-        if let Some((kind, why)) = refusal(buf[1]) {
-            return Err(fail(kind, why));
-        }
-        let len = match buf[3] {
-            1 => 4 + 4 + 2,
-            4 => 4 + 16 + 2,
-            3 => 4 + 1 + usize::from(buf[4]) + 2,
-            _ => return Err(fail(ErrorKind::UpstreamProtocol, "unknown address type")),
-        };
-        if got >= len {
-            break len;
-        }
-    };
-    Ok(if got == len {
-        io
-    } else {
-        Box::new(Rewind::new(Bytes::copy_from_slice(&buf[len..got]), io))
-    })
+    }
 }
 
 const MORE_THAN_ITS_ANSWER: &str = "sent more than its answer before our next message";
