@@ -2,7 +2,8 @@
 //! clients, only ever for their own (upstream, origin); requests with bodies and other
 //! non-idempotent ones get a new connection; kept connections expire; credentials never ride a
 //! kept connection; an upstream that closes after every request (tinyproxy) is learned and
-//! gets a tunnel per origin; `dial.rotate` says whether a client connection keeps its upstream.
+//! gets a tunnel per origin; `dial.rotate` says whether a client connection keeps its upstream;
+//! a kept connection idle past `server.keepalive_release_after` serves again on its socket.
 
 #![allow(
     clippy::unwrap_used,
@@ -102,6 +103,37 @@ async fn requests_with_bodies_and_non_idempotent_ones_get_a_new_connection() {
         get(&gw, &url).await;
     }
     assert_eq!(fake.connections(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_idle_past_the_release_serves_again_on_the_same_socket() {
+    // Idle past `server.keepalive_release_after`, a kept connection lets go of hyper's client
+    // state (at the worker's next one-second tick) and waits as the bare connection; the next
+    // request starts a new client on it: still one upstream connection, and each request still
+    // reaches its own origin.
+    let fake = FakeUpstream::start(Kind::Http, None).await;
+    let (a, b) = (Origin::start().await, Origin::start().await);
+    let gw = Gateway::builder()
+        .config("[server]\nworkers = 1\nkeepalive_release_after = \"100ms\"")
+        .config(&dial(""))
+        .upstream(fake.url("http"))
+        .start()
+        .await;
+    for round in 0..3 {
+        for o in [&a, &b] {
+            let url = format!("{}/r{round}", o.url());
+            let r = get(&gw, &url).await;
+            assert_eq!(r.header("x-origin"), o.addr.to_string(), "wrong origin");
+            assert_eq!(r.header("x-target"), url);
+        }
+        // Past the release and the tick after it.
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+    }
+    assert_eq!(fake.connections(), 2, "{}", gw.logs());
+    assert_eq!(fake.open(), 2);
+    // Each connection parked after each round, and rounds 2 and 3 took it up again.
+    let parked = gw.logs().matches("kept upstream connection parked").count();
+    assert!(parked >= 6, "parked {parked} times:\n{}", gw.logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,7 +86,8 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
     /// A kept-alive connection idle this long gives back its HTTP buffers (16 KiB) until its
-    /// next request comes. At or past `keepalive_timeout`: never.
+    /// next request comes. At or past `keepalive_timeout`: never. An upstream connection kept
+    /// for reuse (`dial.keep_idle`) idle this long lets go of hyper's client state likewise.
     #[serde(with = "humantime_serde")]
     pub keepalive_release_after: Duration,
     /// How long shutdown waits for open connections before it closes them.

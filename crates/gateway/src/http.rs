@@ -1263,69 +1263,102 @@ async fn upstream_sender(
         };
         let id = lease.id();
         let now = Instant::now();
+        // A kept connection idle long enough to have let hyper's state go: a new client on it,
+        // at the same handshake as a new connection's below (one await point, not two: each
+        // makes every request's future larger).
+        let mut parked = None;
         if cfg.may_take
             && !retrying
-            && let Some(mut kept) = reuse::take(id, target, cfg.keep_idle, now)
+            && let Some(kept) = reuse::take(id, target, cfg.keep_idle, now)
         {
-            if kept.sender.ready().await.is_ok() {
-                return Ok(Upstream {
-                    sender: kept.sender,
-                    lease,
-                    tunnel: kept.tunnel,
-                    fresh: false,
-                    kept_since: Some(kept.since),
-                    conn: kept.conn,
-                    outcome: Outcome::default(),
-                });
-            }
-            reuse::found_closed(id, kept.tunnel, kept.since, Instant::now());
-        }
-        let http = lease.upstream().scheme.is_http();
-        let tunnel = !http || tunnels_plain_http(cfg, &lease, now);
-        let purpose = if tunnel {
-            Purpose::Tunnel
-        } else {
-            Purpose::Forward
-        };
-        // The dial boxed: most requests take a kept connection, and its state (~0.5 KiB) would
-        // make every request's future larger, which hyper and each async layer move whole.
-        let dialed = match Box::pin(gw.dialer().connect(&lease, target, purpose, budget)).await {
-            // It will not tunnel to a plain-HTTP port: absolute-form through it, as before.
-            Err(e) if http && tunnel && e.kind == ErrorKind::UpstreamRefused => {
-                reuse::refuses_tunnels(id, now);
-                Box::pin(
-                    gw.dialer()
-                        .connect(&lease, target, Purpose::Forward, budget),
-                )
-                .await
-            }
-            other => other,
-        };
-        let failed = match dialed {
-            Ok(Dialed {
-                io,
-                outcome,
-                to_http_proxy,
-            }) => {
-                let conn = reuse::conn_id();
-                let key = (id, target.clone());
-                match client_handshake(io, cfg.max_reply_head_bytes, key, conn).await {
-                    Ok(sender) => {
+            let reuse::Kept {
+                state,
+                conn,
+                tunnel,
+                since,
+            } = kept;
+            match state {
+                reuse::State::Live(mut sender) => {
+                    if sender.ready().await.is_ok() {
                         return Ok(Upstream {
                             sender,
                             lease,
-                            tunnel: !to_http_proxy,
-                            fresh: true,
-                            kept_since: None,
+                            tunnel,
+                            fresh: false,
+                            kept_since: Some(since),
                             conn,
-                            outcome,
+                            outcome: Outcome::default(),
                         });
                     }
-                    Err(e) => e,
+                    reuse::found_closed(id, tunnel, since, Instant::now());
                 }
+                reuse::State::Parked(io) => parked = Some((io, conn, tunnel, since)),
+                reuse::State::Parking => {}
+            }
+        }
+        let (io, conn, tunnel, kept_since, outcome) = match parked {
+            Some((io, conn, tunnel, since)) => (io, conn, tunnel, Some(since), Outcome::default()),
+            None => {
+                let http = lease.upstream().scheme.is_http();
+                let tunnel = !http || tunnels_plain_http(cfg, &lease, now);
+                let purpose = if tunnel {
+                    Purpose::Tunnel
+                } else {
+                    Purpose::Forward
+                };
+                // The dial boxed: most requests take a kept connection, and its state (~0.5
+                // KiB) would make every request's future larger, which hyper and each async
+                // layer move whole.
+                let dialed =
+                    match Box::pin(gw.dialer().connect(&lease, target, purpose, budget)).await {
+                        // It will not tunnel to a plain-HTTP port: absolute-form through it, as
+                        // before.
+                        Err(e) if http && tunnel && e.kind == ErrorKind::UpstreamRefused => {
+                            reuse::refuses_tunnels(id, now);
+                            Box::pin(
+                                gw.dialer()
+                                    .connect(&lease, target, Purpose::Forward, budget),
+                            )
+                            .await
+                        }
+                        other => other,
+                    };
+                match dialed {
+                    Ok(Dialed {
+                        io,
+                        outcome,
+                        to_http_proxy,
+                    }) => (io, reuse::conn_id(), !to_http_proxy, None, outcome),
+                    Err(e) => {
+                        if !budget.fail(lease, e) {
+                            return Err(budget.exhausted());
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        let key = (id, target.clone());
+        let failed = match client_handshake(io, cfg.max_reply_head_bytes, key, conn).await {
+            Ok(sender) => {
+                return Ok(Upstream {
+                    sender,
+                    lease,
+                    tunnel,
+                    fresh: kept_since.is_none(),
+                    kept_since,
+                    conn,
+                    outcome,
+                });
             }
             Err(e) => e,
         };
+        if let Some(since) = kept_since {
+            // Not the upstream's doing: a new connection through it.
+            reuse::found_closed(id, tunnel, since, Instant::now());
+            again = Some(lease);
+            continue;
+        }
         if !budget.fail(lease, failed) {
             return Err(budget.exhausted());
         }
@@ -1354,8 +1387,15 @@ pub(crate) fn sweep_kept(keep_idle: Duration) {
     reuse::sweep(keep_idle, Instant::now());
 }
 
+/// This worker's kept upstream connections idle for `release_after` let go of hyper's state
+/// (run every second).
+pub(crate) fn release_kept(release_after: Duration) {
+    reuse::release(release_after, Instant::now());
+}
+
 /// Opens an HTTP/1 client connection on `io`, driven by a task of this worker; when it ends,
-/// the pool of kept connections hears of it (as `conn`).
+/// the pool of kept connections hears of it (as `conn`). Ended because the pool let its sender
+/// go while it idled, the connection goes back to the pool without hyper's state.
 async fn client_handshake(
     io: BoxedIo,
     max_reply_head: usize,
@@ -1368,8 +1408,18 @@ async fn client_handshake(
         .await
         .map_err(|e| GatewayError::new(ErrorKind::UpstreamIo, format!("http handshake: {e}")))?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream http connection ended with an error");
+        match conn.without_shutdown().await {
+            // Nothing read that was not asked for: the pool may want it back.
+            Ok(parts) if parts.read_buf.is_empty() => {
+                let Some(mut io) = reuse::parked(&key, conn_id, parts.io.into_inner()) else {
+                    tracing::debug!(conn = conn_id, "kept upstream connection parked");
+                    return;
+                };
+                // Not wanted: closed as hyper would have.
+                let _ = io.shutdown().await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "upstream http connection ended with an error"),
         }
         reuse::ended(&key, conn_id, Instant::now());
     });
@@ -1952,7 +2002,7 @@ mod tests {
     #[test]
     fn a_forwarded_requests_future_leaves_the_dial_boxed() {
         let sender = future_size(upstream_sender);
-        assert!(sender <= 900, "upstream_sender's future is {sender} bytes");
+        assert!(sender <= 850, "upstream_sender's future is {sender} bytes");
         let handle = future_size(|a, b, c, d, _: (), _: ()| super::handle(a, b, c, d));
         assert!(handle <= 3300, "a request's future is {handle} bytes");
     }

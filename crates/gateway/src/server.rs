@@ -166,8 +166,9 @@ pub struct Server {
     worker_tick: Option<fn()>,
 }
 
-/// How often a worker runs its housekeeping: [`Server::on_worker_tick`]'s hook, and every
-/// [`SWEEP_EVERY`] the sweep of its idle upstream connections.
+/// How often a worker runs its housekeeping: [`Server::on_worker_tick`]'s hook, the release of
+/// hyper's state by idle upstream connections, and every [`SWEEP_EVERY`] the sweep of those
+/// too old to reuse.
 const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Backlog of each listening socket (the kernel caps it at `net.core.somaxconn`).
@@ -346,8 +347,9 @@ async fn worker(
             Err(e) => tracing::error!("cannot use a listening socket: {e}"),
         }
     }
-    // Housekeeping: the hook each tick; idle upstream connections kept on this worker go
-    // when they are too old to reuse.
+    // Housekeeping: the hook each tick; idle upstream connections kept on this worker let go
+    // of hyper's state once idle for `server.keepalive_release_after`, and go when they are too
+    // old to reuse.
     let sweeper = tokio::spawn({
         let live = live.clone();
         async move {
@@ -359,6 +361,7 @@ async fn worker(
                 if let Some(tick) = tick {
                     tick();
                 }
+                crate::http::release_kept(live.gateway().config().server.keepalive_release_after);
                 if n % per_sweep == 0 {
                     crate::http::sweep_kept(live.gateway().config().dial.keep_idle);
                 }

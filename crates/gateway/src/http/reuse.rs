@@ -12,6 +12,11 @@
 //! soon after it was put back, twice, marks the upstream, and its later plain-HTTP requests go
 //! through CONNECT tunnels to the origin, which the origin keeps alive. An upstream that refuses
 //! such a tunnel is marked too and gets absolute-form again.
+//!
+//! A kept connection idle past `server.keepalive_release_after` lets go of hyper's client
+//! state (its read and write buffers and its request channel, ~25 KiB): its sender is dropped,
+//! its task hands the connection back ([`parked`]), and a request that takes it starts a new
+//! client on it, as a client connection's parked state is taken up again.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -22,10 +27,21 @@ use proxygate_core::{Target, UpstreamId};
 use rustc_hash::FxBuildHasher;
 
 use super::Body;
+use crate::io::BoxedIo;
+
+/// Where a kept connection stands.
+pub(crate) enum State {
+    /// hyper's client on it: a request goes out on this sender.
+    Live(SendRequest<Body>),
+    /// Its sender dropped to let hyper's state go; its task is handing the connection back.
+    Parking,
+    /// The connection alone: a request that takes it starts a client on it.
+    Parked(BoxedIo),
+}
 
 /// An upstream connection and what it carries.
 pub(crate) struct Kept {
-    pub(crate) sender: SendRequest<Body>,
+    pub(crate) state: State,
     /// Names the connection (see [`conn_id`]).
     pub(crate) conn: u64,
     /// It is a tunnel to the origin (requests in origin form), not a connection to an HTTP
@@ -160,11 +176,23 @@ pub(crate) fn take(
         let mut found = None;
         let mut closed = Vec::new();
         let before = list.len();
-        while let Some(k) = list.pop_back() {
+        let mut at = list.len();
+        while at > 0 {
+            at -= 1;
+            let k = &list[at];
             if now.duration_since(k.since) >= keep_idle {
-                continue;
+                // This one and every older one.
+                list.drain(..=at);
+                break;
             }
-            if !k.sender.is_closed() {
+            let open = match &k.state {
+                // Being handed back by its task: left for later.
+                State::Parking => continue,
+                State::Live(sender) => !sender.is_closed(),
+                State::Parked(io) => still_open(io),
+            };
+            let Some(k) = list.remove(at) else { break };
+            if open {
                 found = Some(k);
                 break;
             }
@@ -214,7 +242,7 @@ pub(crate) fn put(
         }
         pool.kept += 1;
         list.push_back(Kept {
-            sender,
+            state: State::Live(sender),
             conn,
             tunnel,
             since: now,
@@ -285,12 +313,65 @@ pub(crate) fn refuses_tunnels(upstream: UpstreamId, now: Instant) {
     with(|pool| learned(pool, upstream, now).refuses_tunnels = true);
 }
 
+/// Kept connections idle for `release_after` let go of hyper's state: their senders are
+/// dropped, and their tasks hand the connections back ([`parked`]). Run every second on every
+/// worker.
+pub(crate) fn release(release_after: Duration, now: Instant) {
+    with(|pool| {
+        for k in pool.idle.values_mut().flat_map(|list| list.iter_mut()) {
+            if matches!(k.state, State::Live(_)) && now.duration_since(k.since) >= release_after {
+                k.state = State::Parking;
+            }
+        }
+    });
+}
+
+/// The task of kept connection `conn` (to `key`'s origin through its upstream) hands it back
+/// without hyper's state, after [`release`] dropped its sender. `Some(io)`: not wanted (no
+/// longer kept, or not being parked), to be closed.
+pub(crate) fn parked(key: &Key, conn: u64, io: BoxedIo) -> Option<BoxedIo> {
+    with(|pool| {
+        let kept = pool
+            .idle
+            .get_mut(key)
+            .and_then(|list| list.iter_mut().find(|k| k.conn == conn));
+        match kept {
+            Some(k) if matches!(k.state, State::Parking) => {
+                k.state = State::Parked(io);
+                None
+            }
+            _ => Some(io),
+        }
+    })
+}
+
+/// Whether a parked connection is open as far as its socket tells without waiting: nothing to
+/// read (the other side has neither closed it nor sent what nobody asked for). A stream that is
+/// not plain TCP (TLS) is taken as open: a request that finds it closed goes again on a new
+/// connection, as on any kept one.
+fn still_open(io: &BoxedIo) -> bool {
+    let Some((tcp, _)) = crate::io::tcp_under(io) else {
+        return true;
+    };
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    tcp.poll_peek(&mut cx, &mut buf).is_pending()
+}
+
 /// Drops the kept connections older than `keep_idle` or closed, and what was learned long ago.
 /// Run now and then on every worker, so idle connections do not outlive their use.
 pub(crate) fn sweep(keep_idle: Duration, now: Instant) {
     with(|pool| {
         pool.idle.retain(|_, list| {
-            list.retain(|k| now.duration_since(k.since) < keep_idle && !k.sender.is_closed());
+            list.retain(|k| {
+                now.duration_since(k.since) < keep_idle
+                    && match &k.state {
+                        State::Live(sender) => !sender.is_closed(),
+                        State::Parking => true,
+                        State::Parked(io) => still_open(io),
+                    }
+            });
             !list.is_empty()
         });
         pool.kept = pool.idle.values().map(VecDeque::len).sum();
@@ -361,7 +442,7 @@ mod tests {
         assert!(!got.tunnel);
         // Taken: nobody else gets it.
         assert!(take(UpstreamId(1), &target("a.example:80"), idle, now).is_none());
-        let _ = got.sender;
+        assert!(matches!(got.state, State::Live(_)));
     }
 
     #[tokio::test]
@@ -435,6 +516,114 @@ mod tests {
         // Unknown connections and keys are nothing.
         ended(&(UpstreamId(9), t), conn, now);
         sweep(Duration::from_secs(30), now + Duration::from_secs(31));
+        assert_eq!(kept(), 0);
+    }
+
+    /// What the pool holds for `conn` to `key`.
+    fn state_of(key: &Key, conn: u64) -> Option<&'static str> {
+        with(|pool| {
+            let k = pool.idle.get(key)?.iter().find(|k| k.conn == conn)?;
+            Some(match k.state {
+                State::Live(_) => "live",
+                State::Parking => "parking",
+                State::Parked(_) => "parked",
+            })
+        })
+    }
+
+    /// Waits (a bounded while) for `conn`'s task to hand it back.
+    async fn until_parked(key: &Key, conn: u64) {
+        for _ in 0..1000 {
+            if state_of(key, conn) == Some("parked") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("{conn} not parked: {:?}", state_of(key, conn));
+    }
+
+    /// A client on `io`, as the gateway opens one, kept for `key` under a new id.
+    async fn keep_client(key: &Key, io: BoxedIo, now: Instant) -> u64 {
+        let conn = conn_id();
+        let sender = crate::http::client_handshake(io, 8192, key.clone(), conn)
+            .await
+            .unwrap();
+        put(key.0, key.1.clone(), sender, conn, false, 4, now);
+        conn
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_lets_hyper_go_and_a_request_takes_it_up_again() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let now = Instant::now();
+        let key = (UpstreamId(11), target("p.example:80"));
+        let (ours, mut theirs) = tokio::io::duplex(4096);
+        let conn = keep_client(&key, Box::new(ours), now).await;
+        let after = Duration::from_secs(1);
+        release(after, now + Duration::from_millis(999));
+        assert_eq!(state_of(&key, conn), Some("live"), "released too soon");
+        release(after, now + after);
+        until_parked(&key, conn).await;
+        assert_eq!(kept(), 1);
+
+        // A request takes it: a new client on the same stream, which the far end answers.
+        let k = take(key.0, &key.1, Duration::from_secs(30), now + after).unwrap();
+        assert_eq!(kept(), 0);
+        let State::Parked(io) = k.state else {
+            panic!("not parked");
+        };
+        let mut sender = crate::http::client_handshake(io, 8192, key.clone(), conn)
+            .await
+            .unwrap();
+        let far = tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = theirs.read(&mut b).await.unwrap();
+                assert!(n > 0, "closed before the request");
+                head.extend_from_slice(&b[..n]);
+            }
+            theirs
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            (head, theirs)
+        });
+        let req = http::Request::get("/x")
+            .header("host", "p.example")
+            .body(crate::http::empty())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let (head, _theirs) = far.await.unwrap();
+        assert!(head.starts_with(b"GET /x HTTP/1.1\r\n"), "{head:?}");
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_closed_by_the_other_side_is_not_taken() {
+        let now = Instant::now();
+        let key = (UpstreamId(12), target("q.example:80"));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (theirs, _) = l.accept().await.unwrap();
+        let conn = keep_client(&key, Box::new(ours), now).await;
+        release(Duration::ZERO, now);
+        until_parked(&key, conn).await;
+        drop(theirs);
+        // The close reaches the socket (its readiness) in a moment.
+        for _ in 0..1000 {
+            let open = with(|pool| match &pool.idle[&key][0].state {
+                State::Parked(io) => still_open(io),
+                _ => true,
+            });
+            if !open {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(take(key.0, &key.1, Duration::from_secs(30), now).is_none());
         assert_eq!(kept(), 0);
     }
 
