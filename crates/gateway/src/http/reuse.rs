@@ -542,6 +542,21 @@ mod tests {
         panic!("{conn} not parked: {:?}", state_of(key, conn));
     }
 
+    /// Waits (a bounded while) until what the other side did reaches the socket of `key`'s
+    /// parked connection (its readiness).
+    async fn until_seen(key: &Key) {
+        for _ in 0..1000 {
+            let open = with(|pool| match &pool.idle[key][0].state {
+                State::Parked(io) => still_open(io),
+                _ => true,
+            });
+            if !open {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// A client on `io`, as the gateway opens one, kept for `key` under a new id.
     async fn keep_client(key: &Key, io: BoxedIo, now: Instant) -> u64 {
         let conn = conn_id();
@@ -612,17 +627,31 @@ mod tests {
         release(Duration::ZERO, now);
         until_parked(&key, conn).await;
         drop(theirs);
-        // The close reaches the socket (its readiness) in a moment.
-        for _ in 0..1000 {
-            let open = with(|pool| match &pool.idle[&key][0].state {
-                State::Parked(io) => still_open(io),
-                _ => true,
-            });
-            if !open {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        until_seen(&key).await;
+        assert!(take(key.0, &key.1, Duration::from_secs(30), now).is_none());
+        assert_eq!(kept(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_the_other_side_wrote_to_is_not_taken() {
+        // Bytes nobody asked for (a late response, a 408 before a close): what comes next on it
+        // could be read as the answer to the next request.
+        use tokio::io::AsyncWriteExt;
+        let now = Instant::now();
+        let key = (UpstreamId(13), target("w.example:80"));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut theirs, _) = l.accept().await.unwrap();
+        let conn = keep_client(&key, Box::new(ours), now).await;
+        release(Duration::ZERO, now);
+        until_parked(&key, conn).await;
+        theirs
+            .write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+            .await
+            .unwrap();
+        until_seen(&key).await;
         assert!(take(key.0, &key.1, Duration::from_secs(30), now).is_none());
         assert_eq!(kept(), 0);
     }
