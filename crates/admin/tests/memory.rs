@@ -1,8 +1,10 @@
 //! What the control plane's structures hold: live heap bytes, counted by this test binary's
-//! allocator (exact, unlike RSS). The count is the whole process's, so the tests take turns.
+//! allocator (exact, unlike RSS). Each test reads the count of its own thread: sled's threads
+//! allocate and free their buffers when they please (a flush under a loaded box's timing moved
+//! a whole-process count by 360 KB), and the tests take turns all the same.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use proxygate_admin::catalog::{Catalog, Checked};
@@ -13,7 +15,21 @@ use proxygate_store::{CheckRecord, Store};
 
 struct Counting;
 
-static LIVE: AtomicIsize = AtomicIsize::new(0);
+thread_local! {
+    /// Bytes allocated less bytes freed by this thread.
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+}
+
+/// Counts `bytes` (negative: freed) for the calling thread. A thread being torn down has no
+/// count left to keep: skipped.
+fn count(bytes: isize) {
+    let _ = LIVE.try_with(|live| live.set(live.get() + bytes));
+}
+
+/// What this thread holds of the heap, as counted since it started.
+fn live() -> isize {
+    LIVE.with(Cell::get)
+}
 
 // SAFETY: every call is passed on to the system allocator unchanged; only a count is kept.
 #[expect(
@@ -22,28 +38,25 @@ static LIVE: AtomicIsize = AtomicIsize::new(0);
 )]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        count(layout.size() as isize);
         // SAFETY: the caller's contract, passed on.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        count(layout.size() as isize);
         // SAFETY: the caller's contract, passed on.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        count(-(layout.size() as isize));
         // SAFETY: the caller's contract, passed on.
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
+        count(new_size as isize - layout.size() as isize);
         // SAFETY: the caller's contract, passed on.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -96,12 +109,12 @@ fn a_day(n: usize) -> isize {
     };
     // Every upstream measured once (its histogram allocated) before counting.
     minute(&mut book, 0);
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = live();
     let minutes = 25 * 60;
     for m in 1..=minutes {
         minute(&mut book, m);
     }
-    let held = LIVE.load(Ordering::Relaxed) - before;
+    let held = live() - before;
     let now = t0 + minutes * MINUTE_MS + 1;
     let n = n as u64;
     let spanned = |from: u64| (1..=minutes).filter(|m| t0 + m * MINUTE_MS >= from).count() as u64;
@@ -139,9 +152,9 @@ fn a_day_of_minutes_stays_small() {
 
 /// What dropping a catalog frees: what it held.
 fn held_by(c: Catalog) -> isize {
-    let with = LIVE.load(Ordering::Relaxed);
+    let with = live();
     drop(c);
-    with - LIVE.load(Ordering::Relaxed)
+    with - live()
 }
 
 /// A catalog that took 20,000 config upstreams at its first start holds no more than one
