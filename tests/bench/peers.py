@@ -246,7 +246,11 @@ class Topology:
     def gateway_argv(self, name, argv):
         if not self.callgrind:
             return argv
-        return ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+        # --fair-sched=yes: valgrind runs one thread at a time, and with its default lock a
+        # thread spinning on an atomic can keep taking it back. sled's thread pool starts that
+        # way (its threads spin on the queue's lazy init while the thread that holds it spawns
+        # them), and on some machines proxygate never got to listen.
+        return ["valgrind", "--tool=callgrind", "--fair-sched=yes", "--instr-atstart=no",
                 f"--callgrind-out-file={self.work}/cg.{name}.%p"] + argv
 
     def spawn(self, name, argv, **kw):
