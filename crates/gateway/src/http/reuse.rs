@@ -542,6 +542,19 @@ mod tests {
         panic!("{conn} not parked: {:?}", state_of(key, conn));
     }
 
+    /// A loopback TCP connection kept for `key` and parked; the far end's socket.
+    async fn parked_over_tcp(key: &Key, now: Instant) -> tokio::net::TcpStream {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (theirs, _) = l.accept().await.unwrap();
+        let conn = keep_client(key, Box::new(ours), now).await;
+        release(Duration::ZERO, now);
+        until_parked(key, conn).await;
+        theirs
+    }
+
     /// Waits (a bounded while) until what the other side did reaches the socket of `key`'s
     /// parked connection (its readiness).
     async fn until_seen(key: &Key) {
@@ -618,14 +631,7 @@ mod tests {
     async fn a_parked_connection_closed_by_the_other_side_is_not_taken() {
         let now = Instant::now();
         let key = (UpstreamId(12), target("q.example:80"));
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ours = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (theirs, _) = l.accept().await.unwrap();
-        let conn = keep_client(&key, Box::new(ours), now).await;
-        release(Duration::ZERO, now);
-        until_parked(&key, conn).await;
+        let theirs = parked_over_tcp(&key, now).await;
         drop(theirs);
         until_seen(&key).await;
         assert!(take(key.0, &key.1, Duration::from_secs(30), now).is_none());
@@ -639,14 +645,7 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let now = Instant::now();
         let key = (UpstreamId(13), target("w.example:80"));
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ours = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut theirs, _) = l.accept().await.unwrap();
-        let conn = keep_client(&key, Box::new(ours), now).await;
-        release(Duration::ZERO, now);
-        until_parked(&key, conn).await;
+        let mut theirs = parked_over_tcp(&key, now).await;
         theirs
             .write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
             .await
