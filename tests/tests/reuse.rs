@@ -46,6 +46,16 @@ async fn get(gw: &Gateway, url: &str) -> CurlResponse {
     r
 }
 
+/// A GET of `path` on origin `o` through `gw` (curl, a new client connection), which must
+/// reach `o` with its own URL.
+async fn get_from(gw: &Gateway, o: &Origin, path: &str) -> CurlResponse {
+    let url = format!("{}{path}", o.url());
+    let r = get(gw, &url).await;
+    assert_eq!(r.header("x-origin"), o.addr.to_string(), "wrong origin");
+    assert_eq!(r.header("x-target"), url);
+    r
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_connections_serve_later_clients_and_only_their_own_origin() {
     // The fake relays a kept-alive connection blindly to the origin of its first request
@@ -55,10 +65,7 @@ async fn kept_connections_serve_later_clients_and_only_their_own_origin() {
     let gw = through(&fake, "").await;
     for round in 0..4 {
         for o in [&a, &b] {
-            let url = format!("{}/r{round}", o.url());
-            let r = get(&gw, &url).await;
-            assert_eq!(r.header("x-origin"), o.addr.to_string(), "wrong origin");
-            assert_eq!(r.header("x-target"), url);
+            let r = get_from(&gw, o, &format!("/r{round}")).await;
             assert_eq!(r.header("x-peer"), fake.egress.to_string());
         }
     }
@@ -74,10 +81,7 @@ async fn kept_connections_serve_later_clients_and_only_their_own_origin() {
         .await;
     for i in 0..12 {
         let o = if i % 3 == 0 { &a } else { &b };
-        let url = format!("{}/w{i}", o.url());
-        let r = get(&gw2, &url).await;
-        assert_eq!(r.header("x-origin"), o.addr.to_string(), "wrong origin");
-        assert_eq!(r.header("x-target"), url);
+        get_from(&gw2, o, &format!("/w{i}")).await;
     }
 }
 
@@ -121,10 +125,7 @@ async fn a_kept_connection_idle_past_the_release_serves_again_on_the_same_socket
         .await;
     for round in 0..3 {
         for o in [&a, &b] {
-            let url = format!("{}/r{round}", o.url());
-            let r = get(&gw, &url).await;
-            assert_eq!(r.header("x-origin"), o.addr.to_string(), "wrong origin");
-            assert_eq!(r.header("x-target"), url);
+            get_from(&gw, o, &format!("/r{round}")).await;
         }
         // Past the release and the tick after it.
         tokio::time::sleep(Duration::from_millis(2200)).await;

@@ -39,6 +39,18 @@ pub(crate) enum State {
     Parked(BoxedIo),
 }
 
+impl State {
+    /// Whether the connection is open as far as can be told without waiting (one being handed
+    /// back by its task is).
+    fn open(&self) -> bool {
+        match self {
+            State::Live(sender) => !sender.is_closed(),
+            State::Parking => true,
+            State::Parked(io) => still_open(io),
+        }
+    }
+}
+
 /// An upstream connection and what it carries.
 pub(crate) struct Kept {
     pub(crate) state: State,
@@ -185,12 +197,11 @@ pub(crate) fn take(
                 list.drain(..=at);
                 break;
             }
-            let open = match &k.state {
-                // Being handed back by its task: left for later.
-                State::Parking => continue,
-                State::Live(sender) => !sender.is_closed(),
-                State::Parked(io) => still_open(io),
-            };
+            // Being handed back by its task: left for later.
+            if matches!(k.state, State::Parking) {
+                continue;
+            }
+            let open = k.state.open();
             let Some(k) = list.remove(at) else { break };
             if open {
                 found = Some(k);
@@ -364,14 +375,7 @@ fn still_open(io: &BoxedIo) -> bool {
 pub(crate) fn sweep(keep_idle: Duration, now: Instant) {
     with(|pool| {
         pool.idle.retain(|_, list| {
-            list.retain(|k| {
-                now.duration_since(k.since) < keep_idle
-                    && match &k.state {
-                        State::Live(sender) => !sender.is_closed(),
-                        State::Parking => true,
-                        State::Parked(io) => still_open(io),
-                    }
-            });
+            list.retain(|k| now.duration_since(k.since) < keep_idle && k.state.open());
             !list.is_empty()
         });
         pool.kept = pool.idle.values().map(VecDeque::len).sum();
@@ -559,11 +563,7 @@ mod tests {
     /// parked connection (its readiness).
     async fn until_seen(key: &Key) {
         for _ in 0..1000 {
-            let open = with(|pool| match &pool.idle[key][0].state {
-                State::Parked(io) => still_open(io),
-                _ => true,
-            });
-            if !open {
+            if !with(|pool| pool.idle[key][0].state.open()) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
