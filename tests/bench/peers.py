@@ -622,9 +622,19 @@ SYSCALLS = ["accept4", "accept", "connect", "socket", "close", "shutdown", "sets
             "io_uring_enter", "madvise", "mmap", "munmap", "brk"]
 
 
+# What the gateway's threads make the scheduler do, counted beside the syscalls: a relay that
+# makes as many syscalls as another can still switch more often, wake its own threads across
+# cores, or wake its peers more often. `sched:sched_waking` fires in the waker's context, so it
+# counts every wakeup the gateway's threads cause: of its own threads, and of the peers its
+# sends reach (on loopback the delivery runs in the sender's syscall).
+SCHED_EVENTS = {"context-switches": "switches", "cpu-migrations": "migrations",
+                "sched:sched_waking": "wakeups"}
+
+
 def count_syscalls(pids, out):
     """perf stat counting the syscalls of `pids` (every thread, and any started later), in all
-    and by name (SYSCALLS), into `out`, until stopped with `syscalls_counted`. It returns once
+    and by name (SYSCALLS), and their SCHED_EVENTS, into `out`, until stopped with
+    `syscalls_counted`. It returns once
     the counting is on: perf starts with its events off and answers the `enable` it is sent
     (attaching to a process's threads took it up to a few hundred ms, whose requests a fixed
     wait missed)."""
@@ -637,7 +647,10 @@ def count_syscalls(pids, out):
         os.mkfifo(f)
     counter = subprocess.Popen(["perf", "stat", "-x,", "-o", str(out), "-D", "-1",
                                 "--control", f"fifo:{ctl},{ack}", "-e",
-                                ",".join(["raw_syscalls:sys_enter"] + named),
+                                ",".join(["raw_syscalls:sys_enter"] + named
+                                         + [e for e in SCHED_EVENTS
+                                            if e != "sched:sched_waking" or not have.is_dir()
+                                            or (have.parent / "sched" / "sched_waking").is_dir()]),
                                 "-p", ",".join(str(p) for p in pids)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     acks = os.open(ack, os.O_RDONLY | os.O_NONBLOCK)
@@ -675,26 +688,29 @@ def count_syscalls(pids, out):
 
 
 def syscalls_counted(counter, out):
-    """Stops `counter` (count_syscalls) and reads its counts: {name: count}, nonzero ones."""
+    """Stops `counter` (count_syscalls) and reads its counts: ({syscall: count}, nonzero ones,
+    and {SCHED_EVENTS name: count})."""
     counter.send_signal(signal.SIGINT)
     try:
         counter.wait(timeout=30)
     except subprocess.TimeoutExpired:
         counter.kill()
         counter.wait()
-    counts, total = {}, 0
+    counts, sched, total = {}, {}, 0
     for line in Path(out).read_text().splitlines():
         f = line.split(",")
         if line.startswith("#") or len(f) < 3 or not f[0].strip().isdigit():
             continue
         if f[2].strip() == "raw_syscalls:sys_enter":
             total += int(f[0])
+        elif f[2].strip() in SCHED_EVENTS:
+            sched[SCHED_EVENTS[f[2].strip()]] = int(f[0])
         elif int(f[0]):
             name = f[2].strip().removeprefix("syscalls:sys_enter_")
             counts[name] = counts.get(name, 0) + int(f[0])
     if total > sum(counts.values()):
         counts["other"] = total - sum(counts.values())
-    return counts
+    return counts, sched
 
 
 def loadgen_argv(topo, port, concurrency):
@@ -770,7 +786,7 @@ def run_cell(topo, gateway, scenario, seconds, args, counted=True):
             held_rss = rss_bytes(tree(proc.pid))
     out, rest = lg.communicate()
     err_buf += rest or ""
-    syscalls = syscalls_counted(counter, counted_to) if counter else None
+    syscalls, sched = syscalls_counted(counter, counted_to) if counter else (None, None)
     m1 = machine_ticks()
     segs1 = tcp_out_segments()
     after_cpu = cpu_ticks(tree(proc.pid))
@@ -833,6 +849,7 @@ def run_cell(topo, gateway, scenario, seconds, args, counted=True):
             # The gateway's syscalls per request, by name (--syscalls): a count that repeats
             # where CPU time moves with the box, as instructions do under callgrind.
             cell["syscalls_per_req"] = {k: v / done for k, v in sorted(syscalls.items())}
+            cell["sched_per_req"] = {k: v / done for k, v in sorted(sched.items())}
     if scenario in IDLE_SCENARIOS:
         # Hand the tunnels back, then see how much of the memory the gateway returns.
         cell["idle_tunnels"] = r.get("tunnels")
@@ -1029,8 +1046,10 @@ def box_table(cells, gateways):
 
 def syscalls_table(cells, gateways):
     """The gateway's syscalls per request (means over passes, --syscalls), in all and by name:
-    those made at least once in twenty requests, most first."""
-    lines = ["| scenario | gateway | syscalls | by name |", "|---|---|---|---|"]
+    those made at least once in twenty requests, most first; and its context switches, CPU
+    migrations and the wakeups it caused (SCHED_EVENTS)."""
+    lines = ["| scenario | gateway | syscalls | switches | migrations | wakeups | by name |",
+             "|---|---|---|---|---|---|---|"]
     for sc in ONE_REQUEST_SCENARIOS:
         for g in gateways:
             runs = [c for c in cells if c["scenario"] == sc and c["gateway"] == g
@@ -1041,7 +1060,10 @@ def syscalls_table(cells, gateways):
             m = {k: sum(c["syscalls_per_req"].get(k, 0) for c in runs) / len(runs) for k in names}
             by = ", ".join(f"{k} {v:.2f}" for k, v in sorted(m.items(), key=lambda kv: -kv[1])
                            if v >= 0.05)
-            lines.append(f"| {sc} | {g} | {sum(m.values()):.2f} | {by} |")
+            ev = [[c.get("sched_per_req", {}).get(e) for c in runs]
+                  for e in ("switches", "migrations", "wakeups")]
+            ev = " | ".join(f"{sum(v) / len(v):.2f}" if None not in v else "–" for v in ev)
+            lines.append(f"| {sc} | {g} | {sum(m.values()):.2f} | {ev} | {by} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -1136,7 +1158,8 @@ def main():
                     "of its own (root)")
     ap.add_argument("--syscalls", action="store_true",
                     help="count each gateway's syscalls per request by name with perf (its "
-                    "syscall tracepoints: root). Counting costs each syscall a little: read "
+                    "syscall tracepoints: root), and its context switches, CPU migrations and "
+                    "the wakeups it causes. Counting costs each syscall a little: read "
                     "the CPU figures of such a run with that in mind")
     ap.add_argument("--json-out")
     ap.add_argument("--keep-work", action="store_true",
@@ -1272,7 +1295,8 @@ def main():
     counted = syscalls_table(cells, gateways)
     if counted:
         print("\nThe gateway's syscalls per request (perf's syscall tracepoints; means over "
-              "passes):\n")
+              "passes), with its context switches, CPU migrations, and the wakeups it caused "
+              "(its own threads' and its peers'):\n")
         print(counted)
     print()
     print(ratios(cells))
