@@ -507,6 +507,17 @@ backend microsocks
             self.started("pproxy", pool, port, p)
 
 
+def threads(pids):
+    """The thread ids of `pids`."""
+    out = []
+    for p in pids:
+        try:
+            out.extend(int(t) for t in os.listdir(f"/proc/{p}/task"))
+        except OSError:
+            pass
+    return out
+
+
 def tree(pid):
     """pid and its descendants."""
     children = {}
@@ -645,12 +656,13 @@ def count_syscalls(pids, out):
     for f in (ctl, ack):
         f.unlink(missing_ok=True)
         os.mkfifo(f)
+    # The wakeups counted a second time, of the gateway's own threads alone (those it has now):
+    # one worker waking another, or the control plane, on the data path.
+    own = " || ".join(f"pid == {t}" for t in threads(pids))
     counter = subprocess.Popen(["perf", "stat", "-x,", "-o", str(out), "-D", "-1",
                                 "--control", f"fifo:{ctl},{ack}", "-e",
-                                ",".join(["raw_syscalls:sys_enter"] + named
-                                         + [e for e in SCHED_EVENTS
-                                            if e != "sched:sched_waking" or not have.is_dir()
-                                            or (have.parent / "sched" / "sched_waking").is_dir()]),
+                                ",".join(["raw_syscalls:sys_enter"] + named + list(SCHED_EVENTS)),
+                                "-e", "sched:sched_waking", "--filter", own,
                                 "-p", ",".join(str(p) for p in pids)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     acks = os.open(ack, os.O_RDONLY | os.O_NONBLOCK)
@@ -704,7 +716,9 @@ def syscalls_counted(counter, out):
         if f[2].strip() == "raw_syscalls:sys_enter":
             total += int(f[0])
         elif f[2].strip() in SCHED_EVENTS:
-            sched[SCHED_EVENTS[f[2].strip()]] = int(f[0])
+            # sched:sched_waking twice: all, then filtered to the gateway's own threads.
+            name = SCHED_EVENTS[f[2].strip()]
+            sched["own wakeups" if name in sched else name] = int(f[0])
         elif int(f[0]):
             name = f[2].strip().removeprefix("syscalls:sys_enter_")
             counts[name] = counts.get(name, 0) + int(f[0])
@@ -1048,8 +1062,8 @@ def syscalls_table(cells, gateways):
     """The gateway's syscalls per request (means over passes, --syscalls), in all and by name:
     those made at least once in twenty requests, most first; and its context switches, CPU
     migrations and the wakeups it caused (SCHED_EVENTS)."""
-    lines = ["| scenario | gateway | syscalls | switches | migrations | wakeups | by name |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | gateway | syscalls | switches | migrations | wakeups (of its own "
+             "threads) | by name |", "|---|---|---|---|---|---|---|"]
     for sc in ONE_REQUEST_SCENARIOS:
         for g in gateways:
             runs = [c for c in cells if c["scenario"] == sc and c["gateway"] == g
@@ -1060,9 +1074,11 @@ def syscalls_table(cells, gateways):
             m = {k: sum(c["syscalls_per_req"].get(k, 0) for c in runs) / len(runs) for k in names}
             by = ", ".join(f"{k} {v:.2f}" for k, v in sorted(m.items(), key=lambda kv: -kv[1])
                            if v >= 0.05)
-            ev = [[c.get("sched_per_req", {}).get(e) for c in runs]
-                  for e in ("switches", "migrations", "wakeups")]
-            ev = " | ".join(f"{sum(v) / len(v):.2f}" if None not in v else "–" for v in ev)
+            def m_of(e):
+                v = [c.get("sched_per_req", {}).get(e) for c in runs]
+                return f"{sum(v) / len(v):.2f}" if None not in v else "–"
+            ev = (f"{m_of('switches')} | {m_of('migrations')} | {m_of('wakeups')} "
+                  f"({m_of('own wakeups')})")
             lines.append(f"| {sc} | {g} | {sum(m.values()):.2f} | {ev} | {by} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -1296,7 +1312,7 @@ def main():
     if counted:
         print("\nThe gateway's syscalls per request (perf's syscall tracepoints; means over "
               "passes), with its context switches, CPU migrations, and the wakeups it caused "
-              "(its own threads' and its peers'):\n")
+              "(its own threads' and its peers'; of its own threads alone in brackets):\n")
         print(counted)
     print()
     print(ratios(cells))
