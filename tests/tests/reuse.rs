@@ -20,6 +20,7 @@ use proxygate_tests::fakes::{FakeUpstream, Kind};
 use proxygate_tests::gateway::Gateway;
 use proxygate_tests::origin::Origin;
 use proxygate_tests::third_party::ThirdParty;
+use proxygate_tests::{eventually_async, sample};
 
 /// One data-plane worker, so that every client connection meets the same kept connections and
 /// the counts below are exact (kept connections are per worker).
@@ -56,6 +57,31 @@ async fn get_from(gw: &Gateway, o: &Origin, path: &str) -> CurlResponse {
     r
 }
 
+/// What the gateway's metrics say of reuse: kept connections (live, parked), and requests sent
+/// on kept connections.
+async fn reuse_figures(gw: &Gateway) -> (f64, f64, f64) {
+    let (_, text) = gw.admin_get("/metrics").await;
+    let kept = |state| {
+        sample(
+            &text,
+            &format!("proxygate_upstream_kept_connections{{state=\"{state}\"}}"),
+        )
+    };
+    (
+        kept("live"),
+        kept("parked"),
+        sample(&text, "proxygate_upstream_reused_total"),
+    )
+}
+
+/// Waits (each worker adds its figures once a second) until the metrics say `want`.
+async fn until_figures(gw: &Gateway, want: impl Fn((f64, f64, f64)) -> bool) {
+    eventually_async(Duration::from_secs(10), || async {
+        want(reuse_figures(gw).await).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_connections_serve_later_clients_and_only_their_own_origin() {
     // The fake relays a kept-alive connection blindly to the origin of its first request
@@ -72,6 +98,12 @@ async fn kept_connections_serve_later_clients_and_only_their_own_origin() {
     // Eight requests from eight client connections: one upstream connection per origin.
     assert_eq!(fake.connections(), 2);
     assert_eq!((a.connections(), b.connections()), (1, 1));
+    // The metrics say so: six requests on kept connections, two kept (live, or parked once
+    // idle past the release).
+    until_figures(&gw, |(live, parked, reused)| {
+        live + parked == 2.0 && reused == 6.0
+    })
+    .await;
 
     // With two workers, requests still never reach another origin.
     let gw2 = Gateway::builder()
@@ -135,6 +167,8 @@ async fn a_kept_connection_idle_past_the_release_serves_again_on_the_same_socket
     // Each connection parked after each round, and rounds 2 and 3 took it up again.
     let parked = gw.logs().matches("kept upstream connection parked").count();
     assert!(parked >= 6, "parked {parked} times:\n{}", gw.logs());
+    // As the metrics say: both parked now, four requests went on kept connections.
+    until_figures(&gw, |f| f == (0.0, 2.0, 4.0)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,6 +192,9 @@ async fn kept_connections_expire_and_keep_idle_zero_turns_reuse_off() {
         get(&off, &url).await;
     }
     assert_eq!(fake.connections(), 3);
+    // Past the worker's next tick: nothing kept, nothing reused.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(reuse_figures(&off).await, (0.0, 0.0, 0.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,7 +47,7 @@ use crate::config::{Rotate, TunnelPlain};
 use crate::dial::{Budget, Dialed, Established, Purpose, Routing};
 use crate::gateway::{Gateway, Opened, Tunnel};
 use crate::io::{BoxedIo, Io, Rewind};
-use crate::metrics::RequestKind;
+use crate::metrics::{Metrics, RequestKind};
 
 /// A connection's slot (its `server.max_connections` permit and its count as an open
 /// connection).
@@ -1280,6 +1280,7 @@ async fn upstream_sender(
             match state {
                 reuse::State::Live(mut sender) => {
                     if sender.ready().await.is_ok() {
+                        reuse::reused();
                         return Ok(Upstream {
                             sender,
                             lease,
@@ -1341,6 +1342,9 @@ async fn upstream_sender(
         let key = (id, target.clone());
         let failed = match client_handshake(io, cfg.max_reply_head_bytes, key, conn).await {
             Ok(sender) => {
+                if kept_since.is_some() {
+                    reuse::reused();
+                }
                 return Ok(Upstream {
                     sender,
                     lease,
@@ -1391,6 +1395,12 @@ pub(crate) fn sweep_kept(keep_idle: Duration) {
 /// (run every second).
 pub(crate) fn release_kept(release_after: Duration) {
     reuse::release(release_after, Instant::now());
+}
+
+/// This worker's upstream connection reuse figures go into `metrics` (run every second, after
+/// the release and the sweep).
+pub(crate) fn publish_kept(metrics: &Metrics) {
+    reuse::publish(metrics.kept());
 }
 
 /// Opens an HTTP/1 client connection on `io`, driven by a task of this worker; when it ends,

@@ -10,7 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use proxygate_core::ErrorKind;
 use proxygate_pool::Strategy;
 
@@ -106,6 +108,19 @@ pub struct Metrics {
     selections: Vec<IntCounter>,
     /// Hedged connects: `[won, lost]` (the hedge served, or the first attempt did).
     hedges: [IntCounter; 2],
+    kept: KeptMetrics,
+}
+
+/// Upstream connection reuse, as each data-plane worker adds its own figures in once a second
+/// (`http::reuse::publish`): nothing on the request path touches them.
+#[derive(Debug, Clone)]
+pub(crate) struct KeptMetrics {
+    /// Idle upstream connections kept for reuse with hyper's client state on them.
+    pub(crate) live: IntGauge,
+    /// Those that let it go (idle past `server.keepalive_release_after`): the bare socket.
+    pub(crate) parked: IntGauge,
+    /// Requests that went out on a kept connection rather than a new one.
+    pub(crate) reused: IntCounter,
 }
 
 /// What the registry collects from (the series of [`Metrics`] are their children).
@@ -210,6 +225,22 @@ impl Metrics {
              pool's recent p95; won: the hedge served the client, lost: the first attempt did.",
             &["result"],
         )?;
+        let kept = IntGaugeVec::new(
+            Opts::new(
+                "proxygate_upstream_kept_connections",
+                "Idle upstream connections kept for reuse by later absolute-form requests, by \
+                 state: live (an HTTP client on it) or parked (idle past \
+                 server.keepalive_release_after: the bare socket). Each worker updates its \
+                 share once a second.",
+            ),
+            &["state"],
+        )?;
+        let reused = IntCounter::new(
+            "proxygate_upstream_reused_total",
+            "Absolute-form requests sent on a kept upstream connection rather than a new one \
+             (each new one is an attempt: proxygate_upstream_attempts_total). Each worker adds \
+             its count once a second.",
+        )?;
         let outcomes = || std::iter::once("ok").chain(ErrorKind::ALL.iter().map(|e| e.as_str()));
         let collectors: Collectors = vec![
             Box::new(connections.clone()),
@@ -226,6 +257,8 @@ impl Metrics {
             Box::new(attempts.clone()),
             Box::new(retries.clone()),
             Box::new(hedges.clone()),
+            Box::new(kept.clone()),
+            Box::new(reused.clone()),
         ];
         let m = Metrics {
             connections: Protocol::ALL
@@ -259,6 +292,11 @@ impl Metrics {
                 hedges.with_label_values(&["won"]),
                 hedges.with_label_values(&["lost"]),
             ],
+            kept: KeptMetrics {
+                live: kept.with_label_values(&["live"]),
+                parked: kept.with_label_values(&["parked"]),
+                reused,
+            },
         };
         Ok((m, collectors))
     }
@@ -272,6 +310,11 @@ impl Metrics {
     /// A tunnel starts relaying; the guard counts it active until dropped.
     pub fn tunnel(&self) -> GaugeGuard {
         GaugeGuard::new(&self.active_tunnels)
+    }
+
+    /// Where the workers add their upstream connection reuse figures.
+    pub(crate) fn kept(&self) -> &KeptMetrics {
+        &self.kept
     }
 
     /// A kept-alive connection let go of its HTTP buffers; the guard counts it parked until
@@ -368,7 +411,7 @@ mod tests {
         let before = count(&registry);
         assert_eq!(
             before,
-            4 + 5 * OUTCOMES + 2 + ErrorKind::ALL.len() + Strategy::ALL.len() + 3 + 3 + 2 + 2
+            4 + 5 * OUTCOMES + 2 + ErrorKind::ALL.len() + Strategy::ALL.len() + 3 + 3 + 2 + 2 + 3
         );
         m.request(RequestKind::Socks4, Some(ErrorKind::Internal));
         m.request(RequestKind::HttpConnect, None);

@@ -349,7 +349,7 @@ async fn worker(
     }
     // Housekeeping: the hook each tick; idle upstream connections kept on this worker let go
     // of hyper's state once idle for `server.keepalive_release_after`, and go when they are too
-    // old to reuse.
+    // old to reuse; then the worker's reuse figures go into the metrics.
     let sweeper = tokio::spawn({
         let live = live.clone();
         async move {
@@ -361,10 +361,12 @@ async fn worker(
                 if let Some(tick) = tick {
                     tick();
                 }
-                crate::http::release_kept(live.gateway().config().server.keepalive_release_after);
+                let gw = live.gateway();
+                crate::http::release_kept(gw.config().server.keepalive_release_after);
                 if n % per_sweep == 0 {
-                    crate::http::sweep_kept(live.gateway().config().dial.keep_idle);
+                    crate::http::sweep_kept(gw.config().dial.keep_idle);
                 }
+                crate::http::publish_kept(gw.metrics());
             }
         }
     });

@@ -28,6 +28,7 @@ use rustc_hash::FxBuildHasher;
 
 use super::Body;
 use crate::io::BoxedIo;
+use crate::metrics::KeptMetrics;
 
 /// Where a kept connection stands.
 pub(crate) enum State {
@@ -89,6 +90,23 @@ struct Pool {
     upstreams: FxMap<UpstreamId, Learned>,
     /// The origin of [`Learned::at`].
     epoch: Instant,
+    /// Requests this worker sent on a kept connection, so far.
+    reused: u64,
+    /// What of this worker's figures the gateway's metrics hold ([`publish`]).
+    published: Published,
+}
+
+/// What a worker last added to its gateway's [`KeptMetrics`]: its kept connections by state,
+/// and its requests on kept connections. The metrics are shared by every worker, so each adds
+/// what changed since its last time, and takes its kept connections back off when its thread
+/// ends.
+#[derive(Default)]
+struct Published {
+    /// The metrics added to (its gateway's), once [`publish`] has run.
+    into: Option<KeptMetrics>,
+    live: i64,
+    parked: i64,
+    reused: u64,
 }
 
 impl Default for Pool {
@@ -98,6 +116,21 @@ impl Default for Pool {
             kept: 0,
             upstreams: FxMap::default(),
             epoch: Instant::now(),
+            reused: 0,
+            published: Published::default(),
+        }
+    }
+}
+
+impl Drop for Pool {
+    /// The worker's thread ends, and its kept connections with it: they leave the gauges, and
+    /// the requests counted since the last [`publish`] join the counter.
+    fn drop(&mut self) {
+        let p = &self.published;
+        if let Some(m) = &p.into {
+            m.live.sub(p.live);
+            m.parked.sub(p.parked);
+            m.reused.inc_by(self.reused - p.reused);
         }
     }
 }
@@ -337,6 +370,31 @@ pub(crate) fn release(release_after: Duration, now: Instant) {
     });
 }
 
+/// A request went out on a kept connection.
+pub(crate) fn reused() {
+    with(|pool| pool.reused += 1);
+}
+
+/// Adds to `metrics` what changed on this worker since its last call: its kept connections by
+/// state, and its requests on kept connections. Run every second on every worker.
+pub(crate) fn publish(metrics: &KeptMetrics) {
+    with(|pool| {
+        let (mut live, mut parked) = (0, 0);
+        for k in pool.idle.values().flat_map(|list| list.iter()) {
+            match k.state {
+                State::Live(_) => live += 1,
+                State::Parking | State::Parked(_) => parked += 1,
+            }
+        }
+        let p = &mut pool.published;
+        let m = p.into.get_or_insert_with(|| metrics.clone());
+        m.live.add(live - p.live);
+        m.parked.add(parked - p.parked);
+        m.reused.inc_by(pool.reused - p.reused);
+        (p.live, p.parked, p.reused) = (live, parked, pool.reused);
+    });
+}
+
 /// The task of kept connection `conn` (to `key`'s origin through its upstream) hands it back
 /// without hyper's state, after [`release`] dropped its sender. `Some(io)`: not wanted (no
 /// longer kept, or not being parked), to be closed.
@@ -521,6 +579,77 @@ mod tests {
         ended(&(UpstreamId(9), t), conn, now);
         sweep(Duration::from_secs(30), now + Duration::from_secs(31));
         assert_eq!(kept(), 0);
+    }
+
+    /// Each worker adds to the shared metrics what changed since its last publish, and takes
+    /// its kept connections back off the gauges when its thread ends, counting the requests it
+    /// had not published yet: summed over workers, the figures are the process's.
+    #[test]
+    fn a_worker_publishes_what_changed_and_takes_it_back_when_it_ends() {
+        fn read(m: &KeptMetrics) -> (i64, i64, u64) {
+            (m.live.get(), m.parked.get(), m.reused.get())
+        }
+        /// Runs `f` on a worker thread of its own, which ends afterwards.
+        fn on_worker<F: Future<Output = ()> + 'static>(m: &KeptMetrics, f: fn(KeptMetrics) -> F) {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(f(m));
+            })
+            .join()
+            .unwrap();
+        }
+        async fn first(m: KeptMetrics) {
+            let now = Instant::now();
+            let t = target("published.example:80");
+            let mut peers = Vec::new();
+            put_many((UpstreamId(21), &t), 3, false, 8, now, &mut peers).await;
+            reused();
+            reused();
+            publish(&m);
+            assert_eq!(read(&m), (3, 0, 2));
+            publish(&m);
+            assert_eq!(read(&m), (3, 0, 2), "publishing again adds nothing");
+            assert!(take(UpstreamId(21), &t, Duration::from_secs(30), now).is_some());
+            publish(&m);
+            assert_eq!(read(&m), (2, 0, 2));
+            // Idle past the release: parked (being handed back counts as parked).
+            release(Duration::ZERO, now);
+            reused();
+            publish(&m);
+            assert_eq!(read(&m), (0, 2, 3));
+            // Counted after the last publish: added as the thread ends.
+            reused();
+        }
+        async fn second(m: KeptMetrics) {
+            let mut peers = Vec::new();
+            let t = target("second.example:80");
+            put_many(
+                (UpstreamId(22), &t),
+                1,
+                false,
+                8,
+                Instant::now(),
+                &mut peers,
+            )
+            .await;
+            publish(&m);
+            assert_eq!(read(&m), (1, 0, 4));
+        }
+        let metrics = crate::metrics::Metrics::unregistered();
+        let m = metrics.kept();
+        on_worker(m, first);
+        assert_eq!(
+            read(m),
+            (0, 0, 4),
+            "the ended worker's connections left the gauges"
+        );
+        // Another worker's figures add to what the first left.
+        on_worker(m, second);
+        assert_eq!(read(m), (0, 0, 4));
     }
 
     /// What the pool holds for `conn` to `key`.
