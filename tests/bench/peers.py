@@ -238,6 +238,8 @@ class Topology:
         self.proxygate_extra = proxygate_extra
         self.procs = []
         self.gateways = {}  # (name, pool) -> (port, Popen)
+        # (name, pool) -> proxygate's admin port (/metrics).
+        self.admin = {}
         # (name, pool) -> the gateway's RSS (bytes) once started, before any load.
         self.rss_at_start = {}
         # Gateways run under callgrind (--instructions), counting only when switched on.
@@ -418,8 +420,9 @@ level = "warn"
 """.replace("{threads}", str(workers)) + self.proxygate_extra)
             listed = self.work / f"{name}-{pool}-upstreams.txt"
             listed.write_text("".join(f"{scheme}://{a}\n" for a in self.addresses(ups)))
+            self.admin[(name, pool)] = admin = free_port()
             argv = [str(binary), "run", "--config", str(conf), "--listen",
-                    f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0", "--data-dir",
+                    f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}", "--data-dir",
                     str(self.work / f"{name}-{pool}-data"), "--upstreams-file", str(listed)]
             p = self.spawn(f"{name}-{pool}", self.gateway_argv(f"{name}-{pool}", argv),
                            env={**os.environ, "RUST_LOG": "warn"})
@@ -985,6 +988,64 @@ def soak(topo, requests, scenario="keepalive"):
     }
 
 
+def metric(topo, name, pool, series):
+    """One series' value from a proxygate's /metrics (0 when absent)."""
+    url = f"http://127.0.0.1:{topo.admin[(name, pool)]}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# One round of the parking soak: this many keep-alive requests on this many client
+# connections, then an idle pause past proxygate's server.keepalive_release_after (1 s), the
+# worker's one-second tick that parks them (at any phase), and the next, which publishes.
+PARK_ROUND = (2000, 100)
+PARK_PAUSE = 2.5
+
+
+def park_soak(topo, rounds):
+    """Kept upstream connections parked and taken up again, `rounds` times: rounds of
+    keep-alive requests through proxygate's HTTP pool (tinyproxy closes after every
+    absolute-form request, so proxygate keeps a CONNECT tunnel per (upstream, origin)), each
+    followed by an idle pause in which the kept connections park. No request may fail or reach
+    the origin twice or not at all, the parked connections must be taken up again (requests on
+    kept connections, from proxygate's /metrics), and memory must stay flat."""
+    port, proc = topo.gateways[("proxygate", "http")]
+    requests, concurrency = PARK_ROUND
+    # What earlier cells did is in the metrics within a tick.
+    time.sleep(PARK_PAUSE)
+    before_origin = topo.origin_requests()
+    reused0 = metric(topo, "proxygate", "http", "proxygate_upstream_reused_total")
+    completed, errors, parked, rss = 0, {}, [], []
+    t0 = time.time()
+    for _ in range(rounds):
+        argv = loadgen_argv(topo, port, concurrency) + [
+            "--duration", "60s", "--requests", str(requests), "--scenario", "keepalive"]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        completed += r["completed"]
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+        time.sleep(PARK_PAUSE)
+        parked.append(metric(topo, "proxygate", "http",
+                             'proxygate_upstream_kept_connections{state="parked"}'))
+        rss.append(rss_bytes(tree(proc.pid)))
+    reused = metric(topo, "proxygate", "http", "proxygate_upstream_reused_total") - reused0
+    # Memory once warm (after a tenth of the rounds) against the end and the peak.
+    warm = rss[len(rss) // 10:] or rss
+    return {
+        "rounds": rounds, "requests": rounds * requests, "completed": completed,
+        "errors": errors, "seconds": round(time.time() - t0, 1),
+        "origin_seen": topo.origin_requests() - before_origin - 1, "reused": reused,
+        "parked_min": min(parked), "parked_max": max(parked),
+        "rss_warm_mib": warm[0] / 2**20, "rss_end_mib": warm[-1] / 2**20,
+        "rss_peak_mib": max(warm) / 2**20,
+        "rss_by_round_mib": [round(m / 2**20, 2) for m in rss],
+    }
+
+
 def fmt_cell(c):
     if c is None:
         return "–"
@@ -1151,6 +1212,12 @@ def main():
                     help="before each cell wait (at most 65 s) until at most N sockets are in "
                          "TIME_WAIT; -1 (default) does not wait. Each cell records the count")
     ap.add_argument("--peers", default="proxygate,squid,haproxy,pproxy,direct")
+    ap.add_argument("--park-soak", type=int, default=0, metavar="ROUNDS",
+                    help=f"then ROUNDS rounds of {PARK_ROUND[0]:,} keep-alive requests through "
+                    f"proxygate, each followed by {PARK_PAUSE} s idle, so that its kept upstream "
+                    "connections park and are taken up again: every request must reach the "
+                    "origin once, parked connections must be taken up (its reuse metrics), "
+                    "memory sampled each round")
     ap.add_argument("--soak", type=int, default=0, metavar="N",
                     help="then N keep-alive requests through proxygate, memory sampled")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
@@ -1278,6 +1345,11 @@ def main():
                 cells.append(c)
                 log("   ", fmt_cell(c), f"(origin saw {c['origin_seen']}, busy {c['busy']:.0%}, "
                     f"{c['time_wait_at_start']} in TIME_WAIT at its start)")
+        parking = None
+        if args.park_soak:
+            log(f"parking soak: {args.park_soak} rounds through proxygate")
+            parking = park_soak(topo, args.park_soak)
+            log("   ", {k: v for k, v in parking.items() if k != "rss_by_round_mib"})
         soaked = None
         if args.soak:
             log(f"soak: {args.soak} keep-alive requests through proxygate")
@@ -1327,6 +1399,17 @@ def main():
     print("\nSent to storage during the cells (write_bytes; a data dir, logs; 0 on a tmpfs): "
           + "; ".join(f"{g} {b / 2**20:.1f} MiB ({b / n:.0f} B per request)" if n else
                       f"{g} {b / 2**20:.1f} MiB" for g, (b, n) in written.items()) + ".")
+    if parking:
+        n, c = PARK_ROUND
+        print(f"\nParking soak: {parking['rounds']} rounds of {n:,} keep-alive requests on {c} "
+              f"client connections, each followed by {PARK_PAUSE} s idle, so that proxygate's "
+              f"kept upstream connections park and are taken up again: "
+              f"{parking['completed']:,} of {parking['requests']:,} completed in "
+              f"{parking['seconds']} s, errors {sum(parking['errors'].values())}, the origin saw "
+              f"{parking['origin_seen']:,}; {parking['reused']:,.0f} went on kept connections; "
+              f"{parking['parked_min']:.0f}-{parking['parked_max']:.0f} parked after each pause; "
+              f"RSS {parking['rss_warm_mib']:.1f} MiB once warm, {parking['rss_peak_mib']:.1f} "
+              f"MiB at most, {parking['rss_end_mib']:.1f} MiB at the end.")
     if soaked:
         print(f"\nSoak: {soaked['completed']:,} of {soaked['requests']:,} keep-alive requests "
               f"through proxygate in {soaked['seconds']} s ({soaked['rps']:.0f}/s), errors "
@@ -1338,13 +1421,18 @@ def main():
                         for (g, pool), b in topo.rss_at_start.items()}
         Path(args.json_out).write_text(json.dumps({
             "when": stamp, "versions": versions, "pool": args.pool,
-            "rss_at_start_mib": rss_at_start, "cells": cells, "soak": soaked}, indent=1))
+            "rss_at_start_mib": rss_at_start, "cells": cells, "soak": soaked,
+            "park_soak": parking}, indent=1))
     bad = [c for c in cells if c["gateway"] == "proxygate" and (
         c["errors"] or (c["completed"] == 0 and c["scenario"] not in IDLE_SCENARIOS)
         or (args.syscalls and c["scenario"] in ONE_REQUEST_SCENARIOS
             and not c.get("syscalls_per_req")))]
     if soaked and (sum(soaked["errors"].values()) or soaked["completed"] != soaked["requests"]):
         bad.append(soaked)
+    if parking and (sum(parking["errors"].values()) or parking["completed"] != parking["requests"]
+                    or parking["origin_seen"] != parking["requests"] or not parking["parked_min"]
+                    or not parking["requests"] / 2 <= parking["reused"] <= parking["requests"]):
+        bad.append(parking)
     if bad:
         log("proxygate cells with errors:", json.dumps(bad, indent=1))
         sys.exit(1)
