@@ -965,6 +965,9 @@ async fn forward(
 
     loop {
         let mut up = upstream_sender(gw, &target, &mut budget, prefer, again.take(), &cfg).await?;
+        if !up.fresh {
+            reuse::reused();
+        }
         let to_http_proxy = !up.tunnel;
         let req_body = match body.take() {
             Some(b) if !replayable => {
@@ -1280,7 +1283,6 @@ async fn upstream_sender(
             match state {
                 reuse::State::Live(mut sender) => {
                     if sender.ready().await.is_ok() {
-                        reuse::reused();
                         return Ok(Upstream {
                             sender,
                             lease,
@@ -1342,9 +1344,6 @@ async fn upstream_sender(
         let key = (id, target.clone());
         let failed = match client_handshake(io, cfg.max_reply_head_bytes, key, conn).await {
             Ok(sender) => {
-                if kept_since.is_some() {
-                    reuse::reused();
-                }
                 return Ok(Upstream {
                     sender,
                     lease,
