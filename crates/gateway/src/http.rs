@@ -965,7 +965,7 @@ async fn forward(
 
     loop {
         let mut up = upstream_sender(gw, &target, &mut budget, prefer, again.take(), &cfg).await?;
-        if !up.fresh {
+        if !up.fresh() {
             reuse::reused();
         }
         let to_http_proxy = !up.tunnel;
@@ -986,7 +986,7 @@ async fn forward(
         // On a fresh connection to an HTTP proxy nothing has proven the proxy alive yet: a
         // replayable request gets the handshake timeout, so a black-holed proxy is left for
         // another rather than holding the client for the whole response timeout.
-        let probing = replayable && up.fresh && to_http_proxy;
+        let probing = replayable && up.fresh() && to_http_proxy;
         let per_try = if probing {
             cfg.handshake_timeout
         } else {
@@ -1013,7 +1013,7 @@ async fn forward(
                 }
                 return Ok(answered(up, response, first_byte, &cfg, &target, bytes_up));
             }
-            Ok(Err(_)) if !up.fresh && replayable => {
+            Ok(Err(_)) if !up.fresh() && replayable => {
                 // A kept connection the other side had closed meanwhile: not the upstream's
                 // fault; send again on a new connection through it.
                 if let Some(since) = up.kept_since {
@@ -1234,14 +1234,19 @@ struct Upstream {
     lease: Lease,
     /// A tunnel to the origin (origin-form requests), not a connection to an HTTP proxy.
     tunnel: bool,
-    /// Opened for this request (not kept from an earlier one).
-    fresh: bool,
-    /// When a kept connection was put back.
+    /// When a kept connection was put back; `None`: opened for this request.
     kept_since: Option<Instant>,
     /// Names the connection for the pool of kept ones.
     conn: u64,
     /// The connect measurements of a fresh connection.
     outcome: Outcome,
+}
+
+impl Upstream {
+    /// Opened for this request (not kept from an earlier one).
+    fn fresh(&self) -> bool {
+        self.kept_since.is_none()
+    }
 }
 
 /// The connection a request goes on: through the upstream the budget picks (`prefer`ring a
@@ -1287,7 +1292,6 @@ async fn upstream_sender(
                             sender,
                             lease,
                             tunnel,
-                            fresh: false,
                             kept_since: Some(since),
                             conn,
                             outcome: Outcome::default(),
@@ -1348,7 +1352,6 @@ async fn upstream_sender(
                     sender,
                     lease,
                     tunnel,
-                    fresh: kept_since.is_none(),
                     kept_since,
                     conn,
                     outcome,
