@@ -234,6 +234,10 @@ async fn leaking_exits_are_demoted_and_tier_hints_route_around_them() {
     drop(gw);
     let gw = Gateway::builder()
         .config(&config(&judge, None).replace("[dial]\n", "[dial]\nmin_tier = \"operator\"\n"))
+        // As the first gateway: every eligible upstream in turn (the default, weighted random,
+        // weighs the demoted one down and may pass it over eight times running).
+        .arg("--strategy")
+        .arg("round_robin")
         .upstream(honest.url("http"))
         .upstream(leaky.url("http"))
         .start()
